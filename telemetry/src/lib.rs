@@ -1,0 +1,47 @@
+//! What every Thynapse process shares at its edge: tracing to stderr, and a Prometheus
+//! `/metrics` endpoint served over HTTP from a registry the process fills.
+
+use std::net::SocketAddr;
+
+use axum::{routing::get, Router};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Stdout stays free for the
+/// machine-readable `READY` line that `thynapse up` reads.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Binds `addr` and serves `GET /metrics` (text exposition format) from `registry` on the
+/// current runtime. Returns the bound address (port 0 picks a free one).
+pub async fn serve_metrics(addr: SocketAddr, registry: Registry) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut buf = Vec::new();
+                let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    buf,
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    });
+    Ok(bound)
+}

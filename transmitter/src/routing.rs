@@ -1,0 +1,425 @@
+//! The routing table of one transmitter: what every known cell of the mesh is subscribed
+//! to, where it is (here, or behind which peer transmitter), and its Service's delivery
+//! rules. Pure: no sockets, testable as data.
+//!
+//! Delivery is decided where a message enters the mesh. The transmitter of the publishing
+//! cell computes, for the message's channel, every multicatch cell (delivered here or by
+//! the peers that host them) and, for each Service whose rules say anycatch, the one cell
+//! chosen to receive it, which travels with the message as an explicit target. A peer
+//! receiving a forwarded message delivers it to its own multicatch cells and to the
+//! targets it hosts, and never chooses again: so each anycatch message reaches exactly
+//! one cell of its Service, wherever the cells are.
+
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thynapse_protocol::delivery::{mode_for, DeliveryRule, Mode};
+use thynapse_protocol::wire::{Interest, Op};
+use thynapse_protocol::{glob, Thid};
+
+/// A peer transmitter, numbered by this transmitter.
+pub type PeerId = u32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Location {
+    Local,
+    Peer(PeerId),
+}
+
+#[derive(Debug, Default)]
+struct Cell {
+    service: Arc<str>,
+    rules: Arc<[DeliveryRule]>,
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+}
+
+/// Where a message on one channel goes, before anycatch picks.
+#[derive(Debug, Default, PartialEq)]
+pub struct Route {
+    /// Local cells that take every matching message.
+    pub local: Vec<Thid>,
+    /// Peers hosting at least one multicatch cell for the channel.
+    pub peers: Vec<PeerId>,
+    /// One group per Service that wants anycatch here: the candidates to pick from.
+    pub anycatch: Vec<AnycatchGroup>,
+    /// How many multicatch cells there are mesh-wide.
+    pub multicatch_cells: u32,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct AnycatchGroup {
+    pub service: Arc<str>,
+    pub candidates: Vec<(Location, Thid)>,
+}
+
+/// The result of routing one message that entered the mesh here.
+#[derive(Debug, Default)]
+pub struct Dispatch {
+    pub local: Vec<Thid>,
+    /// Peers to forward to, each with the anycatch targets it must deliver.
+    pub peers: Vec<(PeerId, Vec<Thid>)>,
+    /// Cells reached (the PUBLISH reply).
+    pub receivers: u32,
+}
+
+impl Dispatch {
+    fn clear(&mut self) {
+        self.local.clear();
+        self.peers.clear();
+        self.receivers = 0;
+    }
+
+    fn peer_entry(&mut self, peer: PeerId) -> &mut Vec<Thid> {
+        let i = match self.peers.iter().position(|(p, _)| *p == peer) {
+            Some(i) => i,
+            None => {
+                self.peers.push((peer, Vec::new()));
+                self.peers.len() - 1
+            }
+        };
+        &mut self.peers[i].1
+    }
+}
+
+/// Routes are cached per channel until the next interest change; a bound keeps a flood
+/// of distinct channel names from growing the cache without end.
+const ROUTE_CACHE_LIMIT: usize = 65_536;
+
+#[derive(Default)]
+pub struct Table {
+    cells: HashMap<(Location, Thid), Cell>,
+    by_channel: HashMap<Bytes, HashSet<(Location, Thid)>>,
+    with_patterns: HashSet<(Location, Thid)>,
+    cache: HashMap<Bytes, Rc<Route>>,
+    rotation: HashMap<Arc<str>, usize>,
+}
+
+impl Table {
+    /// Adds a cell (or changes its Service and rules), keeping its subscriptions.
+    pub fn upsert_cell(&mut self, at: Location, id: Thid, service: &str, rules: &[DeliveryRule]) {
+        let cell = self.cells.entry((at, id)).or_default();
+        if &*cell.service != service {
+            cell.service = service.into();
+        }
+        if *cell.rules != *rules {
+            cell.rules = rules.into();
+        }
+        self.cache.clear();
+    }
+
+    pub fn has_cell(&self, at: Location, id: &Thid) -> bool {
+        self.cells.contains_key(&(at, *id))
+    }
+
+    pub fn service_of(&self, at: Location, id: &Thid) -> Option<&str> {
+        self.cells.get(&(at, *id)).map(|c| &*c.service)
+    }
+
+    /// Applies subscription changes to a known cell; false when the cell is unknown.
+    pub fn apply(&mut self, at: Location, id: Thid, changes: &[(Op, Interest, Bytes)]) -> bool {
+        let key = (at, id);
+        let Some(cell) = self.cells.get_mut(&key) else {
+            return false;
+        };
+        for (op, kind, name) in changes {
+            match (op, kind) {
+                (Op::Add, Interest::Channel) => {
+                    if cell.channels.insert(name.clone()) {
+                        self.by_channel.entry(name.clone()).or_default().insert(key);
+                    }
+                }
+                (Op::Remove, Interest::Channel) => {
+                    if cell.channels.remove(name) {
+                        remove_index(&mut self.by_channel, name, &key);
+                    }
+                }
+                (Op::Add, Interest::Pattern) => {
+                    cell.patterns.insert(name.clone());
+                }
+                (Op::Remove, Interest::Pattern) => {
+                    cell.patterns.remove(name);
+                }
+                // Shard channels are routed by rooms; not part of mesh-wide routing.
+                (_, Interest::ShardChannel) => {}
+            }
+        }
+        if cell.patterns.is_empty() {
+            self.with_patterns.remove(&key);
+        } else {
+            self.with_patterns.insert(key);
+        }
+        self.cache.clear();
+        true
+    }
+
+    /// Replaces everything known of a cell's subscriptions.
+    pub fn replace(&mut self, at: Location, id: Thid, service: &str, rules: &[DeliveryRule], subs: &[(Op, Interest, Bytes)]) {
+        self.remove_cell(at, id);
+        self.upsert_cell(at, id, service, rules);
+        self.apply(at, id, subs);
+    }
+
+    pub fn remove_cell(&mut self, at: Location, id: Thid) -> bool {
+        let key = (at, id);
+        let Some(cell) = self.cells.remove(&key) else {
+            return false;
+        };
+        for ch in &cell.channels {
+            remove_index(&mut self.by_channel, ch, &key);
+        }
+        self.with_patterns.remove(&key);
+        self.cache.clear();
+        true
+    }
+
+    /// Forgets every cell behind a peer (it left or died).
+    pub fn remove_location(&mut self, at: Location) -> usize {
+        let gone: Vec<Thid> = self.cells.keys().filter(|(l, _)| *l == at).map(|(_, id)| *id).collect();
+        for id in &gone {
+            self.remove_cell(at, *id);
+        }
+        gone.len()
+    }
+
+    /// The interest of a local cell, as a CELL message to peers carries it.
+    pub fn interest_of(&self, id: &Thid) -> Option<(Arc<str>, Arc<[DeliveryRule]>, Vec<(Op, Interest, Bytes)>)> {
+        let cell = self.cells.get(&(Location::Local, *id))?;
+        let subs = cell
+            .channels
+            .iter()
+            .map(|c| (Op::Add, Interest::Channel, c.clone()))
+            .chain(cell.patterns.iter().map(|p| (Op::Add, Interest::Pattern, p.clone())))
+            .collect();
+        Some((cell.service.clone(), cell.rules.clone(), subs))
+    }
+
+    pub fn local_cells(&self) -> impl Iterator<Item = &Thid> {
+        self.cells.keys().filter(|(l, _)| *l == Location::Local).map(|(_, id)| id)
+    }
+
+    pub fn cell_count(&self, at: Location) -> usize {
+        self.cells.keys().filter(|(l, _)| *l == at).count()
+    }
+
+    /// The route for messages on `channel` (cached).
+    pub fn route(&mut self, channel: &Bytes) -> Rc<Route> {
+        if let Some(r) = self.cache.get(channel) {
+            return r.clone();
+        }
+        let route = Rc::new(self.compute(channel));
+        if self.cache.len() >= ROUTE_CACHE_LIMIT {
+            self.cache.clear();
+        }
+        self.cache.insert(channel.clone(), route.clone());
+        route
+    }
+
+    fn compute(&self, channel: &Bytes) -> Route {
+        // Every matching cell once, by id: a cell moving between transmitters is briefly
+        // known at two places; prefer here, then the lowest peer.
+        let mut matching: Vec<(Location, Thid)> = Vec::new();
+        if let Some(set) = self.by_channel.get(channel) {
+            matching.extend(set.iter().copied());
+        }
+        for key in &self.with_patterns {
+            let cell = &self.cells[key];
+            if !cell.channels.contains(channel)
+                && cell.patterns.iter().any(|p| glob::matches(p, channel))
+            {
+                matching.push(*key);
+            }
+        }
+        matching.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        matching.dedup_by(|later, first| later.1 == first.1);
+
+        let mut route = Route::default();
+        let mut groups: HashMap<Arc<str>, Vec<(Location, Thid)>> = HashMap::new();
+        for (at, id) in matching {
+            let cell = &self.cells[&(at, id)];
+            match mode_for(&cell.rules, channel) {
+                Mode::Multicatch => {
+                    route.multicatch_cells += 1;
+                    match at {
+                        Location::Local => route.local.push(id),
+                        Location::Peer(p) => {
+                            if !route.peers.contains(&p) {
+                                route.peers.push(p)
+                            }
+                        }
+                    }
+                }
+                Mode::Anycatch => groups.entry(cell.service.clone()).or_default().push((at, id)),
+            }
+        }
+        let mut anycatch: Vec<AnycatchGroup> = groups
+            .into_iter()
+            .map(|(service, candidates)| AnycatchGroup { service, candidates })
+            .collect();
+        anycatch.sort_by(|a, b| a.service.cmp(&b.service));
+        route.anycatch = anycatch;
+        route
+    }
+
+    /// Routes one message entering the mesh here into `out`, choosing anycatch cells in
+    /// turn so that load spreads evenly over a Service's cells.
+    pub fn dispatch(&mut self, channel: &Bytes, out: &mut Dispatch) {
+        out.clear();
+        let route = self.route(channel);
+        out.local.extend_from_slice(&route.local);
+        for p in &route.peers {
+            out.peer_entry(*p);
+        }
+        out.receivers = route.multicatch_cells;
+        for group in &route.anycatch {
+            let turn = self.rotation.entry(group.service.clone()).or_default();
+            let (at, id) = group.candidates[*turn % group.candidates.len()];
+            *turn = turn.wrapping_add(1);
+            out.receivers += 1;
+            match at {
+                Location::Local => out.local.push(id),
+                Location::Peer(p) => out.peer_entry(p).push(id),
+            }
+        }
+    }
+
+    /// Local cells that take a message forwarded by a peer: this transmitter's multicatch
+    /// cells for the channel, plus the anycatch targets it hosts.
+    pub fn deliver_forwarded(&mut self, channel: &Bytes, targets: &[Thid], out: &mut Vec<Thid>) {
+        out.clear();
+        let route = self.route(channel);
+        out.extend_from_slice(&route.local);
+        for t in targets {
+            if self.cells.contains_key(&(Location::Local, *t)) && !out.contains(t) {
+                out.push(*t);
+            }
+        }
+    }
+}
+
+fn remove_index(index: &mut HashMap<Bytes, HashSet<(Location, Thid)>>, name: &Bytes, key: &(Location, Thid)) {
+    if let Some(set) = index.get_mut(name) {
+        set.remove(key);
+        if set.is_empty() {
+            index.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn sub(t: &mut Table, at: Location, service: &str, rules: &[DeliveryRule], channel: &str) -> Thid {
+        let id = Thid::random();
+        t.upsert_cell(at, id, service, rules);
+        let kind = if glob::is_pattern(channel.as_bytes()) { Interest::Pattern } else { Interest::Channel };
+        assert!(t.apply(at, id, &[(Op::Add, kind, ch(channel))]));
+        id
+    }
+
+    #[test]
+    fn multicatch_reaches_every_cell_once() {
+        let mut t = Table::default();
+        let a = sub(&mut t, Location::Local, "s", &[], "news");
+        let id_b = Thid::random();
+        t.upsert_cell(Location::Local, id_b, "s", &[]);
+        // Channel and matching pattern on one cell: still one delivery to the cell.
+        t.apply(Location::Local, id_b, &[(Op::Add, Interest::Channel, ch("news")), (Op::Add, Interest::Pattern, ch("n*"))]);
+        sub(&mut t, Location::Peer(1), "s", &[], "ne?s");
+        sub(&mut t, Location::Peer(1), "t", &[], "news");
+        sub(&mut t, Location::Peer(2), "t", &[], "other");
+        let mut d = Dispatch::default();
+        t.dispatch(&ch("news"), &mut d);
+        let mut local = d.local.clone();
+        local.sort();
+        let mut want = vec![a, id_b];
+        want.sort();
+        assert_eq!(local, want);
+        assert_eq!(d.peers, vec![(1, vec![])]);
+        assert_eq!(d.receivers, 4);
+    }
+
+    #[test]
+    fn anycatch_picks_one_cell_in_turn_across_transmitters() {
+        let rules = [DeliveryRule::new("jobs.*", Mode::Anycatch)];
+        let mut t = Table::default();
+        let mut cells = vec![
+            sub(&mut t, Location::Local, "workers", &rules, "jobs.*"),
+            sub(&mut t, Location::Peer(1), "workers", &rules, "jobs.*"),
+            sub(&mut t, Location::Peer(2), "workers", &rules, "jobs.build"),
+        ];
+        let audit = sub(&mut t, Location::Local, "audit", &[], "jobs.*");
+        let mut got = Vec::new();
+        let mut d = Dispatch::default();
+        for _ in 0..6 {
+            t.dispatch(&ch("jobs.build"), &mut d);
+            assert_eq!(d.receivers, 2);
+            assert!(d.local.contains(&audit));
+            let mut picked: Vec<Thid> = d.local.iter().copied().filter(|c| *c != audit).collect();
+            for (_, targets) in &d.peers {
+                picked.extend(targets);
+            }
+            assert_eq!(picked.len(), 1, "exactly one worker per message");
+            got.push(picked[0]);
+        }
+        got.sort();
+        cells.sort();
+        let expected: Vec<Thid> = cells.iter().flat_map(|c| [*c, *c]).collect();
+        assert_eq!(got, expected, "each worker got its share");
+        // Outside the anycatch rule the service is multicatch again.
+        t.apply(Location::Peer(2), cells[2], &[]);
+        t.dispatch(&ch("jobs"), &mut d);
+        assert_eq!(d.receivers, 0);
+    }
+
+    #[test]
+    fn forwarded_messages_go_to_local_multicatch_and_targets_only() {
+        let rules = [DeliveryRule::new("*", Mode::Anycatch)];
+        let mut t = Table::default();
+        let w1 = sub(&mut t, Location::Local, "w", &rules, "x");
+        let w2 = sub(&mut t, Location::Local, "w", &rules, "x");
+        let m = sub(&mut t, Location::Local, "m", &[], "x");
+        let mut out = Vec::new();
+        t.deliver_forwarded(&ch("x"), &[], &mut out);
+        assert_eq!(out, vec![m]);
+        t.deliver_forwarded(&ch("x"), &[w2, Thid::random()], &mut out);
+        assert_eq!(out, vec![m, w2]);
+        let _ = w1;
+    }
+
+    #[test]
+    fn a_cell_known_twice_is_routed_once() {
+        let mut t = Table::default();
+        let id = Thid::random();
+        for at in [Location::Peer(3), Location::Local] {
+            t.upsert_cell(at, id, "s", &[]);
+            t.apply(at, id, &[(Op::Add, Interest::Channel, ch("c"))]);
+        }
+        let mut d = Dispatch::default();
+        t.dispatch(&ch("c"), &mut d);
+        assert_eq!(d.local, vec![id]);
+        assert!(d.peers.is_empty());
+        assert_eq!(d.receivers, 1);
+    }
+
+    #[test]
+    fn removals_and_cache_invalidation() {
+        let mut t = Table::default();
+        let a = sub(&mut t, Location::Peer(1), "s", &[], "c");
+        let mut d = Dispatch::default();
+        t.dispatch(&ch("c"), &mut d);
+        assert_eq!(d.receivers, 1);
+        assert_eq!(t.remove_location(Location::Peer(1)), 1);
+        t.dispatch(&ch("c"), &mut d);
+        assert_eq!(d.receivers, 0);
+        assert!(!t.has_cell(Location::Peer(1), &a));
+        assert!(!t.apply(Location::Peer(1), a, &[]));
+    }
+}

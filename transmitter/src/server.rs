@@ -1,0 +1,993 @@
+//! The transmitter's event loop: reads the ROUTER socket, peer replies and discovery
+//! updates; routes; then flushes every pending batch at once. Messages arriving while a
+//! batch is being built join it, so frames grow under load and stay single when idle.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures::FutureExt;
+use thynapse_protocol::batch::{decode_envelopes, decode_publishes, encode_acks, Kind};
+use thynapse_protocol::discovery::{Datagram, TransmitterInfo, MAX_DATAGRAM};
+use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
+use thynapse_protocol::wire::{self, cmd, Events};
+use thynapse_protocol::Thid;
+use tokio::sync::{mpsc, watch};
+use zeromq::{
+    DealerSendHalf, DealerSocket, PubSocket, RouterSendHalf, RouterSocket, Socket, SocketOptions,
+    SocketRecv, SocketSend, ZmqMessage,
+};
+
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::routing::{Dispatch, Location, PeerId, Table};
+use crate::Args;
+
+/// Most inbound messages handled before a flush, so one busy sender cannot delay batches
+/// for everyone.
+const MAX_BURST: usize = 256;
+const MAX_BURST_BYTES: usize = 1 << 20;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(args))
+}
+
+struct LocalCell {
+    identity: Bytes,
+    events: Events,
+    outbox: Outbox,
+    last_seen: Instant,
+    /// Highest sequence number this cell used, so EVNT numbers continue after PUBS ones.
+    last_seq: u64,
+}
+
+struct PeerOut {
+    sender: DealerSendHalf,
+    outbox: Outbox,
+    last_heard: Instant,
+    synced: bool,
+}
+
+struct Peer {
+    name: String,
+    /// Instance id of the peer as last announced or introduced.
+    instance: Option<Thid>,
+    command: Option<String>,
+    out: Option<PeerOut>,
+    generation: u64,
+    connecting: bool,
+    /// Their DEALER on our ROUTER, and when we last heard from it.
+    inbound: Option<(Bytes, Instant)>,
+    /// They said LEAV; ignore announcements of this instance.
+    left: Option<Thid>,
+}
+
+enum Event {
+    PeerConnected { peer: PeerId, generation: u64, sender: DealerSendHalf },
+    PeerConnectFailed { peer: PeerId, generation: u64 },
+    PeerReply { peer: PeerId, generation: u64, msg: ZmqMessage },
+    PeerClosed { peer: PeerId, generation: u64 },
+    Discovered(Vec<TransmitterInfo>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    Cell(Thid),
+    Peer(PeerId),
+}
+
+/// An acknowledgement waiting for congested links to drain.
+struct Deferred {
+    identity: Bytes,
+    reply: ZmqMessage,
+    dests: Vec<Dest>,
+    since: Instant,
+}
+
+struct Transmitter {
+    args: Args,
+    id: Thid,
+    pub_endpoint: String,
+    router: RouterSendHalf,
+    publisher: PubSocket,
+    table: Table,
+    cells: HashMap<Thid, LocalCell>,
+    identities: HashMap<Bytes, Thid>,
+    peers: HashMap<PeerId, Peer>,
+    peer_ids: HashMap<String, PeerId>,
+    peer_identities: HashMap<Bytes, PeerId>,
+    next_peer: PeerId,
+    /// Local cells whose interest changed since the last flush (CELL / CGON to peers).
+    dirty: HashSet<Thid>,
+    replies: Vec<ZmqMessage>,
+    deferred: Vec<Deferred>,
+    events_tx: mpsc::Sender<Event>,
+    metrics: Metrics,
+    draining: Option<Instant>,
+    expiry: Duration,
+    heartbeat: Duration,
+    dispatch: Dispatch,
+    scratch: Vec<Thid>,
+    routed: u64,
+    rate: f64,
+}
+
+fn reply_json<T: serde::Serialize>(identity: &Bytes, command: &[u8; 4], value: &T) -> ZmqMessage {
+    let mut m = ZmqMessage::from(identity.clone());
+    m.push_back(CommandFrame::json(command, value).to_bytes());
+    m
+}
+
+fn error_reply(identity: &Bytes, error: &str) -> ZmqMessage {
+    reply_json(identity, cmd::ERRR, &wire::ErrorReply { error: error.to_string() })
+}
+
+fn endpoint_port(endpoint: &zeromq::Endpoint) -> anyhow::Result<u16> {
+    match endpoint {
+        zeromq::Endpoint::Tcp(_, port) => Ok(*port),
+        other => anyhow::bail!("unsupported endpoint {other}"),
+    }
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let mut router = RouterSocket::new();
+    let command_ep = router
+        .bind(&args.command_bind)
+        .await
+        .with_context(|| format!("binding the command socket to {}", args.command_bind))?;
+    let mut publisher = PubSocket::new();
+    let event_ep = publisher
+        .bind(&args.event_bind)
+        .await
+        .with_context(|| format!("binding the event socket to {}", args.event_bind))?;
+    let command = format!("tcp://{}:{}", args.advertise_host, endpoint_port(&command_ep)?);
+    let event = format!("tcp://{}:{}", args.advertise_host, endpoint_port(&event_ep)?);
+    let metrics_addr = thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
+    let metrics_url = format!("http://{metrics_addr}/metrics");
+    let id = Thid::random();
+
+    let info = TransmitterInfo {
+        name: args.name.clone(),
+        id,
+        command: command.clone(),
+        event: event.clone(),
+        metrics: metrics_url.clone(),
+        cells: 0,
+        rate: 0.0,
+        draining: false,
+    };
+    let (info_tx, info_rx) = watch::channel(info);
+    let (events_tx, mut events_rx) = mpsc::channel(4096);
+    tokio::spawn(announce(args.clone(), info_rx, events_tx.clone()));
+
+    let (router_tx, mut router_rx) = router.split();
+    let heartbeat = Duration::from_millis(args.announce_interval_ms);
+    let expiry = heartbeat * args.expiry_multiplier;
+    let mut t = Transmitter {
+        id,
+        pub_endpoint: event.clone(),
+        router: router_tx,
+        publisher,
+        table: Table::default(),
+        cells: HashMap::new(),
+        identities: HashMap::new(),
+        peers: HashMap::new(),
+        peer_ids: HashMap::new(),
+        peer_identities: HashMap::new(),
+        next_peer: 1,
+        dirty: HashSet::new(),
+        replies: Vec::new(),
+        deferred: Vec::new(),
+        events_tx,
+        metrics,
+        draining: None,
+        expiry,
+        heartbeat,
+        dispatch: Dispatch::default(),
+        scratch: Vec::new(),
+        routed: 0,
+        rate: 0.0,
+        args,
+    };
+    println!(
+        "READY {}",
+        serde_json::json!({"name": t.args.name, "id": id, "command": command, "event": event, "metrics": metrics_url})
+    );
+    tracing::info!(name = %t.args.name, %command, %event, "transmitter ready");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(heartbeat / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = Instant::now();
+
+    loop {
+        tokio::select! {
+            biased;
+            msg = router_rx.recv() => {
+                let msg = msg.context("command socket closed")?;
+                let mut bytes = t.on_router(msg);
+                let mut n = 1;
+                while n < MAX_BURST && bytes < MAX_BURST_BYTES {
+                    match router_rx.recv().now_or_never() {
+                        Some(Ok(msg)) => { bytes += t.on_router(msg); n += 1; }
+                        _ => break,
+                    }
+                }
+                while let Ok(ev) = events_rx.try_recv() {
+                    t.on_event(ev);
+                }
+            }
+            Some(ev) = events_rx.recv() => {
+                t.on_event(ev);
+                while let Ok(ev) = events_rx.try_recv() {
+                    t.on_event(ev);
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let dt = now.duration_since(last_tick).as_secs_f64().max(1e-3);
+                last_tick = now;
+                t.rate = 0.7 * t.rate + 0.3 * (t.routed as f64 / dt);
+                t.routed = 0;
+                t.housekeeping(now);
+                info_tx.send_modify(|i| {
+                    i.cells = t.cells.len() as u32;
+                    i.rate = t.rate;
+                    i.draining = t.draining.is_some();
+                });
+                if t.drained(now) {
+                    t.flush().await;
+                    t.leave().await;
+                    tracing::info!("drained; exiting");
+                    return Ok(());
+                }
+            }
+            _ = sigterm.recv() => t.start_drain(),
+            _ = sigint.recv() => t.start_drain(),
+        }
+        t.flush().await;
+    }
+}
+
+/// Announces this transmitter to every rendezvous at the configured rate and passes the
+/// live transmitters they answer with to the event loop.
+async fn announce(args: Args, info: watch::Receiver<TransmitterInfo>, events: mpsc::Sender<Event>) {
+    let socket = match thynapse_rendezvous::bind_udp("0.0.0.0:0".parse().expect("valid address")) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot open a UDP socket for discovery: {e}");
+            return;
+        }
+    };
+    let targets: Vec<String> = args
+        .rendezvous
+        .iter()
+        .map(|r| r.trim_start_matches("udp://").to_string())
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(args.announce_interval_ms));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let datagram = Datagram::Announce {
+                    mesh: args.mesh.clone(),
+                    interval_ms: args.announce_interval_ms,
+                    multiplier: args.expiry_multiplier,
+                    transmitter: info.borrow().clone(),
+                }
+                .to_bytes();
+                for target in &targets {
+                    if let Err(e) = socket.send_to(&datagram, target.as_str()).await {
+                        tracing::debug!(%target, "announce failed: {e}");
+                    }
+                }
+            }
+            got = socket.recv_from(&mut buf) => {
+                let Ok((n, _)) = got else { continue };
+                match Datagram::parse(&buf[..n]) {
+                    Ok(Datagram::Peers { transmitters, .. }) => {
+                        if events.send(Event::Discovered(transmitters)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Datagram::Error { error }) => tracing::warn!("rendezvous: {error}"),
+                    _ => tracing::warn!("unexpected datagram from the rendezvous"),
+                }
+            }
+        }
+    }
+}
+
+impl Transmitter {
+    fn high_water(&self) -> usize {
+        self.args.link_buffer_bytes / 4
+    }
+
+    /// Handles one message from the ROUTER socket; returns its size for burst accounting.
+    fn on_router(&mut self, msg: ZmqMessage) -> usize {
+        let mut frames = msg.into_vecdeque();
+        let Some(identity) = frames.pop_front() else { return 0 };
+        let size: usize = frames.iter().map(|f| f.len()).sum();
+        let Some(first) = frames.pop_front() else {
+            self.malformed(&identity, FrameError::Empty);
+            return size;
+        };
+        let frame = match CommandFrame::parse(&first) {
+            Ok(f) => f,
+            Err(e) => {
+                self.malformed(&identity, e);
+                return size;
+            }
+        };
+        let body = frames.pop_front();
+        let result = if let Some(&peer) = self.peer_identities.get(&identity) {
+            self.on_peer_inbound(peer, &identity, frame, body)
+        } else {
+            self.on_cell(&identity, frame, body)
+        };
+        if let Err(e) = result {
+            self.malformed(&identity, e);
+        }
+        size
+    }
+
+    fn malformed(&mut self, identity: &Bytes, e: FrameError) {
+        self.metrics.malformed.inc();
+        tracing::debug!("malformed frame: {e}");
+        self.replies.push(error_reply(identity, &e.to_string()));
+    }
+
+    fn on_cell(&mut self, identity: &Bytes, frame: CommandFrame, body: Option<Bytes>) -> Result<(), FrameError> {
+        let now = Instant::now();
+        match &frame.cmd {
+            cmd::HELO => {
+                let hello: wire::Hello = frame.decode_json()?;
+                if self.draining.is_some() {
+                    self.replies.push(reply_json(identity, cmd::MOVE, &wire::Reason { reason: "draining".into() }));
+                    return Ok(());
+                }
+                if let Some(old) = self.identities.insert(identity.clone(), hello.id) {
+                    if old != hello.id {
+                        self.drop_cell(old, "replaced");
+                    }
+                }
+                let cell = self.cells.entry(hello.id).or_insert_with(|| LocalCell {
+                    identity: identity.clone(),
+                    events: hello.events,
+                    outbox: Outbox::default(),
+                    last_seen: now,
+                    last_seq: 0,
+                });
+                if cell.identity != *identity {
+                    // The same cell on a new connection: what was in flight on the old one is gone.
+                    self.identities.remove(&cell.identity);
+                    cell.identity = identity.clone();
+                    cell.outbox = Outbox::default();
+                }
+                cell.events = hello.events;
+                cell.last_seen = now;
+                self.table.upsert_cell(Location::Local, hello.id, &hello.service, &hello.rules);
+                self.dirty.insert(hello.id);
+                self.metrics.cells.set(self.cells.len() as i64);
+                tracing::info!(cell = %hello.id, service = %hello.service, "cell joined");
+                self.replies.push(reply_json(
+                    identity,
+                    cmd::WLCM,
+                    &wire::Welcome {
+                        id: self.id,
+                        name: self.args.name.clone(),
+                        pub_endpoint: self.pub_endpoint.clone(),
+                        max_message_bytes: self.args.max_message_bytes,
+                        heartbeat_ms: self.heartbeat.as_millis() as u64,
+                    },
+                ));
+                return Ok(());
+            }
+            cmd::PEER => {
+                let hello: wire::PeerHello = frame.decode_json()?;
+                if hello.mesh != self.args.mesh {
+                    self.replies.push(error_reply(identity, &format!("this transmitter is in mesh {:?}", self.args.mesh)));
+                    return Ok(());
+                }
+                let peer = self.peer_id(&hello.name);
+                let p = self.peers.get_mut(&peer).expect("peer_id creates");
+                if p.instance.is_some_and(|i| i != hello.id) {
+                    // A restarted peer: what we knew of its cells is stale.
+                    self.table.remove_location(Location::Peer(peer));
+                }
+                p.instance = Some(hello.id);
+                p.left = None;
+                if let Some((old, _)) = p.inbound.replace((identity.clone(), now)) {
+                    self.peer_identities.remove(&old);
+                }
+                self.peer_identities.insert(identity.clone(), peer);
+                self.replies.push(reply_json(
+                    identity,
+                    cmd::PWLC,
+                    &wire::PeerHello { id: self.id, name: self.args.name.clone(), mesh: self.args.mesh.clone() },
+                ));
+                return Ok(());
+            }
+            _ => {}
+        }
+        let Some(&id) = self.identities.get(identity) else {
+            if &frame.cmd == cmd::PUBS || &frame.cmd == cmd::EVNT {
+                self.metrics.drops.with_label_values(&["unknown_sender"]).inc();
+            }
+            self.replies.push(error_reply(identity, "unknown cell: send J HELO first"));
+            return Ok(());
+        };
+        if let Some(cell) = self.cells.get_mut(&id) {
+            cell.last_seen = now;
+        }
+        match &frame.cmd {
+            cmd::PING => self.replies.push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
+            cmd::SUBS => {
+                let body = body.ok_or_else(|| FrameError::MissingPayload("SUBS".into()))?;
+                let changes = wire::decode_interest(body)?;
+                self.table.apply(Location::Local, id, &changes);
+                self.dirty.insert(id);
+            }
+            cmd::PUBS => {
+                let body = body.ok_or_else(|| FrameError::MissingPayload("PUBS".into()))?;
+                let (first, publishes) = decode_publishes(body)?;
+                let mut counts = Vec::with_capacity(publishes.len());
+                let mut dests = Vec::new();
+                for (i, p) in publishes.iter().enumerate() {
+                    let seq = first + i as u64;
+                    counts.push(self.publish(id, seq, p.kind, &p.channel, &p.payload, &mut dests));
+                }
+                if let Some(cell) = self.cells.get_mut(&id) {
+                    cell.last_seq = cell.last_seq.max(first + publishes.len() as u64);
+                }
+                let mut reply = ZmqMessage::from(identity.clone());
+                reply.push_back(CommandFrame::new(Encoding::Binary, cmd::ACKS, Bytes::new()).to_bytes());
+                reply.push_back(encode_acks(first, &counts));
+                self.ack_when_clear(identity, reply, dests);
+            }
+            cmd::EVNT => {
+                let event: wire::Event = frame.decode_json()?;
+                let payload = match (frame.enc, event.data, body) {
+                    (Encoding::Json, Some(data), _) => Bytes::from(data),
+                    (Encoding::Binary, _, Some(body)) => body,
+                    (Encoding::Binary, _, None) => return Err(FrameError::MissingPayload("B EVNT".into())),
+                    (Encoding::Json, None, _) => Bytes::new(),
+                };
+                let channel = Bytes::from(event.channel);
+                let seq = self.cells.get_mut(&id).map_or(0, |c| {
+                    c.last_seq += 1;
+                    c.last_seq
+                });
+                let mut dests = Vec::new();
+                let receivers = self.publish(id, seq, Kind::Mesh, &channel, &payload, &mut dests);
+                let ack = wire::EventAck { thid: Thid::of_parts(&[&channel, &payload]), receivers };
+                self.ack_when_clear(identity, reply_json(identity, cmd::ACKD, &ack), dests);
+            }
+            cmd::CRED => {
+                let credit: wire::Credit = frame.decode_json()?;
+                if let Some(cell) = self.cells.get_mut(&id) {
+                    cell.outbox.credit(credit.batch);
+                }
+            }
+            cmd::QUIT => self.drop_cell(id, "quit"),
+            _ => return Err(FrameError::UnknownCommand(frame.cmd_str().to_string())),
+        }
+        Ok(())
+    }
+
+    /// Routes one message published by local cell `origin`; returns the cells it reaches.
+    fn publish(&mut self, origin: Thid, seq: u64, kind: Kind, channel: &Bytes, payload: &Bytes, dests: &mut Vec<Dest>) -> u32 {
+        self.metrics.messages_in.with_label_values(&["cell"]).inc();
+        self.metrics.bytes_in.with_label_values(&["cell"]).inc_by(payload.len() as u64);
+        if payload.len() > self.args.max_message_bytes {
+            self.metrics.drops.with_label_values(&["too_large"]).inc();
+            let identity = self.cells.get(&origin).map(|c| c.identity.clone());
+            if let Some(identity) = identity {
+                self.replies.push(error_reply(
+                    &identity,
+                    &FrameError::TooLarge { size: payload.len(), limit: self.args.max_message_bytes }.to_string(),
+                ));
+            }
+            return 0;
+        }
+        if kind == Kind::Shard {
+            // Rooms are not routed yet; the sidecar refuses SPUBLISH before it gets here.
+            return 0;
+        }
+        self.routed += 1;
+        let mut dispatch = std::mem::take(&mut self.dispatch);
+        self.table.dispatch(channel, &mut dispatch);
+        for cell in &dispatch.local {
+            self.deliver_local(*cell, kind, &origin, seq, channel, payload, dests);
+        }
+        for (peer, targets) in &dispatch.peers {
+            self.forward(*peer, kind, &origin, seq, channel, payload, targets, dests);
+        }
+        let receivers = dispatch.receivers;
+        self.dispatch = dispatch;
+        receivers
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_local(&mut self, id: Thid, kind: Kind, origin: &Thid, seq: u64, channel: &Bytes, payload: &Bytes, dests: &mut Vec<Dest>) {
+        let limit = self.args.link_buffer_bytes;
+        let Some(cell) = self.cells.get_mut(&id) else { return };
+        if cell.events == Events::Pub {
+            let mut m = ZmqMessage::from(Bytes::from(id.to_hex()));
+            m.push_back(channel.clone());
+            m.push_back(payload.clone());
+            // Best effort, as PUB is: the zeromq crate drops when a subscriber lags.
+            let _ = self.publisher.send(m).now_or_never();
+            self.metrics.messages_out.with_label_values(&["pub"]).inc();
+            self.metrics.bytes_out.with_label_values(&["pub"]).inc_by(payload.len() as u64);
+            return;
+        }
+        if !cell.outbox.has_room(payload.len() + channel.len() + 64, limit) {
+            self.metrics.drops.with_label_values(&["cell_backlog"]).inc();
+            return;
+        }
+        cell.outbox.writer.push(kind, origin, seq, channel, payload, &[]);
+        self.metrics.messages_out.with_label_values(&["cell"]).inc();
+        self.metrics.bytes_out.with_label_values(&["cell"]).inc_by(payload.len() as u64);
+        if !dests.contains(&Dest::Cell(id)) {
+            dests.push(Dest::Cell(id));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&mut self, peer: PeerId, kind: Kind, origin: &Thid, seq: u64, channel: &Bytes, payload: &Bytes, targets: &[Thid], dests: &mut Vec<Dest>) {
+        let limit = self.args.link_buffer_bytes;
+        let Some(out) = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()).filter(|o| o.synced) else {
+            self.metrics.drops.with_label_values(&["peer_lost"]).inc();
+            return;
+        };
+        if !out.outbox.has_room(payload.len() + channel.len() + 64 + 20 * targets.len(), limit) {
+            self.metrics.drops.with_label_values(&["peer_backlog"]).inc();
+            return;
+        }
+        out.outbox.writer.push(kind, origin, seq, channel, payload, targets);
+        self.metrics.messages_out.with_label_values(&["peer"]).inc();
+        self.metrics.bytes_out.with_label_values(&["peer"]).inc_by(payload.len() as u64);
+        if !dests.contains(&Dest::Peer(peer)) {
+            dests.push(Dest::Peer(peer));
+        }
+    }
+
+    fn ack_when_clear(&mut self, identity: &Bytes, reply: ZmqMessage, dests: Vec<Dest>) {
+        if self.any_congested(&dests) {
+            self.deferred.push(Deferred { identity: identity.clone(), reply, dests, since: Instant::now() });
+        } else {
+            self.replies.push(reply);
+        }
+    }
+
+    fn any_congested(&self, dests: &[Dest]) -> bool {
+        let hw = self.high_water();
+        dests.iter().any(|d| match d {
+            Dest::Cell(id) => self.cells.get(id).is_some_and(|c| c.outbox.congested(hw)),
+            Dest::Peer(p) => self
+                .peers
+                .get(p)
+                .and_then(|p| p.out.as_ref())
+                .is_some_and(|o| o.outbox.congested(hw)),
+        })
+    }
+
+    /// Messages from a peer's DEALER, on our ROUTER.
+    fn on_peer_inbound(&mut self, peer: PeerId, identity: &Bytes, frame: CommandFrame, body: Option<Bytes>) -> Result<(), FrameError> {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if let Some((_, heard)) = p.inbound.as_mut() {
+                *heard = Instant::now();
+            }
+        }
+        let at = Location::Peer(peer);
+        match &frame.cmd {
+            cmd::PING => self.replies.push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
+            cmd::CELL => {
+                let info: wire::CellInfo = frame.decode_json()?;
+                let body = body.ok_or_else(|| FrameError::MissingPayload("CELL".into()))?;
+                let subs = wire::decode_interest(body)?;
+                self.table.replace(at, info.id, &info.service, &info.rules, &subs);
+            }
+            cmd::CGON => {
+                let gone: wire::CellGone = frame.decode_json()?;
+                self.table.remove_cell(at, gone.id);
+            }
+            cmd::FWRD => {
+                let body = body.ok_or_else(|| FrameError::MissingPayload("FWRD".into()))?;
+                let (batch, envelopes) = decode_envelopes(body)?;
+                let mut dests = Vec::new();
+                let mut local = std::mem::take(&mut self.scratch);
+                for e in &envelopes {
+                    self.metrics.messages_in.with_label_values(&["peer"]).inc();
+                    self.metrics.bytes_in.with_label_values(&["peer"]).inc_by(e.payload.len() as u64);
+                    self.table.deliver_forwarded(&e.channel, &e.targets, &mut local);
+                    for cell in &local {
+                        self.deliver_local(*cell, e.kind, &e.origin, e.seq, &e.channel, &e.payload, &mut dests);
+                    }
+                }
+                self.scratch = local;
+                let reply = reply_json(identity, cmd::FACK, &wire::Credit { batch });
+                self.ack_when_clear(identity, reply, dests);
+            }
+            cmd::LEAV => {
+                tracing::info!(peer = %self.peers[&peer].name, "peer left");
+                self.forget_peer(peer, true);
+            }
+            cmd::PEER => {
+                // A re-introduction on the same connection: handled like a new one.
+                self.peer_identities.remove(identity);
+                return self.on_cell(identity, frame, body);
+            }
+            _ => return Err(FrameError::UnknownCommand(frame.cmd_str().to_string())),
+        }
+        Ok(())
+    }
+
+    fn peer_id(&mut self, name: &str) -> PeerId {
+        if let Some(&id) = self.peer_ids.get(name) {
+            return id;
+        }
+        let id = self.next_peer;
+        self.next_peer += 1;
+        self.peer_ids.insert(name.to_string(), id);
+        self.peers.insert(
+            id,
+            Peer { name: name.to_string(), instance: None, command: None, out: None, generation: 0, connecting: false, inbound: None, left: None },
+        );
+        id
+    }
+
+    /// Drops everything about a peer: its cells, our link to it. With `left`, the same
+    /// instance is not reconnected even while the rendezvous still lists it.
+    fn forget_peer(&mut self, peer: PeerId, left: bool) {
+        let removed = self.table.remove_location(Location::Peer(peer));
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if let Some(out) = p.out.take() {
+            let lost = out.outbox.unconfirmed_messages();
+            if lost > 0 {
+                self.metrics.drops.with_label_values(&["peer_lost"]).inc_by(lost as u64);
+            }
+        }
+        if let Some((identity, _)) = p.inbound.take() {
+            self.peer_identities.remove(&identity);
+        }
+        if left {
+            p.left = p.instance;
+        }
+        p.generation += 1;
+        p.connecting = false;
+        tracing::debug!(peer = %p.name, removed, "peer forgotten");
+        self.update_peer_gauge();
+    }
+
+    fn update_peer_gauge(&self) {
+        let n = self.peers.values().filter(|p| p.out.is_some()).count();
+        self.metrics.peers.set(n as i64);
+    }
+
+    fn drop_cell(&mut self, id: Thid, why: &str) {
+        if let Some(cell) = self.cells.remove(&id) {
+            self.identities.remove(&cell.identity);
+            let lost = cell.outbox.unconfirmed_messages();
+            if lost > 0 && why != "quit" {
+                self.metrics.drops.with_label_values(&["cell_lost"]).inc_by(lost as u64);
+            }
+            tracing::info!(cell = %id, why, "cell left");
+        }
+        self.table.remove_cell(Location::Local, id);
+        self.dirty.insert(id);
+        self.metrics.cells.set(self.cells.len() as i64);
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Discovered(list) => self.on_discovered(list),
+            Event::PeerConnected { peer, generation, sender } => {
+                let Some(p) = self.peers.get_mut(&peer) else { return };
+                if p.generation != generation {
+                    return;
+                }
+                p.connecting = false;
+                p.out = Some(PeerOut { sender, outbox: Outbox::default(), last_heard: Instant::now(), synced: false });
+                self.update_peer_gauge();
+            }
+            Event::PeerConnectFailed { peer, generation } => {
+                if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.generation == generation) {
+                    p.connecting = false;
+                }
+            }
+            Event::PeerClosed { peer, generation } => {
+                if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.generation == generation) {
+                    tracing::info!(peer = %p.name, "link to peer closed");
+                    p.out = None;
+                    p.generation += 1;
+                    self.update_peer_gauge();
+                }
+            }
+            Event::PeerReply { peer, generation, msg } => {
+                let Some(p) = self.peers.get_mut(&peer).filter(|p| p.generation == generation) else { return };
+                let Some(out) = p.out.as_mut() else { return };
+                out.last_heard = Instant::now();
+                let Some(frame) = msg.get(0).and_then(|f| CommandFrame::parse(f).ok()) else {
+                    self.metrics.malformed.inc();
+                    return;
+                };
+                match &frame.cmd {
+                    cmd::FACK => {
+                        if let Ok(credit) = frame.decode_json::<wire::Credit>() {
+                            out.outbox.credit(credit.batch);
+                        }
+                    }
+                    cmd::PWLC => {
+                        if let Ok(hello) = frame.decode_json::<wire::PeerHello>() {
+                            p.instance.get_or_insert(hello.id);
+                        }
+                    }
+                    cmd::PONG => {}
+                    cmd::ERRR => tracing::warn!(peer = %p.name, "peer error: {}", String::from_utf8_lossy(&frame.payload)),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn on_discovered(&mut self, list: Vec<TransmitterInfo>) {
+        for info in list {
+            if info.name == self.args.name {
+                continue;
+            }
+            let peer = self.peer_id(&info.name);
+            let p = self.peers.get_mut(&peer).expect("peer_id creates");
+            if p.left == Some(info.id) {
+                continue;
+            }
+            if p.out.is_some() && p.instance.is_some_and(|i| i != info.id) {
+                // Restarted since we connected: the old link is dead even if it says nothing.
+                tracing::info!(peer = %p.name, "peer restarted; reconnecting");
+                self.metrics.peer_reconnects.inc();
+                p.out = None;
+                p.generation += 1;
+                p.connecting = false;
+            }
+            p.instance = Some(info.id);
+            p.command = Some(info.command.clone());
+            if p.out.is_none() && !p.connecting {
+                p.connecting = true;
+                let generation = p.generation;
+                let events = self.events_tx.clone();
+                tokio::spawn(connect_peer(peer, generation, info.command, events));
+            }
+        }
+        self.update_peer_gauge();
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        // Cells that went silent.
+        let silent: Vec<Thid> = self
+            .cells
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_seen) > self.expiry)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            self.drop_cell(id, "expired");
+        }
+        // Peers whose DEALER to us went silent: their cells are unreachable.
+        let silent: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.inbound.as_ref().is_some_and(|(_, heard)| now.duration_since(*heard) > self.expiry))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in silent {
+            tracing::info!(peer = %self.peers[&peer].name, "peer silent; forgetting its cells");
+            self.forget_peer(peer, false);
+        }
+        // Our links to peers that stopped answering get rebuilt by the next discovery.
+        for p in self.peers.values_mut() {
+            if p.out.as_ref().is_some_and(|o| now.duration_since(o.last_heard) > self.expiry) {
+                tracing::info!(peer = %p.name, "peer not answering; dropping the link");
+                if let Some(out) = p.out.take() {
+                    let lost = out.outbox.unconfirmed_messages();
+                    self.metrics.drops.with_label_values(&["peer_lost"]).inc_by(lost as u64);
+                }
+                self.metrics.peer_reconnects.inc();
+                p.generation += 1;
+                p.connecting = false;
+            }
+        }
+        // Acknowledgements cannot wait for ever: past the expiry a congested link is
+        // left to its drop limit.
+        let expiry = self.expiry;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|d| now.duration_since(d.since) > expiry);
+        self.deferred = waiting;
+        self.replies.extend(ready.into_iter().map(|d| d.reply));
+        // Heartbeats to peers; MOVE again to cells that have not left a draining transmitter.
+        for p in self.peers.values_mut() {
+            if let Some(out) = p.out.as_mut() {
+                let ping = ZmqMessage::from(CommandFrame::json(cmd::PING, &serde_json::json!({})).to_bytes());
+                let _ = out.sender.send(ping).now_or_never();
+            }
+        }
+        if self.draining.is_some() {
+            for cell in self.cells.values() {
+                self.replies.push(reply_json(&cell.identity, cmd::MOVE, &wire::Reason { reason: "draining".into() }));
+            }
+        }
+        self.update_peer_gauge();
+    }
+
+    fn start_drain(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
+        tracing::info!(cells = self.cells.len(), "draining: moving cells to other transmitters");
+        self.draining = Some(Instant::now());
+        for cell in self.cells.values() {
+            self.replies.push(reply_json(&cell.identity, cmd::MOVE, &wire::Reason { reason: "draining".into() }));
+        }
+    }
+
+    /// Done draining: every cell moved, everything sent was taken (or time is up).
+    fn drained(&self, now: Instant) -> bool {
+        let Some(since) = self.draining else { return false };
+        if now.duration_since(since) > self.expiry * 4 {
+            tracing::warn!(cells = self.cells.len(), "drain timed out");
+            return true;
+        }
+        self.cells.is_empty()
+            && self.deferred.is_empty()
+            && self.peers.values().all(|p| p.out.as_ref().is_none_or(|o| o.outbox.idle()))
+    }
+
+    async fn leave(&mut self) {
+        for p in self.peers.values_mut() {
+            if let Some(out) = p.out.as_mut() {
+                let leav = ZmqMessage::from(CommandFrame::json(cmd::LEAV, &serde_json::json!({})).to_bytes());
+                let _ = out.sender.send(leav).await;
+            }
+        }
+        // The zeromq crate writes from background tasks and has no linger option: give
+        // them a moment to put LEAV on the wire before the process exits.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Sends everything that accumulated: interest changes, batches, replies.
+    async fn flush(&mut self) {
+        // Interest first, so a peer knows a cell before messages for it could arrive.
+        if !self.dirty.is_empty() {
+            let dirty: Vec<Thid> = self.dirty.drain().collect();
+            let mut updates = Vec::with_capacity(dirty.len());
+            for id in dirty {
+                updates.push(match self.table.interest_of(&id) {
+                    Some((service, rules, subs)) => {
+                        let header = CommandFrame::json(cmd::CELL, &wire::CellInfo { id, service: service.to_string(), rules: rules.to_vec() });
+                        let mut m = ZmqMessage::from(header.to_bytes());
+                        m.push_back(wire::encode_interest(subs.iter().map(|(op, k, n)| (*op, *k, &n[..]))));
+                        m
+                    }
+                    None => ZmqMessage::from(CommandFrame::json(cmd::CGON, &wire::CellGone { id }).to_bytes()),
+                });
+            }
+            for p in self.peers.values_mut() {
+                if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
+                    for m in &updates {
+                        let _ = out.sender.send(m.clone()).await;
+                    }
+                }
+            }
+        }
+        // Peers connected since the last flush: introduce ourselves and send a snapshot.
+        let unsynced: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.out.as_ref().is_some_and(|o| !o.synced))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in unsynced {
+            let hello = CommandFrame::json(cmd::PEER, &wire::PeerHello { id: self.id, name: self.args.name.clone(), mesh: self.args.mesh.clone() });
+            let mut msgs = vec![ZmqMessage::from(hello.to_bytes())];
+            for id in self.table.local_cells() {
+                if let Some((service, rules, subs)) = self.table.interest_of(id) {
+                    let header = CommandFrame::json(cmd::CELL, &wire::CellInfo { id: *id, service: service.to_string(), rules: rules.to_vec() });
+                    let mut m = ZmqMessage::from(header.to_bytes());
+                    m.push_back(wire::encode_interest(subs.iter().map(|(op, k, n)| (*op, *k, &n[..]))));
+                    msgs.push(m);
+                }
+            }
+            let out = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()).expect("listed above");
+            for m in msgs {
+                let _ = out.sender.send(m).await;
+            }
+            out.synced = true;
+        }
+        // Batches to cells.
+        let mut failed = Vec::new();
+        for (id, cell) in self.cells.iter_mut() {
+            if let Some((_, frame, _)) = cell.outbox.take_batch() {
+                let mut m = ZmqMessage::from(cell.identity.clone());
+                m.push_back(CommandFrame::new(Encoding::Binary, cmd::DLVR, Bytes::new()).to_bytes());
+                m.push_back(frame);
+                if self.router.send(m).await.is_err() {
+                    failed.push(*id);
+                }
+            }
+        }
+        for id in failed {
+            self.drop_cell(id, "unreachable");
+        }
+        // Batches to peers.
+        for p in self.peers.values_mut() {
+            if let Some(out) = p.out.as_mut() {
+                if let Some((_, frame, _)) = out.outbox.take_batch() {
+                    let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, cmd::FWRD, Bytes::new()).to_bytes());
+                    m.push_back(frame);
+                    if out.sender.send(m).await.is_err() {
+                        tracing::info!(peer = %p.name, "send to peer failed; dropping the link");
+                        p.out = None;
+                        p.generation += 1;
+                    }
+                }
+            }
+        }
+        // Acknowledgements whose links have room again, then all replies in order.
+        if !self.deferred.is_empty() {
+            let deferred = std::mem::take(&mut self.deferred);
+            let (ready, waiting): (Vec<_>, Vec<_>) = deferred.into_iter().partition(|d| !self.any_congested(&d.dests));
+            self.deferred = waiting;
+            // Keep per-connection order: a later ack never overtakes a waiting one.
+            let blocked: HashSet<Bytes> = self.deferred.iter().map(|d| d.identity.clone()).collect();
+            for d in ready {
+                if blocked.contains(&d.identity) {
+                    self.deferred.push(d);
+                } else {
+                    self.replies.push(d.reply);
+                }
+            }
+            self.deferred.sort_by_key(|d| d.since);
+        }
+        for m in std::mem::take(&mut self.replies) {
+            let _ = self.router.send(m).await;
+        }
+    }
+}
+
+/// Connects a DEALER to a peer's command socket and relays what it answers to the loop.
+/// A zeromq-crate DEALER never reconnects after its peer restarts, so a lost link ends
+/// this task and the next discovery builds a new socket.
+async fn connect_peer(peer: PeerId, generation: u64, endpoint: String, events: mpsc::Sender<Event>) {
+    let mut options = SocketOptions::default();
+    options.connect_timeout(Duration::from_secs(2));
+    let mut socket = DealerSocket::with_options(options);
+    if let Err(e) = socket.connect(&endpoint).await {
+        tracing::debug!(%endpoint, "connecting to peer failed: {e}");
+        let _ = events.send(Event::PeerConnectFailed { peer, generation }).await;
+        return;
+    }
+    let (sender, mut receiver) = socket.split();
+    if events.send(Event::PeerConnected { peer, generation, sender }).await.is_err() {
+        return;
+    }
+    loop {
+        match receiver.recv().await {
+            Ok(msg) => {
+                if events.send(Event::PeerReply { peer, generation, msg }).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => {
+                let _ = events.send(Event::PeerClosed { peer, generation }).await;
+                return;
+            }
+        }
+    }
+}
