@@ -3,12 +3,15 @@
 //! frame tops out near 1M/s), while an idle sender flushes a batch of one at once.
 //!
 //! Layout (all integers little-endian, byte strings prefixed by a u32 length):
-//! - `PUBS` (cell → transmitter): `u64 first_seq`, then per message `kind u8, channel, payload`;
-//!   message i has sequence `first_seq + i`.
+//! - `PUBS` (cell → transmitter): `u64 first_seq`, then per message
+//!   `kind u8, ts u64, channel, payload`; message i has sequence `first_seq + i`.
 //! - `ACKS` (transmitter → cell): `u64 first_seq, u32 n`, then n × `u32 receivers`.
 //! - `DLVR` (transmitter → cell) and `FWRD` (transmitter → transmitter): `u64 batch`, then per
-//!   message `kind u8, origin [20], seq u64, channel, payload, u16 n_targets, n × [20]`.
+//!   message `kind u8, origin [20], seq u64, ts u64, channel, payload, u16 n_targets, n × [20]`.
 //!   `targets` name the cells chosen for anycatch; it is empty in `DLVR`.
+//!
+//! `ts` is when the publishing sidecar took the message (microseconds since the Unix
+//! epoch), for the delivery-latency histogram.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -45,6 +48,7 @@ impl Kind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Publish {
     pub kind: Kind,
+    pub ts: u64,
     pub channel: Bytes,
     pub payload: Bytes,
 }
@@ -57,6 +61,7 @@ pub struct Envelope {
     pub kind: Kind,
     pub origin: Thid,
     pub seq: u64,
+    pub ts: u64,
     pub channel: Bytes,
     pub payload: Bytes,
     pub targets: Vec<Thid>,
@@ -124,8 +129,9 @@ impl PublishBatchWriter {
         buf.put_u64_le(first_seq);
         Self { buf, count: 0 }
     }
-    pub fn push(&mut self, kind: Kind, channel: &[u8], payload: &[u8]) {
+    pub fn push(&mut self, kind: Kind, ts: u64, channel: &[u8], payload: &[u8]) {
         self.buf.put_u8(kind.to_u8());
+        self.buf.put_u64_le(ts);
         put_bytes(&mut self.buf, channel);
         put_bytes(&mut self.buf, payload);
         self.count += 1;
@@ -151,10 +157,12 @@ pub fn decode_publishes(frame: Bytes) -> Result<(u64, Vec<Publish>), FrameError>
     let mut out = Vec::new();
     while !r.done() {
         let kind = Kind::from_u8(r.u8()?)?;
+        let ts = r.u64()?;
         let channel = r.bytes()?;
         let payload = r.bytes()?;
         out.push(Publish {
             kind,
+            ts,
             channel,
             payload,
         });
@@ -205,14 +213,16 @@ impl EnvelopeBatchWriter {
         kind: Kind,
         origin: &Thid,
         seq: u64,
+        ts: u64,
         channel: &[u8],
         payload: &[u8],
         targets: &[Thid],
     ) {
-        self.buf.reserve(45 + channel.len() + payload.len() + 20 * targets.len());
+        self.buf.reserve(53 + channel.len() + payload.len() + 20 * targets.len());
         self.buf.put_u8(kind.to_u8());
         self.buf.put_slice(&origin.0);
         self.buf.put_u64_le(seq);
+        self.buf.put_u64_le(ts);
         put_bytes(&mut self.buf, channel);
         put_bytes(&mut self.buf, payload);
         self.buf.put_u16_le(targets.len() as u16);
@@ -222,7 +232,7 @@ impl EnvelopeBatchWriter {
         self.count += 1;
     }
     pub fn push_envelope(&mut self, e: &Envelope, targets: &[Thid]) {
-        self.push(e.kind, &e.origin, e.seq, &e.channel, &e.payload, targets);
+        self.push(e.kind, &e.origin, e.seq, e.ts, &e.channel, &e.payload, targets);
     }
     pub fn len(&self) -> usize {
         self.count
@@ -252,6 +262,7 @@ pub fn decode_envelopes(frame: Bytes) -> Result<(u64, Vec<Envelope>), FrameError
         let kind = Kind::from_u8(r.u8()?)?;
         let origin = r.thid()?;
         let seq = r.u64()?;
+        let ts = r.u64()?;
         let channel = r.bytes()?;
         let payload = r.bytes()?;
         let n = r.u16()? as usize;
@@ -260,6 +271,7 @@ pub fn decode_envelopes(frame: Bytes) -> Result<(u64, Vec<Envelope>), FrameError
             kind,
             origin,
             seq,
+            ts,
             channel,
             payload,
             targets,
@@ -275,14 +287,14 @@ mod tests {
     #[test]
     fn publishes_round_trip() {
         let mut w = PublishBatchWriter::new(41);
-        w.push(Kind::Mesh, b"a", b"one");
-        w.push(Kind::Shard, b"{r}b", b"");
+        w.push(Kind::Mesh, 5, b"a", b"one");
+        w.push(Kind::Shard, 6, b"{r}b", b"");
         assert_eq!(w.len(), 2);
         let (first, msgs) = decode_publishes(w.finish()).unwrap();
         assert_eq!(first, 41);
         assert_eq!(msgs[0].channel, Bytes::from_static(b"a"));
         assert_eq!(msgs[0].payload, Bytes::from_static(b"one"));
-        assert_eq!(msgs[1].kind, Kind::Shard);
+        assert_eq!((msgs[1].kind, msgs[1].ts), (Kind::Shard, 6));
         assert!(msgs[1].payload.is_empty());
     }
 
@@ -291,15 +303,15 @@ mod tests {
         let origin = Thid::random();
         let target = Thid::random();
         let mut w = EnvelopeBatchWriter::default();
-        w.push(Kind::Mesh, &origin, 7, b"ch", b"data", &[target]);
+        w.push(Kind::Mesh, &origin, 7, 99, b"ch", b"data", &[target]);
         let (batch, env) = decode_envelopes(w.finish(3)).unwrap();
         assert_eq!(batch, 3);
         assert_eq!(env.len(), 1);
         assert_eq!(env[0].origin, origin);
-        assert_eq!(env[0].seq, 7);
+        assert_eq!((env[0].seq, env[0].ts), (7, 99));
         assert_eq!(env[0].targets, vec![target]);
         assert!(w.is_empty());
-        w.push(Kind::Mesh, &origin, 8, b"ch", b"x", &[]);
+        w.push(Kind::Mesh, &origin, 8, 0, b"ch", b"x", &[]);
         let (batch, env) = decode_envelopes(w.finish(4)).unwrap();
         assert_eq!((batch, env.len(), env[0].seq), (4, 1, 8));
     }
@@ -313,7 +325,7 @@ mod tests {
     #[test]
     fn truncated_and_garbage_batches_are_errors() {
         let mut w = PublishBatchWriter::new(1);
-        w.push(Kind::Mesh, b"channel", b"payload");
+        w.push(Kind::Mesh, 1, b"channel", b"payload");
         let full = w.finish();
         for cut in 1..full.len() {
             let r = decode_publishes(full.slice(..cut));

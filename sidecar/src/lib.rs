@@ -1,1 +1,112 @@
-//! placeholder
+//! The sidecar: a Redis server on localhost that any stock Redis client can use for
+//! pub/sub, bridged to the mesh through one transmitter at a time. It finds transmitters
+//! through the rendezvous, moves to another when its own dies or drains, and restores
+//! every subscription there.
+//!
+//! `resp` is the wire codec, `connection` one client, `hub` the cell's state and its link.
+
+pub mod connection;
+pub mod hub;
+pub mod metrics;
+pub mod resp;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use thynapse_protocol::DeliveryRule;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+
+use crate::connection::Shared;
+use crate::hub::{Hub, HubConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[arg(long)]
+    pub mesh: String,
+    /// The Service this cell belongs to.
+    #[arg(long)]
+    pub service: String,
+    /// This cell's name (the pod name in a cluster).
+    #[arg(long)]
+    pub name: String,
+    /// The Service's delivery rules as JSON: `[{"pattern": "jobs.*", "mode": "anycatch"}]`.
+    #[arg(long, default_value = "[]")]
+    pub rules: String,
+    /// Rendezvous points, `udp://host:port` (repeat for several).
+    #[arg(long = "rendezvous", required = true)]
+    pub rendezvous: Vec<String>,
+    /// Redis endpoint for the cell's applications; must be a loopback address.
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    pub resp_bind: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_bind: SocketAddr,
+    /// Transmitter to join first when it is live (local mode spreads cells this way).
+    #[arg(long)]
+    pub prefer_transmitter: Option<String>,
+    #[arg(long, default_value_t = 500)]
+    pub announce_interval_ms: u64,
+    #[arg(long, default_value_t = 3)]
+    pub expiry_multiplier: u32,
+    #[arg(long, default_value_t = thynapse_protocol::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Bytes queued for one Redis client beyond which it is disconnected.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub client_output_buffer_bytes: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    if !args.resp_bind.ip().is_loopback() {
+        anyhow::bail!("--resp-bind {} is not a loopback address: the sidecar serves only its own pod", args.resp_bind);
+    }
+    let rules: Vec<DeliveryRule> = serde_json::from_str(&args.rules).context("--rules is not a JSON list of {pattern, mode}")?;
+    let metrics = metrics::Metrics::new();
+    let listener = TcpListener::bind(args.resp_bind).await.with_context(|| format!("binding {}", args.resp_bind))?;
+    let resp = listener.local_addr()?;
+    let metrics_addr = thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
+    let heartbeat = Duration::from_millis(args.announce_interval_ms);
+    let cfg = HubConfig {
+        mesh: args.mesh.clone(),
+        service: args.service.clone(),
+        name: args.name.clone(),
+        rules,
+        rendezvous: args.rendezvous.clone(),
+        prefer: args.prefer_transmitter.clone(),
+        heartbeat,
+        expiry: heartbeat * args.expiry_multiplier,
+        client_output_buffer_bytes: args.client_output_buffer_bytes,
+        resp,
+        metrics_url: format!("http://{metrics_addr}/metrics"),
+    };
+    let (hub_tx, hub_rx) = mpsc::channel(1024);
+    let shutdown = Arc::new(Notify::new());
+    let hub = tokio::spawn(Hub::new(cfg, metrics).run(hub_rx, shutdown.clone()));
+    let shared = Arc::new(Shared { hub: hub_tx, max_message_bytes: args.max_message_bytes, version: "7.0.0" });
+    tracing::info!(%resp, service = %args.service, "sidecar listening");
+
+    let next_id = AtomicU64::new(1);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((socket, _)) = accepted else { continue };
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(connection::serve(socket, id, shared.clone()));
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    shutdown.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(1), hub).await;
+    Ok(())
+}

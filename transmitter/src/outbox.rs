@@ -89,12 +89,12 @@ mod tests {
     fn credits_free_room() {
         let mut o = Outbox::default();
         let id = Thid::random();
-        o.writer.push(Kind::Mesh, &id, 1, b"c", &[0; 100], &[]);
+        o.writer.push(Kind::Mesh, &id, 1, 0, b"c", &[0; 100], &[]);
         let (b1, _, n) = o.take_batch().unwrap();
         assert_eq!((b1, n), (1, 1));
         assert!(o.congested(50));
         assert!(!o.has_room(1000, 1000));
-        o.writer.push(Kind::Mesh, &id, 2, b"c", &[0; 100], &[]);
+        o.writer.push(Kind::Mesh, &id, 2, 0, b"c", &[0; 100], &[]);
         let (b2, _, _) = o.take_batch().unwrap();
         o.credit(b1);
         assert_eq!(o.unconfirmed_messages(), 1);

@@ -441,7 +441,7 @@ impl Transmitter {
                 let mut dests = Vec::new();
                 for (i, p) in publishes.iter().enumerate() {
                     let seq = first + i as u64;
-                    counts.push(self.publish(id, seq, p.kind, &p.channel, &p.payload, &mut dests));
+                    counts.push(self.publish(id, seq, p.ts, p.kind, &p.channel, &p.payload, &mut dests));
                 }
                 if let Some(cell) = self.cells.get_mut(&id) {
                     cell.last_seq = cell.last_seq.max(first + publishes.len() as u64);
@@ -465,7 +465,8 @@ impl Transmitter {
                     c.last_seq
                 });
                 let mut dests = Vec::new();
-                let receivers = self.publish(id, seq, Kind::Mesh, &channel, &payload, &mut dests);
+                let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+                let receivers = self.publish(id, seq, ts, Kind::Mesh, &channel, &payload, &mut dests);
                 let ack = wire::EventAck { thid: Thid::of_parts(&[&channel, &payload]), receivers };
                 self.ack_when_clear(identity, reply_json(identity, cmd::ACKD, &ack), dests);
             }
@@ -482,7 +483,8 @@ impl Transmitter {
     }
 
     /// Routes one message published by local cell `origin`; returns the cells it reaches.
-    fn publish(&mut self, origin: Thid, seq: u64, kind: Kind, channel: &Bytes, payload: &Bytes, dests: &mut Vec<Dest>) -> u32 {
+    #[allow(clippy::too_many_arguments)]
+    fn publish(&mut self, origin: Thid, seq: u64, ts: u64, kind: Kind, channel: &Bytes, payload: &Bytes, dests: &mut Vec<Dest>) -> u32 {
         self.metrics.messages_in.with_label_values(&["cell"]).inc();
         self.metrics.bytes_in.with_label_values(&["cell"]).inc_by(payload.len() as u64);
         if payload.len() > self.args.max_message_bytes {
@@ -504,10 +506,10 @@ impl Transmitter {
         let mut dispatch = std::mem::take(&mut self.dispatch);
         self.table.dispatch(channel, &mut dispatch);
         for cell in &dispatch.local {
-            self.deliver_local(*cell, kind, &origin, seq, channel, payload, dests);
+            self.deliver_local(*cell, kind, &origin, seq, ts, channel, payload, dests);
         }
         for (peer, targets) in &dispatch.peers {
-            self.forward(*peer, kind, &origin, seq, channel, payload, targets, dests);
+            self.forward(*peer, kind, &origin, seq, ts, channel, payload, targets, dests);
         }
         let receivers = dispatch.receivers;
         self.dispatch = dispatch;
@@ -515,7 +517,7 @@ impl Transmitter {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn deliver_local(&mut self, id: Thid, kind: Kind, origin: &Thid, seq: u64, channel: &Bytes, payload: &Bytes, dests: &mut Vec<Dest>) {
+    fn deliver_local(&mut self, id: Thid, kind: Kind, origin: &Thid, seq: u64, ts: u64, channel: &Bytes, payload: &Bytes, dests: &mut Vec<Dest>) {
         let limit = self.args.link_buffer_bytes;
         let Some(cell) = self.cells.get_mut(&id) else { return };
         if cell.events == Events::Pub {
@@ -532,7 +534,7 @@ impl Transmitter {
             self.metrics.drops.with_label_values(&["cell_backlog"]).inc();
             return;
         }
-        cell.outbox.writer.push(kind, origin, seq, channel, payload, &[]);
+        cell.outbox.writer.push(kind, origin, seq, ts, channel, payload, &[]);
         self.metrics.messages_out.with_label_values(&["cell"]).inc();
         self.metrics.bytes_out.with_label_values(&["cell"]).inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Cell(id)) {
@@ -541,7 +543,7 @@ impl Transmitter {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward(&mut self, peer: PeerId, kind: Kind, origin: &Thid, seq: u64, channel: &Bytes, payload: &Bytes, targets: &[Thid], dests: &mut Vec<Dest>) {
+    fn forward(&mut self, peer: PeerId, kind: Kind, origin: &Thid, seq: u64, ts: u64, channel: &Bytes, payload: &Bytes, targets: &[Thid], dests: &mut Vec<Dest>) {
         let limit = self.args.link_buffer_bytes;
         let Some(out) = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()).filter(|o| o.synced) else {
             self.metrics.drops.with_label_values(&["peer_lost"]).inc();
@@ -551,7 +553,7 @@ impl Transmitter {
             self.metrics.drops.with_label_values(&["peer_backlog"]).inc();
             return;
         }
-        out.outbox.writer.push(kind, origin, seq, channel, payload, targets);
+        out.outbox.writer.push(kind, origin, seq, ts, channel, payload, targets);
         self.metrics.messages_out.with_label_values(&["peer"]).inc();
         self.metrics.bytes_out.with_label_values(&["peer"]).inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Peer(peer)) {
@@ -609,7 +611,7 @@ impl Transmitter {
                     self.metrics.bytes_in.with_label_values(&["peer"]).inc_by(e.payload.len() as u64);
                     self.table.deliver_forwarded(&e.channel, &e.targets, &mut local);
                     for cell in &local {
-                        self.deliver_local(*cell, e.kind, &e.origin, e.seq, &e.channel, &e.payload, &mut dests);
+                        self.deliver_local(*cell, e.kind, &e.origin, e.seq, e.ts, &e.channel, &e.payload, &mut dests);
                     }
                 }
                 self.scratch = local;

@@ -1,0 +1,494 @@
+//! One Redis client connection: reads requests, answers what it can itself, passes
+//! subscriptions and publishes to the hub, and writes replies and pushed messages.
+//! Replies keep request order: a PUBLISH's reply (the number of cells reached) comes back
+//! from the transmitter, so later replies wait behind it.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::hub::{ClientHandle, ClientId, HubCmd, Out, SubKind};
+use crate::resp::{next_request, Reply};
+
+pub struct Shared {
+    pub hub: mpsc::Sender<HubCmd>,
+    pub max_message_bytes: usize,
+    pub version: &'static str,
+}
+
+enum Pending {
+    Ready(Reply),
+    Publish,
+}
+
+struct Client {
+    id: ClientId,
+    resp3: bool,
+    name: Option<Bytes>,
+    channels: BTreeSet<Bytes>,
+    patterns: BTreeSet<Bytes>,
+    pending: VecDeque<Pending>,
+    out: BytesMut,
+    close: bool,
+}
+
+/// Largest request buffered; beyond it the client gets an error and is disconnected, as
+/// Redis does past its query-buffer limit.
+fn query_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes * 2 + (1 << 20)
+}
+
+pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
+    let _ = socket.set_nodelay(true);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    let kill = Arc::new(Notify::new());
+    let handle = ClientHandle { tx, queued: queued.clone(), killed: killed.clone(), kill: kill.clone() };
+    if shared.hub.send(HubCmd::Register(id, handle)).await.is_err() {
+        return;
+    }
+    let mut c = Client {
+        id,
+        resp3: false,
+        name: None,
+        channels: BTreeSet::new(),
+        patterns: BTreeSet::new(),
+        pending: VecDeque::new(),
+        out: BytesMut::with_capacity(16 * 1024),
+        close: false,
+    };
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let limit = query_limit(shared.max_message_bytes);
+    loop {
+        tokio::select! {
+            biased;
+            _ = kill.notified() => break,
+            Some(out) = rx.recv() => {
+                let mut freed = out.size();
+                c.on_out(out);
+                while let Ok(out) = rx.try_recv() {
+                    freed += out.size();
+                    c.on_out(out);
+                    if c.out.len() > 64 * 1024 {
+                        break;
+                    }
+                }
+                queued.fetch_sub(freed, Ordering::Relaxed);
+            }
+            read = socket.read_buf(&mut buf) => {
+                match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                loop {
+                    match next_request(&mut buf) {
+                        Ok(Some(args)) => {
+                            if !args.is_empty() {
+                                c.handle(args, &shared).await;
+                            }
+                            if c.close { break; }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            c.reply(Reply::error(format!("ERR {e}")));
+                            c.close = true;
+                            break;
+                        }
+                    }
+                }
+                if buf.len() > limit {
+                    c.reply(Reply::error("ERR Protocol error: request larger than the query buffer limit"));
+                    c.close = true;
+                }
+            }
+        }
+        c.flush_ready();
+        if !c.out.is_empty() {
+            if socket.write_all(&c.out).await.is_err() {
+                break;
+            }
+            c.out.clear();
+        }
+        if c.close && c.pending.is_empty() {
+            break;
+        }
+        if killed.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    let _ = shared.hub.send(HubCmd::Unregister(id)).await;
+}
+
+fn arity_error(name: &str) -> Reply {
+    Reply::error(format!("ERR wrong number of arguments for '{name}' command"))
+}
+
+fn lower(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_ascii_lowercase()
+}
+
+/// Redis 7's reply to an unknown command, argument list included.
+fn unknown_command(args: &[Bytes]) -> Reply {
+    let mut msg = format!("ERR unknown command '{}', with args beginning with: ", String::from_utf8_lossy(&args[0]));
+    for a in &args[1..] {
+        if msg.len() >= 128 {
+            break;
+        }
+        msg.push_str(&format!("'{}' ", String::from_utf8_lossy(a)));
+    }
+    Reply::error(msg)
+}
+
+fn unknown_subcommand(cmd: &str, sub: &[u8]) -> Reply {
+    Reply::error(format!(
+        "ERR unknown subcommand '{}'. Try {} HELP.",
+        String::from_utf8_lossy(sub),
+        cmd.to_ascii_uppercase()
+    ))
+}
+
+/// Commands this sidecar serves, for COMMAND: name, arity, flags.
+const COMMANDS: &[(&str, i64, &[&'static str])] = &[
+    ("ping", -1, &["fast", "pubsub"]),
+    ("echo", 2, &["fast"]),
+    ("hello", -1, &["noscript", "loading", "stale", "fast", "no_auth", "allow_busy"]),
+    ("client", -2, &[]),
+    ("select", 2, &["loading", "stale", "fast"]),
+    ("quit", -1, &["noscript", "loading", "stale", "fast", "no_auth", "allow_busy"]),
+    ("reset", 1, &["noscript", "loading", "stale", "fast", "no_auth", "allow_busy"]),
+    ("command", -1, &["loading", "stale"]),
+    ("subscribe", -2, &["pubsub", "noscript", "loading", "stale"]),
+    ("unsubscribe", -1, &["pubsub", "noscript", "loading", "stale"]),
+    ("psubscribe", -2, &["pubsub", "noscript", "loading", "stale"]),
+    ("punsubscribe", -1, &["pubsub", "noscript", "loading", "stale"]),
+    ("publish", 3, &["pubsub", "loading", "stale", "fast"]),
+    ("ssubscribe", -2, &["pubsub", "noscript", "loading", "stale"]),
+    ("sunsubscribe", -1, &["pubsub", "noscript", "loading", "stale"]),
+    ("spublish", 3, &["pubsub", "loading", "stale", "fast"]),
+    ("pubsub", -2, &[]),
+];
+
+fn command_info(name: &str, arity: i64, flags: &[&'static str]) -> Reply {
+    Reply::Array(vec![
+        Reply::bulk(name.to_string()),
+        Reply::Int(arity),
+        Reply::Array(flags.iter().map(|f| Reply::Simple(f)).collect()),
+        Reply::Int(0),
+        Reply::Int(0),
+        Reply::Int(0),
+        Reply::Array(vec![]),
+        Reply::Array(vec![]),
+        Reply::Array(vec![]),
+        Reply::Array(vec![]),
+    ])
+}
+
+const ROOMS_DISABLED: &str = "ERR rooms are not enabled on this mesh yet (SSUBSCRIBE/SPUBLISH arrive with the Room feature)";
+
+impl Client {
+    fn reply(&mut self, r: Reply) {
+        self.pending.push_back(Pending::Ready(r));
+    }
+
+    fn subscribed(&self) -> bool {
+        !self.channels.is_empty() || !self.patterns.is_empty()
+    }
+
+    fn subscription_count(&self) -> i64 {
+        (self.channels.len() + self.patterns.len()) as i64
+    }
+
+    fn on_out(&mut self, out: Out) {
+        match out {
+            Out::Message { channel, payload } => {
+                Reply::Push(vec![Reply::bulk("message"), Reply::Bulk(channel), Reply::Bulk(payload)]).encode(self.resp3, &mut self.out)
+            }
+            Out::PMessage { pattern, channel, payload } => Reply::Push(vec![
+                Reply::bulk("pmessage"),
+                Reply::Bulk(pattern),
+                Reply::Bulk(channel),
+                Reply::Bulk(payload),
+            ])
+            .encode(self.resp3, &mut self.out),
+            Out::Published(n) => {
+                if let Some(slot) = self.pending.iter_mut().find(|p| matches!(p, Pending::Publish)) {
+                    *slot = Pending::Ready(Reply::Int(n));
+                }
+            }
+        }
+    }
+
+    /// Writes the replies that are ready, in order, up to the first unanswered PUBLISH.
+    fn flush_ready(&mut self) {
+        while let Some(Pending::Ready(_)) = self.pending.front() {
+            if let Some(Pending::Ready(r)) = self.pending.pop_front() {
+                r.encode(self.resp3, &mut self.out);
+            }
+        }
+    }
+
+    async fn handle(&mut self, args: Vec<Bytes>, shared: &Shared) {
+        let name = lower(&args[0]);
+        // RESP2 clients in subscribed mode may only (un)subscribe, ping, quit and reset.
+        if self.subscribed()
+            && !self.resp3
+            && !matches!(
+                name.as_str(),
+                "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe" | "ping" | "quit" | "reset"
+            )
+        {
+            self.reply(Reply::error(format!(
+                "ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+            )));
+            return;
+        }
+        if let Some((_, arity, _)) = COMMANDS.iter().find(|(n, _, _)| *n == name) {
+            let n = args.len() as i64;
+            if (*arity > 0 && n != *arity) || (*arity < 0 && n < -*arity) {
+                self.reply(arity_error(&name));
+                return;
+            }
+        }
+        match name.as_str() {
+            "ping" => {
+                let reply = match (args.len(), self.subscribed() && !self.resp3) {
+                    (1, false) => Reply::Simple("PONG"),
+                    (2, false) => Reply::Bulk(args[1].clone()),
+                    (1, true) => Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]),
+                    (2, true) => Reply::Array(vec![Reply::bulk("pong"), Reply::Bulk(args[1].clone())]),
+                    _ => arity_error("ping"),
+                };
+                self.reply(reply);
+            }
+            "echo" => self.reply(Reply::Bulk(args[1].clone())),
+            "hello" => self.hello(&args, shared),
+            "client" => self.client_command(&args),
+            "select" => self.reply(match std::str::from_utf8(&args[1]).ok().and_then(|s| s.parse::<i64>().ok()) {
+                Some(0) => Reply::Simple("OK"),
+                Some(_) => Reply::error("ERR DB index is out of range"),
+                None => Reply::error("ERR value is not an integer or out of range"),
+            }),
+            "quit" => {
+                self.reply(Reply::Simple("OK"));
+                self.close = true;
+            }
+            "reset" => {
+                self.unsubscribe_all(SubKind::Channel, shared, false).await;
+                self.unsubscribe_all(SubKind::Pattern, shared, false).await;
+                self.resp3 = false;
+                self.name = None;
+                self.reply(Reply::Simple("RESET"));
+            }
+            "command" => self.command_command(&args),
+            "subscribe" | "psubscribe" => {
+                let kind = if name == "subscribe" { SubKind::Channel } else { SubKind::Pattern };
+                let names: Vec<Bytes> = args[1..].to_vec();
+                let mut new = Vec::new();
+                for n in &names {
+                    let set = if kind == SubKind::Channel { &mut self.channels } else { &mut self.patterns };
+                    if set.insert(n.clone()) {
+                        new.push(n.clone());
+                    }
+                    let count = self.subscription_count();
+                    self.reply(Reply::Push(vec![Reply::bulk(name.clone()), Reply::Bulk(n.clone()), Reply::Int(count)]));
+                }
+                if !new.is_empty() {
+                    let _ = shared.hub.send(HubCmd::Subscribe(self.id, kind, new)).await;
+                }
+            }
+            "unsubscribe" | "punsubscribe" => {
+                let kind = if name == "unsubscribe" { SubKind::Channel } else { SubKind::Pattern };
+                if args.len() == 1 {
+                    self.unsubscribe_all(kind, shared, true).await;
+                } else {
+                    let mut gone = Vec::new();
+                    for n in &args[1..] {
+                        let set = if kind == SubKind::Channel { &mut self.channels } else { &mut self.patterns };
+                        if set.remove(n) {
+                            gone.push(n.clone());
+                        }
+                        let count = self.subscription_count();
+                        self.reply(Reply::Push(vec![Reply::bulk(name.clone()), Reply::Bulk(n.clone()), Reply::Int(count)]));
+                    }
+                    if !gone.is_empty() {
+                        let _ = shared.hub.send(HubCmd::Unsubscribe(self.id, kind, gone)).await;
+                    }
+                }
+            }
+            "publish" => {
+                let payload = args[2].clone();
+                if payload.len() > shared.max_message_bytes {
+                    self.reply(Reply::error(format!(
+                        "ERR message of {} bytes exceeds the mesh limit of {} bytes (maxMessageBytes)",
+                        payload.len(),
+                        shared.max_message_bytes
+                    )));
+                    return;
+                }
+                self.pending.push_back(Pending::Publish);
+                let _ = shared.hub.send(HubCmd::Publish { client: self.id, channel: args[1].clone(), payload }).await;
+            }
+            "ssubscribe" | "spublish" => self.reply(Reply::error(ROOMS_DISABLED)),
+            "sunsubscribe" => {
+                // Nothing can be subscribed; answer as Redis does for no shard channels.
+                if args.len() == 1 {
+                    self.reply(Reply::Push(vec![Reply::bulk("sunsubscribe"), Reply::Null, Reply::Int(self.subscription_count())]));
+                } else {
+                    for n in &args[1..] {
+                        let count = self.subscription_count();
+                        self.reply(Reply::Push(vec![Reply::bulk("sunsubscribe"), Reply::Bulk(n.clone()), Reply::Int(count)]));
+                    }
+                }
+            }
+            "pubsub" => self.pubsub(&args, shared).await,
+            _ => self.reply(unknown_command(&args)),
+        }
+    }
+
+    async fn unsubscribe_all(&mut self, kind: SubKind, shared: &Shared, reply: bool) {
+        let set = if kind == SubKind::Channel { std::mem::take(&mut self.channels) } else { std::mem::take(&mut self.patterns) };
+        let verb = if kind == SubKind::Channel { "unsubscribe" } else { "punsubscribe" };
+        if reply {
+            if set.is_empty() {
+                let count = self.subscription_count();
+                self.reply(Reply::Push(vec![Reply::bulk(verb), Reply::Null, Reply::Int(count)]));
+            }
+            let mut remaining = self.subscription_count() + set.len() as i64;
+            for n in &set {
+                remaining -= 1;
+                self.reply(Reply::Push(vec![Reply::bulk(verb), Reply::Bulk(n.clone()), Reply::Int(remaining)]));
+            }
+        }
+        if !set.is_empty() {
+            let _ = shared.hub.send(HubCmd::Unsubscribe(self.id, kind, set.into_iter().collect())).await;
+        }
+    }
+
+    fn hello(&mut self, args: &[Bytes], shared: &Shared) {
+        let mut i = 1;
+        if args.len() > 1 {
+            match std::str::from_utf8(&args[1]).ok().and_then(|s| s.parse::<i64>().ok()) {
+                Some(2) => self.resp3 = false,
+                Some(3) => self.resp3 = true,
+                Some(_) => {
+                    self.reply(Reply::error("NOPROTO unsupported protocol version"));
+                    return;
+                }
+                None => {
+                    self.reply(Reply::error("ERR Protocol version is not an integer or out of range"));
+                    return;
+                }
+            }
+            i = 2;
+        }
+        while i < args.len() {
+            match lower(&args[i]).as_str() {
+                "auth" if i + 2 < args.len() => i += 3,
+                "setname" if i + 1 < args.len() => {
+                    self.name = Some(args[i + 1].clone());
+                    i += 2;
+                }
+                _ => {
+                    self.reply(Reply::error(format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(&args[i]))));
+                    return;
+                }
+            }
+        }
+        self.reply(Reply::Map(vec![
+            (Reply::bulk("server"), Reply::bulk("redis")),
+            (Reply::bulk("version"), Reply::bulk(shared.version)),
+            (Reply::bulk("proto"), Reply::Int(if self.resp3 { 3 } else { 2 })),
+            (Reply::bulk("id"), Reply::Int(self.id as i64)),
+            (Reply::bulk("mode"), Reply::bulk("standalone")),
+            (Reply::bulk("role"), Reply::bulk("master")),
+            (Reply::bulk("modules"), Reply::Array(vec![])),
+        ]));
+    }
+
+    fn client_command(&mut self, args: &[Bytes]) {
+        let sub = lower(&args[1]);
+        let reply = match (sub.as_str(), args.len()) {
+            ("setname", 3) => {
+                if args[2].iter().any(|b| *b <= b' ' || *b > b'~') {
+                    Reply::error("ERR Client names cannot contain spaces, newlines or special characters.")
+                } else {
+                    self.name = (!args[2].is_empty()).then(|| args[2].clone());
+                    Reply::Simple("OK")
+                }
+            }
+            ("getname", 2) => self.name.clone().map_or(Reply::Null, Reply::Bulk),
+            ("setinfo", 4) => Reply::Simple("OK"),
+            ("id", 2) => Reply::Int(self.id as i64),
+            ("setname" | "getname" | "setinfo" | "id", _) => {
+                Reply::error(format!("ERR wrong number of arguments for 'client|{sub}' command"))
+            }
+            _ => unknown_subcommand("client", &args[1]),
+        };
+        self.reply(reply);
+    }
+
+    fn command_command(&mut self, args: &[Bytes]) {
+        let reply = match args.get(1).map(|a| lower(a)).as_deref() {
+            None => Reply::Array(COMMANDS.iter().map(|(n, a, f)| command_info(n, *a, f)).collect()),
+            Some("count") => Reply::Int(COMMANDS.len() as i64),
+            Some("info") => Reply::Array(
+                args[2..]
+                    .iter()
+                    .map(|n| {
+                        let n = lower(n);
+                        COMMANDS.iter().find(|(c, _, _)| *c == n).map_or(Reply::Null, |(c, a, f)| command_info(c, *a, f))
+                    })
+                    .collect(),
+            ),
+            // Clients ask for docs to show hints; there are none to give.
+            Some("docs") => Reply::Map(vec![]),
+            Some(_) => unknown_subcommand("command", &args[1]),
+        };
+        self.reply(reply);
+    }
+
+    async fn pubsub(&mut self, args: &[Bytes], shared: &Shared) {
+        let sub = lower(&args[1]);
+        match sub.as_str() {
+            "channels" if args.len() <= 3 => {
+                let (tx, rx) = oneshot::channel();
+                let _ = shared.hub.send(HubCmd::Channels(args.get(2).cloned(), tx)).await;
+                let names = rx.await.unwrap_or_default();
+                self.reply(Reply::Array(names.into_iter().map(Reply::Bulk).collect()));
+            }
+            "numsub" => {
+                let names: Vec<Bytes> = args[2..].to_vec();
+                let (tx, rx) = oneshot::channel();
+                let _ = shared.hub.send(HubCmd::NumSub(names.clone(), tx)).await;
+                let counts = rx.await.unwrap_or_default();
+                let mut out = Vec::new();
+                for (n, c) in names.into_iter().zip(counts) {
+                    out.push(Reply::Bulk(n));
+                    out.push(Reply::Int(c));
+                }
+                self.reply(Reply::Array(out));
+            }
+            "numpat" if args.len() == 2 => {
+                let (tx, rx) = oneshot::channel();
+                let _ = shared.hub.send(HubCmd::NumPat(tx)).await;
+                self.reply(Reply::Int(rx.await.unwrap_or(0)));
+            }
+            // No shard channels until rooms are enabled.
+            "shardchannels" if args.len() <= 3 => self.reply(Reply::Array(vec![])),
+            "shardnumsub" => {
+                let out = args[2..].iter().flat_map(|n| [Reply::Bulk(n.clone()), Reply::Int(0)]).collect();
+                self.reply(Reply::Array(out));
+            }
+            "channels" | "numpat" | "shardchannels" => {
+                self.reply(Reply::error(format!("ERR wrong number of arguments for 'pubsub|{sub}' command")))
+            }
+            _ => self.reply(unknown_subcommand("pubsub", &args[1])),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// The sidecar's Prometheus metrics (`thynapse_sidecar_*`).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Messages published by this cell's clients.
+    pub messages_in: IntCounter,
+    pub bytes_in: IntCounter,
+    /// Messages written to this cell's clients (one per client and subscription matched).
+    pub messages_out: IntCounter,
+    pub bytes_out: IntCounter,
+    pub drops: IntCounterVec,
+    pub duplicates: IntCounter,
+    pub clients: IntGauge,
+    pub subscriptions: IntGauge,
+    pub disconnects: IntCounterVec,
+    pub reconnects: IntCounter,
+    pub latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            r.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "thynapse_sidecar_delivery_latency_seconds",
+                "From the publishing sidecar taking a message to this sidecar receiving it.",
+            )
+            .buckets(prometheus::exponential_buckets(10e-6, 2.0, 18).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        r.register(Box::new(latency.clone())).expect("unique metric");
+        let m = Metrics {
+            messages_in: counter("thynapse_sidecar_messages_in_total", "Messages published by this cell's clients."),
+            bytes_in: counter("thynapse_sidecar_bytes_in_total", "Payload bytes published by this cell's clients."),
+            messages_out: counter("thynapse_sidecar_messages_out_total", "Messages delivered to this cell's clients."),
+            bytes_out: counter("thynapse_sidecar_bytes_out_total", "Payload bytes delivered to this cell's clients."),
+            drops: counter_vec("thynapse_sidecar_drops_total", "Messages dropped, by reason.", "reason"),
+            duplicates: counter("thynapse_sidecar_duplicates_suppressed_total", "Messages received twice (while moving between transmitters) and delivered once."),
+            clients: gauge("thynapse_sidecar_clients", "Connected Redis clients."),
+            subscriptions: gauge("thynapse_sidecar_subscriptions", "Distinct channels and patterns subscribed by this cell."),
+            disconnects: counter_vec("thynapse_sidecar_client_disconnects_total", "Clients disconnected by the sidecar, by reason.", "reason"),
+            reconnects: counter("thynapse_sidecar_transmitter_reconnects_total", "Times this cell moved to another transmitter."),
+            latency,
+            registry: r,
+        };
+        for reason in ["slow_subscriber", "too_large", "no_transmitter"] {
+            m.drops.with_label_values(&[reason]);
+        }
+        m.disconnects.with_label_values(&["slow_subscriber"]);
+        m
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
