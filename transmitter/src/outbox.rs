@@ -73,6 +73,16 @@ impl Outbox {
         self.inflight.is_empty() && self.writer.is_empty()
     }
 
+    /// Forgets what was sent on a link that is gone (it will never be credited); what is
+    /// still pending stays for the next link. Returns the messages lost.
+    pub fn reset_inflight(&mut self) -> usize {
+        let lost = self.inflight_messages;
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+        self.inflight_messages = 0;
+        lost
+    }
+
     /// Messages sent or pending but never credited (lost when the link is).
     pub fn unconfirmed_messages(&self) -> usize {
         self.inflight_messages + self.writer.len()

@@ -47,7 +47,6 @@ struct LocalCell {
 
 struct PeerOut {
     sender: DealerSendHalf,
-    outbox: Outbox,
     last_heard: Instant,
     synced: bool,
 }
@@ -57,6 +56,8 @@ struct Peer {
     /// Instance id of the peer as last announced or introduced.
     instance: Option<Thid>,
     command: Option<String>,
+    /// Messages for the peer; kept while a link is (re)built, sent once it is synced.
+    outbox: Outbox,
     out: Option<PeerOut>,
     generation: u64,
     connecting: bool,
@@ -112,6 +113,7 @@ struct Transmitter {
     heartbeat: Duration,
     dispatch: Dispatch,
     scratch: Vec<Thid>,
+    ping_peers: bool,
     routed: u64,
     rate: f64,
 }
@@ -190,6 +192,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         heartbeat,
         dispatch: Dispatch::default(),
         scratch: Vec::new(),
+        ping_peers: false,
         routed: 0,
         rate: 0.0,
         args,
@@ -545,15 +548,15 @@ impl Transmitter {
     #[allow(clippy::too_many_arguments)]
     fn forward(&mut self, peer: PeerId, kind: Kind, origin: &Thid, seq: u64, ts: u64, channel: &Bytes, payload: &Bytes, targets: &[Thid], dests: &mut Vec<Dest>) {
         let limit = self.args.link_buffer_bytes;
-        let Some(out) = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()).filter(|o| o.synced) else {
+        let Some(p) = self.peers.get_mut(&peer) else {
             self.metrics.drops.with_label_values(&["peer_lost"]).inc();
             return;
         };
-        if !out.outbox.has_room(payload.len() + channel.len() + 64 + 20 * targets.len(), limit) {
+        if !p.outbox.has_room(payload.len() + channel.len() + 64 + 20 * targets.len(), limit) {
             self.metrics.drops.with_label_values(&["peer_backlog"]).inc();
             return;
         }
-        out.outbox.writer.push(kind, origin, seq, ts, channel, payload, targets);
+        p.outbox.writer.push(kind, origin, seq, ts, channel, payload, targets);
         self.metrics.messages_out.with_label_values(&["peer"]).inc();
         self.metrics.bytes_out.with_label_values(&["peer"]).inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Peer(peer)) {
@@ -573,11 +576,7 @@ impl Transmitter {
         let hw = self.high_water();
         dests.iter().any(|d| match d {
             Dest::Cell(id) => self.cells.get(id).is_some_and(|c| c.outbox.congested(hw)),
-            Dest::Peer(p) => self
-                .peers
-                .get(p)
-                .and_then(|p| p.out.as_ref())
-                .is_some_and(|o| o.outbox.congested(hw)),
+            Dest::Peer(p) => self.peers.get(p).is_some_and(|p| p.outbox.congested(hw)),
         })
     }
 
@@ -641,7 +640,7 @@ impl Transmitter {
         self.peer_ids.insert(name.to_string(), id);
         self.peers.insert(
             id,
-            Peer { name: name.to_string(), instance: None, command: None, out: None, generation: 0, connecting: false, inbound: None, left: None },
+            Peer { name: name.to_string(), instance: None, command: None, outbox: Outbox::default(), out: None, generation: 0, connecting: false, inbound: None, left: None },
         );
         id
     }
@@ -651,11 +650,11 @@ impl Transmitter {
     fn forget_peer(&mut self, peer: PeerId, left: bool) {
         let removed = self.table.remove_location(Location::Peer(peer));
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        if let Some(out) = p.out.take() {
-            let lost = out.outbox.unconfirmed_messages();
-            if lost > 0 {
-                self.metrics.drops.with_label_values(&["peer_lost"]).inc_by(lost as u64);
-            }
+        p.out = None;
+        let lost = p.outbox.unconfirmed_messages();
+        p.outbox = Outbox::default();
+        if lost > 0 {
+            self.metrics.drops.with_label_values(&["peer_lost"]).inc_by(lost as u64);
         }
         if let Some((identity, _)) = p.inbound.take() {
             self.peer_identities.remove(&identity);
@@ -697,7 +696,9 @@ impl Transmitter {
                     return;
                 }
                 p.connecting = false;
-                p.out = Some(PeerOut { sender, outbox: Outbox::default(), last_heard: Instant::now(), synced: false });
+                let lost = p.outbox.reset_inflight();
+                self.metrics.drops.with_label_values(&["peer_lost"]).inc_by(lost as u64);
+                p.out = Some(PeerOut { sender, last_heard: Instant::now(), synced: false });
                 self.update_peer_gauge();
             }
             Event::PeerConnectFailed { peer, generation } => {
@@ -724,7 +725,7 @@ impl Transmitter {
                 match &frame.cmd {
                     cmd::FACK => {
                         if let Ok(credit) = frame.decode_json::<wire::Credit>() {
-                            out.outbox.credit(credit.batch);
+                            p.outbox.credit(credit.batch);
                         }
                     }
                     cmd::PWLC => {
@@ -796,10 +797,7 @@ impl Transmitter {
         for p in self.peers.values_mut() {
             if p.out.as_ref().is_some_and(|o| now.duration_since(o.last_heard) > self.expiry) {
                 tracing::info!(peer = %p.name, "peer not answering; dropping the link");
-                if let Some(out) = p.out.take() {
-                    let lost = out.outbox.unconfirmed_messages();
-                    self.metrics.drops.with_label_values(&["peer_lost"]).inc_by(lost as u64);
-                }
+                p.out = None;
                 self.metrics.peer_reconnects.inc();
                 p.generation += 1;
                 p.connecting = false;
@@ -813,13 +811,9 @@ impl Transmitter {
             .partition(|d| now.duration_since(d.since) > expiry);
         self.deferred = waiting;
         self.replies.extend(ready.into_iter().map(|d| d.reply));
-        // Heartbeats to peers; MOVE again to cells that have not left a draining transmitter.
-        for p in self.peers.values_mut() {
-            if let Some(out) = p.out.as_mut() {
-                let ping = ZmqMessage::from(CommandFrame::json(cmd::PING, &serde_json::json!({})).to_bytes());
-                let _ = out.sender.send(ping).now_or_never();
-            }
-        }
+        // Heartbeats to peers (sent at the next flush); MOVE again to cells that have not
+        // left a draining transmitter.
+        self.ping_peers = true;
         if self.draining.is_some() {
             for cell in self.cells.values() {
                 self.replies.push(reply_json(&cell.identity, cmd::MOVE, &wire::Reason { reason: "draining".into() }));
@@ -848,7 +842,7 @@ impl Transmitter {
         }
         self.cells.is_empty()
             && self.deferred.is_empty()
-            && self.peers.values().all(|p| p.out.as_ref().is_none_or(|o| o.outbox.idle()))
+            && self.peers.values().all(|p| p.out.is_none() || p.outbox.idle())
     }
 
     async fn leave(&mut self) {
@@ -912,6 +906,14 @@ impl Transmitter {
             }
             out.synced = true;
         }
+        if std::mem::take(&mut self.ping_peers) {
+            for p in self.peers.values_mut() {
+                if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
+                    let ping = ZmqMessage::from(CommandFrame::json(cmd::PING, &serde_json::json!({})).to_bytes());
+                    let _ = out.sender.send(ping).await;
+                }
+            }
+        }
         // Batches to cells.
         let mut failed = Vec::new();
         for (id, cell) in self.cells.iter_mut() {
@@ -929,8 +931,8 @@ impl Transmitter {
         }
         // Batches to peers.
         for p in self.peers.values_mut() {
-            if let Some(out) = p.out.as_mut() {
-                if let Some((_, frame, _)) = out.outbox.take_batch() {
+            if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
+                if let Some((_, frame, _)) = p.outbox.take_batch() {
                     let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, cmd::FWRD, Bytes::new()).to_bytes());
                     m.push_back(frame);
                     if out.sender.send(m).await.is_err() {

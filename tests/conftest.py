@@ -1,0 +1,200 @@
+"""Fixtures that run real meshes with `thynapse up` and talk to them with real clients.
+
+Every wait here is a condition polled against a deadline, never a bare sleep.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+BINARY = Path(os.environ.get("THYNAPSE_BIN", ROOT / "target" / "release" / "thynapse"))
+
+
+def wait_for(condition, timeout=15.0, interval=0.02, what="condition"):
+    """Polls `condition` until it returns something truthy; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+            if last:
+                return last
+        except (OSError, redis.RedisError, ValueError, KeyError) as e:  # not up yet
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def mesh_yaml(name="demo", replicas=3, services=(), extra="", announce_ms=250, multiplier=4):
+    docs = [
+        f"""apiVersion: thynapse.io/v1alpha1
+kind: TransmitterMesh
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  rendezvous: {{announceIntervalMs: {announce_ms}, expiryMultiplier: {multiplier}}}
+{extra}"""
+    ]
+    for svc, rules in services:
+        delivery = json.dumps(rules)
+        docs.append(
+            f"""apiVersion: thynapse.io/v1alpha1
+kind: Service
+metadata: {{name: {svc}}}
+spec: {{mesh: {name}, delivery: {delivery}}}
+"""
+        )
+    return "---\n".join(docs)
+
+
+class Mesh:
+    """A running `thynapse up` and its endpoints."""
+
+    def __init__(self, manifests: str, cells: dict, tmp: Path):
+        self.dir = tmp
+        (tmp / "mesh.yaml").write_text(manifests)
+        self.endpoints_path = tmp / "endpoints.json"
+        args = [str(BINARY), "up", "-f", str(tmp), "--endpoints", str(self.endpoints_path)]
+        for svc, n in cells.items():
+            args += ["--cells", f"{svc}={n}"]
+        self.log = open(tmp / "up.log", "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.endpoints = wait_for(self._read_endpoints, timeout=30, what="endpoints file")
+        self.clients = []
+
+    def _read_endpoints(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"thynapse up exited: {(self.dir / 'up.log').read_text()}")
+        if self.endpoints_path.exists():
+            return json.loads(self.endpoints_path.read_text())
+        return None
+
+    def refresh(self):
+        self.endpoints = json.loads(self.endpoints_path.read_text())
+        return self.endpoints
+
+    def cells(self, service=None):
+        return [c for c in self.endpoints["cells"] if service is None or c["service"] == service]
+
+    def cell(self, name):
+        return next(c for c in self.endpoints["cells"] if c["name"] == name)
+
+    def transmitter(self, name):
+        return next(t for t in self.endpoints["transmitters"] if t["name"] == name)
+
+    def redis(self, cell, **kw):
+        host, port = cell["resp"].rsplit(":", 1)
+        r = redis.Redis(host=host, port=int(port), socket_timeout=10, **kw)
+        self.clients.append(r)
+        return r
+
+    def children(self):
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self):
+        for c in self.clients:
+            try:
+                c.close()
+            except Exception:
+                pass
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def start_mesh():
+    meshes = []
+
+    def start(manifests, cells=None):
+        tmp = Path(tempfile.mkdtemp(prefix="thynapse-test-"))
+        m = Mesh(manifests, cells or {}, tmp)
+        meshes.append(m)
+        return m
+
+    yield start
+    for m in meshes:
+        m.stop()
+
+
+def metrics(url):
+    """Parses a Prometheus text page into {name{labels}: value}."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+class Subscriber:
+    """A redis-py pub/sub connection collecting messages in order."""
+
+    def __init__(self, client, channels=(), patterns=()):
+        self.pubsub = client.pubsub()
+        if channels:
+            self.pubsub.subscribe(*channels)
+        if patterns:
+            self.pubsub.psubscribe(*patterns)
+        self.messages = []
+        # Read the subscription confirmations so the subscriptions are in place.
+        wait_for(lambda: self.pubsub.subscribed, what="subscribed")
+
+    def poll(self, timeout=0.05):
+        while True:
+            m = self.pubsub.get_message(timeout=timeout)
+            if m is None:
+                return
+            if m["type"] in ("message", "pmessage", "smessage"):
+                self.messages.append(m)
+
+    def data(self, prefix=b""):
+        return [m["data"] for m in self.messages if m["data"].startswith(prefix)]
+
+    def wait_count(self, n, prefix=b"", timeout=20):
+        def enough():
+            self.poll()
+            return len(self.data(prefix)) >= n
+
+        wait_for(enough, timeout=timeout, what=f"{n} messages")
+
+
+def until_routed(publisher, channel, receivers, timeout=15):
+    """Publishes probes until the mesh routes `channel` to `receivers` cells: then every
+    subscription involved has reached the publisher's transmitter."""
+    return wait_for(
+        lambda: publisher.publish(channel, b"probe") >= receivers,
+        timeout=timeout,
+        interval=0.05,
+        what=f"{channel} routed to {receivers} cells",
+    )
+
+
+def free_udp_query(address, mesh):
+    """Asks a rendezvous which transmitters are live."""
+    host, port = address.replace("udp://", "").rsplit(":", 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(1)
+    try:
+        s.sendto(json.dumps({"type": "query", "mesh": mesh}).encode(), (host, int(port)))
+        data, _ = s.recvfrom(65536)
+        return json.loads(data)
+    finally:
+        s.close()

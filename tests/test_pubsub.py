@@ -1,0 +1,135 @@
+"""Pub/sub through the mesh with redis-py: multicatch, anycatch, Redis glob semantics."""
+
+import shutil
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+import redis
+
+from conftest import Subscriber, mesh_yaml, until_routed, wait_for
+
+WORKERS = ("workers", [{"pattern": "jobs.*", "mode": "anycatch"}])
+AUDIT = ("audit", [])
+
+
+def publish_all(client, channel, payloads, chunk=500):
+    for i in range(0, len(payloads), chunk):
+        p = client.pipeline(transaction=False)
+        for payload in payloads[i : i + chunk]:
+            p.publish(channel, payload)
+        p.execute()
+
+
+def test_multicatch_every_cell_of_every_service_once(start_mesh):
+    mesh = start_mesh(mesh_yaml(services=[("a", []), ("b", [])]), cells={"a": 2, "b": 2})
+    subs = [Subscriber(mesh.redis(c), channels=["news"]) for c in mesh.cells()]
+    # A pattern subscriber too: one cell gets a message once per matching subscription,
+    # as a Redis client subscribed to a channel and a matching pattern does.
+    pattern_sub = Subscriber(mesh.redis(mesh.cell("a-0")), patterns=["ne?s"])
+    publisher = mesh.redis(mesh.cell("b-1"))
+    until_routed(publisher, "news", 4)
+    payloads = [b"m:%d" % i for i in range(500)]
+    publish_all(publisher, "news", payloads)
+    for s in subs + [pattern_sub]:
+        s.wait_count(500, prefix=b"m:")
+        assert s.data(b"m:") == payloads, "each subscriber gets every message once, in order"
+    assert all(m["type"] == "pmessage" and m["pattern"] == b"ne?s" for m in pattern_sub.messages)
+    # Nothing more arrives: no duplicates on the way.
+    time.sleep(0.2)
+    for s in subs:
+        s.poll()
+        assert len(s.data(b"m:")) == 500
+
+
+def test_anycatch_exactly_one_cell_of_the_service(start_mesh):
+    mesh = start_mesh(mesh_yaml(services=[WORKERS, AUDIT]), cells={"workers": 4, "audit": 2})
+    workers = mesh.cells("workers")
+    assert len({c["transmitter"] for c in workers}) >= 2, "workers spread over transmitters"
+    worker_subs = {c["name"]: Subscriber(mesh.redis(c), patterns=["jobs.*"]) for c in workers}
+    audit_subs = [Subscriber(mesh.redis(c), channels=["jobs.build"]) for c in mesh.cells("audit")]
+    publisher = mesh.redis(mesh.cell("audit-0"))
+    # 2 audit cells (multicatch) + 1 worker (anycatch) per message.
+    until_routed(publisher, "jobs.build", 3)
+    # Every worker is known at the publisher's transmitter once each has taken a probe.
+    wait_for(
+        lambda: all(
+            (publisher.publish("jobs.build", b"probe") and False) or s.poll() or s.data(b"probe")
+            for s in worker_subs.values()
+        ),
+        what="every worker routable",
+    )
+    n = 10_000
+    payloads = [b"m:%d" % i for i in range(n)]
+    publish_all(publisher, "jobs.build", payloads)
+
+    def all_delivered():
+        for s in list(worker_subs.values()) + audit_subs:
+            s.poll()
+        return sum(len(s.data(b"m:")) for s in worker_subs.values()) >= n and all(
+            len(s.data(b"m:")) >= n for s in audit_subs
+        )
+
+    wait_for(all_delivered, timeout=60, what="all messages delivered")
+    time.sleep(0.3)
+    for s in list(worker_subs.values()) + audit_subs:
+        s.poll()
+    counts = Counter()
+    for s in worker_subs.values():
+        counts.update(s.data(b"m:"))
+    assert sum(counts.values()) == n, "no worker message lost or duplicated"
+    assert set(counts) == set(payloads) and max(counts.values()) == 1, "each message reached exactly one worker"
+    shares = {name: len(s.data(b"m:")) for name, s in worker_subs.items()}
+    assert all(v > 0 for v in shares.values()), f"every worker got a share: {shares}"
+    assert max(shares.values()) <= 2 * n / len(shares), f"load spreads: {shares}"
+    for s in audit_subs:
+        assert s.data(b"m:") == payloads, "each audit cell got all messages, once, in order"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to compare with")
+def test_psubscribe_globs_match_like_redis(start_mesh, tmp_path):
+    patterns = ["h?llo", "h*llo", "h[ae]llo", "h[^e]llo", "h[a-b]llo", "a\\*b", "*", "news.*", "x[", "[z-a]"]
+    channels = ["hello", "hallo", "hllo", "heeeello", "hillo", "hbllo", "a*b", "axb", "news.art", "news", "x[", "m", "x"]
+    port = _free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        real = redis.Redis(port=port)
+        wait_for(real.ping, what="redis-server")
+        expected = _matches(real, real, patterns, channels)
+    finally:
+        server.terminate()
+        server.wait()
+    mesh = start_mesh(mesh_yaml(replicas=2, services=[("s", [])]), cells={"s": 2})
+    sub_client, pub_client = mesh.redis(mesh.cell("s-0")), mesh.redis(mesh.cell("s-1"))
+    got = _matches(sub_client, pub_client, patterns, channels)
+    assert got == expected
+
+
+def _matches(sub_client, pub_client, patterns, channels):
+    """Which (pattern, channel) pairs a pattern subscriber receives. A marker channel on
+    the same connection ends the run: messages on one connection arrive in order."""
+    s = Subscriber(sub_client, channels=["zz.end"], patterns=patterns)
+    until_routed(pub_client, "zz.end", 1)
+    for ch in channels:
+        pub_client.publish(ch, b"x:" + ch.encode())
+    pub_client.publish("zz.end", b"end")
+
+    def ended():
+        s.poll()
+        return any(m["channel"] == b"zz.end" and m["data"] == b"end" and m["type"] == "message" for m in s.messages)
+
+    wait_for(ended, what="end marker")
+    s.pubsub.close()
+    return sorted((m["pattern"], m["channel"]) for m in s.messages if m["data"].startswith(b"x:"))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
