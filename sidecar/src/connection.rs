@@ -243,8 +243,12 @@ impl Client {
                 "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe" | "ping" | "quit" | "reset"
             )
         {
+            let full = match (name.as_str(), args.get(1)) {
+                ("pubsub" | "client" | "command", Some(sub)) => format!("{name}|{}", lower(sub)),
+                _ => name.clone(),
+            };
             self.reply(Reply::error(format!(
-                "ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
             )));
             return;
         }
@@ -269,8 +273,9 @@ impl Client {
             "echo" => self.reply(Reply::Bulk(args[1].clone())),
             "hello" => self.hello(&args, shared),
             "client" => self.client_command(&args),
+            // Pub/sub ignores databases in Redis; accept the 16 a default Redis has.
             "select" => self.reply(match std::str::from_utf8(&args[1]).ok().and_then(|s| s.parse::<i64>().ok()) {
-                Some(0) => Reply::Simple("OK"),
+                Some(0..=15) => Reply::Simple("OK"),
                 Some(_) => Reply::error("ERR DB index is out of range"),
                 None => Reply::error("ERR value is not an integer or out of range"),
             }),

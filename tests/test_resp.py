@@ -1,0 +1,188 @@
+"""The sidecar's RESP surface: byte-compatible with Redis 7, and robust to bad input."""
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import redis
+
+from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
+
+END = b"*2\r\n$4\r\nPING\r\n$7\r\n__end__\r\n"
+
+
+def encode(*args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return out
+
+
+def converse(port, commands):
+    """Sends each command on one connection and returns the raw bytes of each reply."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    replies = []
+    try:
+        for cmd in commands:
+            s.sendall(encode(*cmd) + END)
+            buf = b""
+            while not buf.endswith(b"$7\r\n__end__\r\n"):
+                chunk = s.recv(65536)
+                assert chunk, f"connection closed after {cmd}"
+                buf += chunk
+            replies.append(buf[: -len(b"$7\r\n__end__\r\n")])
+    finally:
+        s.close()
+    return replies
+
+
+SESSION = [
+    ("PING",),
+    ("PING", "hi"),
+    ("ECHO", "x y"),
+    ("ping", "a", "b"),
+    ("SELECT", "0"),
+    ("SELECT", "1"),
+    ("SELECT", "x"),
+    ("CLIENT", "SETNAME", "cell"),
+    ("CLIENT", "GETNAME"),
+    ("CLIENT", "NOSUCH"),
+    ("FOO", "bar", "baz"),
+    ("PUBLISH", "only-one-arg"),
+    ("PUBLISH", "nobody.listens", "x"),
+    ("UNSUBSCRIBE",),
+    ("PUNSUBSCRIBE",),
+    ("PUBSUB", "NUMSUB", "a", "b"),
+    ("PUBSUB", "NUMPAT"),
+    ("PUBSUB", "NOPE"),
+    ("HELLO", "4"),
+    ("SUBSCRIBE", "a", "b"),
+    ("PSUBSCRIBE", "p*"),
+    ("PING",),
+    ("PUBLISH", "x", "y"),
+    ("PUBSUB", "NUMSUB", "a"),
+    ("UNSUBSCRIBE", "b", "zzz"),
+    ("PUNSUBSCRIBE",),
+    ("UNSUBSCRIBE",),
+    ("PUBSUB", "CHANNELS"),
+    ("RESET",),
+    ("PING",),
+]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to compare with")
+def test_replies_are_byte_compatible_with_redis(start_mesh):
+    """The same session against Debian's redis-server (7.0) and a sidecar. CLIENT SETINFO
+    is left out: it arrived in Redis 7.2, and the sidecar answers it as 7.2 does (+OK)."""
+    port = _free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(redis.Redis(port=port).ping, what="redis-server")
+        expected = converse(port, SESSION)
+    finally:
+        server.terminate()
+        server.wait()
+    mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])]), cells={"s": 1})
+    got = converse(int(mesh.cell("s-0")["resp"].rsplit(":", 1)[1]), SESSION)
+    diffs = [f"{cmd}: redis {want!r}, sidecar {have!r}" for cmd, want, have in zip(SESSION, expected, got) if want != have]
+    assert not diffs, "\n".join(diffs)
+
+
+def test_resp3_hello_and_pushes(start_mesh):
+    mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])]), cells={"s": 1})
+    cell = mesh.cell("s-0")
+    r3 = mesh.redis(cell, protocol=3)
+    hello = r3.execute_command("HELLO", "3")
+    assert hello[b"proto"] == 3 and hello[b"server"] == b"redis"
+    p = r3.pubsub()
+    p.subscribe("c3")
+    wait_for(lambda: p.get_message(timeout=0.1), what="subscribe push")
+    publisher = mesh.redis(cell)
+    assert publisher.publish("c3", b"pushed") == 1
+    msg = wait_for(lambda: p.get_message(timeout=0.1), what="message push")
+    assert msg["type"] == "message" and msg["data"] == b"pushed"
+    # RESP3 clients may run any command while subscribed.
+    assert r3.ping() is True
+
+
+def test_bad_input_gets_errors_and_loses_nothing_else(start_mesh):
+    mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])]), cells={"s": 1})
+    cell = mesh.cell("s-0")
+    port = int(cell["resp"].rsplit(":", 1)[1])
+    sub = Subscriber(mesh.redis(cell), channels=["keep"])
+    publisher = mesh.redis(cell)
+    until_routed(publisher, "keep", 1)
+
+    # Malformed RESP: a protocol error, then that connection (only) is closed, as Redis does.
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"*1\r\n:notanumber\r\n")
+    reply = s.recv(1024)
+    assert reply.startswith(b"-ERR Protocol error"), reply
+    assert s.recv(1024) == b""
+    s.close()
+
+    # Unknown commands: an error, and the connection stays usable.
+    other = mesh.redis(cell)
+    with pytest.raises(redis.ResponseError, match="unknown command 'NOSUCH'"):
+        other.execute_command("NOSUCH", "x")
+    assert other.ping()
+
+    # Oversized messages: refused with a clear error; nothing is published.
+    with pytest.raises(redis.ResponseError, match="exceeds the mesh limit"):
+        other.publish("keep", b"x" * (1024 * 1024 + 1))
+    assert other.publish("keep", b"after") == 1
+    sub.wait_count(1, prefix=b"after")
+    assert not sub.data(b"xxx")
+    assert sub.data(b"after") == [b"after"]
+
+
+def test_slow_subscriber_is_bounded_counted_and_alone(start_mesh):
+    extra = "  limits: {clientOutputBufferBytes: 1048576}\n"
+    mesh = start_mesh(mesh_yaml(replicas=2, services=[("s", [])], extra=extra), cells={"s": 2})
+    slow_cell, fast_cell = mesh.cell("s-0"), mesh.cell("s-1")
+    # The slow subscriber subscribes and then never reads.
+    slow = socket.create_connection(("127.0.0.1", int(slow_cell["resp"].rsplit(":", 1)[1])))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(encode("SUBSCRIBE", "firehose"))
+    fast = Subscriber(mesh.redis(slow_cell), channels=["firehose"])
+    fast_elsewhere = Subscriber(mesh.redis(fast_cell), channels=["firehose"])
+    publisher = mesh.redis(fast_cell)
+    until_routed(publisher, "firehose", 2)
+    n = 4000
+    payload = b"m:" + b"x" * 2000
+    for i in range(0, n, 200):
+        p = publisher.pipeline(transaction=False)
+        for _ in range(200):
+            p.publish("firehose", payload)
+        p.execute()
+        fast.poll(timeout=0)
+        fast_elsewhere.poll(timeout=0)
+    fast.wait_count(n, prefix=b"m:", timeout=60)
+    fast_elsewhere.wait_count(n, prefix=b"m:", timeout=60)
+    m = wait_for(
+        lambda: (lambda m: m if m['thynapse_sidecar_drops_total{reason="slow_subscriber"}'] >= 1 else None)(metrics(slow_cell["metrics"])),
+        what="slow subscriber drop counted",
+    )
+    assert m['thynapse_sidecar_client_disconnects_total{reason="slow_subscriber"}'] >= 1
+    # Its connection was closed once the buffer limit was reached; memory stayed bounded.
+    slow.settimeout(5)
+    received = 0
+    while True:
+        chunk = slow.recv(1 << 16)
+        if not chunk:
+            break
+        received += len(chunk)
+    assert received < n * len(payload), "the slow subscriber was cut off, not buffered without bound"
+    slow.close()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,102 @@
+"""The transmitter wire protocol from a libzmq client (pyzmq), and garbage on its socket."""
+
+import json
+import os
+
+import zmq
+
+from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
+
+
+def dealer(ctx, endpoint):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.connect(endpoint)
+    return s
+
+
+def recv_command(sock):
+    frames = sock.recv_multipart()
+    text = frames[0].decode()
+    enc, cmd, payload = text[0], text[2:6], text[7:]
+    return enc, cmd, (json.loads(payload) if payload else {}), frames[1:]
+
+
+def test_helo_wlcm_and_events_on_pub(start_mesh):
+    mesh = start_mesh(mesh_yaml(replicas=2, services=[("s", [])]), cells={"s": 1})
+    t = mesh.transmitter("demo-1")
+    ctx = zmq.Context()
+    try:
+        sock = dealer(ctx, t["command"])
+        cell_id = os.urandom(20).hex()
+        sock.send(f'J HELO {{"id": "{cell_id}", "service": "raw", "events": "pub"}}'.encode())
+        enc, cmd, body, _ = recv_command(sock)
+        assert (enc, cmd) == ("J", "WLCM")
+        assert len(body["id"]) == 40 and int(body["id"], 16) >= 0
+        assert body["pub"] == t["event"]
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVTIMEO, 5000)
+        sub.connect(body["pub"])  # the pub endpoint is connectable
+        sub.setsockopt(zmq.SUBSCRIBE, cell_id.encode())
+        # Subscribe through the binary interest list: op 0 (add), kind 0 (channel).
+        name = b"raw.events"
+        sock.send_multipart([b"B SUBS", bytes([0, 0]) + len(name).to_bytes(4, "little") + name])
+        publisher = mesh.redis(mesh.cell("s-0"))
+        until_routed(publisher, "raw.events", 1)
+        publisher.publish("raw.events", b"hello raw")
+        frames = wait_for(lambda: _recv_until(sub, b"hello raw"), what="event on the PUB socket")
+        assert frames[0] == cell_id.encode() and frames[1] == b"raw.events"
+        # A JSON event from the raw client reaches a Redis subscriber, and is acknowledged
+        # with its THID (SHA-1 of the contents) and the cells it reached.
+        redis_sub = Subscriber(mesh.redis(mesh.cell("s-0")), channels=["from.raw"])
+        def sent():
+            sock.send(b'J EVNT {"channel": "from.raw", "data": "hi there"}')
+            _, cmd, ack, _ = recv_command(sock)
+            assert cmd == "ACKD", cmd
+            return ack["receivers"] >= 1 and ack
+        ack = wait_for(sent, what="EVNT routed")
+        assert len(ack["thid"]) == 40
+        redis_sub.wait_count(1, prefix=b"hi there")
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _recv_until(sub, payload):
+    frames = sub.recv_multipart()
+    return frames if frames[-1] == payload else None
+
+
+def test_garbage_frames_get_errors_and_the_transmitter_serves_on(start_mesh):
+    mesh = start_mesh(mesh_yaml(replicas=2, services=[("s", [])]), cells={"s": 2})
+    t = mesh.transmitter("demo-0")
+    before = metrics(t["metrics"])["thynapse_transmitter_malformed_frames_total"]
+    ctx = zmq.Context()
+    try:
+        sock = dealer(ctx, t["command"])
+        garbage = [b"", b"\xff\xfe\x00\x01", b"J HE", b"X HELO {}", b"J helo {}", b"J HELO {not json", b"J HELO {\"id\": \"zz\"}"]
+        for g in garbage:
+            sock.send(g)
+            enc, cmd, body, _ = recv_command(sock)
+            assert cmd == "ERRR" and body["error"], (g, cmd, body)
+        cell_id = os.urandom(20).hex()
+        sock.send(f'J HELO {{"id": "{cell_id}", "service": "raw"}}'.encode())
+        assert recv_command(sock)[1] == "WLCM"
+        # A truncated binary batch, an unknown command, a batch with no payload frame.
+        sock.send_multipart([b"B PUBS", b"\x01\x00\x00"])
+        assert recv_command(sock)[1] == "ERRR"
+        sock.send(b"J ABCD {}")
+        assert "unknown command" in recv_command(sock)[2]["error"]
+        sock.send(b"B PUBS")
+        assert recv_command(sock)[1] == "ERRR"
+        after = metrics(t["metrics"])["thynapse_transmitter_malformed_frames_total"]
+        assert after - before >= len(garbage) + 3
+    finally:
+        ctx.destroy(linger=0)
+    # Everyone else is served as before.
+    sub = Subscriber(mesh.redis(mesh.cell("s-0")), channels=["after"])
+    publisher = mesh.redis(mesh.cell("s-1"))
+    until_routed(publisher, "after", 1)
+    publisher.publish("after", b"still fine")
+    sub.wait_count(1, prefix=b"still fine")
