@@ -7,7 +7,11 @@ mod up;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "thynapse", version, about = "Thynapse: an event mesh with a Redis face")]
+#[command(
+    name = "thynapse",
+    version,
+    about = "Thynapse: an event mesh with a Redis face"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -48,14 +48,16 @@ pub struct ValidateArgs {
 
 fn parse_cells(s: &str) -> Result<(String, u32), String> {
     let (service, n) = s.split_once('=').ok_or("expected SERVICE=N")?;
-    let n: u32 = n.parse().map_err(|_| format!("{n:?} is not a number of cells"))?;
+    let n: u32 = n
+        .parse()
+        .map_err(|_| format!("{n:?} is not a number of cells"))?;
     if n > 1000 {
         return Err("at most 1000 cells per Service".into());
     }
     Ok((service.to_string(), n))
 }
 
-fn load(file: &PathBuf, mesh: Option<&str>) -> anyhow::Result<MeshConfig> {
+fn load(file: &std::path::Path, mesh: Option<&str>) -> anyhow::Result<MeshConfig> {
     let docs = load_path(file)?;
     Ok(MeshConfig::from_documents(&docs, mesh)?)
 }
@@ -67,8 +69,16 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<()> {
         cfg.name,
         cfg.spec.replicas,
         cfg.spec.rendezvous.replicas,
-        cfg.services.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(", "),
-        cfg.rooms.iter().map(|r| r.0.as_str()).collect::<Vec<_>>().join(", ")
+        cfg.services
+            .iter()
+            .map(|s| s.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.rooms
+            .iter()
+            .map(|r| r.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }
@@ -105,7 +115,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = load(&args.file, args.mesh.as_deref())?;
     for (service, _) in &args.cells {
         if !cfg.services.iter().any(|(s, _)| s == service) {
-            bail!("--cells {service}=…: no Service {service:?} in mesh {:?}", cfg.name);
+            bail!(
+                "--cells {service}=…: no Service {service:?} in mesh {:?}",
+                cfg.name
+            );
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -152,7 +165,11 @@ fn plan(cfg: &MeshConfig, cells: &[(String, u32)], rendezvous: &[String]) -> Vec
     }
     let mut next_transmitter = 0;
     for (service, sspec) in &cfg.services {
-        let n = cells.iter().rev().find(|(s, _)| s == service).map_or(1, |(_, n)| *n);
+        let n = cells
+            .iter()
+            .rev()
+            .find(|(s, _)| s == service)
+            .map_or(1, |(_, n)| *n);
         for i in 0..n {
             let name = format!("{service}-{i}");
             // Spread cells over the transmitters, as a scheduler would spread pods.
@@ -205,10 +222,17 @@ fn pin_ports(spec: &mut Spec, info: &Value) {
     };
     let s = |k: &str| info.get(k).and_then(Value::as_str).map(str::to_string);
     let host_port = |url: Option<String>| {
-        url.map(|u| u.trim_start_matches("http://").trim_end_matches("/metrics").to_string())
+        url.map(|u| {
+            u.trim_start_matches("http://")
+                .trim_end_matches("/metrics")
+                .to_string()
+        })
     };
     match spec.role {
-        Role::Rendezvous => set("--bind", s("address").map(|a| a.trim_start_matches("udp://").to_string())),
+        Role::Rendezvous => set(
+            "--bind",
+            s("address").map(|a| a.trim_start_matches("udp://").to_string()),
+        ),
         Role::Transmitter => {
             set("--command-bind", s("command"));
             set("--event-bind", s("event"));
@@ -235,24 +259,42 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
             role: Role::Rendezvous,
             name: format!("{}-rendezvous-{i}", cfg.name),
             service: None,
-            args: vec!["rendezvous".into(), "--mesh".into(), cfg.name.clone(), "--bind".into(), "127.0.0.1:0".into()],
+            args: vec![
+                "rendezvous".into(),
+                "--mesh".into(),
+                cfg.name.clone(),
+                "--bind".into(),
+                "127.0.0.1:0".into(),
+            ],
         });
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout);
     for (index, spec) in specs.iter().enumerate() {
         states.push(State::default());
-        tasks.push(tokio::spawn(supervise(exe.clone(), index, spec.clone(), reports_tx.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(supervise(
+            exe.clone(),
+            index,
+            spec.clone(),
+            reports_tx.clone(),
+            stop_rx.clone(),
+        )));
     }
     let mut rendezvous = Vec::new();
     while rendezvous.len() < specs.len() {
         match tokio::time::timeout_at(deadline, reports.recv()).await {
             Ok(Some(Report::Ready { index, pid, info })) => {
                 rendezvous.push(info["address"].as_str().unwrap_or_default().to_string());
-                states[index] = State { pid: Some(pid), info: Some(info) };
+                states[index] = State {
+                    pid: Some(pid),
+                    info: Some(info),
+                };
             }
             Ok(Some(Report::Exited { index, status })) => {
                 let _ = stop_tx.send(true);
-                bail!("{} exited before it was ready ({status})", specs[index].name);
+                bail!(
+                    "{} exited before it was ready ({status})",
+                    specs[index].name
+                );
             }
             _ => {
                 let _ = stop_tx.send(true);
@@ -265,7 +307,13 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
         let index = specs.len();
         specs.push(spec.clone());
         states.push(State::default());
-        tasks.push(tokio::spawn(supervise(exe.clone(), index, spec, reports_tx.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(supervise(
+            exe.clone(),
+            index,
+            spec,
+            reports_tx.clone(),
+            stop_rx.clone(),
+        )));
     }
     drop(reports_tx);
 
@@ -327,11 +375,21 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
 /// Runs one child and restarts it when it dies, until told to stop; then stops it with
 /// SIGTERM (SIGKILL after a grace period). Cells stop first, so transmitters have nothing
 /// left to drain, and the rendezvous last.
-async fn supervise(exe: PathBuf, index: usize, mut spec: Spec, reports: mpsc::Sender<Report>, mut stop: watch::Receiver<bool>) {
+async fn supervise(
+    exe: PathBuf,
+    index: usize,
+    mut spec: Spec,
+    reports: mpsc::Sender<Report>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(500);
     loop {
         let mut cmd = Command::new(&exe);
-        cmd.args(&spec.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+        cmd.args(&spec.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
@@ -346,7 +404,12 @@ async fn supervise(exe: PathBuf, index: usize, mut spec: Spec, reports: mpsc::Se
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let _ = reports.send(Report::Exited { index, status: format!("spawn failed: {e}") }).await;
+                let _ = reports
+                    .send(Report::Exited {
+                        index,
+                        status: format!("spawn failed: {e}"),
+                    })
+                    .await;
                 return;
             }
         };
@@ -402,7 +465,10 @@ async fn stop_child(child: &mut tokio::process::Child, role: Role) {
             libc::kill(pid as i32, libc::SIGTERM);
         }
     }
-    if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
 }
@@ -416,7 +482,12 @@ struct Endpoints {
 }
 
 fn endpoints(mesh: &str, specs: &[Spec], states: &[State]) -> Endpoints {
-    let mut e = Endpoints { mesh: mesh.to_string(), rendezvous: vec![], transmitters: vec![], cells: vec![] };
+    let mut e = Endpoints {
+        mesh: mesh.to_string(),
+        rendezvous: vec![],
+        transmitters: vec![],
+        cells: vec![],
+    };
     for (spec, state) in specs.iter().zip(states) {
         let info = state.info.clone().unwrap_or(Value::Null);
         let s = |k: &str| info.get(k).cloned().unwrap_or(Value::Null);
@@ -436,7 +507,12 @@ fn endpoints(mesh: &str, specs: &[Spec], states: &[State]) -> Endpoints {
 }
 
 /// Writes the endpoints JSON atomically: a reader sees the old file or the new one.
-fn write_endpoints(path: &PathBuf, mesh: &str, specs: &[Spec], states: &[State]) -> anyhow::Result<()> {
+fn write_endpoints(
+    path: &PathBuf,
+    mesh: &str,
+    specs: &[Spec],
+    states: &[State],
+) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(&endpoints(mesh, specs, states))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
@@ -448,14 +524,37 @@ fn print_table(mesh: &str, specs: &[Spec], states: &[State]) {
     let mut rows: BTreeMap<(Role, usize), [String; 6]> = BTreeMap::new();
     for (i, (spec, state)) in specs.iter().zip(states).enumerate() {
         let info = state.info.clone().unwrap_or(Value::Null);
-        let s = |k: &str| info.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        let s = |k: &str| {
+            info.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("-")
+                .to_string()
+        };
         let (kind, endpoint, extra) = match spec.role {
             Role::Rendezvous => ("rendezvous", s("address"), "-".to_string()),
             Role::Transmitter => ("transmitter", s("command"), format!("event {}", s("event"))),
-            Role::Cell => ("cell", format!("redis://{}", s("resp")), format!("{} on {}", spec.service.as_deref().unwrap_or("-"), s("transmitter"))),
+            Role::Cell => (
+                "cell",
+                format!("redis://{}", s("resp")),
+                format!(
+                    "{} on {}",
+                    spec.service.as_deref().unwrap_or("-"),
+                    s("transmitter")
+                ),
+            ),
         };
         let pid = state.pid.map_or("-".into(), |p| p.to_string());
-        rows.insert((spec.role, i), [kind.into(), spec.name.clone(), endpoint, s("metrics"), extra, pid]);
+        rows.insert(
+            (spec.role, i),
+            [
+                kind.into(),
+                spec.name.clone(),
+                endpoint,
+                s("metrics"),
+                extra,
+                pid,
+            ],
+        );
     }
     let headers = ["KIND", "NAME", "ENDPOINT", "METRICS", "DETAIL", "PID"];
     let mut widths = headers.map(str::len);
@@ -477,9 +576,17 @@ fn print_table(mesh: &str, specs: &[Spec], states: &[State]) {
         line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
     }
     if let Some(cell) = specs.iter().zip(states).find(|(s, _)| s.role == Role::Cell) {
-        if let Some(resp) = cell.1.info.as_ref().and_then(|i| i.get("resp")).and_then(Value::as_str) {
+        if let Some(resp) = cell
+            .1
+            .info
+            .as_ref()
+            .and_then(|i| i.get("resp"))
+            .and_then(Value::as_str)
+        {
             let (host, port) = resp.rsplit_once(':').unwrap_or((resp, "6379"));
-            println!("try: redis-cli -h {host} -p {port} publish hello world    (Ctrl-C stops the mesh)");
+            println!(
+                "try: redis-cli -h {host} -p {port} publish hello world    (Ctrl-C stops the mesh)"
+            );
         }
     }
 }
@@ -508,15 +615,41 @@ mod tests {
         let prefs: Vec<&String> = p
             .iter()
             .filter(|s| s.role == Role::Cell)
-            .map(|s| &s.args[s.args.iter().position(|a| a == "--prefer-transmitter").unwrap() + 1])
+            .map(|s| {
+                &s.args[s
+                    .args
+                    .iter()
+                    .position(|a| a == "--prefer-transmitter")
+                    .unwrap()
+                    + 1]
+            })
             .collect();
         assert_eq!(prefs, ["m-0", "m-1", "m-0"]);
     }
 
     #[test]
     fn pinning_ports_keeps_endpoints_across_restarts() {
-        let mut spec = Spec { role: Role::Transmitter, name: "t".into(), service: None, args: vec!["transmitter".into()] };
-        pin_ports(&mut spec, &serde_json::json!({"command": "tcp://127.0.0.1:5", "event": "tcp://127.0.0.1:6", "metrics": "http://127.0.0.1:7/metrics"}));
-        assert_eq!(spec.args, ["transmitter", "--command-bind", "tcp://127.0.0.1:5", "--event-bind", "tcp://127.0.0.1:6", "--metrics-bind", "127.0.0.1:7"]);
+        let mut spec = Spec {
+            role: Role::Transmitter,
+            name: "t".into(),
+            service: None,
+            args: vec!["transmitter".into()],
+        };
+        pin_ports(
+            &mut spec,
+            &serde_json::json!({"command": "tcp://127.0.0.1:5", "event": "tcp://127.0.0.1:6", "metrics": "http://127.0.0.1:7/metrics"}),
+        );
+        assert_eq!(
+            spec.args,
+            [
+                "transmitter",
+                "--command-bind",
+                "tcp://127.0.0.1:5",
+                "--event-bind",
+                "tcp://127.0.0.1:6",
+                "--metrics-bind",
+                "127.0.0.1:7"
+            ]
+        );
     }
 }

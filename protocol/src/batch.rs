@@ -208,6 +208,8 @@ impl Default for EnvelopeBatchWriter {
 }
 
 impl EnvelopeBatchWriter {
+    // The fields of an Envelope, borrowed: the hot path must not build one per message.
+    #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
         kind: Kind,
@@ -218,7 +220,8 @@ impl EnvelopeBatchWriter {
         payload: &[u8],
         targets: &[Thid],
     ) {
-        self.buf.reserve(53 + channel.len() + payload.len() + 20 * targets.len());
+        self.buf
+            .reserve(53 + channel.len() + payload.len() + 20 * targets.len());
         self.buf.put_u8(kind.to_u8());
         self.buf.put_slice(&origin.0);
         self.buf.put_u64_le(seq);
@@ -232,7 +235,9 @@ impl EnvelopeBatchWriter {
         self.count += 1;
     }
     pub fn push_envelope(&mut self, e: &Envelope, targets: &[Thid]) {
-        self.push(e.kind, &e.origin, e.seq, e.ts, &e.channel, &e.payload, targets);
+        self.push(
+            e.kind, &e.origin, e.seq, e.ts, &e.channel, &e.payload, targets,
+        );
     }
     pub fn len(&self) -> usize {
         self.count
@@ -334,6 +339,9 @@ mod tests {
             }
         }
         assert!(decode_envelopes(Bytes::from_static(&[0xff; 40])).is_err());
-        assert!(decode_acks(Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255])).is_err());
+        assert!(decode_acks(Bytes::from_static(&[
+            0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255
+        ]))
+        .is_err());
     }
 }

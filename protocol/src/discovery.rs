@@ -68,7 +68,9 @@ mod tests {
 
     #[test]
     fn datagrams_round_trip() {
-        let d = Datagram::Query { mesh: "demo".into() };
+        let d = Datagram::Query {
+            mesh: "demo".into(),
+        };
         let s = String::from_utf8(d.to_bytes()).unwrap();
         assert_eq!(s, r#"{"type":"query","mesh":"demo"}"#);
         assert_eq!(Datagram::parse(s.as_bytes()).unwrap(), d);

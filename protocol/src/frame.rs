@@ -167,7 +167,10 @@ mod tests {
         assert_eq!(p(b"JxHELO {}"), Err(FrameError::MissingSpace));
         assert_eq!(p(b"J helo {}"), Err(FrameError::BadCommand));
         assert_eq!(p(b"J HELO{}"), Err(FrameError::MissingSpace));
-        assert_eq!(p(b"\xff\xfe\x00garbage"), Err(FrameError::BadEncoding('\u{ff}')));
+        assert_eq!(
+            p(b"\xff\xfe\x00garbage"),
+            Err(FrameError::BadEncoding('\u{ff}'))
+        );
         let f = p(b"J HELO {not json").unwrap();
         assert!(matches!(
             f.decode_json::<serde_json::Value>(),

@@ -98,7 +98,10 @@ mod tests {
 
     #[test]
     fn parts_are_length_prefixed() {
-        assert_ne!(Thid::of_parts(&[b"ab", b"c"]), Thid::of_parts(&[b"a", b"bc"]));
+        assert_ne!(
+            Thid::of_parts(&[b"ab", b"c"]),
+            Thid::of_parts(&[b"a", b"bc"])
+        );
     }
 
     #[test]

@@ -222,7 +222,10 @@ mod tests {
         ]);
         let d = decode_interest(f.clone()).unwrap();
         assert_eq!(d.len(), 2);
-        assert_eq!(d[1], (Op::Remove, Interest::Pattern, Bytes::from_static(b"b.*")));
+        assert_eq!(
+            d[1],
+            (Op::Remove, Interest::Pattern, Bytes::from_static(b"b.*"))
+        );
         assert!(decode_interest(f.slice(..f.len() - 1)).is_err());
         assert!(decode_interest(Bytes::from_static(&[9, 0, 0, 0, 0, 0])).is_err());
     }

@@ -10,9 +10,18 @@ use crate::API_VERSION;
 /// One of our resources, read from a manifest.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Document {
-    TransmitterMesh { name: String, spec: TransmitterMeshSpec },
-    Service { name: String, spec: ServiceSpec },
-    Room { name: String, spec: RoomSpec },
+    TransmitterMesh {
+        name: String,
+        spec: TransmitterMeshSpec,
+    },
+    Service {
+        name: String,
+        spec: ServiceSpec,
+    },
+    Room {
+        name: String,
+        spec: RoomSpec,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +70,10 @@ pub fn parse_manifests(text: &str, source_name: &str) -> Result<Vec<Document>, L
             name: name.to_string(),
             error,
         };
-        let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let api_version = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
         if !api_version.starts_with("thynapse.io/") {
             if api_version.is_empty() || kind.is_empty() {
@@ -87,17 +99,20 @@ pub fn parse_manifests(text: &str, source_name: &str) -> Result<Vec<Document>, L
         let doc = match kind {
             "TransmitterMesh" => {
                 let spec: TransmitterMeshSpec = parse_spec(spec, kind, &name, &invalid)?;
-                spec.validate().map_err(|e| invalid(kind, &name, e.to_string()))?;
+                spec.validate()
+                    .map_err(|e| invalid(kind, &name, e.to_string()))?;
                 Document::TransmitterMesh { name, spec }
             }
             "Service" => {
                 let spec: ServiceSpec = parse_spec(spec, kind, &name, &invalid)?;
-                spec.validate().map_err(|e| invalid(kind, &name, e.to_string()))?;
+                spec.validate()
+                    .map_err(|e| invalid(kind, &name, e.to_string()))?;
                 Document::Service { name, spec }
             }
             "Room" => {
                 let spec: RoomSpec = parse_spec(spec, kind, &name, &invalid)?;
-                spec.validate().map_err(|e| invalid(kind, &name, e.to_string()))?;
+                spec.validate()
+                    .map_err(|e| invalid(kind, &name, e.to_string()))?;
                 Document::Room { name, spec }
             }
             other => {
@@ -177,12 +192,20 @@ impl MeshConfig {
             })
             .collect();
         let (name, spec) = match (mesh, meshes.as_slice()) {
-            (_, []) => return Err(LoadError::Mesh("no TransmitterMesh in the manifests".into())),
+            (_, []) => {
+                return Err(LoadError::Mesh(
+                    "no TransmitterMesh in the manifests".into(),
+                ))
+            }
             (None, [one]) => *one,
             (None, _) => {
                 return Err(LoadError::Mesh(format!(
                     "several TransmitterMeshes ({}); choose one with --mesh",
-                    meshes.iter().map(|m| m.0.as_str()).collect::<Vec<_>>().join(", ")
+                    meshes
+                        .iter()
+                        .map(|m| m.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )))
             }
             (Some(want), all) => *all
@@ -210,7 +233,9 @@ impl MeshConfig {
             match d {
                 Document::Service { name, spec } => {
                     if services.iter().any(|(n, _)| n == name) {
-                        return Err(LoadError::Mesh(format!("Service {name:?} is declared twice")));
+                        return Err(LoadError::Mesh(format!(
+                            "Service {name:?} is declared twice"
+                        )));
                     }
                     services.push((name.clone(), spec.clone()))
                 }
@@ -282,7 +307,9 @@ spec: {mesh: demo}
 
     fn err(text: &str) -> String {
         match parse_manifests(text, "x.yaml") {
-            Ok(docs) => MeshConfig::from_documents(&docs, None).unwrap_err().to_string(),
+            Ok(docs) => MeshConfig::from_documents(&docs, None)
+                .unwrap_err()
+                .to_string(),
             Err(e) => e.to_string(),
         }
     }
@@ -291,12 +318,19 @@ spec: {mesh: demo}
     fn invalid_manifests_get_clear_errors() {
         let mesh = "apiVersion: thynapse.io/v1alpha1\nkind: TransmitterMesh\nmetadata: {name: m}\n";
         assert!(err(&format!("{mesh}spec: {{replicas: 0}}")).contains("spec.replicas"));
-        assert!(err(&format!("{mesh}spec: {{replicas: 1, bogus: 2}}")).contains("unknown field `bogus`"));
+        assert!(err(&format!("{mesh}spec: {{replicas: 1, bogus: 2}}"))
+            .contains("unknown field `bogus`"));
         assert!(err(&format!("{mesh}spec: {{}}")).contains("missing field `replicas`"));
         assert!(err(mesh).contains("spec is required"));
         assert!(err("apiVersion: thynapse.io/v1alpha1\nkind: TransmitterMesh\nmetadata: {name: Bad_Name}\nspec: {replicas: 1}").contains("DNS-1123"));
-        assert!(err("apiVersion: thynapse.io/v1\nkind: Room\nmetadata: {name: r}\nspec: {mesh: m}").contains("unsupported apiVersion"));
-        assert!(err("apiVersion: thynapse.io/v1alpha1\nkind: Widget\nmetadata: {name: r}\nspec: {}").contains("unknown kind"));
+        assert!(err(
+            "apiVersion: thynapse.io/v1\nkind: Room\nmetadata: {name: r}\nspec: {mesh: m}"
+        )
+        .contains("unsupported apiVersion"));
+        assert!(err(
+            "apiVersion: thynapse.io/v1alpha1\nkind: Widget\nmetadata: {name: r}\nspec: {}"
+        )
+        .contains("unknown kind"));
         assert!(err("a: [").contains("not valid YAML"));
         assert!(err(&format!("{mesh}spec: {{replicas: 1}}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: s}}\nspec: {{mesh: other}}")).contains("not in the manifests"));
         assert!(err("apiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {name: s}\nspec: {mesh: m, delivery: [{pattern: a, mode: sometimes}]}").contains("unknown variant"));

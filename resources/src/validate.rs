@@ -36,7 +36,9 @@ impl TransmitterMeshSpec {
             )));
         }
         if !(1..=5).contains(&self.rendezvous.replicas) {
-            return Err(field("spec.rendezvous.replicas must be between 1 and 5".into()));
+            return Err(field(
+                "spec.rendezvous.replicas must be between 1 and 5".into(),
+            ));
         }
         if !(50..=60000).contains(&self.rendezvous.announce_interval_ms) {
             return Err(field(
@@ -44,19 +46,24 @@ impl TransmitterMeshSpec {
             ));
         }
         if !(2..=20).contains(&self.rendezvous.expiry_multiplier) {
-            return Err(field("spec.rendezvous.expiryMultiplier must be between 2 and 20".into()));
+            return Err(field(
+                "spec.rendezvous.expiryMultiplier must be between 2 and 20".into(),
+            ));
         }
         if self.rooms.default_replicas < 1 {
-            return Err(field("spec.rooms.defaultReplicas must be at least 1".into()));
+            return Err(field(
+                "spec.rooms.defaultReplicas must be at least 1".into(),
+            ));
         }
         if self.limits.max_message_bytes < 1 || self.limits.max_message_bytes > 512 << 20 {
             return Err(field(
                 "spec.limits.maxMessageBytes must be between 1 and 536870912".into(),
             ));
         }
-        if self.limits.client_output_buffer_bytes < 65536 || self.limits.link_buffer_bytes < 65536
-        {
-            return Err(field("spec.limits buffers must be at least 65536 bytes".into()));
+        if self.limits.client_output_buffer_bytes < 65536 || self.limits.link_buffer_bytes < 65536 {
+            return Err(field(
+                "spec.limits buffers must be at least 65536 bytes".into(),
+            ));
         }
         Ok(())
     }
@@ -64,10 +71,17 @@ impl TransmitterMeshSpec {
 
 impl ServiceSpec {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        validate_name(&self.mesh).map_err(|_| field(format!("spec.mesh {:?} is not a valid mesh name", self.mesh)))?;
+        validate_name(&self.mesh).map_err(|_| {
+            field(format!(
+                "spec.mesh {:?} is not a valid mesh name",
+                self.mesh
+            ))
+        })?;
         for (i, rule) in self.delivery.iter().enumerate() {
             if rule.pattern.is_empty() {
-                return Err(field(format!("spec.delivery[{i}].pattern must not be empty")));
+                return Err(field(format!(
+                    "spec.delivery[{i}].pattern must not be empty"
+                )));
             }
         }
         Ok(())
@@ -76,7 +90,12 @@ impl ServiceSpec {
 
 impl RoomSpec {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        validate_name(&self.mesh).map_err(|_| field(format!("spec.mesh {:?} is not a valid mesh name", self.mesh)))?;
+        validate_name(&self.mesh).map_err(|_| {
+            field(format!(
+                "spec.mesh {:?} is not a valid mesh name",
+                self.mesh
+            ))
+        })?;
         if self.replicas == Some(0) {
             return Err(field("spec.replicas must be at least 1".into()));
         }

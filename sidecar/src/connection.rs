@@ -49,7 +49,12 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
     let queued = Arc::new(AtomicUsize::new(0));
     let killed = Arc::new(AtomicBool::new(false));
     let kill = Arc::new(Notify::new());
-    let handle = ClientHandle { tx, queued: queued.clone(), killed: killed.clone(), kill: kill.clone() };
+    let handle = ClientHandle {
+        tx,
+        queued: queued.clone(),
+        killed: killed.clone(),
+        kill: kill.clone(),
+    };
     if shared.hub.send(HubCmd::Register(id, handle)).await.is_err() {
         return;
     }
@@ -126,7 +131,9 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
 }
 
 fn arity_error(name: &str) -> Reply {
-    Reply::error(format!("ERR wrong number of arguments for '{name}' command"))
+    Reply::error(format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
 }
 
 fn lower(b: &[u8]) -> String {
@@ -135,7 +142,10 @@ fn lower(b: &[u8]) -> String {
 
 /// Redis 7's reply to an unknown command, argument list included.
 fn unknown_command(args: &[Bytes]) -> Reply {
-    let mut msg = format!("ERR unknown command '{}', with args beginning with: ", String::from_utf8_lossy(&args[0]));
+    let mut msg = format!(
+        "ERR unknown command '{}', with args beginning with: ",
+        String::from_utf8_lossy(&args[0])
+    );
     for a in &args[1..] {
         if msg.len() >= 128 {
             break;
@@ -154,22 +164,75 @@ fn unknown_subcommand(cmd: &str, sub: &[u8]) -> Reply {
 }
 
 /// Commands this sidecar serves, for COMMAND: name, arity, flags.
-const COMMANDS: &[(&str, i64, &[&'static str])] = &[
+const COMMANDS: &[(&str, i64, &[&str])] = &[
     ("ping", -1, &["fast", "pubsub"]),
     ("echo", 2, &["fast"]),
-    ("hello", -1, &["noscript", "loading", "stale", "fast", "no_auth", "allow_busy"]),
+    (
+        "hello",
+        -1,
+        &[
+            "noscript",
+            "loading",
+            "stale",
+            "fast",
+            "no_auth",
+            "allow_busy",
+        ],
+    ),
     ("client", -2, &[]),
     ("select", 2, &["loading", "stale", "fast"]),
-    ("quit", -1, &["noscript", "loading", "stale", "fast", "no_auth", "allow_busy"]),
-    ("reset", 1, &["noscript", "loading", "stale", "fast", "no_auth", "allow_busy"]),
+    (
+        "quit",
+        -1,
+        &[
+            "noscript",
+            "loading",
+            "stale",
+            "fast",
+            "no_auth",
+            "allow_busy",
+        ],
+    ),
+    (
+        "reset",
+        1,
+        &[
+            "noscript",
+            "loading",
+            "stale",
+            "fast",
+            "no_auth",
+            "allow_busy",
+        ],
+    ),
     ("command", -1, &["loading", "stale"]),
     ("subscribe", -2, &["pubsub", "noscript", "loading", "stale"]),
-    ("unsubscribe", -1, &["pubsub", "noscript", "loading", "stale"]),
-    ("psubscribe", -2, &["pubsub", "noscript", "loading", "stale"]),
-    ("punsubscribe", -1, &["pubsub", "noscript", "loading", "stale"]),
+    (
+        "unsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+    ),
+    (
+        "psubscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+    ),
+    (
+        "punsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+    ),
     ("publish", 3, &["pubsub", "loading", "stale", "fast"]),
-    ("ssubscribe", -2, &["pubsub", "noscript", "loading", "stale"]),
-    ("sunsubscribe", -1, &["pubsub", "noscript", "loading", "stale"]),
+    (
+        "ssubscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+    ),
+    (
+        "sunsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+    ),
     ("spublish", 3, &["pubsub", "loading", "stale", "fast"]),
     ("pubsub", -2, &[]),
 ];
@@ -189,7 +252,8 @@ fn command_info(name: &str, arity: i64, flags: &[&'static str]) -> Reply {
     ])
 }
 
-const ROOMS_DISABLED: &str = "ERR rooms are not enabled on this mesh yet (SSUBSCRIBE/SPUBLISH arrive with the Room feature)";
+const ROOMS_DISABLED: &str =
+    "ERR rooms are not enabled on this mesh yet (SSUBSCRIBE/SPUBLISH arrive with the Room feature)";
 
 impl Client {
     fn reply(&mut self, r: Reply) {
@@ -206,10 +270,17 @@ impl Client {
 
     fn on_out(&mut self, out: Out) {
         match out {
-            Out::Message { channel, payload } => {
-                Reply::Push(vec![Reply::bulk("message"), Reply::Bulk(channel), Reply::Bulk(payload)]).encode(self.resp3, &mut self.out)
-            }
-            Out::PMessage { pattern, channel, payload } => Reply::Push(vec![
+            Out::Message { channel, payload } => Reply::Push(vec![
+                Reply::bulk("message"),
+                Reply::Bulk(channel),
+                Reply::Bulk(payload),
+            ])
+            .encode(self.resp3, &mut self.out),
+            Out::PMessage {
+                pattern,
+                channel,
+                payload,
+            } => Reply::Push(vec![
                 Reply::bulk("pmessage"),
                 Reply::Bulk(pattern),
                 Reply::Bulk(channel),
@@ -217,7 +288,11 @@ impl Client {
             ])
             .encode(self.resp3, &mut self.out),
             Out::Published(n) => {
-                if let Some(slot) = self.pending.iter_mut().find(|p| matches!(p, Pending::Publish)) {
+                if let Some(slot) = self
+                    .pending
+                    .iter_mut()
+                    .find(|p| matches!(p, Pending::Publish))
+                {
                     *slot = Pending::Ready(Reply::Int(n));
                 }
             }
@@ -240,7 +315,15 @@ impl Client {
             && !self.resp3
             && !matches!(
                 name.as_str(),
-                "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe" | "ping" | "quit" | "reset"
+                "subscribe"
+                    | "unsubscribe"
+                    | "psubscribe"
+                    | "punsubscribe"
+                    | "ssubscribe"
+                    | "sunsubscribe"
+                    | "ping"
+                    | "quit"
+                    | "reset"
             )
         {
             let full = match (name.as_str(), args.get(1)) {
@@ -265,7 +348,9 @@ impl Client {
                     (1, false) => Reply::Simple("PONG"),
                     (2, false) => Reply::Bulk(args[1].clone()),
                     (1, true) => Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]),
-                    (2, true) => Reply::Array(vec![Reply::bulk("pong"), Reply::Bulk(args[1].clone())]),
+                    (2, true) => {
+                        Reply::Array(vec![Reply::bulk("pong"), Reply::Bulk(args[1].clone())])
+                    }
                     _ => arity_error("ping"),
                 };
                 self.reply(reply);
@@ -274,11 +359,16 @@ impl Client {
             "hello" => self.hello(&args, shared),
             "client" => self.client_command(&args),
             // Pub/sub ignores databases in Redis; accept the 16 a default Redis has.
-            "select" => self.reply(match std::str::from_utf8(&args[1]).ok().and_then(|s| s.parse::<i64>().ok()) {
-                Some(0..=15) => Reply::Simple("OK"),
-                Some(_) => Reply::error("ERR DB index is out of range"),
-                None => Reply::error("ERR value is not an integer or out of range"),
-            }),
+            "select" => self.reply(
+                match std::str::from_utf8(&args[1])
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok())
+                {
+                    Some(0..=15) => Reply::Simple("OK"),
+                    Some(_) => Reply::error("ERR DB index is out of range"),
+                    None => Reply::error("ERR value is not an integer or out of range"),
+                },
+            ),
             "quit" => {
                 self.reply(Reply::Simple("OK"));
                 self.close = true;
@@ -292,37 +382,64 @@ impl Client {
             }
             "command" => self.command_command(&args),
             "subscribe" | "psubscribe" => {
-                let kind = if name == "subscribe" { SubKind::Channel } else { SubKind::Pattern };
+                let kind = if name == "subscribe" {
+                    SubKind::Channel
+                } else {
+                    SubKind::Pattern
+                };
                 let names: Vec<Bytes> = args[1..].to_vec();
                 let mut new = Vec::new();
                 for n in &names {
-                    let set = if kind == SubKind::Channel { &mut self.channels } else { &mut self.patterns };
+                    let set = if kind == SubKind::Channel {
+                        &mut self.channels
+                    } else {
+                        &mut self.patterns
+                    };
                     if set.insert(n.clone()) {
                         new.push(n.clone());
                     }
                     let count = self.subscription_count();
-                    self.reply(Reply::Push(vec![Reply::bulk(name.clone()), Reply::Bulk(n.clone()), Reply::Int(count)]));
+                    self.reply(Reply::Push(vec![
+                        Reply::bulk(name.clone()),
+                        Reply::Bulk(n.clone()),
+                        Reply::Int(count),
+                    ]));
                 }
                 if !new.is_empty() {
                     let _ = shared.hub.send(HubCmd::Subscribe(self.id, kind, new)).await;
                 }
             }
             "unsubscribe" | "punsubscribe" => {
-                let kind = if name == "unsubscribe" { SubKind::Channel } else { SubKind::Pattern };
+                let kind = if name == "unsubscribe" {
+                    SubKind::Channel
+                } else {
+                    SubKind::Pattern
+                };
                 if args.len() == 1 {
                     self.unsubscribe_all(kind, shared, true).await;
                 } else {
                     let mut gone = Vec::new();
                     for n in &args[1..] {
-                        let set = if kind == SubKind::Channel { &mut self.channels } else { &mut self.patterns };
+                        let set = if kind == SubKind::Channel {
+                            &mut self.channels
+                        } else {
+                            &mut self.patterns
+                        };
                         if set.remove(n) {
                             gone.push(n.clone());
                         }
                         let count = self.subscription_count();
-                        self.reply(Reply::Push(vec![Reply::bulk(name.clone()), Reply::Bulk(n.clone()), Reply::Int(count)]));
+                        self.reply(Reply::Push(vec![
+                            Reply::bulk(name.clone()),
+                            Reply::Bulk(n.clone()),
+                            Reply::Int(count),
+                        ]));
                     }
                     if !gone.is_empty() {
-                        let _ = shared.hub.send(HubCmd::Unsubscribe(self.id, kind, gone)).await;
+                        let _ = shared
+                            .hub
+                            .send(HubCmd::Unsubscribe(self.id, kind, gone))
+                            .await;
                     }
                 }
             }
@@ -337,17 +454,32 @@ impl Client {
                     return;
                 }
                 self.pending.push_back(Pending::Publish);
-                let _ = shared.hub.send(HubCmd::Publish { client: self.id, channel: args[1].clone(), payload }).await;
+                let _ = shared
+                    .hub
+                    .send(HubCmd::Publish {
+                        client: self.id,
+                        channel: args[1].clone(),
+                        payload,
+                    })
+                    .await;
             }
             "ssubscribe" | "spublish" => self.reply(Reply::error(ROOMS_DISABLED)),
             "sunsubscribe" => {
                 // Nothing can be subscribed; answer as Redis does for no shard channels.
                 if args.len() == 1 {
-                    self.reply(Reply::Push(vec![Reply::bulk("sunsubscribe"), Reply::Null, Reply::Int(self.subscription_count())]));
+                    self.reply(Reply::Push(vec![
+                        Reply::bulk("sunsubscribe"),
+                        Reply::Null,
+                        Reply::Int(self.subscription_count()),
+                    ]));
                 } else {
                     for n in &args[1..] {
                         let count = self.subscription_count();
-                        self.reply(Reply::Push(vec![Reply::bulk("sunsubscribe"), Reply::Bulk(n.clone()), Reply::Int(count)]));
+                        self.reply(Reply::Push(vec![
+                            Reply::bulk("sunsubscribe"),
+                            Reply::Bulk(n.clone()),
+                            Reply::Int(count),
+                        ]));
                     }
                 }
             }
@@ -357,28 +489,54 @@ impl Client {
     }
 
     async fn unsubscribe_all(&mut self, kind: SubKind, shared: &Shared, reply: bool) {
-        let set = if kind == SubKind::Channel { std::mem::take(&mut self.channels) } else { std::mem::take(&mut self.patterns) };
-        let verb = if kind == SubKind::Channel { "unsubscribe" } else { "punsubscribe" };
+        let set = if kind == SubKind::Channel {
+            std::mem::take(&mut self.channels)
+        } else {
+            std::mem::take(&mut self.patterns)
+        };
+        let verb = if kind == SubKind::Channel {
+            "unsubscribe"
+        } else {
+            "punsubscribe"
+        };
         if reply {
             if set.is_empty() {
                 let count = self.subscription_count();
-                self.reply(Reply::Push(vec![Reply::bulk(verb), Reply::Null, Reply::Int(count)]));
+                self.reply(Reply::Push(vec![
+                    Reply::bulk(verb),
+                    Reply::Null,
+                    Reply::Int(count),
+                ]));
             }
             let mut remaining = self.subscription_count() + set.len() as i64;
             for n in &set {
                 remaining -= 1;
-                self.reply(Reply::Push(vec![Reply::bulk(verb), Reply::Bulk(n.clone()), Reply::Int(remaining)]));
+                self.reply(Reply::Push(vec![
+                    Reply::bulk(verb),
+                    Reply::Bulk(n.clone()),
+                    Reply::Int(remaining),
+                ]));
             }
         }
         if !set.is_empty() {
-            let _ = shared.hub.send(HubCmd::Unsubscribe(self.id, kind, set.into_iter().collect())).await;
+            let _ = shared
+                .hub
+                .send(HubCmd::Unsubscribe(
+                    self.id,
+                    kind,
+                    set.into_iter().collect(),
+                ))
+                .await;
         }
     }
 
     fn hello(&mut self, args: &[Bytes], shared: &Shared) {
         let mut i = 1;
         if args.len() > 1 {
-            match std::str::from_utf8(&args[1]).ok().and_then(|s| s.parse::<i64>().ok()) {
+            match std::str::from_utf8(&args[1])
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
                 Some(2) => self.resp3 = false,
                 Some(3) => self.resp3 = true,
                 Some(_) => {
@@ -386,7 +544,9 @@ impl Client {
                     return;
                 }
                 None => {
-                    self.reply(Reply::error("ERR Protocol version is not an integer or out of range"));
+                    self.reply(Reply::error(
+                        "ERR Protocol version is not an integer or out of range",
+                    ));
                     return;
                 }
             }
@@ -400,7 +560,10 @@ impl Client {
                     i += 2;
                 }
                 _ => {
-                    self.reply(Reply::error(format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(&args[i]))));
+                    self.reply(Reply::error(format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        String::from_utf8_lossy(&args[i])
+                    )));
                     return;
                 }
             }
@@ -408,7 +571,10 @@ impl Client {
         self.reply(Reply::Map(vec![
             (Reply::bulk("server"), Reply::bulk("redis")),
             (Reply::bulk("version"), Reply::bulk(shared.version)),
-            (Reply::bulk("proto"), Reply::Int(if self.resp3 { 3 } else { 2 })),
+            (
+                Reply::bulk("proto"),
+                Reply::Int(if self.resp3 { 3 } else { 2 }),
+            ),
             (Reply::bulk("id"), Reply::Int(self.id as i64)),
             (Reply::bulk("mode"), Reply::bulk("standalone")),
             (Reply::bulk("role"), Reply::bulk("master")),
@@ -421,7 +587,9 @@ impl Client {
         let reply = match (sub.as_str(), args.len()) {
             ("setname", 3) => {
                 if args[2].iter().any(|b| *b <= b' ' || *b > b'~') {
-                    Reply::error("ERR Client names cannot contain spaces, newlines or special characters.")
+                    Reply::error(
+                        "ERR Client names cannot contain spaces, newlines or special characters.",
+                    )
                 } else {
                     self.name = (!args[2].is_empty()).then(|| args[2].clone());
                     Reply::Simple("OK")
@@ -430,9 +598,9 @@ impl Client {
             ("getname", 2) => self.name.clone().map_or(Reply::Null, Reply::Bulk),
             ("setinfo", 4) => Reply::Simple("OK"),
             ("id", 2) => Reply::Int(self.id as i64),
-            ("setname" | "getname" | "setinfo" | "id", _) => {
-                Reply::error(format!("ERR wrong number of arguments for 'client|{sub}' command"))
-            }
+            ("setname" | "getname" | "setinfo" | "id", _) => Reply::error(format!(
+                "ERR wrong number of arguments for 'client|{sub}' command"
+            )),
             _ => unknown_subcommand("client", &args[1]),
         };
         self.reply(reply);
@@ -440,14 +608,22 @@ impl Client {
 
     fn command_command(&mut self, args: &[Bytes]) {
         let reply = match args.get(1).map(|a| lower(a)).as_deref() {
-            None => Reply::Array(COMMANDS.iter().map(|(n, a, f)| command_info(n, *a, f)).collect()),
+            None => Reply::Array(
+                COMMANDS
+                    .iter()
+                    .map(|(n, a, f)| command_info(n, *a, f))
+                    .collect(),
+            ),
             Some("count") => Reply::Int(COMMANDS.len() as i64),
             Some("info") => Reply::Array(
                 args[2..]
                     .iter()
                     .map(|n| {
                         let n = lower(n);
-                        COMMANDS.iter().find(|(c, _, _)| *c == n).map_or(Reply::Null, |(c, a, f)| command_info(c, *a, f))
+                        COMMANDS
+                            .iter()
+                            .find(|(c, _, _)| *c == n)
+                            .map_or(Reply::Null, |(c, a, f)| command_info(c, *a, f))
                     })
                     .collect(),
             ),
@@ -463,7 +639,10 @@ impl Client {
         match sub.as_str() {
             "channels" if args.len() <= 3 => {
                 let (tx, rx) = oneshot::channel();
-                let _ = shared.hub.send(HubCmd::Channels(args.get(2).cloned(), tx)).await;
+                let _ = shared
+                    .hub
+                    .send(HubCmd::Channels(args.get(2).cloned(), tx))
+                    .await;
                 let names = rx.await.unwrap_or_default();
                 self.reply(Reply::Array(names.into_iter().map(Reply::Bulk).collect()));
             }
@@ -487,12 +666,15 @@ impl Client {
             // No shard channels until rooms are enabled.
             "shardchannels" if args.len() <= 3 => self.reply(Reply::Array(vec![])),
             "shardnumsub" => {
-                let out = args[2..].iter().flat_map(|n| [Reply::Bulk(n.clone()), Reply::Int(0)]).collect();
+                let out = args[2..]
+                    .iter()
+                    .flat_map(|n| [Reply::Bulk(n.clone()), Reply::Int(0)])
+                    .collect();
                 self.reply(Reply::Array(out));
             }
-            "channels" | "numpat" | "shardchannels" => {
-                self.reply(Reply::error(format!("ERR wrong number of arguments for 'pubsub|{sub}' command")))
-            }
+            "channels" | "numpat" | "shardchannels" => self.reply(Reply::error(format!(
+                "ERR wrong number of arguments for 'pubsub|{sub}' command"
+            ))),
             _ => self.reply(unknown_subcommand("pubsub", &args[1])),
         }
     }

@@ -23,7 +23,9 @@ use thynapse_protocol::frame::{CommandFrame, Encoding};
 use thynapse_protocol::wire::{self, cmd, Interest, Op};
 use thynapse_protocol::{glob, DeliveryRule, Thid};
 use tokio::sync::{mpsc, oneshot, Notify};
-use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{
+    DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage,
+};
 
 use crate::metrics::Metrics;
 
@@ -32,8 +34,15 @@ pub type ClientId = u64;
 /// What the hub sends a client connection.
 #[derive(Debug)]
 pub enum Out {
-    Message { channel: Bytes, payload: Bytes },
-    PMessage { pattern: Bytes, channel: Bytes, payload: Bytes },
+    Message {
+        channel: Bytes,
+        payload: Bytes,
+    },
+    PMessage {
+        pattern: Bytes,
+        channel: Bytes,
+        payload: Bytes,
+    },
     /// The reply to the client's oldest unanswered PUBLISH.
     Published(i64),
 }
@@ -42,7 +51,11 @@ impl Out {
     pub fn size(&self) -> usize {
         match self {
             Out::Message { channel, payload } => channel.len() + payload.len() + 32,
-            Out::PMessage { pattern, channel, payload } => pattern.len() + channel.len() + payload.len() + 40,
+            Out::PMessage {
+                pattern,
+                channel,
+                payload,
+            } => pattern.len() + channel.len() + payload.len() + 40,
             Out::Published(_) => 16,
         }
     }
@@ -68,7 +81,11 @@ pub enum HubCmd {
     Unregister(ClientId),
     Subscribe(ClientId, SubKind, Vec<Bytes>),
     Unsubscribe(ClientId, SubKind, Vec<Bytes>),
-    Publish { client: ClientId, channel: Bytes, payload: Bytes },
+    Publish {
+        client: ClientId,
+        channel: Bytes,
+        payload: Bytes,
+    },
     Channels(Option<Bytes>, oneshot::Sender<Vec<Bytes>>),
     NumSub(Vec<Bytes>, oneshot::Sender<Vec<i64>>),
     NumPat(oneshot::Sender<i64>),
@@ -144,7 +161,9 @@ pub struct Hub {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn json_frame<T: serde::Serialize>(command: &[u8; 4], value: &T) -> ZmqMessage {
@@ -243,13 +262,23 @@ impl Hub {
                 }
                 self.update_subscription_gauge();
             }
-            HubCmd::Publish { client, channel, payload } => {
+            HubCmd::Publish {
+                client,
+                channel,
+                payload,
+            } => {
                 self.metrics.messages_in.inc();
                 self.metrics.bytes_in.inc_by(payload.len() as u64);
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.unacked_bytes += channel.len() + payload.len();
-                self.unacked.push_back(Unacked { seq, client, ts: now_us(), channel, payload });
+                self.unacked.push_back(Unacked {
+                    seq,
+                    client,
+                    ts: now_us(),
+                    channel,
+                    payload,
+                });
             }
             HubCmd::Channels(pattern, reply) => {
                 let mut names: Vec<Bytes> = self
@@ -288,18 +317,30 @@ impl Hub {
     }
 
     fn update_subscription_gauge(&self) {
-        self.metrics.subscriptions.set((self.channels.len() + self.patterns.len()) as i64);
+        self.metrics
+            .subscriptions
+            .set((self.channels.len() + self.patterns.len()) as i64);
     }
 
     fn remove_client(&mut self, id: ClientId) {
         if self.clients.remove(&id).is_none() {
             return;
         }
-        let channels: Vec<Bytes> = self.channels.iter().filter(|(_, s)| s.contains(&id)).map(|(c, _)| c.clone()).collect();
+        let channels: Vec<Bytes> = self
+            .channels
+            .iter()
+            .filter(|(_, s)| s.contains(&id))
+            .map(|(c, _)| c.clone())
+            .collect();
         for c in channels {
             self.unsubscribe(id, SubKind::Channel, &c);
         }
-        let patterns: Vec<Bytes> = self.patterns.iter().filter(|(_, s)| s.contains(&id)).map(|(p, _)| p.clone()).collect();
+        let patterns: Vec<Bytes> = self
+            .patterns
+            .iter()
+            .filter(|(_, s)| s.contains(&id))
+            .map(|(p, _)| p.clone())
+            .collect();
         for p in patterns {
             self.unsubscribe(id, SubKind::Pattern, &p);
         }
@@ -311,12 +352,24 @@ impl Hub {
     /// (Redis' `client-output-buffer-limit pubsub` policy): a slow subscriber loses its
     /// connection, never the other clients their messages.
     fn send_to(&mut self, client: ClientId, out: Out) -> bool {
-        let Some(h) = self.clients.get(&client) else { return false };
+        let Some(h) = self.clients.get(&client) else {
+            return false;
+        };
         let size = out.size();
         if h.queued.load(Ordering::Relaxed) + size > self.cfg.client_output_buffer_bytes {
-            self.metrics.drops.with_label_values(&["slow_subscriber"]).inc();
-            self.metrics.disconnects.with_label_values(&["slow_subscriber"]).inc();
-            tracing::warn!(client, "client output buffer over {} bytes: disconnecting it", self.cfg.client_output_buffer_bytes);
+            self.metrics
+                .drops
+                .with_label_values(&["slow_subscriber"])
+                .inc();
+            self.metrics
+                .disconnects
+                .with_label_values(&["slow_subscriber"])
+                .inc();
+            tracing::warn!(
+                client,
+                "client output buffer over {} bytes: disconnecting it",
+                self.cfg.client_output_buffer_bytes
+            );
             h.killed.store(true, Ordering::Relaxed);
             h.kill.notify_one();
             self.remove_client(client);
@@ -338,11 +391,17 @@ impl Hub {
                 return;
             }
         };
-        let is_current = self.link.as_ref().is_some_and(|l| l.generation == generation);
+        let is_current = self
+            .link
+            .as_ref()
+            .is_some_and(|l| l.generation == generation);
         let link = if is_current {
             self.link.as_mut()
         } else {
-            self.old_link.as_mut().filter(|(l, _)| l.generation == generation).map(|(l, _)| l)
+            self.old_link
+                .as_mut()
+                .filter(|(l, _)| l.generation == generation)
+                .map(|(l, _)| l)
         };
         let Some(link) = link else { return };
         link.last_heard = Instant::now();
@@ -352,7 +411,9 @@ impl Hub {
         };
         match &frame.cmd {
             cmd::DLVR => {
-                let Some(body) = msg.get(1).cloned() else { return };
+                let Some(body) = msg.get(1).cloned() else {
+                    return;
+                };
                 match decode_envelopes(body) {
                     Ok((batch, envelopes)) => {
                         link.credit = Some(batch);
@@ -362,7 +423,9 @@ impl Hub {
                 }
             }
             cmd::ACKS => {
-                let Some(body) = msg.get(1).cloned() else { return };
+                let Some(body) = msg.get(1).cloned() else {
+                    return;
+                };
                 if let Ok((first, counts)) = decode_acks(body) {
                     self.acknowledge(first, &counts);
                 }
@@ -388,7 +451,10 @@ impl Hub {
                     self.old_link = Some((link, Instant::now() + self.cfg.expiry));
                 }
             }
-            cmd::ERRR => tracing::warn!("transmitter error: {}", String::from_utf8_lossy(&frame.payload)),
+            cmd::ERRR => tracing::warn!(
+                "transmitter error: {}",
+                String::from_utf8_lossy(&frame.payload)
+            ),
             _ => {}
         }
     }
@@ -422,10 +488,22 @@ impl Hub {
             if e.kind != Kind::Mesh {
                 continue;
             }
-            self.metrics.latency.observe(now.saturating_sub(e.ts) as f64 / 1e6);
-            let subscribers: Vec<ClientId> = self.channels.get(&e.channel).map(|s| s.iter().copied().collect()).unwrap_or_default();
+            self.metrics
+                .latency
+                .observe(now.saturating_sub(e.ts) as f64 / 1e6);
+            let subscribers: Vec<ClientId> = self
+                .channels
+                .get(&e.channel)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
             for client in subscribers {
-                if self.send_to(client, Out::Message { channel: e.channel.clone(), payload: e.payload.clone() }) {
+                if self.send_to(
+                    client,
+                    Out::Message {
+                        channel: e.channel.clone(),
+                        payload: e.payload.clone(),
+                    },
+                ) {
                     self.metrics.messages_out.inc();
                     self.metrics.bytes_out.inc_by(e.payload.len() as u64);
                 }
@@ -438,7 +516,11 @@ impl Hub {
                 .collect();
             for (pattern, clients) in matches {
                 for client in clients {
-                    let out = Out::PMessage { pattern: pattern.clone(), channel: e.channel.clone(), payload: e.payload.clone() };
+                    let out = Out::PMessage {
+                        pattern: pattern.clone(),
+                        channel: e.channel.clone(),
+                        payload: e.payload.clone(),
+                    };
                     if self.send_to(client, out) {
                         self.metrics.messages_out.inc();
                         self.metrics.bytes_out.inc_by(e.payload.len() as u64);
@@ -452,7 +534,10 @@ impl Hub {
         let now = Instant::now();
         if let Some((old, until)) = self.old_link.as_mut() {
             if now >= *until {
-                let _ = old.sender.send(json_frame(cmd::QUIT, &serde_json::json!({}))).await;
+                let _ = old
+                    .sender
+                    .send(json_frame(cmd::QUIT, &serde_json::json!({})))
+                    .await;
                 self.old_link = None;
             }
         }
@@ -462,7 +547,10 @@ impl Hub {
                 self.avoid = vec![link.name.clone()];
                 self.link = None;
             } else {
-                let _ = link.sender.send(json_frame(cmd::PING, &serde_json::json!({}))).now_or_never();
+                let _ = link
+                    .sender
+                    .send(json_frame(cmd::PING, &serde_json::json!({})))
+                    .now_or_never();
             }
         }
         if self.link.is_none() {
@@ -473,16 +561,25 @@ impl Hub {
     /// Finds a live transmitter through the rendezvous and opens a link to it: HELO, all
     /// subscriptions, and every publish not yet acknowledged.
     async fn connect(&mut self) {
-        let Some(list) = self.query_rendezvous().await else { return };
+        let Some(list) = self.query_rendezvous().await else {
+            return;
+        };
         if let Some(prefer) = &self.cfg.prefer {
             // At start-up, give the preferred transmitter one expiry to show up, so
             // cells spread as planned instead of all joining the first one announced.
-            if !self.ready_printed && self.started.elapsed() < self.cfg.expiry && !list.iter().any(|t| &t.name == prefer) {
+            if !self.ready_printed
+                && self.started.elapsed() < self.cfg.expiry
+                && !list.iter().any(|t| &t.name == prefer)
+            {
                 return;
             }
         }
         let candidates: Vec<&TransmitterInfo> = list.iter().filter(|t| !t.draining).collect();
-        let fresh: Vec<&TransmitterInfo> = candidates.iter().copied().filter(|t| !self.avoid.contains(&t.name)).collect();
+        let fresh: Vec<&TransmitterInfo> = candidates
+            .iter()
+            .copied()
+            .filter(|t| !self.avoid.contains(&t.name))
+            .collect();
         let pool = if fresh.is_empty() { candidates } else { fresh };
         let choice = self
             .cfg
@@ -490,7 +587,9 @@ impl Hub {
             .as_ref()
             .and_then(|p| pool.iter().find(|t| &t.name == p))
             .or_else(|| pool.iter().min_by_key(|t| (t.cells, t.name.clone())));
-        let Some(target) = choice.map(|t| (*t).clone()) else { return };
+        let Some(target) = choice.map(|t| (*t).clone()) else {
+            return;
+        };
         let mut options = SocketOptions::default();
         options.connect_timeout(self.cfg.heartbeat);
         let mut socket = DealerSocket::with_options(options);
@@ -507,7 +606,11 @@ impl Hub {
             loop {
                 match receiver.recv().await {
                     Ok(m) => {
-                        if events.send(LinkEvent::Message(generation, m)).await.is_err() {
+                        if events
+                            .send(LinkEvent::Message(generation, m))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -530,10 +633,16 @@ impl Hub {
             .channels
             .keys()
             .map(|c| (Op::Add, Interest::Channel, &c[..]))
-            .chain(self.patterns.keys().map(|p| (Op::Add, Interest::Pattern, &p[..])))
+            .chain(
+                self.patterns
+                    .keys()
+                    .map(|p| (Op::Add, Interest::Pattern, &p[..])),
+            )
             .collect();
         if !subs.is_empty() {
-            let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, cmd::SUBS, Bytes::new()).to_bytes());
+            let mut m = ZmqMessage::from(
+                CommandFrame::new(Encoding::Binary, cmd::SUBS, Bytes::new()).to_bytes(),
+            );
             m.push_back(wire::encode_interest(subs));
             msgs.push(m);
         }
@@ -548,12 +657,21 @@ impl Hub {
             self.metrics.reconnects.inc();
         }
         self.unsent_from = 0;
-        self.link = Some(Link { generation, name: target.name, sender, last_heard: Instant::now(), credit: None });
+        self.link = Some(Link {
+            generation,
+            name: target.name,
+            sender,
+            last_heard: Instant::now(),
+            credit: None,
+        });
     }
 
     async fn query_rendezvous(&self) -> Option<Vec<TransmitterInfo>> {
         let socket = thynapse_rendezvous_socket().ok()?;
-        let query = Datagram::Query { mesh: self.cfg.mesh.clone() }.to_bytes();
+        let query = Datagram::Query {
+            mesh: self.cfg.mesh.clone(),
+        }
+        .to_bytes();
         let mut buf = vec![0u8; MAX_DATAGRAM];
         for r in &self.cfg.rendezvous {
             let addr = r.trim_start_matches("udp://");
@@ -563,8 +681,12 @@ impl Hub {
             let got = tokio::time::timeout(self.cfg.heartbeat, socket.recv_from(&mut buf)).await;
             if let Ok(Ok((n, _))) = got {
                 match Datagram::parse(&buf[..n]) {
-                    Ok(Datagram::Peers { transmitters, .. }) if !transmitters.is_empty() => return Some(transmitters),
-                    Ok(Datagram::Error { error }) => tracing::warn!(rendezvous = %r, "rendezvous: {error}"),
+                    Ok(Datagram::Peers { transmitters, .. }) if !transmitters.is_empty() => {
+                        return Some(transmitters)
+                    }
+                    Ok(Datagram::Error { error }) => {
+                        tracing::warn!(rendezvous = %r, "rendezvous: {error}")
+                    }
                     _ => {}
                 }
             }
@@ -580,8 +702,12 @@ impl Hub {
             return;
         };
         if !self.interest.is_empty() {
-            let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, cmd::SUBS, Bytes::new()).to_bytes());
-            m.push_back(wire::encode_interest(self.interest.iter().map(|(op, k, n)| (*op, *k, &n[..]))));
+            let mut m = ZmqMessage::from(
+                CommandFrame::new(Encoding::Binary, cmd::SUBS, Bytes::new()).to_bytes(),
+            );
+            m.push_back(wire::encode_interest(
+                self.interest.iter().map(|(op, k, n)| (*op, *k, &n[..])),
+            ));
             self.interest.clear();
             let _ = link.sender.send(m).await;
         }
@@ -592,7 +718,9 @@ impl Hub {
             for u in self.unacked.range(self.unsent_from..end) {
                 w.push(Kind::Mesh, u.ts, &u.channel, &u.payload);
             }
-            let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, cmd::PUBS, Bytes::new()).to_bytes());
+            let mut m = ZmqMessage::from(
+                CommandFrame::new(Encoding::Binary, cmd::PUBS, Bytes::new()).to_bytes(),
+            );
             m.push_back(w.finish());
             if link.sender.send(m).await.is_err() {
                 break;
@@ -608,7 +736,10 @@ impl Hub {
 
 async fn credit(link: &mut Link) {
     if let Some(batch) = link.credit.take() {
-        let _ = link.sender.send(json_frame(cmd::CRED, &wire::Credit { batch })).await;
+        let _ = link
+            .sender
+            .send(json_frame(cmd::CRED, &wire::Credit { batch }))
+            .await;
     }
 }
 

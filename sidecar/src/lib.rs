@@ -59,19 +59,28 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(serve(args))
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     if !args.resp_bind.ip().is_loopback() {
-        anyhow::bail!("--resp-bind {} is not a loopback address: the sidecar serves only its own pod", args.resp_bind);
+        anyhow::bail!(
+            "--resp-bind {} is not a loopback address: the sidecar serves only its own pod",
+            args.resp_bind
+        );
     }
-    let rules: Vec<DeliveryRule> = serde_json::from_str(&args.rules).context("--rules is not a JSON list of {pattern, mode}")?;
+    let rules: Vec<DeliveryRule> = serde_json::from_str(&args.rules)
+        .context("--rules is not a JSON list of {pattern, mode}")?;
     let metrics = metrics::Metrics::new();
-    let listener = TcpListener::bind(args.resp_bind).await.with_context(|| format!("binding {}", args.resp_bind))?;
+    let listener = TcpListener::bind(args.resp_bind)
+        .await
+        .with_context(|| format!("binding {}", args.resp_bind))?;
     let resp = listener.local_addr()?;
-    let metrics_addr = thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
+    let metrics_addr =
+        thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
     let heartbeat = Duration::from_millis(args.announce_interval_ms);
     let cfg = HubConfig {
         mesh: args.mesh.clone(),
@@ -89,7 +98,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let (hub_tx, hub_rx) = mpsc::channel(1024);
     let shutdown = Arc::new(Notify::new());
     let hub = tokio::spawn(Hub::new(cfg, metrics).run(hub_rx, shutdown.clone()));
-    let shared = Arc::new(Shared { hub: hub_tx, max_message_bytes: args.max_message_bytes, version: "7.0.0" });
+    let shared = Arc::new(Shared {
+        hub: hub_tx,
+        max_message_bytes: args.max_message_bytes,
+        version: "7.0.0",
+    });
     tracing::info!(%resp, service = %args.service, "sidecar listening");
 
     let next_id = AtomicU64::new(1);

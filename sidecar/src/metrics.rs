@@ -45,18 +45,48 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(10e-6, 2.0, 18).expect("valid buckets")),
         )
         .expect("valid metric");
-        r.register(Box::new(latency.clone())).expect("unique metric");
+        r.register(Box::new(latency.clone()))
+            .expect("unique metric");
         let m = Metrics {
-            messages_in: counter("thynapse_sidecar_messages_in_total", "Messages published by this cell's clients."),
-            bytes_in: counter("thynapse_sidecar_bytes_in_total", "Payload bytes published by this cell's clients."),
-            messages_out: counter("thynapse_sidecar_messages_out_total", "Messages delivered to this cell's clients."),
-            bytes_out: counter("thynapse_sidecar_bytes_out_total", "Payload bytes delivered to this cell's clients."),
-            drops: counter_vec("thynapse_sidecar_drops_total", "Messages dropped, by reason.", "reason"),
-            duplicates: counter("thynapse_sidecar_duplicates_suppressed_total", "Messages received twice (while moving between transmitters) and delivered once."),
+            messages_in: counter(
+                "thynapse_sidecar_messages_in_total",
+                "Messages published by this cell's clients.",
+            ),
+            bytes_in: counter(
+                "thynapse_sidecar_bytes_in_total",
+                "Payload bytes published by this cell's clients.",
+            ),
+            messages_out: counter(
+                "thynapse_sidecar_messages_out_total",
+                "Messages delivered to this cell's clients.",
+            ),
+            bytes_out: counter(
+                "thynapse_sidecar_bytes_out_total",
+                "Payload bytes delivered to this cell's clients.",
+            ),
+            drops: counter_vec(
+                "thynapse_sidecar_drops_total",
+                "Messages dropped, by reason.",
+                "reason",
+            ),
+            duplicates: counter(
+                "thynapse_sidecar_duplicates_suppressed_total",
+                "Messages received twice (while moving between transmitters) and delivered once.",
+            ),
             clients: gauge("thynapse_sidecar_clients", "Connected Redis clients."),
-            subscriptions: gauge("thynapse_sidecar_subscriptions", "Distinct channels and patterns subscribed by this cell."),
-            disconnects: counter_vec("thynapse_sidecar_client_disconnects_total", "Clients disconnected by the sidecar, by reason.", "reason"),
-            reconnects: counter("thynapse_sidecar_transmitter_reconnects_total", "Times this cell moved to another transmitter."),
+            subscriptions: gauge(
+                "thynapse_sidecar_subscriptions",
+                "Distinct channels and patterns subscribed by this cell.",
+            ),
+            disconnects: counter_vec(
+                "thynapse_sidecar_client_disconnects_total",
+                "Clients disconnected by the sidecar, by reason.",
+                "reason",
+            ),
+            reconnects: counter(
+                "thynapse_sidecar_transmitter_reconnects_total",
+                "Times this cell moved to another transmitter.",
+            ),
             latency,
             registry: r,
         };

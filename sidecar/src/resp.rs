@@ -32,7 +32,11 @@ impl Reply {
 
     pub fn encode(&self, resp3: bool, out: &mut BytesMut) {
         if resp3 {
-            let _ = redis_protocol::resp3::encode::complete::extend_encode(out, &self.to_resp3(), false);
+            let _ = redis_protocol::resp3::encode::complete::extend_encode(
+                out,
+                &self.to_resp3(),
+                false,
+            );
         } else {
             let _ = redis_protocol::resp2::encode::extend_encode(out, &self.to_resp2(), false);
         }
@@ -45,22 +49,49 @@ impl Reply {
             Reply::Int(i) => Resp2::Integer(*i),
             Reply::Bulk(b) => Resp2::BulkString(b.clone()),
             Reply::Null => Resp2::Null,
-            Reply::Array(v) | Reply::Push(v) => Resp2::Array(v.iter().map(Reply::to_resp2).collect()),
-            Reply::Map(kv) => Resp2::Array(kv.iter().flat_map(|(k, v)| [k.to_resp2(), v.to_resp2()]).collect()),
+            Reply::Array(v) | Reply::Push(v) => {
+                Resp2::Array(v.iter().map(Reply::to_resp2).collect())
+            }
+            Reply::Map(kv) => Resp2::Array(
+                kv.iter()
+                    .flat_map(|(k, v)| [k.to_resp2(), v.to_resp2()])
+                    .collect(),
+            ),
         }
     }
 
     fn to_resp3(&self) -> Resp3 {
         match self {
-            Reply::Simple(s) => Resp3::SimpleString { data: Bytes::from_static(s.as_bytes()), attributes: None },
-            Reply::Error(e) => Resp3::SimpleError { data: e.as_str().into(), attributes: None },
-            Reply::Int(i) => Resp3::Number { data: *i, attributes: None },
-            Reply::Bulk(b) => Resp3::BlobString { data: b.clone(), attributes: None },
+            Reply::Simple(s) => Resp3::SimpleString {
+                data: Bytes::from_static(s.as_bytes()),
+                attributes: None,
+            },
+            Reply::Error(e) => Resp3::SimpleError {
+                data: e.as_str().into(),
+                attributes: None,
+            },
+            Reply::Int(i) => Resp3::Number {
+                data: *i,
+                attributes: None,
+            },
+            Reply::Bulk(b) => Resp3::BlobString {
+                data: b.clone(),
+                attributes: None,
+            },
             Reply::Null => Resp3::Null,
-            Reply::Array(v) => Resp3::Array { data: v.iter().map(Reply::to_resp3).collect(), attributes: None },
-            Reply::Push(v) => Resp3::Push { data: v.iter().map(Reply::to_resp3).collect(), attributes: None },
+            Reply::Array(v) => Resp3::Array {
+                data: v.iter().map(Reply::to_resp3).collect(),
+                attributes: None,
+            },
+            Reply::Push(v) => Resp3::Push {
+                data: v.iter().map(Reply::to_resp3).collect(),
+                attributes: None,
+            },
             Reply::Map(kv) => Resp3::Map {
-                data: kv.iter().map(|(k, v)| (k.to_resp3(), v.to_resp3())).collect(),
+                data: kv
+                    .iter()
+                    .map(|(k, v)| (k.to_resp3(), v.to_resp3()))
+                    .collect(),
                 attributes: None,
             },
         }
@@ -88,11 +119,15 @@ pub fn next_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestErr
             .map(|item| match item {
                 Resp2::BulkString(b) | Resp2::SimpleString(b) => Ok(b),
                 Resp2::Integer(i) => Ok(Bytes::from(i.to_string())),
-                _ => Err(RequestError::Protocol("expected '$', got something else".into())),
+                _ => Err(RequestError::Protocol(
+                    "expected '$', got something else".into(),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Some),
-        Ok(Some(_)) => Err(RequestError::Protocol("expected an array of bulk strings".into())),
+        Ok(Some(_)) => Err(RequestError::Protocol(
+            "expected an array of bulk strings".into(),
+        )),
         Ok(None) => Ok(None),
         Err(e) => Err(RequestError::Protocol(e.details().to_string())),
     }
@@ -107,7 +142,9 @@ fn inline_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestError
     };
     let line = buf.split_to(end + 1).freeze();
     let line = line.slice(..end);
-    let line = line.strip_suffix(b"\r").map_or(line.clone(), |l| line.slice(..l.len()));
+    let line = line
+        .strip_suffix(b"\r")
+        .map_or(line.clone(), |l| line.slice(..l.len()));
     let mut args = Vec::new();
     let mut start = None;
     for (i, b) in line.iter().enumerate() {
@@ -138,26 +175,49 @@ mod tests {
 
     #[test]
     fn encodes_like_redis() {
-        let msg = Reply::Push(vec![Reply::bulk("message"), Reply::bulk("ch"), Reply::bulk("hi")]);
-        assert_eq!(enc(&msg, false), "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n");
-        assert_eq!(enc(&msg, true), ">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n");
+        let msg = Reply::Push(vec![
+            Reply::bulk("message"),
+            Reply::bulk("ch"),
+            Reply::bulk("hi"),
+        ]);
+        assert_eq!(
+            enc(&msg, false),
+            "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n"
+        );
+        assert_eq!(
+            enc(&msg, true),
+            ">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n"
+        );
         assert_eq!(enc(&Reply::Null, false), "$-1\r\n");
         assert_eq!(enc(&Reply::Null, true), "_\r\n");
         assert_eq!(enc(&Reply::Int(3), false), ":3\r\n");
         assert_eq!(enc(&Reply::error("ERR x"), false), "-ERR x\r\n");
-        let map = Reply::Map(vec![(Reply::bulk("a"), Reply::Int(1)), (Reply::bulk("b"), Reply::Int(2))]);
+        let map = Reply::Map(vec![
+            (Reply::bulk("a"), Reply::Int(1)),
+            (Reply::bulk("b"), Reply::Int(2)),
+        ]);
         assert_eq!(enc(&map, false), "*4\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n:2\r\n");
         assert_eq!(enc(&map, true), "%2\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n:2\r\n");
     }
 
     #[test]
     fn parses_pipelined_partial_and_inline_requests() {
-        let mut b = BytesMut::from(&b"*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\nPING  x\r\n*1\r\n$4\r\nPI"[..]);
-        assert_eq!(next_request(&mut b).unwrap().unwrap(), vec![Bytes::from("ECHO"), Bytes::from("hi")]);
-        assert_eq!(next_request(&mut b).unwrap().unwrap(), vec![Bytes::from("PING"), Bytes::from("x")]);
+        let mut b =
+            BytesMut::from(&b"*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\nPING  x\r\n*1\r\n$4\r\nPI"[..]);
+        assert_eq!(
+            next_request(&mut b).unwrap().unwrap(),
+            vec![Bytes::from("ECHO"), Bytes::from("hi")]
+        );
+        assert_eq!(
+            next_request(&mut b).unwrap().unwrap(),
+            vec![Bytes::from("PING"), Bytes::from("x")]
+        );
         assert_eq!(next_request(&mut b).unwrap(), None);
         b.extend_from_slice(b"NG\r\n");
-        assert_eq!(next_request(&mut b).unwrap().unwrap(), vec![Bytes::from("PING")]);
+        assert_eq!(
+            next_request(&mut b).unwrap().unwrap(),
+            vec![Bytes::from("PING")]
+        );
         assert!(b.is_empty());
     }
 

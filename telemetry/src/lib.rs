@@ -31,10 +31,7 @@ pub async fn serve_metrics(addr: SocketAddr, registry: Registry) -> std::io::Res
             async move {
                 let mut buf = Vec::new();
                 let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    buf,
-                )
+                ([("content-type", "text/plain; version=0.0.4")], buf)
             }
         }),
     );

@@ -35,18 +35,62 @@ impl Metrics {
             g
         };
         let m = Metrics {
-            messages_in: counter_vec(&r, "thynapse_transmitter_messages_in_total", "Messages received, by source (cell or peer).", "source"),
-            messages_out: counter_vec(&r, "thynapse_transmitter_messages_out_total", "Messages sent, by destination (cell, peer or pub).", "dest"),
-            bytes_in: counter_vec(&r, "thynapse_transmitter_bytes_in_total", "Payload bytes received, by source.", "source"),
-            bytes_out: counter_vec(&r, "thynapse_transmitter_bytes_out_total", "Payload bytes sent, by destination.", "dest"),
-            drops: counter_vec(&r, "thynapse_transmitter_drops_total", "Messages dropped, by reason.", "reason"),
-            malformed: counter("thynapse_transmitter_malformed_frames_total", "Frames that could not be read; each got an ERRR reply."),
-            cells: gauge("thynapse_transmitter_cells", "Cells connected to this transmitter."),
-            peers: gauge("thynapse_transmitter_peers", "Peer transmitters this one forwards to."),
-            peer_reconnects: counter("thynapse_transmitter_peer_reconnects_total", "Times a link to a peer transmitter was rebuilt."),
+            messages_in: counter_vec(
+                &r,
+                "thynapse_transmitter_messages_in_total",
+                "Messages received, by source (cell or peer).",
+                "source",
+            ),
+            messages_out: counter_vec(
+                &r,
+                "thynapse_transmitter_messages_out_total",
+                "Messages sent, by destination (cell, peer or pub).",
+                "dest",
+            ),
+            bytes_in: counter_vec(
+                &r,
+                "thynapse_transmitter_bytes_in_total",
+                "Payload bytes received, by source.",
+                "source",
+            ),
+            bytes_out: counter_vec(
+                &r,
+                "thynapse_transmitter_bytes_out_total",
+                "Payload bytes sent, by destination.",
+                "dest",
+            ),
+            drops: counter_vec(
+                &r,
+                "thynapse_transmitter_drops_total",
+                "Messages dropped, by reason.",
+                "reason",
+            ),
+            malformed: counter(
+                "thynapse_transmitter_malformed_frames_total",
+                "Frames that could not be read; each got an ERRR reply.",
+            ),
+            cells: gauge(
+                "thynapse_transmitter_cells",
+                "Cells connected to this transmitter.",
+            ),
+            peers: gauge(
+                "thynapse_transmitter_peers",
+                "Peer transmitters this one forwards to.",
+            ),
+            peer_reconnects: counter(
+                "thynapse_transmitter_peer_reconnects_total",
+                "Times a link to a peer transmitter was rebuilt.",
+            ),
             registry: r,
         };
-        for reason in ["too_large", "cell_backlog", "peer_backlog", "cell_lost", "peer_lost", "unknown_sender"] {
+        for reason in [
+            "too_large",
+            "cell_backlog",
+            "peer_backlog",
+            "cell_lost",
+            "peer_lost",
+            "unknown_sender",
+        ] {
             m.drops.with_label_values(&[reason]);
         }
         m

@@ -35,11 +35,13 @@ impl Default for Outbox {
 impl Outbox {
     /// Whether one more message of `size` bytes fits under `limit`.
     pub fn has_room(&self, size: usize, limit: usize) -> bool {
-        self.inflight.len() < MAX_FRAMES_IN_FLIGHT && self.inflight_bytes + self.writer.byte_len() + size <= limit
+        self.inflight.len() < MAX_FRAMES_IN_FLIGHT
+            && self.inflight_bytes + self.writer.byte_len() + size <= limit
     }
 
     pub fn congested(&self, high_water: usize) -> bool {
-        self.inflight_bytes + self.writer.byte_len() > high_water || self.inflight.len() > MAX_FRAMES_IN_FLIGHT / 2
+        self.inflight_bytes + self.writer.byte_len() > high_water
+            || self.inflight.len() > MAX_FRAMES_IN_FLIGHT / 2
     }
 
     /// Closes the pending batch, if any: its bytes and batch number.

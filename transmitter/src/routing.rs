@@ -19,6 +19,9 @@ use thynapse_protocol::delivery::{mode_for, DeliveryRule, Mode};
 use thynapse_protocol::wire::{Interest, Op};
 use thynapse_protocol::{glob, Thid};
 
+/// A cell's Service, delivery rules and subscriptions, as a CELL message carries them.
+pub type CellInterest = (Arc<str>, Arc<[DeliveryRule]>, Vec<(Op, Interest, Bytes)>);
+
 /// A peer transmitter, numbered by this transmitter.
 pub type PeerId = u32;
 
@@ -156,7 +159,14 @@ impl Table {
     }
 
     /// Replaces everything known of a cell's subscriptions.
-    pub fn replace(&mut self, at: Location, id: Thid, service: &str, rules: &[DeliveryRule], subs: &[(Op, Interest, Bytes)]) {
+    pub fn replace(
+        &mut self,
+        at: Location,
+        id: Thid,
+        service: &str,
+        rules: &[DeliveryRule],
+        subs: &[(Op, Interest, Bytes)],
+    ) {
         self.remove_cell(at, id);
         self.upsert_cell(at, id, service, rules);
         self.apply(at, id, subs);
@@ -177,7 +187,12 @@ impl Table {
 
     /// Forgets every cell behind a peer (it left or died).
     pub fn remove_location(&mut self, at: Location) -> usize {
-        let gone: Vec<Thid> = self.cells.keys().filter(|(l, _)| *l == at).map(|(_, id)| *id).collect();
+        let gone: Vec<Thid> = self
+            .cells
+            .keys()
+            .filter(|(l, _)| *l == at)
+            .map(|(_, id)| *id)
+            .collect();
         for id in &gone {
             self.remove_cell(at, *id);
         }
@@ -185,19 +200,26 @@ impl Table {
     }
 
     /// The interest of a local cell, as a CELL message to peers carries it.
-    pub fn interest_of(&self, id: &Thid) -> Option<(Arc<str>, Arc<[DeliveryRule]>, Vec<(Op, Interest, Bytes)>)> {
+    pub fn interest_of(&self, id: &Thid) -> Option<CellInterest> {
         let cell = self.cells.get(&(Location::Local, *id))?;
         let subs = cell
             .channels
             .iter()
             .map(|c| (Op::Add, Interest::Channel, c.clone()))
-            .chain(cell.patterns.iter().map(|p| (Op::Add, Interest::Pattern, p.clone())))
+            .chain(
+                cell.patterns
+                    .iter()
+                    .map(|p| (Op::Add, Interest::Pattern, p.clone())),
+            )
             .collect();
         Some((cell.service.clone(), cell.rules.clone(), subs))
     }
 
     pub fn local_cells(&self) -> impl Iterator<Item = &Thid> {
-        self.cells.keys().filter(|(l, _)| *l == Location::Local).map(|(_, id)| id)
+        self.cells
+            .keys()
+            .filter(|(l, _)| *l == Location::Local)
+            .map(|(_, id)| id)
     }
 
     pub fn cell_count(&self, at: Location) -> usize {
@@ -251,12 +273,18 @@ impl Table {
                         }
                     }
                 }
-                Mode::Anycatch => groups.entry(cell.service.clone()).or_default().push((at, id)),
+                Mode::Anycatch => groups
+                    .entry(cell.service.clone())
+                    .or_default()
+                    .push((at, id)),
             }
         }
         let mut anycatch: Vec<AnycatchGroup> = groups
             .into_iter()
-            .map(|(service, candidates)| AnycatchGroup { service, candidates })
+            .map(|(service, candidates)| AnycatchGroup {
+                service,
+                candidates,
+            })
             .collect();
         anycatch.sort_by(|a, b| a.service.cmp(&b.service));
         route.anycatch = anycatch;
@@ -299,7 +327,11 @@ impl Table {
     }
 }
 
-fn remove_index(index: &mut HashMap<Bytes, HashSet<(Location, Thid)>>, name: &Bytes, key: &(Location, Thid)) {
+fn remove_index(
+    index: &mut HashMap<Bytes, HashSet<(Location, Thid)>>,
+    name: &Bytes,
+    key: &(Location, Thid),
+) {
     if let Some(set) = index.get_mut(name) {
         set.remove(key);
         if set.is_empty() {
@@ -316,10 +348,20 @@ mod tests {
         Bytes::copy_from_slice(s.as_bytes())
     }
 
-    fn sub(t: &mut Table, at: Location, service: &str, rules: &[DeliveryRule], channel: &str) -> Thid {
+    fn sub(
+        t: &mut Table,
+        at: Location,
+        service: &str,
+        rules: &[DeliveryRule],
+        channel: &str,
+    ) -> Thid {
         let id = Thid::random();
         t.upsert_cell(at, id, service, rules);
-        let kind = if glob::is_pattern(channel.as_bytes()) { Interest::Pattern } else { Interest::Channel };
+        let kind = if glob::is_pattern(channel.as_bytes()) {
+            Interest::Pattern
+        } else {
+            Interest::Channel
+        };
         assert!(t.apply(at, id, &[(Op::Add, kind, ch(channel))]));
         id
     }
@@ -331,7 +373,14 @@ mod tests {
         let id_b = Thid::random();
         t.upsert_cell(Location::Local, id_b, "s", &[]);
         // Channel and matching pattern on one cell: still one delivery to the cell.
-        t.apply(Location::Local, id_b, &[(Op::Add, Interest::Channel, ch("news")), (Op::Add, Interest::Pattern, ch("n*"))]);
+        t.apply(
+            Location::Local,
+            id_b,
+            &[
+                (Op::Add, Interest::Channel, ch("news")),
+                (Op::Add, Interest::Pattern, ch("n*")),
+            ],
+        );
         sub(&mut t, Location::Peer(1), "s", &[], "ne?s");
         sub(&mut t, Location::Peer(1), "t", &[], "news");
         sub(&mut t, Location::Peer(2), "t", &[], "other");
@@ -350,7 +399,7 @@ mod tests {
     fn anycatch_picks_one_cell_in_turn_across_transmitters() {
         let rules = [DeliveryRule::new("jobs.*", Mode::Anycatch)];
         let mut t = Table::default();
-        let mut cells = vec![
+        let mut cells = [
             sub(&mut t, Location::Local, "workers", &rules, "jobs.*"),
             sub(&mut t, Location::Peer(1), "workers", &rules, "jobs.*"),
             sub(&mut t, Location::Peer(2), "workers", &rules, "jobs.build"),

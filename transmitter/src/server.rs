@@ -68,10 +68,24 @@ struct Peer {
 }
 
 enum Event {
-    PeerConnected { peer: PeerId, generation: u64, sender: DealerSendHalf },
-    PeerConnectFailed { peer: PeerId, generation: u64 },
-    PeerReply { peer: PeerId, generation: u64, msg: ZmqMessage },
-    PeerClosed { peer: PeerId, generation: u64 },
+    PeerConnected {
+        peer: PeerId,
+        generation: u64,
+        sender: DealerSendHalf,
+    },
+    PeerConnectFailed {
+        peer: PeerId,
+        generation: u64,
+    },
+    PeerReply {
+        peer: PeerId,
+        generation: u64,
+        msg: ZmqMessage,
+    },
+    PeerClosed {
+        peer: PeerId,
+        generation: u64,
+    },
     Discovered(Vec<TransmitterInfo>),
 }
 
@@ -125,7 +139,13 @@ fn reply_json<T: serde::Serialize>(identity: &Bytes, command: &[u8; 4], value: &
 }
 
 fn error_reply(identity: &Bytes, error: &str) -> ZmqMessage {
-    reply_json(identity, cmd::ERRR, &wire::ErrorReply { error: error.to_string() })
+    reply_json(
+        identity,
+        cmd::ERRR,
+        &wire::ErrorReply {
+            error: error.to_string(),
+        },
+    )
 }
 
 fn endpoint_port(endpoint: &zeromq::Endpoint) -> anyhow::Result<u16> {
@@ -147,9 +167,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .bind(&args.event_bind)
         .await
         .with_context(|| format!("binding the event socket to {}", args.event_bind))?;
-    let command = format!("tcp://{}:{}", args.advertise_host, endpoint_port(&command_ep)?);
-    let event = format!("tcp://{}:{}", args.advertise_host, endpoint_port(&event_ep)?);
-    let metrics_addr = thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
+    let command = format!(
+        "tcp://{}:{}",
+        args.advertise_host,
+        endpoint_port(&command_ep)?
+    );
+    let event = format!(
+        "tcp://{}:{}",
+        args.advertise_host,
+        endpoint_port(&event_ep)?
+    );
+    let metrics_addr =
+        thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
     let metrics_url = format!("http://{metrics_addr}/metrics");
     let id = Thid::random();
 
@@ -315,7 +344,9 @@ impl Transmitter {
     /// Handles one message from the ROUTER socket; returns its size for burst accounting.
     fn on_router(&mut self, msg: ZmqMessage) -> usize {
         let mut frames = msg.into_vecdeque();
-        let Some(identity) = frames.pop_front() else { return 0 };
+        let Some(identity) = frames.pop_front() else {
+            return 0;
+        };
         let size: usize = frames.iter().map(|f| f.len()).sum();
         let Some(first) = frames.pop_front() else {
             self.malformed(&identity, FrameError::Empty);
@@ -346,13 +377,24 @@ impl Transmitter {
         self.replies.push(error_reply(identity, &e.to_string()));
     }
 
-    fn on_cell(&mut self, identity: &Bytes, frame: CommandFrame, body: Option<Bytes>) -> Result<(), FrameError> {
+    fn on_cell(
+        &mut self,
+        identity: &Bytes,
+        frame: CommandFrame,
+        body: Option<Bytes>,
+    ) -> Result<(), FrameError> {
         let now = Instant::now();
         match &frame.cmd {
             cmd::HELO => {
                 let hello: wire::Hello = frame.decode_json()?;
                 if self.draining.is_some() {
-                    self.replies.push(reply_json(identity, cmd::MOVE, &wire::Reason { reason: "draining".into() }));
+                    self.replies.push(reply_json(
+                        identity,
+                        cmd::MOVE,
+                        &wire::Reason {
+                            reason: "draining".into(),
+                        },
+                    ));
                     return Ok(());
                 }
                 if let Some(old) = self.identities.insert(identity.clone(), hello.id) {
@@ -375,7 +417,8 @@ impl Transmitter {
                 }
                 cell.events = hello.events;
                 cell.last_seen = now;
-                self.table.upsert_cell(Location::Local, hello.id, &hello.service, &hello.rules);
+                self.table
+                    .upsert_cell(Location::Local, hello.id, &hello.service, &hello.rules);
                 self.dirty.insert(hello.id);
                 self.metrics.cells.set(self.cells.len() as i64);
                 tracing::info!(cell = %hello.id, service = %hello.service, "cell joined");
@@ -395,7 +438,10 @@ impl Transmitter {
             cmd::PEER => {
                 let hello: wire::PeerHello = frame.decode_json()?;
                 if hello.mesh != self.args.mesh {
-                    self.replies.push(error_reply(identity, &format!("this transmitter is in mesh {:?}", self.args.mesh)));
+                    self.replies.push(error_reply(
+                        identity,
+                        &format!("this transmitter is in mesh {:?}", self.args.mesh),
+                    ));
                     return Ok(());
                 }
                 let peer = self.peer_id(&hello.name);
@@ -413,7 +459,11 @@ impl Transmitter {
                 self.replies.push(reply_json(
                     identity,
                     cmd::PWLC,
-                    &wire::PeerHello { id: self.id, name: self.args.name.clone(), mesh: self.args.mesh.clone() },
+                    &wire::PeerHello {
+                        id: self.id,
+                        name: self.args.name.clone(),
+                        mesh: self.args.mesh.clone(),
+                    },
                 ));
                 return Ok(());
             }
@@ -421,16 +471,22 @@ impl Transmitter {
         }
         let Some(&id) = self.identities.get(identity) else {
             if &frame.cmd == cmd::PUBS || &frame.cmd == cmd::EVNT {
-                self.metrics.drops.with_label_values(&["unknown_sender"]).inc();
+                self.metrics
+                    .drops
+                    .with_label_values(&["unknown_sender"])
+                    .inc();
             }
-            self.replies.push(error_reply(identity, "unknown cell: send J HELO first"));
+            self.replies
+                .push(error_reply(identity, "unknown cell: send J HELO first"));
             return Ok(());
         };
         if let Some(cell) = self.cells.get_mut(&id) {
             cell.last_seen = now;
         }
         match &frame.cmd {
-            cmd::PING => self.replies.push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
+            cmd::PING => self
+                .replies
+                .push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
             cmd::SUBS => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("SUBS".into()))?;
                 let changes = wire::decode_interest(body)?;
@@ -444,13 +500,17 @@ impl Transmitter {
                 let mut dests = Vec::new();
                 for (i, p) in publishes.iter().enumerate() {
                     let seq = first + i as u64;
-                    counts.push(self.publish(id, seq, p.ts, p.kind, &p.channel, &p.payload, &mut dests));
+                    counts.push(
+                        self.publish(id, seq, p.ts, p.kind, &p.channel, &p.payload, &mut dests),
+                    );
                 }
                 if let Some(cell) = self.cells.get_mut(&id) {
                     cell.last_seq = cell.last_seq.max(first + publishes.len() as u64);
                 }
                 let mut reply = ZmqMessage::from(identity.clone());
-                reply.push_back(CommandFrame::new(Encoding::Binary, cmd::ACKS, Bytes::new()).to_bytes());
+                reply.push_back(
+                    CommandFrame::new(Encoding::Binary, cmd::ACKS, Bytes::new()).to_bytes(),
+                );
                 reply.push_back(encode_acks(first, &counts));
                 self.ack_when_clear(identity, reply, dests);
             }
@@ -459,7 +519,9 @@ impl Transmitter {
                 let payload = match (frame.enc, event.data, body) {
                     (Encoding::Json, Some(data), _) => Bytes::from(data),
                     (Encoding::Binary, _, Some(body)) => body,
-                    (Encoding::Binary, _, None) => return Err(FrameError::MissingPayload("B EVNT".into())),
+                    (Encoding::Binary, _, None) => {
+                        return Err(FrameError::MissingPayload("B EVNT".into()))
+                    }
                     (Encoding::Json, None, _) => Bytes::new(),
                 };
                 let channel = Bytes::from(event.channel);
@@ -468,9 +530,15 @@ impl Transmitter {
                     c.last_seq
                 });
                 let mut dests = Vec::new();
-                let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-                let receivers = self.publish(id, seq, ts, Kind::Mesh, &channel, &payload, &mut dests);
-                let ack = wire::EventAck { thid: Thid::of_parts(&[&channel, &payload]), receivers };
+                let ts = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64);
+                let receivers =
+                    self.publish(id, seq, ts, Kind::Mesh, &channel, &payload, &mut dests);
+                let ack = wire::EventAck {
+                    thid: Thid::of_parts(&[&channel, &payload]),
+                    receivers,
+                };
                 self.ack_when_clear(identity, reply_json(identity, cmd::ACKD, &ack), dests);
             }
             cmd::CRED => {
@@ -487,16 +555,32 @@ impl Transmitter {
 
     /// Routes one message published by local cell `origin`; returns the cells it reaches.
     #[allow(clippy::too_many_arguments)]
-    fn publish(&mut self, origin: Thid, seq: u64, ts: u64, kind: Kind, channel: &Bytes, payload: &Bytes, dests: &mut Vec<Dest>) -> u32 {
+    fn publish(
+        &mut self,
+        origin: Thid,
+        seq: u64,
+        ts: u64,
+        kind: Kind,
+        channel: &Bytes,
+        payload: &Bytes,
+        dests: &mut Vec<Dest>,
+    ) -> u32 {
         self.metrics.messages_in.with_label_values(&["cell"]).inc();
-        self.metrics.bytes_in.with_label_values(&["cell"]).inc_by(payload.len() as u64);
+        self.metrics
+            .bytes_in
+            .with_label_values(&["cell"])
+            .inc_by(payload.len() as u64);
         if payload.len() > self.args.max_message_bytes {
             self.metrics.drops.with_label_values(&["too_large"]).inc();
             let identity = self.cells.get(&origin).map(|c| c.identity.clone());
             if let Some(identity) = identity {
                 self.replies.push(error_reply(
                     &identity,
-                    &FrameError::TooLarge { size: payload.len(), limit: self.args.max_message_bytes }.to_string(),
+                    &FrameError::TooLarge {
+                        size: payload.len(),
+                        limit: self.args.max_message_bytes,
+                    }
+                    .to_string(),
                 ));
             }
             return 0;
@@ -512,7 +596,9 @@ impl Transmitter {
             self.deliver_local(*cell, kind, &origin, seq, ts, channel, payload, dests);
         }
         for (peer, targets) in &dispatch.peers {
-            self.forward(*peer, kind, &origin, seq, ts, channel, payload, targets, dests);
+            self.forward(
+                *peer, kind, &origin, seq, ts, channel, payload, targets, dests,
+            );
         }
         let receivers = dispatch.receivers;
         self.dispatch = dispatch;
@@ -520,9 +606,21 @@ impl Transmitter {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn deliver_local(&mut self, id: Thid, kind: Kind, origin: &Thid, seq: u64, ts: u64, channel: &Bytes, payload: &Bytes, dests: &mut Vec<Dest>) {
+    fn deliver_local(
+        &mut self,
+        id: Thid,
+        kind: Kind,
+        origin: &Thid,
+        seq: u64,
+        ts: u64,
+        channel: &Bytes,
+        payload: &Bytes,
+        dests: &mut Vec<Dest>,
+    ) {
         let limit = self.args.link_buffer_bytes;
-        let Some(cell) = self.cells.get_mut(&id) else { return };
+        let Some(cell) = self.cells.get_mut(&id) else {
+            return;
+        };
         if cell.events == Events::Pub {
             let mut m = ZmqMessage::from(Bytes::from(id.to_hex()));
             m.push_back(channel.clone());
@@ -530,35 +628,71 @@ impl Transmitter {
             // Best effort, as PUB is: the zeromq crate drops when a subscriber lags.
             let _ = self.publisher.send(m).now_or_never();
             self.metrics.messages_out.with_label_values(&["pub"]).inc();
-            self.metrics.bytes_out.with_label_values(&["pub"]).inc_by(payload.len() as u64);
+            self.metrics
+                .bytes_out
+                .with_label_values(&["pub"])
+                .inc_by(payload.len() as u64);
             return;
         }
-        if !cell.outbox.has_room(payload.len() + channel.len() + 64, limit) {
-            self.metrics.drops.with_label_values(&["cell_backlog"]).inc();
+        if !cell
+            .outbox
+            .has_room(payload.len() + channel.len() + 64, limit)
+        {
+            self.metrics
+                .drops
+                .with_label_values(&["cell_backlog"])
+                .inc();
             return;
         }
-        cell.outbox.writer.push(kind, origin, seq, ts, channel, payload, &[]);
+        cell.outbox
+            .writer
+            .push(kind, origin, seq, ts, channel, payload, &[]);
         self.metrics.messages_out.with_label_values(&["cell"]).inc();
-        self.metrics.bytes_out.with_label_values(&["cell"]).inc_by(payload.len() as u64);
+        self.metrics
+            .bytes_out
+            .with_label_values(&["cell"])
+            .inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Cell(id)) {
             dests.push(Dest::Cell(id));
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward(&mut self, peer: PeerId, kind: Kind, origin: &Thid, seq: u64, ts: u64, channel: &Bytes, payload: &Bytes, targets: &[Thid], dests: &mut Vec<Dest>) {
+    fn forward(
+        &mut self,
+        peer: PeerId,
+        kind: Kind,
+        origin: &Thid,
+        seq: u64,
+        ts: u64,
+        channel: &Bytes,
+        payload: &Bytes,
+        targets: &[Thid],
+        dests: &mut Vec<Dest>,
+    ) {
         let limit = self.args.link_buffer_bytes;
         let Some(p) = self.peers.get_mut(&peer) else {
             self.metrics.drops.with_label_values(&["peer_lost"]).inc();
             return;
         };
-        if !p.outbox.has_room(payload.len() + channel.len() + 64 + 20 * targets.len(), limit) {
-            self.metrics.drops.with_label_values(&["peer_backlog"]).inc();
+        if !p.outbox.has_room(
+            payload.len() + channel.len() + 64 + 20 * targets.len(),
+            limit,
+        ) {
+            self.metrics
+                .drops
+                .with_label_values(&["peer_backlog"])
+                .inc();
             return;
         }
-        p.outbox.writer.push(kind, origin, seq, ts, channel, payload, targets);
+        p.outbox
+            .writer
+            .push(kind, origin, seq, ts, channel, payload, targets);
         self.metrics.messages_out.with_label_values(&["peer"]).inc();
-        self.metrics.bytes_out.with_label_values(&["peer"]).inc_by(payload.len() as u64);
+        self.metrics
+            .bytes_out
+            .with_label_values(&["peer"])
+            .inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Peer(peer)) {
             dests.push(Dest::Peer(peer));
         }
@@ -566,7 +700,12 @@ impl Transmitter {
 
     fn ack_when_clear(&mut self, identity: &Bytes, reply: ZmqMessage, dests: Vec<Dest>) {
         if self.any_congested(&dests) {
-            self.deferred.push(Deferred { identity: identity.clone(), reply, dests, since: Instant::now() });
+            self.deferred.push(Deferred {
+                identity: identity.clone(),
+                reply,
+                dests,
+                since: Instant::now(),
+            });
         } else {
             self.replies.push(reply);
         }
@@ -581,7 +720,13 @@ impl Transmitter {
     }
 
     /// Messages from a peer's DEALER, on our ROUTER.
-    fn on_peer_inbound(&mut self, peer: PeerId, identity: &Bytes, frame: CommandFrame, body: Option<Bytes>) -> Result<(), FrameError> {
+    fn on_peer_inbound(
+        &mut self,
+        peer: PeerId,
+        identity: &Bytes,
+        frame: CommandFrame,
+        body: Option<Bytes>,
+    ) -> Result<(), FrameError> {
         if let Some(p) = self.peers.get_mut(&peer) {
             if let Some((_, heard)) = p.inbound.as_mut() {
                 *heard = Instant::now();
@@ -589,12 +734,15 @@ impl Transmitter {
         }
         let at = Location::Peer(peer);
         match &frame.cmd {
-            cmd::PING => self.replies.push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
+            cmd::PING => self
+                .replies
+                .push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
             cmd::CELL => {
                 let info: wire::CellInfo = frame.decode_json()?;
                 let body = body.ok_or_else(|| FrameError::MissingPayload("CELL".into()))?;
                 let subs = wire::decode_interest(body)?;
-                self.table.replace(at, info.id, &info.service, &info.rules, &subs);
+                self.table
+                    .replace(at, info.id, &info.service, &info.rules, &subs);
             }
             cmd::CGON => {
                 let gone: wire::CellGone = frame.decode_json()?;
@@ -607,10 +755,17 @@ impl Transmitter {
                 let mut local = std::mem::take(&mut self.scratch);
                 for e in &envelopes {
                     self.metrics.messages_in.with_label_values(&["peer"]).inc();
-                    self.metrics.bytes_in.with_label_values(&["peer"]).inc_by(e.payload.len() as u64);
-                    self.table.deliver_forwarded(&e.channel, &e.targets, &mut local);
+                    self.metrics
+                        .bytes_in
+                        .with_label_values(&["peer"])
+                        .inc_by(e.payload.len() as u64);
+                    self.table
+                        .deliver_forwarded(&e.channel, &e.targets, &mut local);
                     for cell in &local {
-                        self.deliver_local(*cell, e.kind, &e.origin, e.seq, e.ts, &e.channel, &e.payload, &mut dests);
+                        self.deliver_local(
+                            *cell, e.kind, &e.origin, e.seq, e.ts, &e.channel, &e.payload,
+                            &mut dests,
+                        );
                     }
                 }
                 self.scratch = local;
@@ -640,7 +795,17 @@ impl Transmitter {
         self.peer_ids.insert(name.to_string(), id);
         self.peers.insert(
             id,
-            Peer { name: name.to_string(), instance: None, command: None, outbox: Outbox::default(), out: None, generation: 0, connecting: false, inbound: None, left: None },
+            Peer {
+                name: name.to_string(),
+                instance: None,
+                command: None,
+                outbox: Outbox::default(),
+                out: None,
+                generation: 0,
+                connecting: false,
+                inbound: None,
+                left: None,
+            },
         );
         id
     }
@@ -649,12 +814,17 @@ impl Transmitter {
     /// instance is not reconnected even while the rendezvous still lists it.
     fn forget_peer(&mut self, peer: PeerId, left: bool) {
         let removed = self.table.remove_location(Location::Peer(peer));
-        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
         p.out = None;
         let lost = p.outbox.unconfirmed_messages();
         p.outbox = Outbox::default();
         if lost > 0 {
-            self.metrics.drops.with_label_values(&["peer_lost"]).inc_by(lost as u64);
+            self.metrics
+                .drops
+                .with_label_values(&["peer_lost"])
+                .inc_by(lost as u64);
         }
         if let Some((identity, _)) = p.inbound.take() {
             self.peer_identities.remove(&identity);
@@ -678,7 +848,10 @@ impl Transmitter {
             self.identities.remove(&cell.identity);
             let lost = cell.outbox.unconfirmed_messages();
             if lost > 0 && why != "quit" {
-                self.metrics.drops.with_label_values(&["cell_lost"]).inc_by(lost as u64);
+                self.metrics
+                    .drops
+                    .with_label_values(&["cell_lost"])
+                    .inc_by(lost as u64);
             }
             tracing::info!(cell = %id, why, "cell left");
         }
@@ -690,32 +863,63 @@ impl Transmitter {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Discovered(list) => self.on_discovered(list),
-            Event::PeerConnected { peer, generation, sender } => {
-                let Some(p) = self.peers.get_mut(&peer) else { return };
+            Event::PeerConnected {
+                peer,
+                generation,
+                sender,
+            } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
                 if p.generation != generation {
                     return;
                 }
                 p.connecting = false;
                 let lost = p.outbox.reset_inflight();
-                self.metrics.drops.with_label_values(&["peer_lost"]).inc_by(lost as u64);
-                p.out = Some(PeerOut { sender, last_heard: Instant::now(), synced: false });
+                self.metrics
+                    .drops
+                    .with_label_values(&["peer_lost"])
+                    .inc_by(lost as u64);
+                p.out = Some(PeerOut {
+                    sender,
+                    last_heard: Instant::now(),
+                    synced: false,
+                });
                 self.update_peer_gauge();
             }
             Event::PeerConnectFailed { peer, generation } => {
-                if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.generation == generation) {
+                if let Some(p) = self
+                    .peers
+                    .get_mut(&peer)
+                    .filter(|p| p.generation == generation)
+                {
                     p.connecting = false;
                 }
             }
             Event::PeerClosed { peer, generation } => {
-                if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.generation == generation) {
+                if let Some(p) = self
+                    .peers
+                    .get_mut(&peer)
+                    .filter(|p| p.generation == generation)
+                {
                     tracing::info!(peer = %p.name, "link to peer closed");
                     p.out = None;
                     p.generation += 1;
                     self.update_peer_gauge();
                 }
             }
-            Event::PeerReply { peer, generation, msg } => {
-                let Some(p) = self.peers.get_mut(&peer).filter(|p| p.generation == generation) else { return };
+            Event::PeerReply {
+                peer,
+                generation,
+                msg,
+            } => {
+                let Some(p) = self
+                    .peers
+                    .get_mut(&peer)
+                    .filter(|p| p.generation == generation)
+                else {
+                    return;
+                };
                 let Some(out) = p.out.as_mut() else { return };
                 out.last_heard = Instant::now();
                 let Some(frame) = msg.get(0).and_then(|f| CommandFrame::parse(f).ok()) else {
@@ -734,7 +938,9 @@ impl Transmitter {
                         }
                     }
                     cmd::PONG => {}
-                    cmd::ERRR => tracing::warn!(peer = %p.name, "peer error: {}", String::from_utf8_lossy(&frame.payload)),
+                    cmd::ERRR => {
+                        tracing::warn!(peer = %p.name, "peer error: {}", String::from_utf8_lossy(&frame.payload))
+                    }
                     _ => {}
                 }
             }
@@ -786,7 +992,11 @@ impl Transmitter {
         let silent: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.inbound.as_ref().is_some_and(|(_, heard)| now.duration_since(*heard) > self.expiry))
+            .filter(|(_, p)| {
+                p.inbound
+                    .as_ref()
+                    .is_some_and(|(_, heard)| now.duration_since(*heard) > self.expiry)
+            })
             .map(|(id, _)| *id)
             .collect();
         for peer in silent {
@@ -795,7 +1005,10 @@ impl Transmitter {
         }
         // Our links to peers that stopped answering get rebuilt by the next discovery.
         for p in self.peers.values_mut() {
-            if p.out.as_ref().is_some_and(|o| now.duration_since(o.last_heard) > self.expiry) {
+            if p.out
+                .as_ref()
+                .is_some_and(|o| now.duration_since(o.last_heard) > self.expiry)
+            {
                 tracing::info!(peer = %p.name, "peer not answering; dropping the link");
                 p.out = None;
                 self.metrics.peer_reconnects.inc();
@@ -816,7 +1029,13 @@ impl Transmitter {
         self.ping_peers = true;
         if self.draining.is_some() {
             for cell in self.cells.values() {
-                self.replies.push(reply_json(&cell.identity, cmd::MOVE, &wire::Reason { reason: "draining".into() }));
+                self.replies.push(reply_json(
+                    &cell.identity,
+                    cmd::MOVE,
+                    &wire::Reason {
+                        reason: "draining".into(),
+                    },
+                ));
             }
         }
         self.update_peer_gauge();
@@ -826,29 +1045,45 @@ impl Transmitter {
         if self.draining.is_some() {
             return;
         }
-        tracing::info!(cells = self.cells.len(), "draining: moving cells to other transmitters");
+        tracing::info!(
+            cells = self.cells.len(),
+            "draining: moving cells to other transmitters"
+        );
         self.draining = Some(Instant::now());
         for cell in self.cells.values() {
-            self.replies.push(reply_json(&cell.identity, cmd::MOVE, &wire::Reason { reason: "draining".into() }));
+            self.replies.push(reply_json(
+                &cell.identity,
+                cmd::MOVE,
+                &wire::Reason {
+                    reason: "draining".into(),
+                },
+            ));
         }
     }
 
     /// Done draining: every cell moved, everything sent was taken (or time is up).
     fn drained(&self, now: Instant) -> bool {
-        let Some(since) = self.draining else { return false };
+        let Some(since) = self.draining else {
+            return false;
+        };
         if now.duration_since(since) > self.expiry * 4 {
             tracing::warn!(cells = self.cells.len(), "drain timed out");
             return true;
         }
         self.cells.is_empty()
             && self.deferred.is_empty()
-            && self.peers.values().all(|p| p.out.is_none() || p.outbox.idle())
+            && self
+                .peers
+                .values()
+                .all(|p| p.out.is_none() || p.outbox.idle())
     }
 
     async fn leave(&mut self) {
         for p in self.peers.values_mut() {
             if let Some(out) = p.out.as_mut() {
-                let leav = ZmqMessage::from(CommandFrame::json(cmd::LEAV, &serde_json::json!({})).to_bytes());
+                let leav = ZmqMessage::from(
+                    CommandFrame::json(cmd::LEAV, &serde_json::json!({})).to_bytes(),
+                );
                 let _ = out.sender.send(leav).await;
             }
         }
@@ -866,12 +1101,23 @@ impl Transmitter {
             for id in dirty {
                 updates.push(match self.table.interest_of(&id) {
                     Some((service, rules, subs)) => {
-                        let header = CommandFrame::json(cmd::CELL, &wire::CellInfo { id, service: service.to_string(), rules: rules.to_vec() });
+                        let header = CommandFrame::json(
+                            cmd::CELL,
+                            &wire::CellInfo {
+                                id,
+                                service: service.to_string(),
+                                rules: rules.to_vec(),
+                            },
+                        );
                         let mut m = ZmqMessage::from(header.to_bytes());
-                        m.push_back(wire::encode_interest(subs.iter().map(|(op, k, n)| (*op, *k, &n[..]))));
+                        m.push_back(wire::encode_interest(
+                            subs.iter().map(|(op, k, n)| (*op, *k, &n[..])),
+                        ));
                         m
                     }
-                    None => ZmqMessage::from(CommandFrame::json(cmd::CGON, &wire::CellGone { id }).to_bytes()),
+                    None => ZmqMessage::from(
+                        CommandFrame::json(cmd::CGON, &wire::CellGone { id }).to_bytes(),
+                    ),
                 });
             }
             for p in self.peers.values_mut() {
@@ -890,17 +1136,37 @@ impl Transmitter {
             .map(|(id, _)| *id)
             .collect();
         for peer in unsynced {
-            let hello = CommandFrame::json(cmd::PEER, &wire::PeerHello { id: self.id, name: self.args.name.clone(), mesh: self.args.mesh.clone() });
+            let hello = CommandFrame::json(
+                cmd::PEER,
+                &wire::PeerHello {
+                    id: self.id,
+                    name: self.args.name.clone(),
+                    mesh: self.args.mesh.clone(),
+                },
+            );
             let mut msgs = vec![ZmqMessage::from(hello.to_bytes())];
             for id in self.table.local_cells() {
                 if let Some((service, rules, subs)) = self.table.interest_of(id) {
-                    let header = CommandFrame::json(cmd::CELL, &wire::CellInfo { id: *id, service: service.to_string(), rules: rules.to_vec() });
+                    let header = CommandFrame::json(
+                        cmd::CELL,
+                        &wire::CellInfo {
+                            id: *id,
+                            service: service.to_string(),
+                            rules: rules.to_vec(),
+                        },
+                    );
                     let mut m = ZmqMessage::from(header.to_bytes());
-                    m.push_back(wire::encode_interest(subs.iter().map(|(op, k, n)| (*op, *k, &n[..]))));
+                    m.push_back(wire::encode_interest(
+                        subs.iter().map(|(op, k, n)| (*op, *k, &n[..])),
+                    ));
                     msgs.push(m);
                 }
             }
-            let out = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()).expect("listed above");
+            let out = self
+                .peers
+                .get_mut(&peer)
+                .and_then(|p| p.out.as_mut())
+                .expect("listed above");
             for m in msgs {
                 let _ = out.sender.send(m).await;
             }
@@ -909,7 +1175,9 @@ impl Transmitter {
         if std::mem::take(&mut self.ping_peers) {
             for p in self.peers.values_mut() {
                 if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
-                    let ping = ZmqMessage::from(CommandFrame::json(cmd::PING, &serde_json::json!({})).to_bytes());
+                    let ping = ZmqMessage::from(
+                        CommandFrame::json(cmd::PING, &serde_json::json!({})).to_bytes(),
+                    );
                     let _ = out.sender.send(ping).await;
                 }
             }
@@ -919,7 +1187,9 @@ impl Transmitter {
         for (id, cell) in self.cells.iter_mut() {
             if let Some((_, frame, _)) = cell.outbox.take_batch() {
                 let mut m = ZmqMessage::from(cell.identity.clone());
-                m.push_back(CommandFrame::new(Encoding::Binary, cmd::DLVR, Bytes::new()).to_bytes());
+                m.push_back(
+                    CommandFrame::new(Encoding::Binary, cmd::DLVR, Bytes::new()).to_bytes(),
+                );
                 m.push_back(frame);
                 if self.router.send(m).await.is_err() {
                     failed.push(*id);
@@ -933,7 +1203,9 @@ impl Transmitter {
         for p in self.peers.values_mut() {
             if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
                 if let Some((_, frame, _)) = p.outbox.take_batch() {
-                    let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, cmd::FWRD, Bytes::new()).to_bytes());
+                    let mut m = ZmqMessage::from(
+                        CommandFrame::new(Encoding::Binary, cmd::FWRD, Bytes::new()).to_bytes(),
+                    );
                     m.push_back(frame);
                     if out.sender.send(m).await.is_err() {
                         tracing::info!(peer = %p.name, "send to peer failed; dropping the link");
@@ -946,10 +1218,13 @@ impl Transmitter {
         // Acknowledgements whose links have room again, then all replies in order.
         if !self.deferred.is_empty() {
             let deferred = std::mem::take(&mut self.deferred);
-            let (ready, waiting): (Vec<_>, Vec<_>) = deferred.into_iter().partition(|d| !self.any_congested(&d.dests));
+            let (ready, waiting): (Vec<_>, Vec<_>) = deferred
+                .into_iter()
+                .partition(|d| !self.any_congested(&d.dests));
             self.deferred = waiting;
             // Keep per-connection order: a later ack never overtakes a waiting one.
-            let blocked: HashSet<Bytes> = self.deferred.iter().map(|d| d.identity.clone()).collect();
+            let blocked: HashSet<Bytes> =
+                self.deferred.iter().map(|d| d.identity.clone()).collect();
             for d in ready {
                 if blocked.contains(&d.identity) {
                     self.deferred.push(d);
@@ -968,23 +1243,46 @@ impl Transmitter {
 /// Connects a DEALER to a peer's command socket and relays what it answers to the loop.
 /// A zeromq-crate DEALER never reconnects after its peer restarts, so a lost link ends
 /// this task and the next discovery builds a new socket.
-async fn connect_peer(peer: PeerId, generation: u64, endpoint: String, events: mpsc::Sender<Event>) {
+async fn connect_peer(
+    peer: PeerId,
+    generation: u64,
+    endpoint: String,
+    events: mpsc::Sender<Event>,
+) {
     let mut options = SocketOptions::default();
     options.connect_timeout(Duration::from_secs(2));
     let mut socket = DealerSocket::with_options(options);
     if let Err(e) = socket.connect(&endpoint).await {
         tracing::debug!(%endpoint, "connecting to peer failed: {e}");
-        let _ = events.send(Event::PeerConnectFailed { peer, generation }).await;
+        let _ = events
+            .send(Event::PeerConnectFailed { peer, generation })
+            .await;
         return;
     }
     let (sender, mut receiver) = socket.split();
-    if events.send(Event::PeerConnected { peer, generation, sender }).await.is_err() {
+    if events
+        .send(Event::PeerConnected {
+            peer,
+            generation,
+            sender,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
     loop {
         match receiver.recv().await {
             Ok(msg) => {
-                if events.send(Event::PeerReply { peer, generation, msg }).await.is_err() {
+                if events
+                    .send(Event::PeerReply {
+                        peer,
+                        generation,
+                        msg,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
