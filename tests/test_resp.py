@@ -143,7 +143,7 @@ def test_bad_input_gets_errors_and_loses_nothing_else(start_mesh):
 
 
 def test_slow_subscriber_is_bounded_counted_and_alone(start_mesh):
-    extra = "  limits: {clientOutputBufferBytes: 1048576}\n"
+    extra = "  limits: {clientOutputBufferBytes: 4194304}\n"
     mesh = start_mesh(mesh_yaml(replicas=2, services=[("s", [])], extra=extra), cells={"s": 2})
     slow_cell, fast_cell = mesh.cell("s-0"), mesh.cell("s-1")
     # The slow subscriber subscribes and then never reads.
@@ -156,29 +156,23 @@ def test_slow_subscriber_is_bounded_counted_and_alone(start_mesh):
     until_routed(publisher, "firehose", 2)
     n = 4000
     payload = b"m:" + b"x" * 2000
-    for i in range(0, n, 200):
+    for i in range(0, n, 100):
         p = publisher.pipeline(transaction=False)
-        for _ in range(200):
+        for _ in range(100):
             p.publish("firehose", payload)
         p.execute()
-        fast.poll(timeout=0)
-        fast_elsewhere.poll(timeout=0)
+        # The others read as they go: their queues stay far below the limit.
+        fast.poll(timeout=0.01)
+        fast_elsewhere.poll(timeout=0.01)
     fast.wait_count(n, prefix=b"m:", timeout=60)
     fast_elsewhere.wait_count(n, prefix=b"m:", timeout=60)
     m = wait_for(
         lambda: (lambda m: m if m['thynapse_sidecar_drops_total{reason="slow_subscriber"}'] >= 1 else None)(metrics(slow_cell["metrics"])),
         what="slow subscriber drop counted",
     )
-    assert m['thynapse_sidecar_client_disconnects_total{reason="slow_subscriber"}'] >= 1
-    # Its connection was closed once the buffer limit was reached; memory stayed bounded.
-    slow.settimeout(5)
-    received = 0
-    while True:
-        chunk = slow.recv(1 << 16)
-        if not chunk:
-            break
-        received += len(chunk)
-    assert received < n * len(payload), "the slow subscriber was cut off, not buffered without bound"
+    assert m['thynapse_sidecar_client_disconnects_total{reason="slow_subscriber"}'] == 1, "only the slow one"
+    # The sidecar let go of it (its queue is gone); the fast client on the same cell stays.
+    wait_for(lambda: metrics(slow_cell["metrics"])["thynapse_sidecar_clients"] == 1, what="slow client dropped")
     slow.close()
 
 

@@ -115,8 +115,11 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         }
         c.flush_ready();
         if !c.out.is_empty() {
-            if socket.write_all(&c.out).await.is_err() {
-                break;
+            // A client that stopped reading blocks this write: the hub's kill switch
+            // still ends it, so its socket and queue are released.
+            tokio::select! {
+                written = socket.write_all(&c.out) => if written.is_err() { break },
+                _ = kill.notified() => break,
             }
             c.out.clear();
         }
