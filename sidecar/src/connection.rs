@@ -263,6 +263,13 @@ impl Client {
         self.pending.push_back(Pending::Ready(r));
     }
 
+    fn set_of(&mut self, kind: SubKind) -> &mut BTreeSet<Bytes> {
+        match kind {
+            SubKind::Channel => &mut self.channels,
+            SubKind::Pattern => &mut self.patterns,
+        }
+    }
+
     fn subscribed(&self) -> bool {
         !self.channels.is_empty() || !self.patterns.is_empty()
     }
@@ -393,11 +400,7 @@ impl Client {
                 let names: Vec<Bytes> = args[1..].to_vec();
                 let mut new = Vec::new();
                 for n in &names {
-                    let set = if kind == SubKind::Channel {
-                        &mut self.channels
-                    } else {
-                        &mut self.patterns
-                    };
+                    let set = self.set_of(kind);
                     if set.insert(n.clone()) {
                         new.push(n.clone());
                     }
@@ -423,11 +426,7 @@ impl Client {
                 } else {
                     let mut gone = Vec::new();
                     for n in &args[1..] {
-                        let set = if kind == SubKind::Channel {
-                            &mut self.channels
-                        } else {
-                            &mut self.patterns
-                        };
+                        let set = self.set_of(kind);
                         if set.remove(n) {
                             gone.push(n.clone());
                         }
@@ -492,11 +491,7 @@ impl Client {
     }
 
     async fn unsubscribe_all(&mut self, kind: SubKind, shared: &Shared, reply: bool) {
-        let set = if kind == SubKind::Channel {
-            std::mem::take(&mut self.channels)
-        } else {
-            std::mem::take(&mut self.patterns)
-        };
+        let set = std::mem::take(self.set_of(kind));
         let verb = if kind == SubKind::Channel {
             "unsubscribe"
         } else {

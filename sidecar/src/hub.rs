@@ -134,13 +134,29 @@ enum LinkEvent {
     Closed(u64),
 }
 
+/// The cell's subscriptions, each with the clients that hold it.
+#[derive(Default)]
+struct Subscriptions {
+    channels: HashMap<Bytes, HashSet<ClientId>>,
+    patterns: HashMap<Bytes, HashSet<ClientId>>,
+}
+
+impl Subscriptions {
+    /// The subscriptions of one kind, and what the transmitter calls that kind.
+    fn of(&mut self, kind: SubKind) -> (&mut HashMap<Bytes, HashSet<ClientId>>, Interest) {
+        match kind {
+            SubKind::Channel => (&mut self.channels, Interest::Channel),
+            SubKind::Pattern => (&mut self.patterns, Interest::Pattern),
+        }
+    }
+}
+
 pub struct Hub {
     cfg: HubConfig,
     id: Thid,
     metrics: Metrics,
     clients: HashMap<ClientId, ClientHandle>,
-    channels: HashMap<Bytes, HashSet<ClientId>>,
-    patterns: HashMap<Bytes, HashSet<ClientId>>,
+    subs: Subscriptions,
     /// Subscription changes for the transmitter, sent at the next flush.
     interest: Vec<(Op, Interest, Bytes)>,
     next_seq: u64,
@@ -178,8 +194,7 @@ impl Hub {
             id: Thid::random(),
             metrics,
             clients: HashMap::new(),
-            channels: HashMap::new(),
-            patterns: HashMap::new(),
+            subs: Subscriptions::default(),
             interest: Vec::new(),
             next_seq: 1,
             unacked: VecDeque::new(),
@@ -244,10 +259,7 @@ impl Hub {
             HubCmd::Unregister(id) => self.remove_client(id),
             HubCmd::Subscribe(client, kind, names) => {
                 for name in names {
-                    let (map, interest) = match kind {
-                        SubKind::Channel => (&mut self.channels, Interest::Channel),
-                        SubKind::Pattern => (&mut self.patterns, Interest::Pattern),
-                    };
+                    let (map, interest) = self.subs.of(kind);
                     let set = map.entry(name.clone()).or_default();
                     if set.is_empty() {
                         self.interest.push((Op::Add, interest, name));
@@ -282,6 +294,7 @@ impl Hub {
             }
             HubCmd::Channels(pattern, reply) => {
                 let mut names: Vec<Bytes> = self
+                    .subs
                     .channels
                     .keys()
                     .filter(|c| pattern.as_ref().is_none_or(|p| glob::matches(p, c)))
@@ -293,21 +306,18 @@ impl Hub {
             HubCmd::NumSub(names, reply) => {
                 let counts = names
                     .iter()
-                    .map(|n| self.channels.get(n).map_or(0, |s| s.len() as i64))
+                    .map(|n| self.subs.channels.get(n).map_or(0, |s| s.len() as i64))
                     .collect();
                 let _ = reply.send(counts);
             }
             HubCmd::NumPat(reply) => {
-                let _ = reply.send(self.patterns.values().map(|s| s.len() as i64).sum());
+                let _ = reply.send(self.subs.patterns.values().map(|s| s.len() as i64).sum());
             }
         }
     }
 
     fn unsubscribe(&mut self, client: ClientId, kind: SubKind, name: &Bytes) {
-        let (map, interest) = match kind {
-            SubKind::Channel => (&mut self.channels, Interest::Channel),
-            SubKind::Pattern => (&mut self.patterns, Interest::Pattern),
-        };
+        let (map, interest) = self.subs.of(kind);
         if let Some(set) = map.get_mut(name) {
             if set.remove(&client) && set.is_empty() {
                 map.remove(name);
@@ -319,30 +329,25 @@ impl Hub {
     fn update_subscription_gauge(&self) {
         self.metrics
             .subscriptions
-            .set((self.channels.len() + self.patterns.len()) as i64);
+            .set((self.subs.channels.len() + self.subs.patterns.len()) as i64);
     }
 
     fn remove_client(&mut self, id: ClientId) {
         if self.clients.remove(&id).is_none() {
             return;
         }
-        let channels: Vec<Bytes> = self
-            .channels
-            .iter()
-            .filter(|(_, s)| s.contains(&id))
-            .map(|(c, _)| c.clone())
-            .collect();
-        for c in channels {
-            self.unsubscribe(id, SubKind::Channel, &c);
-        }
-        let patterns: Vec<Bytes> = self
-            .patterns
-            .iter()
-            .filter(|(_, s)| s.contains(&id))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for p in patterns {
-            self.unsubscribe(id, SubKind::Pattern, &p);
+        for kind in [SubKind::Channel, SubKind::Pattern] {
+            let names: Vec<Bytes> = self
+                .subs
+                .of(kind)
+                .0
+                .iter()
+                .filter(|(_, s)| s.contains(&id))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in names {
+                self.unsubscribe(id, kind, &name);
+            }
         }
         self.metrics.clients.set(self.clients.len() as i64);
         self.update_subscription_gauge();
@@ -492,6 +497,7 @@ impl Hub {
                 .latency
                 .observe(now.saturating_sub(e.ts) as f64 / 1e6);
             let subscribers: Vec<ClientId> = self
+                .subs
                 .channels
                 .get(&e.channel)
                 .map(|s| s.iter().copied().collect())
@@ -509,6 +515,7 @@ impl Hub {
                 }
             }
             let matches: Vec<(Bytes, Vec<ClientId>)> = self
+                .subs
                 .patterns
                 .iter()
                 .filter(|(p, _)| glob::matches(p, &e.channel))
@@ -630,11 +637,13 @@ impl Hub {
         };
         let mut msgs = vec![json_frame(cmd::HELO, &hello)];
         let subs: Vec<(Op, Interest, &[u8])> = self
+            .subs
             .channels
             .keys()
             .map(|c| (Op::Add, Interest::Channel, &c[..]))
             .chain(
-                self.patterns
+                self.subs
+                    .patterns
                     .keys()
                     .map(|p| (Op::Add, Interest::Pattern, &p[..])),
             )

@@ -1,4 +1,5 @@
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Registry};
+use thynapse_telemetry::{counter, counter_vec, gauge};
 
 /// The sidecar's Prometheus metrics (`thynapse_sidecar_*`).
 #[derive(Clone)]
@@ -22,21 +23,6 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            r.register(Box::new(g.clone())).expect("unique metric");
-            g
-        };
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
         let latency = Histogram::with_opts(
             HistogramOpts::new(
                 "thynapse_sidecar_delivery_latency_seconds",
@@ -49,41 +35,50 @@ impl Metrics {
             .expect("unique metric");
         let m = Metrics {
             messages_in: counter(
+                &r,
                 "thynapse_sidecar_messages_in_total",
                 "Messages published by this cell's clients.",
             ),
             bytes_in: counter(
+                &r,
                 "thynapse_sidecar_bytes_in_total",
                 "Payload bytes published by this cell's clients.",
             ),
             messages_out: counter(
+                &r,
                 "thynapse_sidecar_messages_out_total",
                 "Messages delivered to this cell's clients.",
             ),
             bytes_out: counter(
+                &r,
                 "thynapse_sidecar_bytes_out_total",
                 "Payload bytes delivered to this cell's clients.",
             ),
             drops: counter_vec(
+                &r,
                 "thynapse_sidecar_drops_total",
                 "Messages dropped, by reason.",
                 "reason",
             ),
             duplicates: counter(
+                &r,
                 "thynapse_sidecar_duplicates_suppressed_total",
                 "Messages received twice (while moving between transmitters) and delivered once.",
             ),
-            clients: gauge("thynapse_sidecar_clients", "Connected Redis clients."),
+            clients: gauge(&r, "thynapse_sidecar_clients", "Connected Redis clients."),
             subscriptions: gauge(
+                &r,
                 "thynapse_sidecar_subscriptions",
                 "Distinct channels and patterns subscribed by this cell.",
             ),
             disconnects: counter_vec(
+                &r,
                 "thynapse_sidecar_client_disconnects_total",
                 "Clients disconnected by the sidecar, by reason.",
                 "reason",
             ),
             reconnects: counter(
+                &r,
                 "thynapse_sidecar_transmitter_reconnects_total",
                 "Times this cell moved to another transmitter.",
             ),

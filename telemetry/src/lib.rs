@@ -42,3 +42,35 @@ pub async fn serve_metrics(addr: SocketAddr, registry: Registry) -> std::io::Res
     });
     Ok(bound)
 }
+
+/// Creates a counter and registers it; names are fixed at compile time, so a failure is
+/// a programming error.
+pub fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::IntCounter {
+    let c = prometheus::IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+pub fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::IntGauge {
+    let g = prometheus::IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+pub fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> prometheus::IntCounterVec {
+    let c = prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), &[label])
+        .expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}

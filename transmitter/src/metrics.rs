@@ -1,4 +1,5 @@
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
+use thynapse_telemetry::{counter, counter_vec, gauge};
 
 /// The transmitter's Prometheus metrics (`thynapse_transmitter_*`).
 #[derive(Clone)]
@@ -15,25 +16,9 @@ pub struct Metrics {
     pub peer_reconnects: IntCounter,
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
-}
-
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            r.register(Box::new(g.clone())).expect("unique metric");
-            g
-        };
         let m = Metrics {
             messages_in: counter_vec(
                 &r,
@@ -66,18 +51,22 @@ impl Metrics {
                 "reason",
             ),
             malformed: counter(
+                &r,
                 "thynapse_transmitter_malformed_frames_total",
                 "Frames that could not be read; each got an ERRR reply.",
             ),
             cells: gauge(
+                &r,
                 "thynapse_transmitter_cells",
                 "Cells connected to this transmitter.",
             ),
             peers: gauge(
+                &r,
                 "thynapse_transmitter_peers",
                 "Peer transmitters this one forwards to.",
             ),
             peer_reconnects: counter(
+                &r,
                 "thynapse_transmitter_peer_reconnects_total",
                 "Times a link to a peer transmitter was rebuilt.",
             ),

@@ -456,15 +456,8 @@ impl Transmitter {
                     self.peer_identities.remove(&old);
                 }
                 self.peer_identities.insert(identity.clone(), peer);
-                self.replies.push(reply_json(
-                    identity,
-                    cmd::PWLC,
-                    &wire::PeerHello {
-                        id: self.id,
-                        name: self.args.name.clone(),
-                        mesh: self.args.mesh.clone(),
-                    },
-                ));
+                self.replies
+                    .push(reply_json(identity, cmd::PWLC, &self.peer_hello()));
                 return Ok(());
             }
             _ => {}
@@ -1092,6 +1085,36 @@ impl Transmitter {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    fn peer_hello(&self) -> wire::PeerHello {
+        wire::PeerHello {
+            id: self.id,
+            name: self.args.name.clone(),
+            mesh: self.args.mesh.clone(),
+        }
+    }
+
+    /// What peers must hear of local cell `id`: its whole interest (CELL), or that it is
+    /// gone (CGON).
+    fn interest_message(&self, id: Thid) -> ZmqMessage {
+        match self.table.interest_of(&id) {
+            Some((service, rules, subs)) => {
+                let info = wire::CellInfo {
+                    id,
+                    service: service.to_string(),
+                    rules: rules.to_vec(),
+                };
+                let mut m = ZmqMessage::from(CommandFrame::json(cmd::CELL, &info).to_bytes());
+                m.push_back(wire::encode_interest(
+                    subs.iter().map(|(op, k, n)| (*op, *k, &n[..])),
+                ));
+                m
+            }
+            None => {
+                ZmqMessage::from(CommandFrame::json(cmd::CGON, &wire::CellGone { id }).to_bytes())
+            }
+        }
+    }
+
     /// Sends everything that accumulated: interest changes, batches, replies.
     async fn flush(&mut self) {
         // Interest first, so a peer knows a cell before messages for it could arrive.
@@ -1099,26 +1122,7 @@ impl Transmitter {
             let dirty: Vec<Thid> = self.dirty.drain().collect();
             let mut updates = Vec::with_capacity(dirty.len());
             for id in dirty {
-                updates.push(match self.table.interest_of(&id) {
-                    Some((service, rules, subs)) => {
-                        let header = CommandFrame::json(
-                            cmd::CELL,
-                            &wire::CellInfo {
-                                id,
-                                service: service.to_string(),
-                                rules: rules.to_vec(),
-                            },
-                        );
-                        let mut m = ZmqMessage::from(header.to_bytes());
-                        m.push_back(wire::encode_interest(
-                            subs.iter().map(|(op, k, n)| (*op, *k, &n[..])),
-                        ));
-                        m
-                    }
-                    None => ZmqMessage::from(
-                        CommandFrame::json(cmd::CGON, &wire::CellGone { id }).to_bytes(),
-                    ),
-                });
+                updates.push(self.interest_message(id));
             }
             for p in self.peers.values_mut() {
                 if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
@@ -1136,32 +1140,13 @@ impl Transmitter {
             .map(|(id, _)| *id)
             .collect();
         for peer in unsynced {
-            let hello = CommandFrame::json(
-                cmd::PEER,
-                &wire::PeerHello {
-                    id: self.id,
-                    name: self.args.name.clone(),
-                    mesh: self.args.mesh.clone(),
-                },
-            );
+            let hello = CommandFrame::json(cmd::PEER, &self.peer_hello());
             let mut msgs = vec![ZmqMessage::from(hello.to_bytes())];
-            for id in self.table.local_cells() {
-                if let Some((service, rules, subs)) = self.table.interest_of(id) {
-                    let header = CommandFrame::json(
-                        cmd::CELL,
-                        &wire::CellInfo {
-                            id: *id,
-                            service: service.to_string(),
-                            rules: rules.to_vec(),
-                        },
-                    );
-                    let mut m = ZmqMessage::from(header.to_bytes());
-                    m.push_back(wire::encode_interest(
-                        subs.iter().map(|(op, k, n)| (*op, *k, &n[..])),
-                    ));
-                    msgs.push(m);
-                }
-            }
+            msgs.extend(
+                self.table
+                    .local_cells()
+                    .map(|id| self.interest_message(*id)),
+            );
             let out = self
                 .peers
                 .get_mut(&peer)
