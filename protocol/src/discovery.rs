@@ -2,6 +2,11 @@
 //! rate; an announcement expires after `rate × multiplier`. The rendezvous answers every
 //! datagram with the live transmitters of the mesh, so its whole state can be rebuilt
 //! from announcements after a restart.
+//!
+//! Rooms are placed here too (hubsub's central server): a cell asks where a room lives
+//! (`locate`); the rendezvous places a new room on the least busy live transmitters, tells
+//! them (`hosting`), and hands the room out once they confirm it in their announcements.
+//! Placements are rebuilt from those announcements after a restart as well.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,9 +28,19 @@ pub struct TransmitterInfo {
     /// Messages routed per second, smoothed.
     #[serde(default)]
     pub rate: f64,
-    /// A draining transmitter takes no new cells.
+    /// A draining transmitter takes no new cells and no new rooms.
     #[serde(default)]
     pub draining: bool,
+    /// Rooms hosted now.
+    #[serde(default)]
+    pub rooms: u32,
+}
+
+/// One room and every transmitter that hosts it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    pub room: String,
+    pub hosts: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,6 +52,9 @@ pub enum Datagram {
         interval_ms: u64,
         multiplier: u32,
         transmitter: TransmitterInfo,
+        /// Rooms this transmitter hosts: its confirmation of `hosting`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rooms: Vec<String>,
     },
     /// Cell → rendezvous: who is live?
     Query { mesh: String },
@@ -45,7 +63,21 @@ pub enum Datagram {
         mesh: String,
         transmitters: Vec<TransmitterInfo>,
     },
-    /// Rendezvous → anyone: the datagram could not be read.
+    /// Rendezvous → transmitter, after each announcement and whenever a placement changes:
+    /// the rooms it must host, each with all of its hosts.
+    Hosting { mesh: String, rooms: Vec<Placement> },
+    /// Cell → rendezvous: where does `room` live? Places it when it is new.
+    Locate { mesh: String, room: String },
+    /// Rendezvous → cell: the live transmitters that host `room` and confirmed it; none
+    /// while a new placement waits for confirmation (ask again).
+    Room {
+        mesh: String,
+        room: String,
+        replicas: u32,
+        transmitters: Vec<TransmitterInfo>,
+    },
+    /// Rendezvous → anyone: the datagram could not be read, or its request is refused
+    /// (for example an undeclared room in a mesh that forbids them).
     Error { error: String },
 }
 
@@ -61,6 +93,13 @@ impl Datagram {
 
 /// Largest datagram we send or accept; a Peers answer lists ~150 transmitters within it.
 pub const MAX_DATAGRAM: usize = 60_000;
+
+/// Room names (UTF-8) longer than this are refused, so placements fit in datagrams.
+pub const MAX_ROOM_NAME: usize = 200;
+
+/// Bytes of room placements one transmitter may be given, so that its announcement and
+/// its `hosting` datagram stay within [`MAX_DATAGRAM`].
+pub const MAX_HOSTING_BYTES: usize = 40_000;
 
 #[cfg(test)]
 mod tests {

@@ -56,6 +56,10 @@ pub struct Hello {
     /// Reserved for mesh authentication (the zeromq crate has no CURVE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Set on a room session: the connection carries shard channels of this room only,
+    /// and the transmitter must host it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
 }
 
 /// `J WLCM`: the transmitter's answer to HELO.

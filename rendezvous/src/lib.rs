@@ -5,6 +5,8 @@
 //! It keeps nothing that announcements cannot rebuild: after a restart it knows every
 //! live transmitter again within one announce interval.
 
+pub mod placement;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,23 +14,31 @@ use std::time::{Duration, Instant};
 use thynapse_protocol::discovery::{Datagram, TransmitterInfo, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
 
-/// The live transmitters of one mesh. Pure: time is passed in.
+use crate::placement::{RoomPolicy, Rooms};
+
+/// The live transmitters of one mesh, and where each announces from. Pure: time is
+/// passed in.
 #[derive(Default)]
 pub struct Directory {
-    entries: HashMap<String, (TransmitterInfo, Instant)>,
+    entries: HashMap<String, (TransmitterInfo, Instant, SocketAddr)>,
 }
 
 impl Directory {
-    pub fn announce(&mut self, info: TransmitterInfo, now: Instant, ttl: Duration) {
-        self.entries.insert(info.name.clone(), (info, now + ttl));
+    pub fn announce(&mut self, info: TransmitterInfo, from: SocketAddr, now: Instant, ttl: Duration) {
+        self.entries.insert(info.name.clone(), (info, now + ttl, from));
     }
 
     /// Live transmitters by name, forgetting expired ones.
     pub fn live(&mut self, now: Instant) -> Vec<TransmitterInfo> {
-        self.entries.retain(|_, (_, expires)| *expires > now);
-        let mut out: Vec<_> = self.entries.values().map(|(i, _)| i.clone()).collect();
+        self.entries.retain(|_, (_, expires, _)| *expires > now);
+        let mut out: Vec<_> = self.entries.values().map(|(i, _, _)| i.clone()).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// The address a transmitter announces from: where its `hosting` datagrams go.
+    pub fn address(&self, name: &str) -> Option<SocketAddr> {
+        self.entries.get(name).map(|(_, _, a)| *a)
     }
 }
 
@@ -40,6 +50,28 @@ pub struct Args {
     /// UDP address to bind (loopback by default; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub bind: SocketAddr,
+    /// A declared room and its replicas, `NAME=REPLICAS` (repeat for each Room).
+    #[arg(long = "room", value_parser = parse_room)]
+    pub rooms: Vec<(String, u32)>,
+    /// Replicas of a room created on demand (spec.rooms.defaultReplicas).
+    #[arg(long, default_value_t = 2)]
+    pub default_replicas: u32,
+    /// Refuse rooms that are not declared (spec.rooms.allowUndeclared: false).
+    #[arg(long)]
+    pub forbid_undeclared: bool,
+}
+
+fn parse_room(s: &str) -> Result<(String, u32), String> {
+    let (name, replicas) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected NAME=REPLICAS, got {s:?}"))?;
+    let replicas: u32 = replicas
+        .parse()
+        .map_err(|_| format!("replicas of room {name:?} must be a positive integer"))?;
+    if name.is_empty() || replicas == 0 {
+        return Err(format!("bad room {s:?}: a name and at least 1 replica"));
+    }
+    Ok((name.to_string(), replicas))
 }
 
 /// A UDP socket through socket2, so a restarted rendezvous can take its port back at once.
@@ -52,6 +84,122 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+struct Server {
+    mesh: String,
+    socket: UdpSocket,
+    dir: Directory,
+    rooms: Rooms,
+}
+
+impl Server {
+    /// Tells each named transmitter the rooms it must host.
+    async fn push_hosting(&self, names: &[String]) {
+        for name in names {
+            if let Some(addr) = self.dir.address(name) {
+                let d = Datagram::Hosting {
+                    mesh: self.mesh.clone(),
+                    rooms: self.rooms.hosting(name),
+                };
+                let _ = self.socket.send_to(&d.to_bytes(), addr).await;
+            }
+        }
+    }
+
+    async fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        let now = Instant::now();
+        let mut push = Vec::new();
+        let replies = match Datagram::parse(bytes) {
+            Ok(Datagram::Announce {
+                mesh,
+                interval_ms,
+                multiplier,
+                transmitter,
+                rooms,
+            }) if mesh == self.mesh => {
+                let ttl = Duration::from_millis(interval_ms.max(1) * multiplier.max(1) as u64);
+                if self.dir.address(&transmitter.name).is_none() {
+                    tracing::info!(name = %transmitter.name, command = %transmitter.command, "transmitter joined");
+                }
+                let name = transmitter.name.clone();
+                self.rooms.announced(&transmitter, &rooms);
+                self.dir.announce(transmitter, from, now, ttl);
+                let hosting = self.rooms.hosting(&name);
+                let mut replies = vec![Datagram::Peers {
+                    mesh: mesh.clone(),
+                    transmitters: self.dir.live(now),
+                }];
+                if !hosting.is_empty() || !rooms.is_empty() {
+                    replies.push(Datagram::Hosting {
+                        mesh,
+                        rooms: hosting,
+                    });
+                }
+                replies
+            }
+            Ok(Datagram::Query { mesh }) if mesh == self.mesh => vec![Datagram::Peers {
+                mesh,
+                transmitters: self.dir.live(now),
+            }],
+            Ok(Datagram::Locate { mesh, room }) if mesh == self.mesh => {
+                let live = self.dir.live(now);
+                match self.rooms.locate(&room, &live) {
+                    Ok((located, assigned)) => {
+                        if !assigned.is_empty() {
+                            tracing::info!(%room, hosts = ?assigned, "room placed");
+                            push = self
+                                .rooms
+                                .hosting_of(&room)
+                                .unwrap_or_default();
+                        }
+                        let transmitters = located
+                            .hosts
+                            .iter()
+                            .filter_map(|h| live.iter().find(|t| &t.name == h).cloned())
+                            .collect();
+                        vec![Datagram::Room {
+                            mesh,
+                            room,
+                            replicas: located.replicas,
+                            transmitters,
+                        }]
+                    }
+                    Err(e) => vec![Datagram::Error {
+                        error: e.to_string(),
+                    }],
+                }
+            }
+            Ok(Datagram::Announce { mesh, .. })
+            | Ok(Datagram::Query { mesh })
+            | Ok(Datagram::Locate { mesh, .. }) => vec![Datagram::Error {
+                error: format!("this rendezvous serves mesh {:?}, not {mesh:?}", self.mesh),
+            }],
+            Ok(_) => vec![Datagram::Error {
+                error: "expected an announce, a query or a locate".into(),
+            }],
+            Err(e) => {
+                tracing::warn!(%from, "bad datagram: {e}");
+                vec![Datagram::Error {
+                    error: format!("bad datagram: {e}"),
+                }]
+            }
+        };
+        for reply in replies {
+            let _ = self.socket.send_to(&reply.to_bytes(), from).await;
+        }
+        self.push_hosting(&push).await;
+    }
+
+    /// Forgets hosts that stopped announcing and re-places their rooms.
+    async fn reconcile(&mut self) {
+        let live = self.dir.live(Instant::now());
+        let touched = self.rooms.reconcile(&live);
+        if !touched.is_empty() {
+            tracing::info!(transmitters = ?touched, "rooms re-placed");
+            self.push_hosting(&touched).await;
+        }
+    }
+}
+
 /// Serves until the task is dropped. Prints `READY {"address": …}` on stdout once bound.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let socket = bind_udp(args.bind)?;
@@ -60,47 +208,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "READY {}",
         serde_json::json!({ "address": format!("udp://{local}") })
     );
-    tracing::info!(mesh = %args.mesh, %local, "rendezvous listening");
-    let mut dir = Directory::default();
+    tracing::info!(mesh = %args.mesh, %local, rooms = args.rooms.len(), "rendezvous listening");
+    let policy = RoomPolicy {
+        declared: args.rooms.iter().cloned().collect(),
+        default_replicas: args.default_replicas.max(1),
+        allow_undeclared: !args.forbid_undeclared,
+    };
+    let mut server = Server {
+        rooms: Rooms::new(&args.mesh, policy),
+        mesh: args.mesh,
+        socket,
+        dir: Directory::default(),
+    };
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Frequent enough that a room is re-placed well within one announcement expiry.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (n, from) = socket.recv_from(&mut buf).await?;
-        let now = Instant::now();
-        let reply = match Datagram::parse(&buf[..n]) {
-            Ok(Datagram::Announce {
-                mesh,
-                interval_ms,
-                multiplier,
-                transmitter,
-            }) if mesh == args.mesh => {
-                let ttl = Duration::from_millis(interval_ms.max(1) * multiplier.max(1) as u64);
-                if !dir.entries.contains_key(&transmitter.name) {
-                    tracing::info!(name = %transmitter.name, command = %transmitter.command, "transmitter joined");
-                }
-                dir.announce(transmitter, now, ttl);
-                Datagram::Peers {
-                    mesh,
-                    transmitters: dir.live(now),
-                }
+        tokio::select! {
+            got = server.socket.recv_from(&mut buf) => {
+                let (n, from) = got?;
+                server.on_datagram(&buf[..n], from).await;
             }
-            Ok(Datagram::Query { mesh }) if mesh == args.mesh => Datagram::Peers {
-                mesh,
-                transmitters: dir.live(now),
-            },
-            Ok(Datagram::Announce { mesh, .. }) | Ok(Datagram::Query { mesh }) => Datagram::Error {
-                error: format!("this rendezvous serves mesh {:?}, not {mesh:?}", args.mesh),
-            },
-            Ok(_) => Datagram::Error {
-                error: "expected an announce or a query".into(),
-            },
-            Err(e) => {
-                tracing::warn!(%from, "bad datagram: {e}");
-                Datagram::Error {
-                    error: format!("bad datagram: {e}"),
-                }
-            }
-        };
-        let _ = socket.send_to(&reply.to_bytes(), from).await;
+            _ = tick.tick() => server.reconcile().await,
+        }
     }
 }
 
@@ -119,7 +250,17 @@ mod tests {
             cells: 0,
             rate: 0.0,
             draining: false,
+            rooms: 0,
         }
+    }
+
+    #[test]
+    fn room_flags_parse() {
+        assert_eq!(parse_room("lobby=3"), Ok(("lobby".to_string(), 3)));
+        assert_eq!(parse_room("a=b=1"), Ok(("a=b".to_string(), 1)));
+        assert!(parse_room("lobby").is_err());
+        assert!(parse_room("lobby=0").is_err());
+        assert!(parse_room("=2").is_err());
     }
 
     #[test]
@@ -127,11 +268,12 @@ mod tests {
         let mut d = Directory::default();
         let t0 = Instant::now();
         let ttl = Duration::from_millis(1500);
-        d.announce(info("b"), t0, ttl);
-        d.announce(info("a"), t0, ttl);
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        d.announce(info("b"), from, t0, ttl);
+        d.announce(info("a"), from, t0, ttl);
         let names = |v: Vec<TransmitterInfo>| v.into_iter().map(|i| i.name).collect::<Vec<_>>();
         assert_eq!(names(d.live(t0)), ["a", "b"]);
-        d.announce(info("a"), t0 + Duration::from_millis(1000), ttl);
+        d.announce(info("a"), from, t0 + Duration::from_millis(1000), ttl);
         assert_eq!(names(d.live(t0 + Duration::from_millis(2000))), ["a"]);
         assert!(d.live(t0 + Duration::from_millis(3000)).is_empty());
     }

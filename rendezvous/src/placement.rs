@@ -1,0 +1,414 @@
+//! Room placement (pure: the live transmitters are passed in).
+//!
+//! A room is placed on the `replicas` least busy live transmitters that are not draining.
+//! **Busy** is the number of rooms a transmitter hosts plus its recent message rate in
+//! units of [`RATE_PER_ROOM`] (so 2,000 msg/s weigh as much as two more rooms); ties go
+//! to the name, so every rendezvous point with the same view places the same way.
+//!
+//! A host is first *assigned*, then *confirmed* when its announcement lists the room;
+//! cells are only given confirmed hosts. A host that stops announcing, or comes back as
+//! a new instance, loses its rooms, and each room below its replicas is topped up from
+//! the live transmitters. A transmitter that joins later is the least busy one, so it
+//! takes new rooms first; rooms already placed stay where they are.
+
+use std::collections::{BTreeMap, HashMap};
+
+use thynapse_protocol::discovery::{
+    Placement, TransmitterInfo, MAX_HOSTING_BYTES, MAX_ROOM_NAME,
+};
+use thynapse_protocol::Thid;
+
+/// Messages per second that weigh as much as hosting one more room.
+pub const RATE_PER_ROOM: f64 = 1000.0;
+
+/// What the mesh allows: its declared rooms and what to do with the others.
+#[derive(Clone, Debug)]
+pub struct RoomPolicy {
+    pub declared: BTreeMap<String, u32>,
+    pub default_replicas: u32,
+    pub allow_undeclared: bool,
+}
+
+impl Default for RoomPolicy {
+    fn default() -> Self {
+        RoomPolicy {
+            declared: BTreeMap::new(),
+            default_replicas: 2,
+            allow_undeclared: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Host {
+    name: String,
+    instance: Thid,
+    confirmed: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Room {
+    replicas: u32,
+    hosts: Vec<Host>,
+}
+
+/// Why a room cannot be handed out.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum PlaceError {
+    #[error("room {0:?} is not declared and mesh {1:?} does not allow undeclared rooms (spec.rooms.allowUndeclared: false)")]
+    Undeclared(String, String),
+    #[error("room name must be 1 to {MAX_ROOM_NAME} bytes of UTF-8")]
+    BadName,
+}
+
+/// The answer to a `locate`.
+#[derive(Debug, PartialEq)]
+pub struct Located {
+    pub replicas: u32,
+    /// Live, confirmed, not draining; empty while a placement waits for confirmation.
+    pub hosts: Vec<String>,
+}
+
+pub struct Rooms {
+    mesh: String,
+    policy: RoomPolicy,
+    rooms: BTreeMap<String, Room>,
+}
+
+impl Rooms {
+    pub fn new(mesh: &str, policy: RoomPolicy) -> Self {
+        Rooms {
+            mesh: mesh.to_string(),
+            policy,
+            rooms: BTreeMap::new(),
+        }
+    }
+
+    fn replicas_for(&self, room: &str) -> Result<u32, PlaceError> {
+        if room.is_empty() || room.len() > MAX_ROOM_NAME {
+            return Err(PlaceError::BadName);
+        }
+        match self.policy.declared.get(room) {
+            Some(r) => Ok((*r).max(1)),
+            None if self.policy.allow_undeclared => Ok(self.policy.default_replicas.max(1)),
+            None => Err(PlaceError::Undeclared(room.to_string(), self.mesh.clone())),
+        }
+    }
+
+    /// Where `room` lives, placing it first when it is new. Returns the answer and the
+    /// transmitters that were just given the room (to be told at once).
+    pub fn locate(
+        &mut self,
+        room: &str,
+        live: &[TransmitterInfo],
+    ) -> Result<(Located, Vec<String>), PlaceError> {
+        let replicas = self.replicas_for(room)?;
+        self.rooms.entry(room.to_string()).or_insert_with(|| Room {
+            replicas,
+            hosts: Vec::new(),
+        });
+        let assigned = self.top_up(room, live);
+        let r = &self.rooms[room];
+        let hosts = r
+            .hosts
+            .iter()
+            .filter(|h| h.confirmed && is_serving(h, live))
+            .map(|h| h.name.clone())
+            .collect();
+        Ok((
+            Located {
+                replicas: r.replicas,
+                hosts,
+            },
+            assigned,
+        ))
+    }
+
+    /// Takes a transmitter's announcement: a new instance under a known name loses what
+    /// the old one hosted; every room it lists is confirmed (or adopted, after a restart
+    /// of this rendezvous). Returns true when a placement changed.
+    pub fn announced(&mut self, info: &TransmitterInfo, hosted: &[String]) -> bool {
+        let mut changed = false;
+        for r in self.rooms.values_mut() {
+            let before = r.hosts.len();
+            r.hosts
+                .retain(|h| h.name != info.name || h.instance == info.id);
+            changed |= r.hosts.len() != before;
+        }
+        for room in hosted {
+            let replicas = match self.replicas_for(room) {
+                Ok(r) => r,
+                // A room it hosts but the policy no longer allows: its cells will move.
+                Err(_) => continue,
+            };
+            let r = self.rooms.entry(room.clone()).or_insert_with(|| Room {
+                replicas,
+                hosts: Vec::new(),
+            });
+            match r.hosts.iter_mut().find(|h| h.name == info.name) {
+                Some(h) if h.confirmed => {}
+                Some(h) => {
+                    h.confirmed = true;
+                    changed = true;
+                }
+                None => {
+                    r.hosts.push(Host {
+                        name: info.name.clone(),
+                        instance: info.id,
+                        confirmed: true,
+                    });
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Forgets hosts that are gone and tops every room up to its replicas. Returns the
+    /// transmitters whose placements changed: new rooms, or new co-hosts.
+    pub fn reconcile(&mut self, live: &[TransmitterInfo]) -> Vec<String> {
+        let mut touched = Vec::new();
+        let names: Vec<String> = self.rooms.keys().cloned().collect();
+        for name in names {
+            let r = self.rooms.get_mut(&name).expect("listed");
+            let before = r.hosts.len();
+            r.hosts.retain(|h| is_live(h, live));
+            let lost = r.hosts.len() != before;
+            let assigned = self.top_up(&name, live);
+            if lost || !assigned.is_empty() {
+                touched.extend(self.rooms[&name].hosts.iter().map(|h| h.name.clone()));
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        touched
+    }
+
+    /// Adds hosts to `room` until it has its replicas of serving transmitters, least busy
+    /// first. Returns the names of the new hosts.
+    fn top_up(&mut self, room: &str, live: &[TransmitterInfo]) -> Vec<String> {
+        let r = &self.rooms[room];
+        let serving = r.hosts.iter().filter(|h| is_serving(h, live)).count() as u32;
+        if serving >= r.replicas {
+            return Vec::new();
+        }
+        let mut need = r.replicas - serving;
+        let mut load: HashMap<&str, (u32, usize)> = HashMap::new();
+        for (name, room) in &self.rooms {
+            for h in &room.hosts {
+                let e = load.entry(h.name.as_str()).or_default();
+                e.0 += 1;
+                e.1 += hosting_bytes(name, room.replicas);
+            }
+        }
+        let mut candidates: Vec<(f64, &TransmitterInfo)> = live
+            .iter()
+            .filter(|t| !t.draining && !r.hosts.iter().any(|h| h.name == t.name))
+            .filter(|t| {
+                let bytes = load.get(t.name.as_str()).map_or(0, |l| l.1);
+                bytes + hosting_bytes(room, r.replicas) <= MAX_HOSTING_BYTES
+            })
+            .map(|t| {
+                let rooms = load.get(t.name.as_str()).map_or(0, |l| l.0);
+                (rooms as f64 + t.rate.max(0.0) / RATE_PER_ROOM, t)
+            })
+            .collect();
+        candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.name.cmp(&b.1.name)));
+        let chosen: Vec<(String, Thid)> = candidates
+            .into_iter()
+            .take_while(|_| {
+                let more = need > 0;
+                need = need.saturating_sub(1);
+                more
+            })
+            .map(|(_, t)| (t.name.clone(), t.id))
+            .collect();
+        let r = self.rooms.get_mut(room).expect("exists");
+        for (name, instance) in &chosen {
+            r.hosts.push(Host {
+                name: name.clone(),
+                instance: *instance,
+                confirmed: false,
+            });
+        }
+        chosen.into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// The rooms `transmitter` must host, each with all of its hosts.
+    pub fn hosting(&self, transmitter: &str) -> Vec<Placement> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| r.hosts.iter().any(|h| h.name == transmitter))
+            .map(|(name, r)| Placement {
+                room: name.clone(),
+                hosts: r.hosts.iter().map(|h| h.name.clone()).collect(),
+            })
+            .collect()
+    }
+
+    /// The hosts of one room, by name.
+    pub fn hosting_of(&self, room: &str) -> Option<Vec<String>> {
+        self.rooms
+            .get(room)
+            .map(|r| r.hosts.iter().map(|h| h.name.clone()).collect())
+    }
+
+    /// Rooms each transmitter hosts, for its announced load.
+    pub fn count(&self, transmitter: &str) -> usize {
+        self.rooms
+            .values()
+            .filter(|r| r.hosts.iter().any(|h| h.name == transmitter))
+            .count()
+    }
+}
+
+/// An estimate of the bytes a room adds to its hosts' datagrams (name, host list).
+fn hosting_bytes(room: &str, replicas: u32) -> usize {
+    room.len() + 16 + replicas as usize * 40
+}
+
+fn is_live(h: &Host, live: &[TransmitterInfo]) -> bool {
+    live.iter().any(|t| t.name == h.name && t.id == h.instance)
+}
+
+/// Live and not draining: a host that counts toward the room's replicas.
+fn is_serving(h: &Host, live: &[TransmitterInfo]) -> bool {
+    live.iter()
+        .any(|t| t.name == h.name && t.id == h.instance && !t.draining)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str) -> TransmitterInfo {
+        TransmitterInfo {
+            name: name.into(),
+            id: Thid::of(name.as_bytes()),
+            command: String::new(),
+            event: String::new(),
+            metrics: String::new(),
+            cells: 0,
+            rate: 0.0,
+            draining: false,
+            rooms: 0,
+        }
+    }
+
+    fn confirm_all(rooms: &mut Rooms, live: &[TransmitterInfo]) {
+        for info in live {
+            let hosted: Vec<String> = rooms.hosting(&info.name).into_iter().map(|p| p.room).collect();
+            rooms.announced(info, &hosted);
+        }
+    }
+
+    fn policy(declared: &[(&str, u32)], allow: bool) -> RoomPolicy {
+        RoomPolicy {
+            declared: declared.iter().map(|(n, r)| (n.to_string(), *r)).collect(),
+            default_replicas: 2,
+            allow_undeclared: allow,
+        }
+    }
+
+    #[test]
+    fn twelve_rooms_spread_evenly_over_four() {
+        let live: Vec<_> = ["a", "b", "c", "d"].map(t).to_vec();
+        let mut rooms = Rooms::new("m", RoomPolicy::default());
+        for i in 0..12 {
+            let (located, assigned) = rooms.locate(&format!("room{i}"), &live).unwrap();
+            assert_eq!(assigned.len(), 2);
+            assert!(located.hosts.is_empty(), "handed out before confirmation");
+        }
+        for info in &live {
+            assert_eq!(rooms.count(&info.name), 6);
+        }
+        confirm_all(&mut rooms, &live);
+        let (located, assigned) = rooms.locate("room0", &live).unwrap();
+        assert!(assigned.is_empty());
+        assert_eq!(located.hosts.len(), 2);
+    }
+
+    #[test]
+    fn busy_counts_message_rate() {
+        let mut live: Vec<_> = ["a", "b", "c"].map(t).to_vec();
+        live[0].rate = 5000.0;
+        let mut rooms = Rooms::new("m", policy(&[("x", 1)], true));
+        rooms.locate("one", &live).unwrap(); // b, c
+        let (_, assigned) = rooms.locate("x", &live).unwrap();
+        // b and c host one room each (busy 1); a is idle of rooms but busy 5.
+        assert_eq!(assigned, ["b"]);
+    }
+
+    #[test]
+    fn undeclared_rooms_follow_the_policy() {
+        let live: Vec<_> = ["a", "b", "c"].map(t).to_vec();
+        let mut rooms = Rooms::new("m", policy(&[("lobby", 3)], false));
+        let (located, assigned) = rooms.locate("lobby", &live).unwrap();
+        assert_eq!((located.replicas, assigned.len()), (3, 3));
+        assert!(matches!(
+            rooms.locate("other", &live),
+            Err(PlaceError::Undeclared(..))
+        ));
+        assert_eq!(rooms.locate("", &live), Err(PlaceError::BadName));
+        let mut open = Rooms::new("m", RoomPolicy::default());
+        let (located, _) = open.locate("other", &live).unwrap();
+        assert_eq!(located.replicas, 2);
+    }
+
+    #[test]
+    fn dead_or_restarted_hosts_are_replaced() {
+        let mut live: Vec<_> = ["a", "b", "c"].map(t).to_vec();
+        let mut rooms = Rooms::new("m", RoomPolicy::default());
+        rooms.locate("r", &live).unwrap(); // a, b
+        confirm_all(&mut rooms, &live);
+        // b dies.
+        live.remove(1);
+        let touched = rooms.reconcile(&live);
+        assert_eq!(touched, ["a", "c"]);
+        let (located, _) = rooms.locate("r", &live).unwrap();
+        assert_eq!(located.hosts, ["a"], "c must confirm first");
+        confirm_all(&mut rooms, &live);
+        assert_eq!(rooms.locate("r", &live).unwrap().0.hosts, ["a", "c"]);
+        // a restarts: a new instance does not host what the old one did.
+        live[0].id = Thid::random();
+        assert!(rooms.announced(&live[0], &[]));
+        assert_eq!(rooms.locate("r", &live).unwrap().0.hosts, ["c"]);
+    }
+
+    #[test]
+    fn a_late_joiner_takes_new_rooms_first() {
+        let mut live: Vec<_> = ["a", "b"].map(t).to_vec();
+        let mut rooms = Rooms::new("m", RoomPolicy::default());
+        for i in 0..4 {
+            rooms.locate(&format!("r{i}"), &live).unwrap();
+        }
+        live.push(t("c"));
+        assert!(rooms.reconcile(&live).is_empty(), "placed rooms stay");
+        for i in 4..8 {
+            let (_, assigned) = rooms.locate(&format!("r{i}"), &live).unwrap();
+            assert!(assigned.contains(&"c".to_string()), "{assigned:?}");
+        }
+    }
+
+    #[test]
+    fn draining_hosts_are_topped_up_and_not_handed_out() {
+        let mut live: Vec<_> = ["a", "b", "c"].map(t).to_vec();
+        let mut rooms = Rooms::new("m", RoomPolicy::default());
+        rooms.locate("r", &live).unwrap();
+        confirm_all(&mut rooms, &live);
+        live[0].draining = true;
+        assert_eq!(rooms.reconcile(&live), ["a", "b", "c"]);
+        confirm_all(&mut rooms, &live);
+        assert_eq!(rooms.locate("r", &live).unwrap().0.hosts, ["b", "c"]);
+    }
+
+    #[test]
+    fn a_restarted_rendezvous_adopts_announced_rooms() {
+        let live: Vec<_> = ["a", "b"].map(t).to_vec();
+        let mut rooms = Rooms::new("m", RoomPolicy::default());
+        assert!(rooms.announced(&live[0], &["r".to_string()]));
+        let (located, assigned) = rooms.locate("r", &live).unwrap();
+        assert_eq!(assigned, ["b"]);
+        assert_eq!(located.hosts, ["a"]);
+    }
+}
