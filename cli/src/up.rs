@@ -103,6 +103,15 @@ enum Report {
     Ready { index: usize, pid: u32, info: Value },
     Moved { index: usize, info: Value },
     Exited { index: usize, status: String },
+    Rooms(Vec<RoomPlacement>),
+}
+
+/// Where a declared room lives, as the rendezvous says.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+struct RoomPlacement {
+    name: String,
+    replicas: u32,
+    transmitters: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -126,6 +135,130 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(up(args, cfg))
+}
+
+/// The rendezvous carries the mesh's room policy: declared rooms and what to do with
+/// others.
+fn rendezvous_args(cfg: &MeshConfig) -> Vec<String> {
+    let rooms = &cfg.spec.rooms;
+    let mut args = vec![
+        "rendezvous".into(),
+        "--mesh".into(),
+        cfg.name.clone(),
+        "--bind".into(),
+        "127.0.0.1:0".into(),
+        "--default-replicas".into(),
+        rooms.default_replicas.to_string(),
+    ];
+    if !rooms.allow_undeclared {
+        args.push("--forbid-undeclared".into());
+    }
+    for (name, room) in &cfg.rooms {
+        args.push("--room".into());
+        args.push(format!(
+            "{name}={}",
+            room.replicas.unwrap_or(rooms.default_replicas)
+        ));
+    }
+    args
+}
+
+/// Places the declared rooms (in name order, once the rendezvous knows all `transmitters`)
+/// and then reports where they live every second, so the endpoints follow failovers.
+async fn follow_rooms(
+    mesh: String,
+    rendezvous: Vec<String>,
+    mut names: Vec<String>,
+    transmitters: usize,
+    reports: mpsc::Sender<Report>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use thynapse_protocol::discovery::Datagram;
+    names.sort();
+    let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
+        return;
+    };
+    let ask = |d: Datagram| {
+        let socket = &socket;
+        let rendezvous = &rendezvous;
+        async move {
+            let mut buf = vec![0u8; thynapse_protocol::discovery::MAX_DATAGRAM];
+            for r in rendezvous {
+                let _ = socket
+                    .send_to(&d.to_bytes(), r.trim_start_matches("udp://"))
+                    .await;
+                if let Ok(Ok((n, _))) =
+                    tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf))
+                        .await
+                {
+                    if let Ok(answer) = Datagram::parse(&buf[..n]) {
+                        return Some(answer);
+                    }
+                }
+            }
+            None
+        }
+    };
+    let pause = Duration::from_millis(20);
+    // Wait until every transmitter has announced itself.
+    loop {
+        if let Some(Datagram::Peers {
+            transmitters: live, ..
+        }) = ask(Datagram::Query { mesh: mesh.clone() }).await
+        {
+            if live.len() >= transmitters {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return,
+        }
+    }
+    let mut settled = false;
+    loop {
+        let mut placed = Vec::new();
+        for name in &names {
+            loop {
+                let answer = ask(Datagram::Locate {
+                    mesh: mesh.clone(),
+                    room: name.clone(),
+                })
+                .await;
+                match answer {
+                    Some(Datagram::Room {
+                        replicas,
+                        transmitters,
+                        ..
+                    }) if !transmitters.is_empty() || settled => {
+                        placed.push(RoomPlacement {
+                            name: name.clone(),
+                            replicas,
+                            transmitters: transmitters.into_iter().map(|t| t.name).collect(),
+                        });
+                        break;
+                    }
+                    Some(Datagram::Error { error }) => {
+                        eprintln!("thynapse up: room {name}: {error}");
+                        break;
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+        settled = true;
+        if reports.send(Report::Rooms(placed)).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 fn plan(cfg: &MeshConfig, cells: &[(String, u32)], rendezvous: &[String]) -> Vec<Spec> {
@@ -259,13 +392,7 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
             role: Role::Rendezvous,
             name: format!("{}-rendezvous-{i}", cfg.name),
             service: None,
-            args: vec![
-                "rendezvous".into(),
-                "--mesh".into(),
-                cfg.name.clone(),
-                "--bind".into(),
-                "127.0.0.1:0".into(),
-            ],
+            args: rendezvous_args(&cfg),
         });
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout);
@@ -315,21 +442,55 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
             stop_rx.clone(),
         )));
     }
-    drop(reports_tx);
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut announced = false;
     let mut failure: Option<String> = None;
+    let mut rooms: Option<Vec<RoomPlacement>> = None;
+    let mut placing = false;
+    let transmitters = cfg.spec.replicas as usize;
     loop {
-        let all_ready = states[first..].iter().all(|s| s.info.is_some());
+        let ready = |role: Role| {
+            specs
+                .iter()
+                .zip(&states)
+                .filter(|(s, _)| s.role == role)
+                .all(|(_, s)| s.info.is_some())
+        };
+        if !placing && ready(Role::Transmitter) {
+            // Declared rooms are placed once every transmitter is live, so they spread
+            // over all of them; then their placement is followed for the endpoints.
+            placing = true;
+            let names = cfg.rooms.iter().map(|(n, _)| n.clone()).collect();
+            tasks.push(tokio::spawn(follow_rooms(
+                cfg.name.clone(),
+                rendezvous.clone(),
+                names,
+                transmitters,
+                reports_tx.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let all_ready = states[first..].iter().all(|s| s.info.is_some()) && rooms.is_some();
         if all_ready && !announced {
             announced = true;
-            print_table(&cfg.name, &specs, &states);
+            print_table(
+                &cfg.name,
+                &specs,
+                &states,
+                rooms.as_deref().unwrap_or_default(),
+            );
         }
         if announced {
             if let Some(path) = &args.endpoints {
-                write_endpoints(path, &cfg.name, &specs, &states)?;
+                write_endpoints(
+                    path,
+                    &cfg.name,
+                    &specs,
+                    &states,
+                    rooms.as_deref().unwrap_or_default(),
+                )?;
             }
         }
         let timeout = if announced { None } else { Some(deadline) };
@@ -349,6 +510,14 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
                 Some(Report::Exited { index, status }) => {
                     eprintln!("thynapse up: {} exited ({status}); restarting it", specs[index].name);
                     states[index].pid = None;
+                }
+                Some(Report::Rooms(placed)) => {
+                    if announced && rooms.as_ref() != Some(&placed) {
+                        for r in &placed {
+                            eprintln!("thynapse up: room {} is on {}", r.name, r.transmitters.join(", "));
+                        }
+                    }
+                    rooms = Some(placed);
                 }
                 None => break,
             },
@@ -479,14 +648,16 @@ struct Endpoints {
     rendezvous: Vec<Value>,
     transmitters: Vec<Value>,
     cells: Vec<Value>,
+    rooms: Vec<RoomPlacement>,
 }
 
-fn endpoints(mesh: &str, specs: &[Spec], states: &[State]) -> Endpoints {
+fn endpoints(mesh: &str, specs: &[Spec], states: &[State], rooms: &[RoomPlacement]) -> Endpoints {
     let mut e = Endpoints {
         mesh: mesh.to_string(),
         rendezvous: vec![],
         transmitters: vec![],
         cells: vec![],
+        rooms: rooms.to_vec(),
     };
     for (spec, state) in specs.iter().zip(states) {
         let info = state.info.clone().unwrap_or(Value::Null);
@@ -512,15 +683,16 @@ fn write_endpoints(
     mesh: &str,
     specs: &[Spec],
     states: &[State],
+    rooms: &[RoomPlacement],
 ) -> anyhow::Result<()> {
-    let json = serde_json::to_vec_pretty(&endpoints(mesh, specs, states))?;
+    let json = serde_json::to_vec_pretty(&endpoints(mesh, specs, states, rooms))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
 
-fn print_table(mesh: &str, specs: &[Spec], states: &[State]) {
+fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &[RoomPlacement]) {
     let mut rows: BTreeMap<(Role, usize), [String; 6]> = BTreeMap::new();
     for (i, (spec, state)) in specs.iter().zip(states).enumerate() {
         let info = state.info.clone().unwrap_or(Value::Null);
@@ -556,9 +728,20 @@ fn print_table(mesh: &str, specs: &[Spec], states: &[State]) {
             ],
         );
     }
+    let mut rows: Vec<[String; 6]> = rows.into_values().collect();
+    for r in rooms {
+        rows.push([
+            "room".into(),
+            r.name.clone(),
+            format!("{{{}}}*", r.name),
+            "-".into(),
+            format!("on {}", r.transmitters.join(", ")),
+            "-".into(),
+        ]);
+    }
     let headers = ["KIND", "NAME", "ENDPOINT", "METRICS", "DETAIL", "PID"];
     let mut widths = headers.map(str::len);
-    for r in rows.values() {
+    for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
@@ -572,7 +755,7 @@ fn print_table(mesh: &str, specs: &[Spec], states: &[State]) {
     };
     println!("mesh {mesh} is up");
     line(headers);
-    for r in rows.values() {
+    for r in &rows {
         line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
     }
     if let Some(cell) = specs.iter().zip(states).find(|(s, _)| s.role == Role::Cell) {

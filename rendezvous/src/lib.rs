@@ -24,8 +24,15 @@ pub struct Directory {
 }
 
 impl Directory {
-    pub fn announce(&mut self, info: TransmitterInfo, from: SocketAddr, now: Instant, ttl: Duration) {
-        self.entries.insert(info.name.clone(), (info, now + ttl, from));
+    pub fn announce(
+        &mut self,
+        info: TransmitterInfo,
+        from: SocketAddr,
+        now: Instant,
+        ttl: Duration,
+    ) {
+        self.entries
+            .insert(info.name.clone(), (info, now + ttl, from));
     }
 
     /// Live transmitters by name, forgetting expired ones.
@@ -146,10 +153,7 @@ impl Server {
                     Ok((located, assigned)) => {
                         if !assigned.is_empty() {
                             tracing::info!(%room, hosts = ?assigned, "room placed");
-                            push = self
-                                .rooms
-                                .hosting_of(&room)
-                                .unwrap_or_default();
+                            push = self.rooms.hosting_of(&room).unwrap_or_default();
                         }
                         let transmitters = located
                             .hosts

@@ -13,9 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use thynapse_protocol::discovery::{
-    Placement, TransmitterInfo, MAX_HOSTING_BYTES, MAX_ROOM_NAME,
-};
+use thynapse_protocol::discovery::{Placement, TransmitterInfo, MAX_HOSTING_BYTES, MAX_ROOM_NAME};
 use thynapse_protocol::Thid;
 
 /// Messages per second that weigh as much as hosting one more room.
@@ -297,7 +295,11 @@ mod tests {
 
     fn confirm_all(rooms: &mut Rooms, live: &[TransmitterInfo]) {
         for info in live {
-            let hosted: Vec<String> = rooms.hosting(&info.name).into_iter().map(|p| p.room).collect();
+            let hosted: Vec<String> = rooms
+                .hosting(&info.name)
+                .into_iter()
+                .map(|p| p.room)
+                .collect();
             rooms.announced(info, &hosted);
         }
     }

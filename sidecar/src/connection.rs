@@ -1,13 +1,14 @@
 //! One Redis client connection: reads requests, answers what it can itself, passes
 //! subscriptions and publishes to the hub, and writes replies and pushed messages.
-//! Replies keep request order: a PUBLISH's reply (the number of cells reached) comes back
-//! from the transmitter, so later replies wait behind it.
+//! Replies keep request order: a (S)PUBLISH's reply (the number of cells reached) comes
+//! back from the transmitter, so later replies wait behind it.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use thynapse_protocol::room::room_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -23,7 +24,8 @@ pub struct Shared {
 
 enum Pending {
     Ready(Reply),
-    Publish,
+    /// A (S)PUBLISH waiting for its acknowledgement, by token.
+    Publish(u64),
 }
 
 struct Client {
@@ -32,7 +34,9 @@ struct Client {
     name: Option<Bytes>,
     channels: BTreeSet<Bytes>,
     patterns: BTreeSet<Bytes>,
+    shard: BTreeSet<Bytes>,
     pending: VecDeque<Pending>,
+    next_token: u64,
     out: BytesMut,
     close: bool,
 }
@@ -64,7 +68,9 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         name: None,
         channels: BTreeSet::new(),
         patterns: BTreeSet::new(),
+        shard: BTreeSet::new(),
         pending: VecDeque::new(),
+        next_token: 0,
         out: BytesMut::with_capacity(16 * 1024),
         close: false,
     };
@@ -131,6 +137,14 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         }
     }
     let _ = shared.hub.send(HubCmd::Unregister(id)).await;
+}
+
+fn sub_kind(command: &str) -> SubKind {
+    match command {
+        "subscribe" | "unsubscribe" => SubKind::Channel,
+        "psubscribe" | "punsubscribe" => SubKind::Pattern,
+        _ => SubKind::Shard,
+    }
 }
 
 fn arity_error(name: &str) -> Reply {
@@ -255,9 +269,6 @@ fn command_info(name: &str, arity: i64, flags: &[&'static str]) -> Reply {
     ])
 }
 
-const ROOMS_DISABLED: &str =
-    "ERR rooms are not enabled on this mesh yet (SSUBSCRIBE/SPUBLISH arrive with the Room feature)";
-
 impl Client {
     fn reply(&mut self, r: Reply) {
         self.pending.push_back(Pending::Ready(r));
@@ -267,15 +278,23 @@ impl Client {
         match kind {
             SubKind::Channel => &mut self.channels,
             SubKind::Pattern => &mut self.patterns,
+            SubKind::Shard => &mut self.shard,
         }
     }
 
     fn subscribed(&self) -> bool {
-        !self.channels.is_empty() || !self.patterns.is_empty()
+        !self.channels.is_empty() || !self.patterns.is_empty() || !self.shard.is_empty()
     }
 
-    fn subscription_count(&self) -> i64 {
-        (self.channels.len() + self.patterns.len()) as i64
+    /// The count in a (un)subscribe reply, as Redis 7 gives it: shard channels are counted
+    /// apart from channels and patterns.
+    fn subscription_count(&self, kind: SubKind) -> i64 {
+        match kind {
+            SubKind::Channel | SubKind::Pattern => {
+                (self.channels.len() + self.patterns.len()) as i64
+            }
+            SubKind::Shard => self.shard.len() as i64,
+        }
     }
 
     fn on_out(&mut self, out: Out) {
@@ -297,19 +316,28 @@ impl Client {
                 Reply::Bulk(payload),
             ])
             .encode(self.resp3, &mut self.out),
-            Out::Published(n) => {
+            Out::SMessage { channel, payload } => Reply::Push(vec![
+                Reply::bulk("smessage"),
+                Reply::Bulk(channel),
+                Reply::Bulk(payload),
+            ])
+            .encode(self.resp3, &mut self.out),
+            Out::Published { token, result } => {
                 if let Some(slot) = self
                     .pending
                     .iter_mut()
-                    .find(|p| matches!(p, Pending::Publish))
+                    .find(|p| matches!(p, Pending::Publish(t) if *t == token))
                 {
-                    *slot = Pending::Ready(Reply::Int(n));
+                    *slot = Pending::Ready(match result {
+                        Ok(n) => Reply::Int(n),
+                        Err(e) => Reply::error(format!("ERR {e}")),
+                    });
                 }
             }
         }
     }
 
-    /// Writes the replies that are ready, in order, up to the first unanswered PUBLISH.
+    /// Writes the replies that are ready, in order, up to the first unanswered (S)PUBLISH.
     fn flush_ready(&mut self) {
         while let Some(Pending::Ready(_)) = self.pending.front() {
             if let Some(Pending::Ready(r)) = self.pending.pop_front() {
@@ -384,30 +412,35 @@ impl Client {
                 self.close = true;
             }
             "reset" => {
-                self.unsubscribe_all(SubKind::Channel, shared, false).await;
-                self.unsubscribe_all(SubKind::Pattern, shared, false).await;
+                for kind in [SubKind::Channel, SubKind::Pattern, SubKind::Shard] {
+                    self.unsubscribe_all(kind, shared, false).await;
+                }
                 self.resp3 = false;
                 self.name = None;
                 self.reply(Reply::Simple("RESET"));
             }
             "command" => self.command_command(&args),
-            "subscribe" | "psubscribe" => {
-                let kind = if name == "subscribe" {
-                    SubKind::Channel
+            "subscribe" | "psubscribe" | "ssubscribe" => {
+                let kind = sub_kind(&name);
+                let mut names: Vec<Bytes> = args[1..].to_vec();
+                let refused = if kind == SubKind::Shard {
+                    self.admit_rooms(&names, shared).await
                 } else {
-                    SubKind::Pattern
+                    BTreeMap::new()
                 };
-                let names: Vec<Bytes> = args[1..].to_vec();
                 let mut new = Vec::new();
-                for n in &names {
-                    let set = self.set_of(kind);
-                    if set.insert(n.clone()) {
+                for n in names.drain(..) {
+                    if let Some(error) = refused.get(room_of(&n)) {
+                        self.reply(Reply::error(format!("ERR {error}")));
+                        continue;
+                    }
+                    if self.set_of(kind).insert(n.clone()) {
                         new.push(n.clone());
                     }
-                    let count = self.subscription_count();
+                    let count = self.subscription_count(kind);
                     self.reply(Reply::Push(vec![
                         Reply::bulk(name.clone()),
-                        Reply::Bulk(n.clone()),
+                        Reply::Bulk(n),
                         Reply::Int(count),
                     ]));
                 }
@@ -415,22 +448,17 @@ impl Client {
                     let _ = shared.hub.send(HubCmd::Subscribe(self.id, kind, new)).await;
                 }
             }
-            "unsubscribe" | "punsubscribe" => {
-                let kind = if name == "unsubscribe" {
-                    SubKind::Channel
-                } else {
-                    SubKind::Pattern
-                };
+            "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
+                let kind = sub_kind(&name);
                 if args.len() == 1 {
                     self.unsubscribe_all(kind, shared, true).await;
                 } else {
                     let mut gone = Vec::new();
                     for n in &args[1..] {
-                        let set = self.set_of(kind);
-                        if set.remove(n) {
+                        if self.set_of(kind).remove(n) {
                             gone.push(n.clone());
                         }
-                        let count = self.subscription_count();
+                        let count = self.subscription_count(kind);
                         self.reply(Reply::Push(vec![
                             Reply::bulk(name.clone()),
                             Reply::Bulk(n.clone()),
@@ -445,7 +473,7 @@ impl Client {
                     }
                 }
             }
-            "publish" => {
+            "publish" | "spublish" => {
                 let payload = args[2].clone();
                 if payload.len() > shared.max_message_bytes {
                     self.reply(Reply::error(format!(
@@ -455,58 +483,70 @@ impl Client {
                     )));
                     return;
                 }
-                self.pending.push_back(Pending::Publish);
+                self.next_token += 1;
+                let token = self.next_token;
+                self.pending.push_back(Pending::Publish(token));
                 let _ = shared
                     .hub
                     .send(HubCmd::Publish {
                         client: self.id,
+                        token,
+                        shard: name == "spublish",
                         channel: args[1].clone(),
                         payload,
                     })
                     .await;
-            }
-            "ssubscribe" | "spublish" => self.reply(Reply::error(ROOMS_DISABLED)),
-            "sunsubscribe" => {
-                // Nothing can be subscribed; answer as Redis does for no shard channels.
-                if args.len() == 1 {
-                    self.reply(Reply::Push(vec![
-                        Reply::bulk("sunsubscribe"),
-                        Reply::Null,
-                        Reply::Int(self.subscription_count()),
-                    ]));
-                } else {
-                    for n in &args[1..] {
-                        let count = self.subscription_count();
-                        self.reply(Reply::Push(vec![
-                            Reply::bulk("sunsubscribe"),
-                            Reply::Bulk(n.clone()),
-                            Reply::Int(count),
-                        ]));
-                    }
-                }
             }
             "pubsub" => self.pubsub(&args, shared).await,
             _ => self.reply(unknown_command(&args)),
         }
     }
 
+    /// Asks the hub whether each room of `channels` may be used (placing new rooms);
+    /// returns the refused rooms with the reason.
+    async fn admit_rooms(
+        &mut self,
+        channels: &[Bytes],
+        shared: &Shared,
+    ) -> BTreeMap<Bytes, String> {
+        let rooms: BTreeSet<Bytes> = channels
+            .iter()
+            .filter(|c| !self.shard.contains(*c))
+            .map(|c| Bytes::copy_from_slice(room_of(c)))
+            .collect();
+        let mut asks = Vec::new();
+        for room in rooms {
+            let (tx, rx) = oneshot::channel();
+            let _ = shared.hub.send(HubCmd::Admit(room.clone(), tx)).await;
+            asks.push(async move { (room, rx.await) });
+        }
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(|(room, verdict)| match verdict {
+                Ok(Err(e)) => Some((room, e)),
+                _ => None,
+            })
+            .collect()
+    }
+
     async fn unsubscribe_all(&mut self, kind: SubKind, shared: &Shared, reply: bool) {
         let set = std::mem::take(self.set_of(kind));
-        let verb = if kind == SubKind::Channel {
-            "unsubscribe"
-        } else {
-            "punsubscribe"
+        let verb = match kind {
+            SubKind::Channel => "unsubscribe",
+            SubKind::Pattern => "punsubscribe",
+            SubKind::Shard => "sunsubscribe",
         };
         if reply {
             if set.is_empty() {
-                let count = self.subscription_count();
+                let count = self.subscription_count(kind);
                 self.reply(Reply::Push(vec![
                     Reply::bulk(verb),
                     Reply::Null,
                     Reply::Int(count),
                 ]));
             }
-            let mut remaining = self.subscription_count() + set.len() as i64;
+            let mut remaining = self.subscription_count(kind) + set.len() as i64;
             for n in &set {
                 remaining -= 1;
                 self.reply(Reply::Push(vec![
@@ -639,15 +679,23 @@ impl Client {
                 let (tx, rx) = oneshot::channel();
                 let _ = shared
                     .hub
-                    .send(HubCmd::Channels(args.get(2).cloned(), tx))
+                    .send(HubCmd::Channels(SubKind::Channel, args.get(2).cloned(), tx))
                     .await;
                 let names = rx.await.unwrap_or_default();
                 self.reply(Reply::Array(names.into_iter().map(Reply::Bulk).collect()));
             }
-            "numsub" => {
+            "numsub" | "shardnumsub" => {
+                let kind = if sub == "numsub" {
+                    SubKind::Channel
+                } else {
+                    SubKind::Shard
+                };
                 let names: Vec<Bytes> = args[2..].to_vec();
                 let (tx, rx) = oneshot::channel();
-                let _ = shared.hub.send(HubCmd::NumSub(names.clone(), tx)).await;
+                let _ = shared
+                    .hub
+                    .send(HubCmd::NumSub(kind, names.clone(), tx))
+                    .await;
                 let counts = rx.await.unwrap_or_default();
                 let mut out = Vec::new();
                 for (n, c) in names.into_iter().zip(counts) {
@@ -661,14 +709,14 @@ impl Client {
                 let _ = shared.hub.send(HubCmd::NumPat(tx)).await;
                 self.reply(Reply::Int(rx.await.unwrap_or(0)));
             }
-            // No shard channels until rooms are enabled.
-            "shardchannels" if args.len() <= 3 => self.reply(Reply::Array(vec![])),
-            "shardnumsub" => {
-                let out = args[2..]
-                    .iter()
-                    .flat_map(|n| [Reply::Bulk(n.clone()), Reply::Int(0)])
-                    .collect();
-                self.reply(Reply::Array(out));
+            "shardchannels" if args.len() <= 3 => {
+                let (tx, rx) = oneshot::channel();
+                let _ = shared
+                    .hub
+                    .send(HubCmd::Channels(SubKind::Shard, args.get(2).cloned(), tx))
+                    .await;
+                let names = rx.await.unwrap_or_default();
+                self.reply(Reply::Array(names.into_iter().map(Reply::Bulk).collect()));
             }
             "channels" | "numpat" | "shardchannels" => self.reply(Reply::error(format!(
                 "ERR wrong number of arguments for 'pubsub|{sub}' command"

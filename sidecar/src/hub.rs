@@ -1,14 +1,14 @@
-//! The hub: one task per sidecar that owns the link to the transmitter, the cell's
+//! The hub: one task per sidecar that owns the cell's sessions (see `session`), its
 //! subscriptions (reference-counted over its Redis clients) and delivery to the clients.
 //! Client connections talk to it through a bounded channel, so a flood of PUBLISHes
 //! pushes back on the clients' sockets instead of growing memory.
 //!
-//! Publishing: every message gets the next sequence number of this cell and is kept until
-//! the transmitter acknowledges it (with the number of cells it reached, the PUBLISH
-//! reply). When the cell moves to another transmitter, what was not acknowledged is sent
-//! again; receivers drop the copies by (origin, sequence).
+//! Publishing: every message gets the next sequence number of its session and is kept
+//! until the transmitter acknowledges it (with the number of cells it reached, the
+//! PUBLISH reply). When a session moves to another transmitter, what was not acknowledged
+//! is sent again; receivers drop the copies by (origin, sequence).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,18 +16,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::FutureExt;
-use thynapse_protocol::batch::{decode_acks, decode_envelopes, Kind, PublishBatchWriter};
+use thynapse_protocol::batch::{decode_acks, decode_envelopes, Envelope, Kind, PublishBatchWriter};
 use thynapse_protocol::dedup::SeqWindow;
-use thynapse_protocol::discovery::{Datagram, TransmitterInfo, MAX_DATAGRAM};
 use thynapse_protocol::frame::{CommandFrame, Encoding};
+use thynapse_protocol::room::room_of;
 use thynapse_protocol::wire::{self, cmd, Interest, Op};
 use thynapse_protocol::{glob, DeliveryRule, Thid};
 use tokio::sync::{mpsc, oneshot, Notify};
-use zeromq::{
-    DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage,
-};
+use zeromq::{SocketSend, ZmqMessage};
 
 use crate::metrics::Metrics;
+use crate::session::{self, ConnectPlan, Link, LinkEvent, Session, SessionKey, Unacked};
 
 pub type ClientId = u64;
 
@@ -43,20 +42,29 @@ pub enum Out {
         channel: Bytes,
         payload: Bytes,
     },
-    /// The reply to the client's oldest unanswered PUBLISH.
-    Published(i64),
+    SMessage {
+        channel: Bytes,
+        payload: Bytes,
+    },
+    /// The reply to the client's (S)PUBLISH numbered `token`: cells reached, or why not.
+    Published {
+        token: u64,
+        result: Result<i64, String>,
+    },
 }
 
 impl Out {
     pub fn size(&self) -> usize {
         match self {
-            Out::Message { channel, payload } => channel.len() + payload.len() + 32,
+            Out::Message { channel, payload } | Out::SMessage { channel, payload } => {
+                channel.len() + payload.len() + 32
+            }
             Out::PMessage {
                 pattern,
                 channel,
                 payload,
             } => pattern.len() + channel.len() + payload.len() + 40,
-            Out::Published(_) => 16,
+            Out::Published { .. } => 16,
         }
     }
 }
@@ -74,20 +82,25 @@ pub struct ClientHandle {
 pub enum SubKind {
     Channel,
     Pattern,
+    Shard,
 }
 
 pub enum HubCmd {
     Register(ClientId, ClientHandle),
     Unregister(ClientId),
+    /// May this room be used? Answered once the rendezvous has placed it (or refused).
+    Admit(Bytes, oneshot::Sender<Result<(), String>>),
     Subscribe(ClientId, SubKind, Vec<Bytes>),
     Unsubscribe(ClientId, SubKind, Vec<Bytes>),
     Publish {
         client: ClientId,
+        token: u64,
+        shard: bool,
         channel: Bytes,
         payload: Bytes,
     },
-    Channels(Option<Bytes>, oneshot::Sender<Vec<Bytes>>),
-    NumSub(Vec<Bytes>, oneshot::Sender<Vec<i64>>),
+    Channels(SubKind, Option<Bytes>, oneshot::Sender<Vec<Bytes>>),
+    NumSub(SubKind, Vec<Bytes>, oneshot::Sender<Vec<i64>>),
     NumPat(oneshot::Sender<i64>),
 }
 
@@ -106,39 +119,20 @@ pub struct HubConfig {
     pub metrics_url: String,
 }
 
-/// Publishes not yet acknowledged beyond which the hub stops taking new ones.
+/// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
 const MAX_UNACKED: usize = 16_384;
 const MAX_UNACKED_BYTES: usize = 4 << 20;
 /// Messages per PUBS frame at most.
 const MAX_PUBS_BATCH: usize = 1024;
-
-struct Unacked {
-    seq: u64,
-    client: ClientId,
-    ts: u64,
-    channel: Bytes,
-    payload: Bytes,
-}
-
-struct Link {
-    generation: u64,
-    name: String,
-    sender: DealerSendHalf,
-    last_heard: Instant,
-    /// Highest DLVR batch received and not yet credited.
-    credit: Option<u64>,
-}
-
-enum LinkEvent {
-    Message(u64, ZmqMessage),
-    Closed(u64),
-}
+/// A room session with no subscription and nothing to acknowledge closes after this long.
+const ROOM_IDLE: Duration = Duration::from_secs(30);
 
 /// The cell's subscriptions, each with the clients that hold it.
 #[derive(Default)]
 struct Subscriptions {
     channels: HashMap<Bytes, HashSet<ClientId>>,
     patterns: HashMap<Bytes, HashSet<ClientId>>,
+    shard: HashMap<Bytes, HashSet<ClientId>>,
 }
 
 impl Subscriptions {
@@ -147,7 +141,16 @@ impl Subscriptions {
         match kind {
             SubKind::Channel => (&mut self.channels, Interest::Channel),
             SubKind::Pattern => (&mut self.patterns, Interest::Pattern),
+            SubKind::Shard => (&mut self.shard, Interest::ShardChannel),
         }
+    }
+}
+
+/// The session a subscription or publish of `kind` on `name` belongs to.
+fn key_of(kind: SubKind, name: &[u8]) -> SessionKey {
+    match kind {
+        SubKind::Shard => Some(Bytes::copy_from_slice(room_of(name))),
+        SubKind::Channel | SubKind::Pattern => None,
     }
 }
 
@@ -157,22 +160,14 @@ pub struct Hub {
     metrics: Metrics,
     clients: HashMap<ClientId, ClientHandle>,
     subs: Subscriptions,
-    /// Subscription changes for the transmitter, sent at the next flush.
-    interest: Vec<(Op, Interest, Bytes)>,
-    next_seq: u64,
-    unacked: VecDeque<Unacked>,
+    sessions: HashMap<SessionKey, Session>,
+    unacked: usize,
     unacked_bytes: usize,
-    /// Index into `unacked` of the first message not yet sent on the current link.
-    unsent_from: usize,
-    link: Option<Link>,
-    /// The previous link while moving: still read for a while, then closed.
-    old_link: Option<(Link, Instant)>,
     generation: u64,
     link_tx: mpsc::Sender<LinkEvent>,
     link_rx: mpsc::Receiver<LinkEvent>,
     seen: HashMap<Thid, SeqWindow>,
     ready_printed: bool,
-    avoid: Vec<String>,
     started: Instant,
 }
 
@@ -186,34 +181,39 @@ fn json_frame<T: serde::Serialize>(command: &[u8; 4], value: &T) -> ZmqMessage {
     ZmqMessage::from(CommandFrame::json(command, value).to_bytes())
 }
 
+fn binary_frame(command: &[u8; 4], body: Bytes) -> ZmqMessage {
+    let mut m =
+        ZmqMessage::from(CommandFrame::new(Encoding::Binary, command, Bytes::new()).to_bytes());
+    m.push_back(body);
+    m
+}
+
 impl Hub {
     pub fn new(cfg: HubConfig, metrics: Metrics) -> Self {
         let (link_tx, link_rx) = mpsc::channel(1024);
+        let id = Thid::random();
+        let mut sessions = HashMap::new();
+        sessions.insert(None, Session::new(id, None));
         Hub {
             cfg,
-            id: Thid::random(),
+            id,
             metrics,
             clients: HashMap::new(),
             subs: Subscriptions::default(),
-            interest: Vec::new(),
-            next_seq: 1,
-            unacked: VecDeque::new(),
+            sessions,
+            unacked: 0,
             unacked_bytes: 0,
-            unsent_from: 0,
-            link: None,
-            old_link: None,
             generation: 0,
             link_tx,
             link_rx,
             seen: HashMap::new(),
             ready_printed: false,
-            avoid: Vec::new(),
             started: Instant::now(),
         }
     }
 
     fn window_full(&self) -> bool {
-        self.unacked.len() >= MAX_UNACKED || self.unacked_bytes >= MAX_UNACKED_BYTES
+        self.unacked >= MAX_UNACKED || self.unacked_bytes >= MAX_UNACKED_BYTES
     }
 
     pub async fn run(mut self, mut cmds: mpsc::Receiver<HubCmd>, shutdown: Arc<Notify>) {
@@ -240,14 +240,31 @@ impl Hub {
                 }
                 _ = tick.tick() => self.housekeeping().await,
                 _ = shutdown.notified() => {
-                    if let Some(link) = self.link.as_mut() {
-                        let _ = link.sender.send(json_frame(cmd::QUIT, &serde_json::json!({}))).await;
+                    for s in self.sessions.values_mut() {
+                        if let Some(link) = s.link.as_mut() {
+                            let _ = link.sender.send(json_frame(cmd::QUIT, &serde_json::json!({}))).await;
+                        }
                     }
                     return;
                 }
             }
             self.flush().await;
         }
+    }
+
+    /// The session for `key`, opened (and its link sought) when it is new.
+    fn session(&mut self, key: &SessionKey) -> &mut Session {
+        if !self.sessions.contains_key(key) {
+            let room = key
+                .as_ref()
+                .map(|r| String::from_utf8_lossy(r).into_owned());
+            tracing::debug!(?room, "opening a room session");
+            self.sessions
+                .insert(key.clone(), Session::new(Thid::random(), room));
+            self.metrics.rooms.set(self.sessions.len() as i64 - 1);
+            self.start_connect(key.clone());
+        }
+        self.sessions.get_mut(key).expect("inserted above")
     }
 
     fn on_cmd(&mut self, c: HubCmd) {
@@ -257,14 +274,25 @@ impl Hub {
                 self.metrics.clients.set(self.clients.len() as i64);
             }
             HubCmd::Unregister(id) => self.remove_client(id),
+            HubCmd::Admit(room, reply) => {
+                let s = self.session(&Some(room));
+                s.last_used = Instant::now();
+                if s.admitted {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    s.waiting.push(reply);
+                }
+            }
             HubCmd::Subscribe(client, kind, names) => {
                 for name in names {
                     let (map, interest) = self.subs.of(kind);
                     let set = map.entry(name.clone()).or_default();
-                    if set.is_empty() {
-                        self.interest.push((Op::Add, interest, name));
-                    }
+                    let first = set.is_empty();
                     set.insert(client);
+                    if first {
+                        let s = self.session(&key_of(kind, &name));
+                        s.interest.push((Op::Add, interest, name));
+                    }
                 }
                 self.update_subscription_gauge();
             }
@@ -276,26 +304,40 @@ impl Hub {
             }
             HubCmd::Publish {
                 client,
+                token,
+                shard,
                 channel,
                 payload,
             } => {
                 self.metrics.messages_in.inc();
                 self.metrics.bytes_in.inc_by(payload.len() as u64);
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                self.unacked_bytes += channel.len() + payload.len();
-                self.unacked.push_back(Unacked {
+                let kind = if shard {
+                    SubKind::Shard
+                } else {
+                    SubKind::Channel
+                };
+                let size = channel.len() + payload.len();
+                let s = self.session(&key_of(kind, &channel));
+                let seq = s.next_seq;
+                s.next_seq += 1;
+                s.unacked_bytes += size;
+                s.last_used = Instant::now();
+                s.unacked.push_back(Unacked {
                     seq,
                     client,
+                    token,
                     ts: now_us(),
                     channel,
                     payload,
                 });
+                self.unacked += 1;
+                self.unacked_bytes += size;
             }
-            HubCmd::Channels(pattern, reply) => {
+            HubCmd::Channels(kind, pattern, reply) => {
                 let mut names: Vec<Bytes> = self
                     .subs
-                    .channels
+                    .of(kind)
+                    .0
                     .keys()
                     .filter(|c| pattern.as_ref().is_none_or(|p| glob::matches(p, c)))
                     .cloned()
@@ -303,10 +345,11 @@ impl Hub {
                 names.sort();
                 let _ = reply.send(names);
             }
-            HubCmd::NumSub(names, reply) => {
+            HubCmd::NumSub(kind, names, reply) => {
+                let map = self.subs.of(kind).0;
                 let counts = names
                     .iter()
-                    .map(|n| self.subs.channels.get(n).map_or(0, |s| s.len() as i64))
+                    .map(|n| map.get(n).map_or(0, |s| s.len() as i64))
                     .collect();
                 let _ = reply.send(counts);
             }
@@ -321,22 +364,26 @@ impl Hub {
         if let Some(set) = map.get_mut(name) {
             if set.remove(&client) && set.is_empty() {
                 map.remove(name);
-                self.interest.push((Op::Remove, interest, name.clone()));
+                if let Some(s) = self.sessions.get_mut(&key_of(kind, name)) {
+                    s.interest.push((Op::Remove, interest, name.clone()));
+                    s.last_used = Instant::now();
+                }
             }
         }
     }
 
     fn update_subscription_gauge(&self) {
+        let s = &self.subs;
         self.metrics
             .subscriptions
-            .set((self.subs.channels.len() + self.subs.patterns.len()) as i64);
+            .set((s.channels.len() + s.patterns.len() + s.shard.len()) as i64);
     }
 
     fn remove_client(&mut self, id: ClientId) {
         if self.clients.remove(&id).is_none() {
             return;
         }
-        for kind in [SubKind::Channel, SubKind::Pattern] {
+        for kind in [SubKind::Channel, SubKind::Pattern, SubKind::Shard] {
             let names: Vec<Bytes> = self
                 .subs
                 .of(kind)
@@ -384,26 +431,192 @@ impl Hub {
         h.tx.send(out).is_ok()
     }
 
-    fn on_link(&mut self, ev: LinkEvent) {
-        let (generation, msg) = match ev {
-            LinkEvent::Message(g, m) => (g, m),
-            LinkEvent::Closed(g) => {
-                if self.link.as_ref().is_some_and(|l| l.generation == g) {
-                    tracing::warn!("link to transmitter closed");
-                    let name = self.link.take().map(|l| l.name).unwrap_or_default();
-                    self.avoid = vec![name];
-                }
-                return;
-            }
+    /// Starts a task that finds a transmitter for the session and links to it.
+    fn start_connect(&mut self, key: SessionKey) {
+        self.generation += 1;
+        let generation = self.generation;
+        let wait_for_preferred = !self.ready_printed && self.started.elapsed() < self.cfg.expiry;
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
         };
-        let is_current = self
-            .link
-            .as_ref()
-            .is_some_and(|l| l.generation == generation);
+        if s.connecting.is_some() {
+            return;
+        }
+        s.connecting = Some(generation);
+        let plan = ConnectPlan {
+            key: key.clone(),
+            generation,
+            mesh: self.cfg.mesh.clone(),
+            rendezvous: self.cfg.rendezvous.clone(),
+            heartbeat: self.cfg.heartbeat,
+            expiry: self.cfg.expiry,
+            avoid: s.avoid.clone(),
+            prefer: if key.is_none() {
+                self.cfg.prefer.clone()
+            } else {
+                None
+            },
+            wait_for_preferred,
+            spread: {
+                let mix = Thid::of_parts(&[&self.id.0, key.as_deref().unwrap_or_default()]);
+                u64::from_le_bytes(mix.0[..8].try_into().expect("8 bytes"))
+            },
+        };
+        tokio::spawn(session::connect(plan, self.link_tx.clone()));
+    }
+
+    fn on_link(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Admitted(key, generation) => {
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    if s.connecting == Some(generation) {
+                        s.admit(Ok(()));
+                    }
+                }
+            }
+            LinkEvent::Failed {
+                key,
+                generation,
+                refused,
+                avoid,
+            } => self.on_failed(key, generation, refused, avoid),
+            LinkEvent::Connected {
+                key,
+                generation,
+                name,
+                sender,
+            } => self.on_connected(key, generation, name, sender),
+            LinkEvent::Closed(key, generation) => {
+                let Some(s) = self.sessions.get_mut(&key) else {
+                    return;
+                };
+                if s.link.as_ref().is_some_and(|l| l.generation == generation) {
+                    let name = s.link.take().map(|l| l.name).unwrap_or_default();
+                    tracing::warn!(transmitter = %name, room = ?s.room, "link to transmitter closed");
+                    s.avoid = vec![name];
+                    self.start_connect(key);
+                }
+            }
+            LinkEvent::Message(key, generation, msg) => self.on_message(key, generation, msg),
+        }
+    }
+
+    fn on_failed(
+        &mut self,
+        key: SessionKey,
+        generation: u64,
+        refused: Option<String>,
+        avoid: Option<String>,
+    ) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if s.connecting != Some(generation) {
+            return;
+        }
+        s.connecting = None;
+        if let Some(name) = avoid {
+            s.avoid = vec![name];
+        }
+        match refused {
+            Some(error) if key.is_some() => {
+                tracing::warn!(room = ?s.room, "room refused: {error}");
+                let mut s = self.sessions.remove(&key).expect("present");
+                s.admit(Err(error.clone()));
+                for u in s.unacked.drain(..) {
+                    self.unacked -= 1;
+                    self.unacked_bytes -= u.channel.len() + u.payload.len();
+                    let result = Err(error.clone());
+                    self.send_to(
+                        u.client,
+                        Out::Published {
+                            token: u.token,
+                            result,
+                        },
+                    );
+                }
+                self.metrics.rooms.set(self.sessions.len() as i64 - 1);
+            }
+            // The rendezvous did not answer in time: subscribers go ahead (as Redis
+            // subscriptions always do) and the session attaches as soon as it can.
+            _ => s.admit(Ok(())),
+        }
+    }
+
+    /// A new link: HELO, every subscription of the session, then (at the next flush)
+    /// every publish not yet acknowledged.
+    fn on_connected(
+        &mut self,
+        key: SessionKey,
+        generation: u64,
+        name: String,
+        sender: zeromq::DealerSendHalf,
+    ) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if s.connecting != Some(generation) {
+            return;
+        }
+        s.connecting = None;
+        let hello = wire::Hello {
+            id: s.id,
+            service: self.cfg.service.clone(),
+            rules: self.cfg.rules.clone(),
+            events: wire::Events::Dealer,
+            token: None,
+            room: s.room.clone(),
+        };
+        let mut msgs = vec![json_frame(cmd::HELO, &hello)];
+        let subs: Vec<(Op, Interest, &[u8])> = match &key {
+            None => self
+                .subs
+                .channels
+                .keys()
+                .map(|c| (Op::Add, Interest::Channel, &c[..]))
+                .chain(
+                    self.subs
+                        .patterns
+                        .keys()
+                        .map(|p| (Op::Add, Interest::Pattern, &p[..])),
+                )
+                .collect(),
+            Some(room) => self
+                .subs
+                .shard
+                .keys()
+                .filter(|c| room_of(c) == &room[..])
+                .map(|c| (Op::Add, Interest::ShardChannel, &c[..]))
+                .collect(),
+        };
+        if !subs.is_empty() {
+            msgs.push(binary_frame(cmd::SUBS, wire::encode_interest(subs)));
+        }
+        // Changes queued for the old link are part of the snapshot just sent.
+        s.interest.clear();
+        s.unsent_from = 0;
+        if key.is_none() && self.ready_printed {
+            self.metrics.reconnects.inc();
+        }
+        s.link = Some(Link {
+            generation,
+            name,
+            sender,
+            last_heard: Instant::now(),
+            credit: None,
+            greeting: msgs,
+        });
+    }
+
+    fn on_message(&mut self, key: SessionKey, generation: u64, msg: ZmqMessage) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let is_current = s.link.as_ref().is_some_and(|l| l.generation == generation);
         let link = if is_current {
-            self.link.as_mut()
+            s.link.as_mut()
         } else {
-            self.old_link
+            s.old_link
                 .as_mut()
                 .filter(|(l, _)| l.generation == generation)
                 .map(|(l, _)| l)
@@ -432,11 +645,15 @@ impl Hub {
                     return;
                 };
                 if let Ok((first, counts)) = decode_acks(body) {
-                    self.acknowledge(first, &counts);
+                    self.acknowledge(&key, first, &counts);
                 }
             }
             cmd::WLCM => {
                 if let Ok(w) = frame.decode_json::<wire::Welcome>() {
+                    if key.is_some() {
+                        tracing::debug!(transmitter = %w.name, room = ?s.room, "room session linked");
+                        return;
+                    }
                     tracing::info!(transmitter = %w.name, "connected to transmitter");
                     let info = serde_json::json!({"transmitter": w.name, "resp": self.cfg.resp.to_string(), "metrics": self.cfg.metrics_url, "id": self.id});
                     if !self.ready_printed {
@@ -448,13 +665,14 @@ impl Hub {
                 }
             }
             cmd::MOVE if is_current => {
-                tracing::info!("transmitter asks this cell to move");
-                if let Some(link) = self.link.take() {
-                    self.avoid = vec![link.name.clone()];
+                tracing::info!(room = ?s.room, "transmitter asks this session to move");
+                if let Some(link) = s.link.take() {
+                    s.avoid = vec![link.name.clone()];
                     // Keep reading the old link for one expiry: peers learn where this
-                    // cell went before the old transmitter stops delivering to it.
-                    self.old_link = Some((link, Instant::now() + self.cfg.expiry));
+                    // session went before the old transmitter stops delivering to it.
+                    s.old_link = Some((link, Instant::now() + self.cfg.expiry));
                 }
+                self.start_connect(key);
             }
             cmd::ERRR => tracing::warn!(
                 "transmitter error: {}",
@@ -464,23 +682,33 @@ impl Hub {
         }
     }
 
-    fn acknowledge(&mut self, first: u64, counts: &[u32]) {
-        for (i, count) in counts.iter().enumerate() {
-            let seq = first + i as u64;
-            match self.unacked.front() {
-                Some(front) if front.seq == seq => {
-                    let u = self.unacked.pop_front().expect("front exists");
-                    self.unacked_bytes -= u.channel.len() + u.payload.len();
-                    self.unsent_from = self.unsent_from.saturating_sub(1);
-                    self.send_to(u.client, Out::Published(*count as i64));
+    fn acknowledge(&mut self, key: &SessionKey, first: u64, counts: &[u32]) {
+        let mut done = Vec::new();
+        if let Some(s) = self.sessions.get_mut(key) {
+            for (i, count) in counts.iter().enumerate() {
+                let seq = first + i as u64;
+                match s.unacked.front() {
+                    Some(front) if front.seq == seq => {
+                        let u = s.unacked.pop_front().expect("front exists");
+                        let size = u.channel.len() + u.payload.len();
+                        s.unacked_bytes -= size;
+                        s.unsent_from = s.unsent_from.saturating_sub(1);
+                        self.unacked -= 1;
+                        self.unacked_bytes -= size;
+                        done.push((u.client, u.token, *count));
+                    }
+                    // Already acknowledged (a resent copy, or the old link while moving).
+                    _ => {}
                 }
-                // Already acknowledged (a resent copy, or the old link while moving).
-                _ => {}
             }
+        }
+        for (client, token, count) in done {
+            let result = Ok(count as i64);
+            self.send_to(client, Out::Published { token, result });
         }
     }
 
-    fn deliver(&mut self, envelopes: Vec<thynapse_protocol::batch::Envelope>) {
+    fn deliver(&mut self, envelopes: Vec<Envelope>) {
         let now = now_us();
         if self.seen.len() > 100_000 {
             self.seen.clear();
@@ -490,48 +718,50 @@ impl Hub {
                 self.metrics.duplicates.inc();
                 continue;
             }
-            if e.kind != Kind::Mesh {
-                continue;
-            }
             self.metrics
                 .latency
                 .observe(now.saturating_sub(e.ts) as f64 / 1e6);
-            let subscribers: Vec<ClientId> = self
-                .subs
-                .channels
-                .get(&e.channel)
-                .map(|s| s.iter().copied().collect())
-                .unwrap_or_default();
-            for client in subscribers {
-                if self.send_to(
-                    client,
-                    Out::Message {
-                        channel: e.channel.clone(),
-                        payload: e.payload.clone(),
-                    },
-                ) {
-                    self.metrics.messages_out.inc();
-                    self.metrics.bytes_out.inc_by(e.payload.len() as u64);
+            let mut outs: Vec<(ClientId, Out)> = Vec::new();
+            match e.kind {
+                Kind::Shard => {
+                    if let Some(set) = self.subs.shard.get(&e.channel) {
+                        outs.extend(set.iter().map(|c| {
+                            let out = Out::SMessage {
+                                channel: e.channel.clone(),
+                                payload: e.payload.clone(),
+                            };
+                            (*c, out)
+                        }));
+                    }
+                }
+                Kind::Mesh => {
+                    if let Some(set) = self.subs.channels.get(&e.channel) {
+                        outs.extend(set.iter().map(|c| {
+                            let out = Out::Message {
+                                channel: e.channel.clone(),
+                                payload: e.payload.clone(),
+                            };
+                            (*c, out)
+                        }));
+                    }
+                    for (pattern, set) in &self.subs.patterns {
+                        if glob::matches(pattern, &e.channel) {
+                            outs.extend(set.iter().map(|c| {
+                                let out = Out::PMessage {
+                                    pattern: pattern.clone(),
+                                    channel: e.channel.clone(),
+                                    payload: e.payload.clone(),
+                                };
+                                (*c, out)
+                            }));
+                        }
+                    }
                 }
             }
-            let matches: Vec<(Bytes, Vec<ClientId>)> = self
-                .subs
-                .patterns
-                .iter()
-                .filter(|(p, _)| glob::matches(p, &e.channel))
-                .map(|(p, s)| (p.clone(), s.iter().copied().collect()))
-                .collect();
-            for (pattern, clients) in matches {
-                for client in clients {
-                    let out = Out::PMessage {
-                        pattern: pattern.clone(),
-                        channel: e.channel.clone(),
-                        payload: e.payload.clone(),
-                    };
-                    if self.send_to(client, out) {
-                        self.metrics.messages_out.inc();
-                        self.metrics.bytes_out.inc_by(e.payload.len() as u64);
-                    }
+            for (client, out) in outs {
+                if self.send_to(client, out) {
+                    self.metrics.messages_out.inc();
+                    self.metrics.bytes_out.inc_by(e.payload.len() as u64);
                 }
             }
         }
@@ -539,206 +769,100 @@ impl Hub {
 
     async fn housekeeping(&mut self) {
         let now = Instant::now();
-        if let Some((old, until)) = self.old_link.as_mut() {
-            if now >= *until {
-                let _ = old
-                    .sender
-                    .send(json_frame(cmd::QUIT, &serde_json::json!({})))
-                    .await;
-                self.old_link = None;
-            }
-        }
-        if let Some(link) = self.link.as_mut() {
-            if now.duration_since(link.last_heard) > self.cfg.expiry {
-                tracing::warn!(transmitter = %link.name, "transmitter silent; moving");
-                self.avoid = vec![link.name.clone()];
-                self.link = None;
-            } else {
-                let _ = link
-                    .sender
-                    .send(json_frame(cmd::PING, &serde_json::json!({})))
-                    .now_or_never();
-            }
-        }
-        if self.link.is_none() {
-            self.connect().await;
-        }
-    }
-
-    /// Finds a live transmitter through the rendezvous and opens a link to it: HELO, all
-    /// subscriptions, and every publish not yet acknowledged.
-    async fn connect(&mut self) {
-        let Some(list) = self.query_rendezvous().await else {
-            return;
-        };
-        if let Some(prefer) = &self.cfg.prefer {
-            // At start-up, give the preferred transmitter one expiry to show up, so
-            // cells spread as planned instead of all joining the first one announced.
-            if !self.ready_printed
-                && self.started.elapsed() < self.cfg.expiry
-                && !list.iter().any(|t| &t.name == prefer)
-            {
-                return;
-            }
-        }
-        let candidates: Vec<&TransmitterInfo> = list.iter().filter(|t| !t.draining).collect();
-        let fresh: Vec<&TransmitterInfo> = candidates
-            .iter()
-            .copied()
-            .filter(|t| !self.avoid.contains(&t.name))
-            .collect();
-        let pool = if fresh.is_empty() { candidates } else { fresh };
-        let choice = self
-            .cfg
-            .prefer
-            .as_ref()
-            .and_then(|p| pool.iter().find(|t| &t.name == p))
-            .or_else(|| pool.iter().min_by_key(|t| (t.cells, t.name.clone())));
-        let Some(target) = choice.map(|t| (*t).clone()) else {
-            return;
-        };
-        let mut options = SocketOptions::default();
-        options.connect_timeout(self.cfg.heartbeat);
-        let mut socket = DealerSocket::with_options(options);
-        if let Err(e) = socket.connect(&target.command).await {
-            tracing::warn!(transmitter = %target.name, "connect failed: {e}");
-            self.avoid = vec![target.name];
-            return;
-        }
-        let (mut sender, mut receiver) = socket.split();
-        self.generation += 1;
-        let generation = self.generation;
-        let events = self.link_tx.clone();
-        tokio::spawn(async move {
-            loop {
-                match receiver.recv().await {
-                    Ok(m) => {
-                        if events
-                            .send(LinkEvent::Message(generation, m))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(_) => {
-                        let _ = events.send(LinkEvent::Closed(generation)).await;
-                        return;
-                    }
+        let mut reconnect = Vec::new();
+        let mut idle = Vec::new();
+        for (key, s) in self.sessions.iter_mut() {
+            if let Some((old, until)) = s.old_link.as_mut() {
+                if now >= *until {
+                    let _ = old
+                        .sender
+                        .send(json_frame(cmd::QUIT, &serde_json::json!({})))
+                        .await;
+                    s.old_link = None;
                 }
             }
-        });
-        let hello = wire::Hello {
-            id: self.id,
-            service: self.cfg.service.clone(),
-            rules: self.cfg.rules.clone(),
-            events: wire::Events::Dealer,
-            token: None,
-        };
-        let mut msgs = vec![json_frame(cmd::HELO, &hello)];
-        let subs: Vec<(Op, Interest, &[u8])> = self
-            .subs
-            .channels
-            .keys()
-            .map(|c| (Op::Add, Interest::Channel, &c[..]))
-            .chain(
-                self.subs
-                    .patterns
-                    .keys()
-                    .map(|p| (Op::Add, Interest::Pattern, &p[..])),
-            )
-            .collect();
-        if !subs.is_empty() {
-            let mut m = ZmqMessage::from(
-                CommandFrame::new(Encoding::Binary, cmd::SUBS, Bytes::new()).to_bytes(),
-            );
-            m.push_back(wire::encode_interest(subs));
-            msgs.push(m);
-        }
-        for m in msgs {
-            if sender.send(m).await.is_err() {
-                return;
-            }
-        }
-        // Changes queued for the old link are part of the snapshot just sent.
-        self.interest.clear();
-        if self.ready_printed {
-            self.metrics.reconnects.inc();
-        }
-        self.unsent_from = 0;
-        self.link = Some(Link {
-            generation,
-            name: target.name,
-            sender,
-            last_heard: Instant::now(),
-            credit: None,
-        });
-    }
-
-    async fn query_rendezvous(&self) -> Option<Vec<TransmitterInfo>> {
-        let socket = thynapse_rendezvous_socket().ok()?;
-        let query = Datagram::Query {
-            mesh: self.cfg.mesh.clone(),
-        }
-        .to_bytes();
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        for r in &self.cfg.rendezvous {
-            let addr = r.trim_start_matches("udp://");
-            if socket.send_to(&query, addr).await.is_err() {
-                continue;
-            }
-            let got = tokio::time::timeout(self.cfg.heartbeat, socket.recv_from(&mut buf)).await;
-            if let Ok(Ok((n, _))) = got {
-                match Datagram::parse(&buf[..n]) {
-                    Ok(Datagram::Peers { transmitters, .. }) if !transmitters.is_empty() => {
-                        return Some(transmitters)
-                    }
-                    Ok(Datagram::Error { error }) => {
-                        tracing::warn!(rendezvous = %r, "rendezvous: {error}")
-                    }
-                    _ => {}
+            if let Some(link) = s.link.as_mut() {
+                if now.duration_since(link.last_heard) > self.cfg.expiry {
+                    tracing::warn!(transmitter = %link.name, room = ?s.room, "transmitter silent; moving");
+                    s.avoid = vec![link.name.clone()];
+                    s.link = None;
+                } else {
+                    let _ = link
+                        .sender
+                        .send(json_frame(cmd::PING, &serde_json::json!({})))
+                        .now_or_never();
                 }
             }
+            if let Some(room) = key {
+                let unused = s.unacked.is_empty()
+                    && s.waiting.is_empty()
+                    && !self.subs.shard.keys().any(|c| room_of(c) == &room[..]);
+                if unused && now.duration_since(s.last_used) > ROOM_IDLE {
+                    idle.push(key.clone());
+                    continue;
+                }
+            }
+            if s.link.is_none() && s.connecting.is_none() {
+                reconnect.push(key.clone());
+            }
         }
-        None
+        for key in idle {
+            if let Some(mut s) = self.sessions.remove(&key) {
+                tracing::debug!(room = ?s.room, "closing an idle room session");
+                if let Some(link) = s.link.as_mut() {
+                    let _ = link
+                        .sender
+                        .send(json_frame(cmd::QUIT, &serde_json::json!({})))
+                        .await;
+                }
+            }
+            self.metrics.rooms.set(self.sessions.len() as i64 - 1);
+        }
+        for key in reconnect {
+            self.start_connect(key);
+        }
     }
 
     async fn flush(&mut self) {
-        let Some(link) = self.link.as_mut() else {
-            if let Some((old, _)) = self.old_link.as_mut() {
+        for (key, s) in self.sessions.iter_mut() {
+            if let Some((old, _)) = s.old_link.as_mut() {
                 credit(old).await;
             }
-            return;
-        };
-        if !self.interest.is_empty() {
-            let mut m = ZmqMessage::from(
-                CommandFrame::new(Encoding::Binary, cmd::SUBS, Bytes::new()).to_bytes(),
-            );
-            m.push_back(wire::encode_interest(
-                self.interest.iter().map(|(op, k, n)| (*op, *k, &n[..])),
-            ));
-            self.interest.clear();
-            let _ = link.sender.send(m).await;
-        }
-        while self.unsent_from < self.unacked.len() {
-            let first = &self.unacked[self.unsent_from];
-            let mut w = PublishBatchWriter::new(first.seq);
-            let end = (self.unsent_from + MAX_PUBS_BATCH).min(self.unacked.len());
-            for u in self.unacked.range(self.unsent_from..end) {
-                w.push(Kind::Mesh, u.ts, &u.channel, &u.payload);
+            let Some(link) = s.link.as_mut() else {
+                continue;
+            };
+            for m in std::mem::take(&mut link.greeting) {
+                let _ = link.sender.send(m).await;
             }
-            let mut m = ZmqMessage::from(
-                CommandFrame::new(Encoding::Binary, cmd::PUBS, Bytes::new()).to_bytes(),
-            );
-            m.push_back(w.finish());
-            if link.sender.send(m).await.is_err() {
-                break;
+            if !s.interest.is_empty() {
+                let body =
+                    wire::encode_interest(s.interest.iter().map(|(op, k, n)| (*op, *k, &n[..])));
+                s.interest.clear();
+                let _ = link.sender.send(binary_frame(cmd::SUBS, body)).await;
             }
-            self.unsent_from = end;
-        }
-        credit(link).await;
-        if let Some((old, _)) = self.old_link.as_mut() {
-            credit(old).await;
+            let kind = if key.is_some() {
+                Kind::Shard
+            } else {
+                Kind::Mesh
+            };
+            while s.unsent_from < s.unacked.len() {
+                let first = &s.unacked[s.unsent_from];
+                let mut w = PublishBatchWriter::new(first.seq);
+                let end = (s.unsent_from + MAX_PUBS_BATCH).min(s.unacked.len());
+                for u in s.unacked.range(s.unsent_from..end) {
+                    w.push(kind, u.ts, &u.channel, &u.payload);
+                }
+                if link
+                    .sender
+                    .send(binary_frame(cmd::PUBS, w.finish()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                s.unsent_from = end;
+            }
+            credit(link).await;
         }
     }
 }
@@ -750,10 +874,4 @@ async fn credit(link: &mut Link) {
             .send(json_frame(cmd::CRED, &wire::Credit { batch }))
             .await;
     }
-}
-
-fn thynapse_rendezvous_socket() -> std::io::Result<tokio::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    socket.set_nonblocking(true)?;
-    tokio::net::UdpSocket::from_std(socket)
 }

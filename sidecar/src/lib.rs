@@ -9,6 +9,7 @@ pub mod connection;
 pub mod hub;
 pub mod metrics;
 pub mod resp;
+pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

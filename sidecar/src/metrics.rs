@@ -17,6 +17,7 @@ pub struct Metrics {
     pub subscriptions: IntGauge,
     pub disconnects: IntCounterVec,
     pub reconnects: IntCounter,
+    pub rooms: IntGauge,
     pub latency: Histogram,
 }
 
@@ -81,6 +82,11 @@ impl Metrics {
                 &r,
                 "thynapse_sidecar_transmitter_reconnects_total",
                 "Times this cell moved to another transmitter.",
+            ),
+            rooms: gauge(
+                &r,
+                "thynapse_sidecar_room_sessions",
+                "Rooms this cell has a session in (SSUBSCRIBE/SPUBLISH).",
             ),
             latency,
             registry: r,

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub cells: IntGauge,
     pub peers: IntGauge,
     pub peer_reconnects: IntCounter,
+    pub room_messages: IntCounterVec,
+    pub rooms: IntGauge,
 }
 
 impl Metrics {
@@ -70,6 +72,17 @@ impl Metrics {
                 "thynapse_transmitter_peer_reconnects_total",
                 "Times a link to a peer transmitter was rebuilt.",
             ),
+            room_messages: counter_vec(
+                &r,
+                "thynapse_transmitter_room_messages_total",
+                "Room (shard channel) messages routed by this transmitter, by room.",
+                "room",
+            ),
+            rooms: gauge(
+                &r,
+                "thynapse_transmitter_rooms",
+                "Rooms this transmitter hosts.",
+            ),
             registry: r,
         };
         for reason in [
@@ -79,6 +92,7 @@ impl Metrics {
             "cell_lost",
             "peer_lost",
             "unknown_sender",
+            "room_not_hosted",
         ] {
             m.drops.with_label_values(&[reason]);
         }

@@ -15,6 +15,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use thynapse_protocol::batch::Kind;
 use thynapse_protocol::delivery::{mode_for, DeliveryRule, Mode};
 use thynapse_protocol::wire::{Interest, Op};
 use thynapse_protocol::{glob, Thid};
@@ -37,6 +38,8 @@ struct Cell {
     rules: Arc<[DeliveryRule]>,
     channels: HashSet<Bytes>,
     patterns: HashSet<Bytes>,
+    /// Shard channels (room messages): their own namespace, without patterns, as in Redis.
+    shard: HashSet<Bytes>,
 }
 
 /// Where a message on one channel goes, before anycatch picks.
@@ -75,7 +78,8 @@ impl Dispatch {
         self.receivers = 0;
     }
 
-    fn peer_entry(&mut self, peer: PeerId) -> &mut Vec<Thid> {
+    /// The targets for `peer`, adding the peer when it is not listed yet.
+    pub fn peer_entry(&mut self, peer: PeerId) -> &mut Vec<Thid> {
         let i = match self.peers.iter().position(|(p, _)| *p == peer) {
             Some(i) => i,
             None => {
@@ -95,8 +99,10 @@ const ROUTE_CACHE_LIMIT: usize = 65_536;
 pub struct Table {
     cells: HashMap<(Location, Thid), Cell>,
     by_channel: HashMap<Bytes, HashSet<(Location, Thid)>>,
+    by_shard: HashMap<Bytes, HashSet<(Location, Thid)>>,
     with_patterns: HashSet<(Location, Thid)>,
     cache: HashMap<Bytes, Rc<Route>>,
+    shard_cache: HashMap<Bytes, Rc<Route>>,
     rotation: HashMap<Arc<str>, usize>,
 }
 
@@ -110,7 +116,7 @@ impl Table {
         if *cell.rules != *rules {
             cell.rules = rules.into();
         }
-        self.cache.clear();
+        self.invalidate();
     }
 
     pub fn has_cell(&self, at: Location, id: &Thid) -> bool {
@@ -145,8 +151,16 @@ impl Table {
                 (Op::Remove, Interest::Pattern) => {
                     cell.patterns.remove(name);
                 }
-                // Shard channels are routed by rooms; not part of mesh-wide routing.
-                (_, Interest::ShardChannel) => {}
+                (Op::Add, Interest::ShardChannel) => {
+                    if cell.shard.insert(name.clone()) {
+                        self.by_shard.entry(name.clone()).or_default().insert(key);
+                    }
+                }
+                (Op::Remove, Interest::ShardChannel) => {
+                    if cell.shard.remove(name) {
+                        remove_index(&mut self.by_shard, name, &key);
+                    }
+                }
             }
         }
         if cell.patterns.is_empty() {
@@ -154,7 +168,7 @@ impl Table {
         } else {
             self.with_patterns.insert(key);
         }
-        self.cache.clear();
+        self.invalidate();
         true
     }
 
@@ -180,8 +194,11 @@ impl Table {
         for ch in &cell.channels {
             remove_index(&mut self.by_channel, ch, &key);
         }
+        for ch in &cell.shard {
+            remove_index(&mut self.by_shard, ch, &key);
+        }
         self.with_patterns.remove(&key);
-        self.cache.clear();
+        self.invalidate();
         true
     }
 
@@ -211,6 +228,11 @@ impl Table {
                     .iter()
                     .map(|p| (Op::Add, Interest::Pattern, p.clone())),
             )
+            .chain(
+                cell.shard
+                    .iter()
+                    .map(|c| (Op::Add, Interest::ShardChannel, c.clone())),
+            )
             .collect();
         Some((cell.service.clone(), cell.rules.clone(), subs))
     }
@@ -226,27 +248,49 @@ impl Table {
         self.cells.keys().filter(|(l, _)| *l == at).count()
     }
 
-    /// The route for messages on `channel` (cached).
-    pub fn route(&mut self, channel: &Bytes) -> Rc<Route> {
-        if let Some(r) = self.cache.get(channel) {
+    /// The route for messages of `kind` on `channel` (cached).
+    pub fn route(&mut self, kind: Kind, channel: &Bytes) -> Rc<Route> {
+        let cached = match kind {
+            Kind::Mesh => self.cache.get(channel),
+            Kind::Shard => self.shard_cache.get(channel),
+        };
+        if let Some(r) = cached {
             return r.clone();
         }
-        let route = Rc::new(self.compute(channel));
-        if self.cache.len() >= ROUTE_CACHE_LIMIT {
-            self.cache.clear();
+        let route = Rc::new(self.compute(kind, channel));
+        let cache = match kind {
+            Kind::Mesh => &mut self.cache,
+            Kind::Shard => &mut self.shard_cache,
+        };
+        if cache.len() >= ROUTE_CACHE_LIMIT {
+            cache.clear();
         }
-        self.cache.insert(channel.clone(), route.clone());
+        cache.insert(channel.clone(), route.clone());
         route
     }
 
-    fn compute(&self, channel: &Bytes) -> Route {
+    fn invalidate(&mut self) {
+        self.cache.clear();
+        self.shard_cache.clear();
+    }
+
+    fn compute(&self, kind: Kind, channel: &Bytes) -> Route {
         // Every matching cell once, by id: a cell moving between transmitters is briefly
         // known at two places; prefer here, then the lowest peer.
         let mut matching: Vec<(Location, Thid)> = Vec::new();
-        if let Some(set) = self.by_channel.get(channel) {
+        let index = match kind {
+            Kind::Mesh => &self.by_channel,
+            Kind::Shard => &self.by_shard,
+        };
+        if let Some(set) = index.get(channel) {
             matching.extend(set.iter().copied());
         }
-        for key in &self.with_patterns {
+        // Redis has no pattern subscriptions for shard channels.
+        let patterned = (kind == Kind::Mesh)
+            .then_some(&self.with_patterns)
+            .into_iter()
+            .flatten();
+        for key in patterned {
             let cell = &self.cells[key];
             if !cell.channels.contains(channel)
                 && cell.patterns.iter().any(|p| glob::matches(p, channel))
@@ -293,9 +337,9 @@ impl Table {
 
     /// Routes one message entering the mesh here into `out`, choosing anycatch cells in
     /// turn so that load spreads evenly over a Service's cells.
-    pub fn dispatch(&mut self, channel: &Bytes, out: &mut Dispatch) {
+    pub fn dispatch(&mut self, kind: Kind, channel: &Bytes, out: &mut Dispatch) {
         out.clear();
-        let route = self.route(channel);
+        let route = self.route(kind, channel);
         out.local.extend_from_slice(&route.local);
         for p in &route.peers {
             out.peer_entry(*p);
@@ -315,9 +359,15 @@ impl Table {
 
     /// Local cells that take a message forwarded by a peer: this transmitter's multicatch
     /// cells for the channel, plus the anycatch targets it hosts.
-    pub fn deliver_forwarded(&mut self, channel: &Bytes, targets: &[Thid], out: &mut Vec<Thid>) {
+    pub fn deliver_forwarded(
+        &mut self,
+        kind: Kind,
+        channel: &Bytes,
+        targets: &[Thid],
+        out: &mut Vec<Thid>,
+    ) {
         out.clear();
-        let route = self.route(channel);
+        let route = self.route(kind, channel);
         out.extend_from_slice(&route.local);
         for t in targets {
             if self.cells.contains_key(&(Location::Local, *t)) && !out.contains(t) {
@@ -385,7 +435,7 @@ mod tests {
         sub(&mut t, Location::Peer(1), "t", &[], "news");
         sub(&mut t, Location::Peer(2), "t", &[], "other");
         let mut d = Dispatch::default();
-        t.dispatch(&ch("news"), &mut d);
+        t.dispatch(Kind::Mesh, &ch("news"), &mut d);
         let mut local = d.local.clone();
         local.sort();
         let mut want = vec![a, id_b];
@@ -408,7 +458,7 @@ mod tests {
         let mut got = Vec::new();
         let mut d = Dispatch::default();
         for _ in 0..6 {
-            t.dispatch(&ch("jobs.build"), &mut d);
+            t.dispatch(Kind::Mesh, &ch("jobs.build"), &mut d);
             assert_eq!(d.receivers, 2);
             assert!(d.local.contains(&audit));
             let mut picked: Vec<Thid> = d.local.iter().copied().filter(|c| *c != audit).collect();
@@ -424,7 +474,7 @@ mod tests {
         assert_eq!(got, expected, "each worker got its share");
         // Outside the anycatch rule the service is multicatch again.
         t.apply(Location::Peer(2), cells[2], &[]);
-        t.dispatch(&ch("jobs"), &mut d);
+        t.dispatch(Kind::Mesh, &ch("jobs"), &mut d);
         assert_eq!(d.receivers, 0);
     }
 
@@ -436,9 +486,9 @@ mod tests {
         let w2 = sub(&mut t, Location::Local, "w", &rules, "x");
         let m = sub(&mut t, Location::Local, "m", &[], "x");
         let mut out = Vec::new();
-        t.deliver_forwarded(&ch("x"), &[], &mut out);
+        t.deliver_forwarded(Kind::Mesh, &ch("x"), &[], &mut out);
         assert_eq!(out, vec![m]);
-        t.deliver_forwarded(&ch("x"), &[w2, Thid::random()], &mut out);
+        t.deliver_forwarded(Kind::Mesh, &ch("x"), &[w2, Thid::random()], &mut out);
         assert_eq!(out, vec![m, w2]);
         let _ = w1;
     }
@@ -452,10 +502,39 @@ mod tests {
             t.apply(at, id, &[(Op::Add, Interest::Channel, ch("c"))]);
         }
         let mut d = Dispatch::default();
-        t.dispatch(&ch("c"), &mut d);
+        t.dispatch(Kind::Mesh, &ch("c"), &mut d);
         assert_eq!(d.local, vec![id]);
         assert!(d.peers.is_empty());
         assert_eq!(d.receivers, 1);
+    }
+
+    #[test]
+    fn shard_channels_are_their_own_namespace() {
+        let mut t = Table::default();
+        let mesh = sub(&mut t, Location::Local, "s", &[], "{r}c");
+        let pat = sub(&mut t, Location::Local, "s", &[], "*");
+        let room = Thid::random();
+        t.upsert_cell(Location::Peer(2), room, "s", &[]);
+        t.apply(
+            Location::Peer(2),
+            room,
+            &[(Op::Add, Interest::ShardChannel, ch("{r}c"))],
+        );
+        let mut d = Dispatch::default();
+        t.dispatch(Kind::Shard, &ch("{r}c"), &mut d);
+        assert!(
+            d.local.is_empty(),
+            "mesh and pattern subscribers get no room messages"
+        );
+        assert_eq!((d.peers.clone(), d.receivers), (vec![(2, vec![])], 1));
+        t.dispatch(Kind::Mesh, &ch("{r}c"), &mut d);
+        assert_eq!(d.local.len(), 2);
+        assert!(d.local.contains(&mesh) && d.local.contains(&pat));
+        let (_, _, subs) = t.interest_of(&mesh).unwrap();
+        assert_eq!(subs.len(), 1);
+        t.remove_cell(Location::Peer(2), room);
+        t.dispatch(Kind::Shard, &ch("{r}c"), &mut d);
+        assert_eq!(d.receivers, 0);
     }
 
     #[test]
@@ -463,10 +542,10 @@ mod tests {
         let mut t = Table::default();
         let a = sub(&mut t, Location::Peer(1), "s", &[], "c");
         let mut d = Dispatch::default();
-        t.dispatch(&ch("c"), &mut d);
+        t.dispatch(Kind::Mesh, &ch("c"), &mut d);
         assert_eq!(d.receivers, 1);
         assert_eq!(t.remove_location(Location::Peer(1)), 1);
-        t.dispatch(&ch("c"), &mut d);
+        t.dispatch(Kind::Mesh, &ch("c"), &mut d);
         assert_eq!(d.receivers, 0);
         assert!(!t.has_cell(Location::Peer(1), &a));
         assert!(!t.apply(Location::Peer(1), a, &[]));

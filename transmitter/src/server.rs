@@ -9,9 +9,10 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use futures::FutureExt;
 use thynapse_protocol::batch::{decode_envelopes, decode_publishes, encode_acks, Kind};
-use thynapse_protocol::discovery::{Datagram, TransmitterInfo, MAX_DATAGRAM};
+use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
-use thynapse_protocol::wire::{self, cmd, Events};
+use thynapse_protocol::room::room_of;
+use thynapse_protocol::wire::{self, cmd, Events, Interest};
 use thynapse_protocol::Thid;
 use tokio::sync::{mpsc, watch};
 use zeromq::{
@@ -43,6 +44,22 @@ struct LocalCell {
     last_seen: Instant,
     /// Highest sequence number this cell used, so EVNT numbers continue after PUBS ones.
     last_seq: u64,
+    /// A room session carries the shard channels of this room only.
+    room: Option<String>,
+}
+
+/// A room this transmitter hosts.
+struct HostedRoom {
+    /// Every host of the room, this one included.
+    hosts: Vec<String>,
+    messages: prometheus::IntCounter,
+}
+
+/// What the announce task says of this transmitter.
+#[derive(Clone)]
+struct Announcement {
+    info: TransmitterInfo,
+    rooms: Vec<String>,
 }
 
 struct PeerOut {
@@ -87,6 +104,7 @@ enum Event {
         generation: u64,
     },
     Discovered(Vec<TransmitterInfo>),
+    Hosting(Vec<Placement>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -130,6 +148,8 @@ struct Transmitter {
     ping_peers: bool,
     routed: u64,
     rate: f64,
+    rooms: HashMap<String, HostedRoom>,
+    announcement: watch::Sender<Announcement>,
 }
 
 fn reply_json<T: serde::Serialize>(identity: &Bytes, command: &[u8; 4], value: &T) -> ZmqMessage {
@@ -191,8 +211,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         cells: 0,
         rate: 0.0,
         draining: false,
+        rooms: 0,
     };
-    let (info_tx, info_rx) = watch::channel(info);
+    let (info_tx, info_rx) = watch::channel(Announcement {
+        info,
+        rooms: Vec::new(),
+    });
     let (events_tx, mut events_rx) = mpsc::channel(4096);
     tokio::spawn(announce(args.clone(), info_rx, events_tx.clone()));
 
@@ -224,6 +248,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         ping_peers: false,
         routed: 0,
         rate: 0.0,
+        rooms: HashMap::new(),
+        announcement: info_tx,
         args,
     };
     println!(
@@ -268,11 +294,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 t.rate = 0.7 * t.rate + 0.3 * (t.routed as f64 / dt);
                 t.routed = 0;
                 t.housekeeping(now);
-                info_tx.send_modify(|i| {
-                    i.cells = t.cells.len() as u32;
-                    i.rate = t.rate;
-                    i.draining = t.draining.is_some();
-                });
+                t.update_announcement();
                 if t.drained(now) {
                     t.flush().await;
                     t.leave().await;
@@ -287,9 +309,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// Announces this transmitter to every rendezvous at the configured rate and passes the
-/// live transmitters they answer with to the event loop.
-async fn announce(args: Args, info: watch::Receiver<TransmitterInfo>, events: mpsc::Sender<Event>) {
+/// Announces this transmitter to every rendezvous at the configured rate and passes what
+/// they answer (live transmitters, rooms to host) to the event loop. A change worth
+/// telling at once (a room taken, draining) is announced without waiting for the next
+/// interval, so that the rendezvous can hand a new room out quickly.
+async fn announce(
+    args: Args,
+    mut info: watch::Receiver<Announcement>,
+    events: mpsc::Sender<Event>,
+) {
     let socket = match thynapse_rendezvous::bind_udp("0.0.0.0:0".parse().expect("valid address")) {
         Ok(s) => s,
         Err(e) => {
@@ -306,31 +334,46 @@ async fn announce(args: Args, info: watch::Receiver<TransmitterInfo>, events: mp
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let datagram = Datagram::Announce {
-                    mesh: args.mesh.clone(),
-                    interval_ms: args.announce_interval_ms,
-                    multiplier: args.expiry_multiplier,
-                    transmitter: info.borrow().clone(),
-                }
-                .to_bytes();
-                for target in &targets {
-                    if let Err(e) = socket.send_to(&datagram, target.as_str()).await {
-                        tracing::debug!(%target, "announce failed: {e}");
-                    }
+            _ = tick.tick() => {}
+            changed = info.changed() => {
+                if changed.is_err() {
+                    return;
                 }
             }
             got = socket.recv_from(&mut buf) => {
                 let Ok((n, _)) = got else { continue };
-                match Datagram::parse(&buf[..n]) {
-                    Ok(Datagram::Peers { transmitters, .. }) => {
-                        if events.send(Event::Discovered(transmitters)).await.is_err() {
-                            return;
-                        }
+                let event = match Datagram::parse(&buf[..n]) {
+                    Ok(Datagram::Peers { transmitters, .. }) => Event::Discovered(transmitters),
+                    Ok(Datagram::Hosting { rooms, .. }) => Event::Hosting(rooms),
+                    Ok(Datagram::Error { error }) => {
+                        tracing::warn!("rendezvous: {error}");
+                        continue;
                     }
-                    Ok(Datagram::Error { error }) => tracing::warn!("rendezvous: {error}"),
-                    _ => tracing::warn!("unexpected datagram from the rendezvous"),
+                    _ => {
+                        tracing::warn!("unexpected datagram from the rendezvous");
+                        continue;
+                    }
+                };
+                if events.send(event).await.is_err() {
+                    return;
                 }
+                continue;
+            }
+        }
+        let datagram = {
+            let a = info.borrow_and_update();
+            Datagram::Announce {
+                mesh: args.mesh.clone(),
+                interval_ms: args.announce_interval_ms,
+                multiplier: args.expiry_multiplier,
+                transmitter: a.info.clone(),
+                rooms: a.rooms.clone(),
+            }
+            .to_bytes()
+        };
+        for target in &targets {
+            if let Err(e) = socket.send_to(&datagram, target.as_str()).await {
+                tracing::debug!(%target, "announce failed: {e}");
             }
         }
     }
@@ -397,6 +440,19 @@ impl Transmitter {
                     ));
                     return Ok(());
                 }
+                if let Some(room) = &hello.room {
+                    if !self.rooms.contains_key(room) {
+                        // Placement moved on (or this is a new instance): ask again.
+                        self.replies.push(reply_json(
+                            identity,
+                            cmd::MOVE,
+                            &wire::Reason {
+                                reason: format!("room {room:?} is not hosted here"),
+                            },
+                        ));
+                        return Ok(());
+                    }
+                }
                 if let Some(old) = self.identities.insert(identity.clone(), hello.id) {
                     if old != hello.id {
                         self.drop_cell(old, "replaced");
@@ -408,6 +464,7 @@ impl Transmitter {
                     outbox: Outbox::default(),
                     last_seen: now,
                     last_seq: 0,
+                    room: hello.room.clone(),
                 });
                 if cell.identity != *identity {
                     // The same cell on a new connection: what was in flight on the old one is gone.
@@ -417,6 +474,7 @@ impl Transmitter {
                 }
                 cell.events = hello.events;
                 cell.last_seen = now;
+                cell.room = hello.room.clone();
                 self.table
                     .upsert_cell(Location::Local, hello.id, &hello.service, &hello.rules);
                 self.dirty.insert(hello.id);
@@ -482,7 +540,21 @@ impl Transmitter {
                 .push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
             cmd::SUBS => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("SUBS".into()))?;
-                let changes = wire::decode_interest(body)?;
+                let mut changes = wire::decode_interest(body)?;
+                let room = self.cells.get(&id).and_then(|c| c.room.clone());
+                let before = changes.len();
+                changes.retain(|(_, kind, name)| {
+                    *kind != Interest::ShardChannel
+                        || room
+                            .as_deref()
+                            .is_some_and(|r| room_of(name) == r.as_bytes())
+                });
+                if changes.len() != before {
+                    self.replies.push(error_reply(
+                        identity,
+                        "shard channels belong on the session of their room (HELO with \"room\")",
+                    ));
+                }
                 self.table.apply(Location::Local, id, &changes);
                 self.dirty.insert(id);
             }
@@ -579,12 +651,39 @@ impl Transmitter {
             return 0;
         }
         if kind == Kind::Shard {
-            // Rooms are not routed yet; the sidecar refuses SPUBLISH before it gets here.
-            return 0;
+            let session_room = self.cells.get(&origin).and_then(|c| c.room.as_deref());
+            let room = std::str::from_utf8(room_of(channel)).ok();
+            if room.is_none()
+                || room != session_room
+                || !self.rooms.contains_key(room.unwrap_or_default())
+            {
+                self.metrics
+                    .drops
+                    .with_label_values(&["room_not_hosted"])
+                    .inc();
+                return 0;
+            }
         }
         self.routed += 1;
         let mut dispatch = std::mem::take(&mut self.dispatch);
-        self.table.dispatch(channel, &mut dispatch);
+        self.table.dispatch(kind, channel, &mut dispatch);
+        if kind == Kind::Shard {
+            self.count_room_message(channel);
+            // Every host of a room sees all of its messages, so a cell that moves to
+            // another host of the room receives at once.
+            if let Some(room) = std::str::from_utf8(room_of(channel))
+                .ok()
+                .and_then(|r| self.rooms.get(r))
+            {
+                for host in &room.hosts {
+                    if let Some(&peer) = self.peer_ids.get(host) {
+                        if self.peers[&peer].out.as_ref().is_some_and(|o| o.synced) {
+                            dispatch.peer_entry(peer);
+                        }
+                    }
+                }
+            }
+        }
         for cell in &dispatch.local {
             self.deliver_local(*cell, kind, &origin, seq, ts, channel, payload, dests);
         }
@@ -752,8 +851,11 @@ impl Transmitter {
                         .bytes_in
                         .with_label_values(&["peer"])
                         .inc_by(e.payload.len() as u64);
+                    if e.kind == Kind::Shard {
+                        self.count_room_message(&e.channel);
+                    }
                     self.table
-                        .deliver_forwarded(&e.channel, &e.targets, &mut local);
+                        .deliver_forwarded(e.kind, &e.channel, &e.targets, &mut local);
                     for cell in &local {
                         self.deliver_local(
                             *cell, e.kind, &e.origin, e.seq, e.ts, &e.channel, &e.payload,
@@ -856,6 +958,7 @@ impl Transmitter {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Discovered(list) => self.on_discovered(list),
+            Event::Hosting(rooms) => self.on_hosting(rooms),
             Event::PeerConnected {
                 peer,
                 generation,
@@ -938,6 +1041,71 @@ impl Transmitter {
                 }
             }
         }
+    }
+
+    /// Room messages routed here, by room.
+    fn count_room_message(&self, channel: &[u8]) {
+        let room = room_of(channel);
+        match std::str::from_utf8(room)
+            .ok()
+            .and_then(|r| self.rooms.get(r))
+        {
+            Some(hosted) => hosted.messages.inc(),
+            None => self
+                .metrics
+                .room_messages
+                .with_label_values(&[&*String::from_utf8_lossy(room)])
+                .inc(),
+        }
+    }
+
+    /// The rendezvous says which rooms to host (and with whom). Rooms are only ever added
+    /// here: a host gives its rooms up by draining or stopping, when its cells move.
+    fn on_hosting(&mut self, placements: Vec<Placement>) {
+        if self.draining.is_some() {
+            return;
+        }
+        let mut added = false;
+        for p in placements {
+            match self.rooms.get_mut(&p.room) {
+                Some(hosted) => hosted.hosts = p.hosts,
+                None => {
+                    tracing::info!(room = %p.room, hosts = ?p.hosts, "hosting room");
+                    let messages = self.metrics.room_messages.with_label_values(&[&p.room]);
+                    self.rooms.insert(
+                        p.room,
+                        HostedRoom {
+                            hosts: p.hosts,
+                            messages,
+                        },
+                    );
+                    added = true;
+                }
+            }
+        }
+        if added {
+            self.metrics.rooms.set(self.rooms.len() as i64);
+            self.update_announcement();
+        }
+    }
+
+    /// What the next announcement says. Rooms and draining are sent at once; the rest
+    /// goes with the next interval.
+    fn update_announcement(&self) {
+        let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        rooms.sort();
+        let cells = self.cells.len() as u32;
+        let draining = self.draining.is_some();
+        let rate = self.rate;
+        self.announcement.send_if_modified(|a| {
+            let urgent = a.rooms != rooms || a.info.draining != draining;
+            a.info.cells = cells;
+            a.info.rate = rate;
+            a.info.draining = draining;
+            a.info.rooms = rooms.len() as u32;
+            a.rooms = rooms;
+            urgent
+        });
     }
 
     fn on_discovered(&mut self, list: Vec<TransmitterInfo>) {
@@ -1043,6 +1211,7 @@ impl Transmitter {
             "draining: moving cells to other transmitters"
         );
         self.draining = Some(Instant::now());
+        self.update_announcement();
         for cell in self.cells.values() {
             self.replies.push(reply_json(
                 &cell.identity,
