@@ -187,14 +187,47 @@ def until_routed(publisher, channel, receivers, timeout=15):
     )
 
 
-def free_udp_query(address, mesh):
-    """Asks a rendezvous which transmitters are live."""
+def rendezvous_request(address, request):
+    """Sends one JSON datagram to a rendezvous point and returns its answer."""
     host, port = address.replace("udp://", "").rsplit(":", 1)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(1)
     try:
-        s.sendto(json.dumps({"type": "query", "mesh": mesh}).encode(), (host, int(port)))
+        s.sendto(json.dumps(request).encode(), (host, int(port)))
         data, _ = s.recvfrom(65536)
         return json.loads(data)
     finally:
         s.close()
+
+
+def free_udp_query(address, mesh):
+    """Asks a rendezvous which transmitters are live."""
+    return rendezvous_request(address, {"type": "query", "mesh": mesh})
+
+
+def room_hosts(mesh, room):
+    """The live transmitters hosting `room` (placing it when new), as the rendezvous of a
+    running `Mesh` says; [] while a placement waits for confirmation."""
+    answer = rendezvous_request(mesh.endpoints["rendezvous"][0]["address"], {"type": "locate", "mesh": mesh.endpoints["mesh"], "room": room})
+    assert answer["type"] == "room", answer
+    return answer["transmitters"]
+
+
+class ShardSubscriber(Subscriber):
+    """A redis-py connection subscribed to shard channels (SSUBSCRIBE)."""
+
+    def __init__(self, client, channels):
+        self.pubsub = client.pubsub()
+        self.pubsub.ssubscribe(*channels)
+        self.messages = []
+        wait_for(lambda: self.pubsub.subscribed, what="ssubscribed")
+
+
+def until_sharded(publisher, channel, receivers, timeout=15):
+    """SPUBLISHes probes until `channel` reaches `receivers` cells."""
+    return wait_for(
+        lambda: publisher.spublish(channel, b"probe") >= receivers,
+        timeout=timeout,
+        interval=0.05,
+        what=f"{channel} routed to {receivers} cells",
+    )

@@ -70,6 +70,23 @@ SESSION = [
     ("PUBSUB", "CHANNELS"),
     ("RESET",),
     ("PING",),
+    # Sharded pub/sub (rooms): counts apart from channels and patterns, as in Redis 7.
+    ("SPUBLISH", "{r}x", "m"),
+    ("SPUBLISH", "{r}x"),
+    ("SSUBSCRIBE", "{r}x", "y"),
+    ("SUBSCRIBE", "a"),
+    ("SSUBSCRIBE", "{r}x"),
+    ("SPUBLISH", "{r}x", "m"),
+    ("PUBSUB", "SHARDCHANNELS"),
+    ("SUNSUBSCRIBE", "y", "never"),
+    ("UNSUBSCRIBE",),
+    ("SUNSUBSCRIBE",),
+    ("SUNSUBSCRIBE",),
+    ("PUBSUB", "SHARDCHANNELS"),
+    ("PUBSUB", "SHARDNUMSUB", "{r}x", "q"),
+    ("SSUBSCRIBE", "{r}x"),
+    ("RESET",),
+    ("PUBSUB", "SHARDNUMSUB", "{r}x"),
 ]
 
 
