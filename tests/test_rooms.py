@@ -200,3 +200,40 @@ def test_undeclared_rooms_on_demand_or_refused(start_mesh):
     # The connection and the cell keep working.
     assert c.ping() and c.spublish("{open}x", b"still fine") == 0
     del sub
+
+
+def test_sigterm_of_a_host_moves_the_room_and_loses_nothing(start_mesh):
+    mesh = start_mesh(mesh_yaml(replicas=3, services=[("s", [])]) + rooms_yaml(["lobby"]), cells={"s": 3})
+    hosts = room_hosts(mesh, "lobby")
+    victim = hosts[0]["name"]
+    victim_pid = mesh.transmitter(victim)["pid"]
+    channel = "{lobby}chat"
+    subs = [ShardSubscriber(mesh.redis(c), [channel]) for c in mesh.cells()]
+    publishers = [mesh.redis(c) for c in mesh.cells()]
+    for p in publishers:
+        until_sharded(p, channel, 3)
+    os.kill(victim_pid, signal.SIGTERM)
+    sent = []
+
+    def drained():
+        for p in publishers:
+            payload = b"d:%d" % len(sent)
+            p.spublish(channel, payload)
+            sent.append(payload)
+        return len(sent) > 150 and not _alive(victim_pid)
+
+    wait_for(drained, timeout=30, interval=0.01, what="drained host exit")
+    for s in subs:
+        s.wait_count(len(sent), prefix=b"d:", timeout=30)
+        assert sorted(s.data(b"d:")) == sorted(sent), "every accepted message delivered, once"
+    # The room is back on two serving hosts (`up` restarts the drained one as a new,
+    # empty instance, which may be chosen again).
+    wait_for(lambda: len(room_hosts(mesh, "lobby")) == 2, what="lobby on two hosts again")
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

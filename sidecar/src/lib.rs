@@ -3,7 +3,11 @@
 //! through the rendezvous, moves to another when its own dies or drains, and restores
 //! every subscription there.
 //!
-//! `resp` is the wire codec, `connection` one client, `hub` the cell's state and its link.
+//! Rooms (SSUBSCRIBE/SPUBLISH) go through one extra session per room, linked to a
+//! transmitter that hosts it.
+//!
+//! `resp` is the wire codec, `connection` one client, `hub` the cell's state, `session`
+//! one stream (mesh or room) and its link.
 
 pub mod connection;
 pub mod hub;
