@@ -675,11 +675,16 @@ impl Client {
     async fn pubsub(&mut self, args: &[Bytes], shared: &Shared) {
         let sub = lower(&args[1]);
         match sub.as_str() {
-            "channels" if args.len() <= 3 => {
+            "channels" | "shardchannels" if args.len() <= 3 => {
+                let kind = if sub == "channels" {
+                    SubKind::Channel
+                } else {
+                    SubKind::Shard
+                };
                 let (tx, rx) = oneshot::channel();
                 let _ = shared
                     .hub
-                    .send(HubCmd::Channels(SubKind::Channel, args.get(2).cloned(), tx))
+                    .send(HubCmd::Channels(kind, args.get(2).cloned(), tx))
                     .await;
                 let names = rx.await.unwrap_or_default();
                 self.reply(Reply::Array(names.into_iter().map(Reply::Bulk).collect()));
@@ -708,15 +713,6 @@ impl Client {
                 let (tx, rx) = oneshot::channel();
                 let _ = shared.hub.send(HubCmd::NumPat(tx)).await;
                 self.reply(Reply::Int(rx.await.unwrap_or(0)));
-            }
-            "shardchannels" if args.len() <= 3 => {
-                let (tx, rx) = oneshot::channel();
-                let _ = shared
-                    .hub
-                    .send(HubCmd::Channels(SubKind::Shard, args.get(2).cloned(), tx))
-                    .await;
-                let names = rx.await.unwrap_or_default();
-                self.reply(Reply::Array(names.into_iter().map(Reply::Bulk).collect()));
             }
             "channels" | "numpat" | "shardchannels" => self.reply(Reply::error(format!(
                 "ERR wrong number of arguments for 'pubsub|{sub}' command"
