@@ -1,12 +1,30 @@
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use thynapse_protocol::DeliveryRule;
 
 /// A mesh of transmitters with its rendezvous point(s).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "thynapse.io",
+    version = "v1alpha1",
+    kind = "TransmitterMesh",
+    namespaced,
+    shortname = "tmesh",
+    status = "TransmitterMeshStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyTransmitters"}"#,
+    printcolumn = r#"{"name": "Rendezvous", "type": "string", "jsonPath": ".status.rendezvous"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("self.limits.clientOutputBufferBytes >= self.limits.maxMessageBytes").message("spec.limits.clientOutputBufferBytes must hold at least one message of maxMessageBytes"))]
+#[x_kube(validation = Rule::new("self.limits.linkBufferBytes >= self.limits.maxMessageBytes").message("spec.limits.linkBufferBytes must hold at least one message of maxMessageBytes"))]
 pub struct TransmitterMeshSpec {
     /// How many transmitters run the mesh.
     #[schemars(range(min = 1, max = 1000))]
@@ -17,9 +35,45 @@ pub struct TransmitterMeshSpec {
     pub rooms: RoomsSpec,
     #[serde(default)]
     pub limits: LimitsSpec,
-    /// Container image of the transmitters, rendezvous and sidecars (cluster mode).
+    /// Container image of the transmitters, rendezvous and sidecars (cluster mode); the
+    /// operator's default image when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Compute resources of each transmitter pod (cluster mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// The sidecar injected into cell pods (cluster mode).
+    #[serde(default)]
+    pub sidecar: SidecarSpec,
+}
+
+/// The sidecar the webhook injects into the cell pods of the mesh's Services.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarSpec {
+    /// Compute resources of the sidecar container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Loopback port the cell's Redis clients use.
+    #[serde(default = "default_resp_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+/// What the operator reports of a mesh.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransmitterMeshStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Transmitter pods ready (from the StatefulSet).
+    #[serde(default)]
+    pub ready_transmitters: i32,
+    /// Address cells and transmitters use to reach the rendezvous point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendezvous: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
 }
 
 /// Discovery: transmitters announce themselves every `announceIntervalMs`; an
@@ -106,10 +160,24 @@ impl Default for LimitsSpec {
 }
 
 /// A service whose cells (pods) talk to the mesh through their sidecars.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "thynapse.io",
+    version = "v1alpha1",
+    kind = "Service",
+    namespaced,
+    shortname = "tsvc",
+    status = "ServiceStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name": "Mesh", "type": "string", "jsonPath": ".spec.mesh"}"#,
+    printcolumn = r#"{"name": "Cells", "type": "integer", "jsonPath": ".status.cells"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSpec {
-    /// The TransmitterMesh (same namespace) the cells join.
+    /// The TransmitterMesh (same namespace) the cells join; cannot be changed.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.mesh is immutable"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub mesh: String,
     /// How messages reach this service's cells; the first matching rule decides, and a
     /// channel no rule matches is multicatch.
@@ -120,15 +188,57 @@ pub struct ServiceSpec {
     pub selector: Option<BTreeMap<String, String>>,
 }
 
+/// What the operator reports of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Running cell pods selected by the Service.
+    #[serde(default)]
+    pub cells: i32,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
 /// A room: sharded pub/sub hosted by `replicas` transmitters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "thynapse.io",
+    version = "v1alpha1",
+    kind = "Room",
+    namespaced,
+    shortname = "room",
+    status = "RoomStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name": "Mesh", "type": "string", "jsonPath": ".spec.mesh"}"#,
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}"#,
+    printcolumn = r#"{"name": "Transmitters", "type": "string", "jsonPath": ".status.transmitters"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoomSpec {
+    /// The TransmitterMesh (same namespace) hosting the room; cannot be changed.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.mesh is immutable"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub mesh: String,
     /// Transmitters hosting the room; the mesh's `rooms.defaultReplicas` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub replicas: Option<u32>,
+}
+
+/// What the operator reports of a Room.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Transmitters hosting the room, as the mesh's rendezvous placed it.
+    #[serde(default)]
+    pub transmitters: Vec<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
 }
 
 fn one() -> u32 {
@@ -154,4 +264,7 @@ fn default_client_buffer() -> u64 {
 }
 fn default_link_buffer() -> u64 {
     32 * 1024 * 1024
+}
+fn default_resp_port() -> u16 {
+    6379
 }
