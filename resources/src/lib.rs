@@ -18,7 +18,8 @@ pub const VERSION: &str = "v1alpha1";
 pub const API_VERSION: &str = "thynapse.io/v1alpha1";
 
 /// The CustomResourceDefinitions of the three resources, as `crds/` holds them.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds(
+) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
     vec![TransmitterMesh::crd(), Service::crd(), Room::crd()]

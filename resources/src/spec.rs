@@ -48,7 +48,7 @@ pub struct TransmitterMeshSpec {
 }
 
 /// The sidecar the webhook injects into the cell pods of the mesh's Services.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SidecarSpec {
     /// Compute resources of the sidecar container.
@@ -58,6 +58,15 @@ pub struct SidecarSpec {
     #[serde(default = "default_resp_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
+}
+
+impl Default for SidecarSpec {
+    fn default() -> Self {
+        SidecarSpec {
+            resources: None,
+            port: default_resp_port(),
+        }
+    }
 }
 
 /// What the operator reports of a mesh.
@@ -177,7 +186,10 @@ impl Default for LimitsSpec {
 pub struct ServiceSpec {
     /// The TransmitterMesh (same namespace) the cells join; cannot be changed.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.mesh is immutable"))]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub mesh: String,
     /// How messages reach this service's cells; the first matching rule decides, and a
     /// channel no rule matches is multicatch.
@@ -220,7 +232,10 @@ pub struct ServiceStatus {
 pub struct RoomSpec {
     /// The TransmitterMesh (same namespace) hosting the room; cannot be changed.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.mesh is immutable"))]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub mesh: String,
     /// Transmitters hosting the room; the mesh's `rooms.defaultReplicas` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

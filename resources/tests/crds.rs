@@ -44,21 +44,39 @@ fn crds_have_the_contract_of_design_md() {
     assert_eq!(
         names,
         [
-            ("TransmitterMesh".to_string(), vec!["tmesh".to_string()], "Namespaced".to_string()),
-            ("Service".to_string(), vec!["tsvc".to_string()], "Namespaced".to_string()),
-            ("Room".to_string(), vec!["room".to_string()], "Namespaced".to_string()),
+            (
+                "TransmitterMesh".to_string(),
+                vec!["tmesh".to_string()],
+                "Namespaced".to_string()
+            ),
+            (
+                "Service".to_string(),
+                vec!["tsvc".to_string()],
+                "Namespaced".to_string()
+            ),
+            (
+                "Room".to_string(),
+                vec!["room".to_string()],
+                "Namespaced".to_string()
+            ),
         ]
     );
     for crd in &crds {
         assert_eq!(crd.spec.group, "thynapse.io");
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
-        assert!(v.subresources.as_ref().unwrap().status.is_some(), "status subresource");
+        assert!(
+            v.subresources.as_ref().unwrap().status.is_some(),
+            "status subresource"
+        );
         assert!(v.additional_printer_columns.as_ref().unwrap().len() >= 3);
     }
     let mesh = serde_json::to_value(&crds[0]).unwrap();
     let spec = &mesh["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     assert_eq!(spec["required"], serde_json::json!(["replicas"]));
-    assert_eq!(spec["properties"]["replicas"]["minimum"].as_f64(), Some(1.0));
+    assert_eq!(
+        spec["properties"]["replicas"]["minimum"].as_f64(),
+        Some(1.0)
+    );
     assert!(spec["x-kubernetes-validations"].as_array().unwrap().len() == 2);
 }

@@ -1,0 +1,633 @@
+//! The desired Kubernetes objects of a TransmitterMesh, computed from the resource alone
+//! (and the few facts the caller fetched: its rooms, its token). Pure: no I/O, so each
+//! object is tested field by field; the controller only applies what this returns.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Probe, Secret, Service, ServicePort, ServiceSpec, TCPSocketAction,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
+use kube::{Resource, ResourceExt};
+use thynapse_resources::TransmitterMesh;
+
+/// Ports inside the pods.
+pub const COMMAND_PORT: i32 = 7000;
+pub const EVENT_PORT: i32 = 7001;
+pub const METRICS_PORT: i32 = 9090;
+pub const RENDEZVOUS_PORT: i32 = 7400;
+/// Field manager of every server-side apply.
+pub const MANAGER: &str = "thynapse-operator";
+/// Label carried by every pod of a mesh: transmitters, rendezvous and injected cells.
+pub const MESH_LABEL: &str = "thynapse.io/mesh";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+
+/// Facts about the world the builders need besides the mesh itself.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    /// Image when the mesh names none (the operator's own version).
+    pub default_image: String,
+    /// Declared Rooms of the mesh: name → replicas (defaulted).
+    pub rooms: BTreeMap<String, u32>,
+    /// The mesh token, kept from the existing Secret (or freshly made once).
+    pub token: String,
+}
+
+/// Everything one TransmitterMesh owns.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    pub config: ConfigMap,
+    pub secret: Secret,
+    pub transmitters: StatefulSet,
+    pub headless: Service,
+    pub rendezvous: Vec<(Deployment, Service)>,
+    pub network_policy: NetworkPolicy,
+    pub pdb: PodDisruptionBudget,
+}
+
+pub fn transmitter_name(mesh: &str) -> String {
+    format!("{mesh}-transmitter")
+}
+
+pub fn rendezvous_name(mesh: &str, i: u32) -> String {
+    format!("{mesh}-rendezvous-{i}")
+}
+
+pub fn secret_name(mesh: &str) -> String {
+    format!("{mesh}-token")
+}
+
+/// Addresses of the mesh's rendezvous points, as transmitters and sidecars are given them.
+pub fn rendezvous_addresses(mesh: &TransmitterMesh) -> Vec<String> {
+    let ns = mesh.namespace().unwrap_or_else(|| "default".into());
+    (0..mesh.spec.rendezvous.replicas)
+        .map(|i| {
+            format!(
+                "udp://{}.{ns}.svc:{RENDEZVOUS_PORT}",
+                rendezvous_name(&mesh.name_any(), i)
+            )
+        })
+        .collect()
+}
+
+pub fn labels(mesh: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "thynapse".to_string()),
+        ("app.kubernetes.io/instance".to_string(), mesh.to_string()),
+        (COMPONENT_LABEL.to_string(), component.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+        (MESH_LABEL.to_string(), mesh.to_string()),
+    ])
+}
+
+fn selector(mesh: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MESH_LABEL.to_string(), mesh.to_string()),
+        (COMPONENT_LABEL.to_string(), component.to_string()),
+    ])
+}
+
+fn meta(mesh: &TransmitterMesh, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: mesh.namespace(),
+        labels: Some(labels(&mesh.name_any(), component)),
+        owner_references: Some(vec![owner(mesh)]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The mesh as controller owner, so deleting it deletes everything it owns.
+pub fn owner(mesh: &TransmitterMesh) -> OwnerReference {
+    mesh.controller_owner_ref(&())
+        .expect("a stored mesh has a name and uid")
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn port(name: &str, port: i32, protocol: &str) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some(protocol.into()),
+        ..ContainerPort::default()
+    }
+}
+
+fn service_port(name: &str, port: i32, protocol: &str) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(port)),
+        protocol: Some(protocol.into()),
+        ..ServicePort::default()
+    }
+}
+
+fn tcp_probe(port: i32, period: i32) -> Probe {
+    Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::Int(port),
+            ..TCPSocketAction::default()
+        }),
+        period_seconds: Some(period),
+        ..Probe::default()
+    }
+}
+
+fn prometheus_annotations(port: i32) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), port.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ])
+}
+
+pub fn image(mesh: &TransmitterMesh, inputs: &Inputs) -> String {
+    mesh.spec
+        .image
+        .clone()
+        .unwrap_or_else(|| inputs.default_image.clone())
+}
+
+/// Everything the mesh owns, from the mesh alone.
+pub fn desired(mesh: &TransmitterMesh, inputs: &Inputs) -> Desired {
+    let name = mesh.name_any();
+    let spec = &mesh.spec;
+    let image = image(mesh, inputs);
+    let rendezvous = rendezvous_addresses(mesh);
+    let interval = spec.rendezvous.announce_interval_ms.to_string();
+    let multiplier = spec.rendezvous.expiry_multiplier.to_string();
+
+    let config = ConfigMap {
+        metadata: meta(mesh, format!("{name}-config"), "config"),
+        data: Some(BTreeMap::from([(
+            "mesh.yaml".to_string(),
+            serde_yaml::to_string(&spec).expect("specs serialise"),
+        )])),
+        ..ConfigMap::default()
+    };
+
+    let secret = Secret {
+        metadata: meta(mesh, secret_name(&name), "token"),
+        data: Some(BTreeMap::from([(
+            "token".to_string(),
+            ByteString(inputs.token.clone().into_bytes()),
+        )])),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    };
+
+    let mut transmitter_args = vec![
+        "transmitter".to_string(),
+        "--mesh".into(),
+        name.clone(),
+        "--name".into(),
+        "$(POD_NAME)".into(),
+        "--command-bind".into(),
+        format!("tcp://0.0.0.0:{COMMAND_PORT}"),
+        "--event-bind".into(),
+        format!("tcp://0.0.0.0:{EVENT_PORT}"),
+        "--advertise-host".into(),
+        "$(POD_IP)".into(),
+        "--metrics-bind".into(),
+        format!("0.0.0.0:{METRICS_PORT}"),
+        "--announce-interval-ms".into(),
+        interval.clone(),
+        "--expiry-multiplier".into(),
+        multiplier.clone(),
+        "--max-message-bytes".into(),
+        spec.limits.max_message_bytes.to_string(),
+        "--link-buffer-bytes".into(),
+        spec.limits.link_buffer_bytes.to_string(),
+    ];
+    for r in &rendezvous {
+        transmitter_args.push("--rendezvous".into());
+        transmitter_args.push(r.clone());
+    }
+    let transmitter_labels = labels(&name, "transmitter");
+    let transmitters = StatefulSet {
+        metadata: meta(mesh, transmitter_name(&name), "transmitter"),
+        spec: StatefulSetSpec {
+            replicas: Some(spec.replicas as i32),
+            service_name: Some(transmitter_name(&name)),
+            // Transmitters are peers: start and stop them all at once, not one by one.
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector(&name, "transmitter")),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(transmitter_labels),
+                    annotations: Some(prometheus_annotations(METRICS_PORT)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    // A drain moves cells away within a few expiries (see docs).
+                    termination_grace_period_seconds: Some(
+                        (spec.rendezvous.expiry_ms() * 5 / 1000 + 5) as i64,
+                    ),
+                    containers: vec![Container {
+                        name: "transmitter".into(),
+                        image: Some(image.clone()),
+                        command: Some(vec!["thynapse".into()]),
+                        args: Some(transmitter_args),
+                        env: Some(vec![
+                            field_env("POD_NAME", "metadata.name"),
+                            field_env("POD_IP", "status.podIP"),
+                        ]),
+                        ports: Some(vec![
+                            port("command", COMMAND_PORT, "TCP"),
+                            port("event", EVENT_PORT, "TCP"),
+                            port("metrics", METRICS_PORT, "TCP"),
+                        ]),
+                        readiness_probe: Some(tcp_probe(COMMAND_PORT, 5)),
+                        liveness_probe: Some(tcp_probe(COMMAND_PORT, 10)),
+                        resources: spec.resources.clone(),
+                        ..Container::default()
+                    }],
+                    ..PodSpec::default()
+                }),
+            },
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    };
+
+    let headless = Service {
+        metadata: meta(mesh, transmitter_name(&name), "transmitter"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            // Peers must find each other before they are ready.
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector(&name, "transmitter")),
+            ports: Some(vec![
+                service_port("command", COMMAND_PORT, "TCP"),
+                service_port("event", EVENT_PORT, "TCP"),
+                service_port("metrics", METRICS_PORT, "TCP"),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+
+    // One Deployment and Service per rendezvous point: UDP announcements must all reach
+    // the same point, which a load-balanced Service over several pods would not do.
+    let rendezvous_points = (0..spec.rendezvous.replicas)
+        .map(|i| {
+            let point = rendezvous_name(&name, i);
+            let component = "rendezvous";
+            let mut pod_labels = labels(&name, component);
+            pod_labels.insert("thynapse.io/rendezvous".into(), point.clone());
+            let mut select = selector(&name, component);
+            select.insert("thynapse.io/rendezvous".into(), point.clone());
+            let mut args = vec![
+                "rendezvous".to_string(),
+                "--mesh".into(),
+                name.clone(),
+                "--bind".into(),
+                format!("0.0.0.0:{RENDEZVOUS_PORT}"),
+                "--default-replicas".into(),
+                spec.rooms.default_replicas.to_string(),
+            ];
+            if !spec.rooms.allow_undeclared {
+                args.push("--forbid-undeclared".into());
+            }
+            for (room, replicas) in &inputs.rooms {
+                args.push("--room".into());
+                args.push(format!("{room}={replicas}"));
+            }
+            let deployment = Deployment {
+                metadata: meta(mesh, point.clone(), component),
+                spec: DeploymentSpec {
+                    replicas: Some(1),
+                    selector: LabelSelector {
+                        match_labels: Some(select.clone()),
+                        ..LabelSelector::default()
+                    },
+                    template: PodTemplateSpec {
+                        metadata: Some(ObjectMeta {
+                            labels: Some(pod_labels),
+                            ..ObjectMeta::default()
+                        }),
+                        spec: Some(PodSpec {
+                            containers: vec![Container {
+                                name: "rendezvous".into(),
+                                image: Some(image.clone()),
+                                command: Some(vec!["thynapse".into()]),
+                                args: Some(args),
+                                ports: Some(vec![port("discovery", RENDEZVOUS_PORT, "UDP")]),
+                                ..Container::default()
+                            }],
+                            ..PodSpec::default()
+                        }),
+                    },
+                    ..DeploymentSpec::default()
+                },
+                ..Deployment::default()
+            };
+            let service = Service {
+                metadata: meta(mesh, point, component),
+                spec: Some(ServiceSpec {
+                    selector: Some(select),
+                    ports: Some(vec![service_port("discovery", RENDEZVOUS_PORT, "UDP")]),
+                    ..ServiceSpec::default()
+                }),
+                ..Service::default()
+            };
+            (deployment, service)
+        })
+        .collect();
+
+    let mesh_pods = |extra: Option<(&str, &str)>| {
+        let mut labels = BTreeMap::from([(MESH_LABEL.to_string(), name.clone())]);
+        if let Some((k, v)) = extra {
+            labels.insert(k.into(), v.into());
+        }
+        labels
+    };
+    let network_policy = NetworkPolicy {
+        metadata: meta(mesh, name.clone(), "network-policy"),
+        spec: Some(NetworkPolicySpec {
+            // The mesh's own pods: transmitters and rendezvous points.
+            pod_selector: Some(LabelSelector {
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: COMPONENT_LABEL.into(),
+                        operator: "In".into(),
+                        values: Some(vec!["transmitter".into(), "rendezvous".into()]),
+                    },
+                ]),
+                match_labels: Some(mesh_pods(None)),
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                // Cells (labelled by the webhook) and the mesh's own pods, in this namespace.
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(LabelSelector {
+                            match_labels: Some(mesh_pods(None)),
+                            ..LabelSelector::default()
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ..NetworkPolicyIngressRule::default()
+                },
+                // The operator asks the rendezvous where rooms live.
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        namespace_selector: Some(LabelSelector::default()),
+                        pod_selector: Some(LabelSelector {
+                            match_labels: Some(BTreeMap::from([(
+                                "app.kubernetes.io/name".to_string(),
+                                "thynapse-operator".to_string(),
+                            )])),
+                            ..LabelSelector::default()
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: Some(vec![NetworkPolicyPort {
+                        port: Some(IntOrString::Int(RENDEZVOUS_PORT)),
+                        protocol: Some("UDP".into()),
+                        ..NetworkPolicyPort::default()
+                    }]),
+                },
+                // Prometheus, from anywhere, on the metrics port only.
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![NetworkPolicyPort {
+                        port: Some(IntOrString::Int(METRICS_PORT)),
+                        protocol: Some("TCP".into()),
+                        ..NetworkPolicyPort::default()
+                    }]),
+                    ..NetworkPolicyIngressRule::default()
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    };
+
+    let pdb = PodDisruptionBudget {
+        metadata: meta(mesh, transmitter_name(&name), "transmitter"),
+        spec: Some(PodDisruptionBudgetSpec {
+            // One transmitter drains at a time; its cells move to the others.
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(&name, "transmitter")),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+
+    Desired {
+        config,
+        secret,
+        transmitters,
+        headless,
+        rendezvous: rendezvous_points,
+        network_policy,
+        pdb,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thynapse_resources::TransmitterMeshSpec;
+
+    pub(crate) fn mesh(yaml_spec: &str) -> TransmitterMesh {
+        let spec: TransmitterMeshSpec = serde_yaml::from_str(yaml_spec).unwrap();
+        let mut m = TransmitterMesh::new("demo", spec);
+        m.metadata.namespace = Some("apps".into());
+        m.metadata.uid = Some("1234".into());
+        m
+    }
+
+    fn inputs() -> Inputs {
+        Inputs {
+            default_image: "thynapse:test".into(),
+            rooms: BTreeMap::from([("lobby".to_string(), 2)]),
+            token: "s3cret".into(),
+        }
+    }
+
+    fn arg_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn statefulset_of_transmitters() {
+        let d = desired(&mesh("replicas: 3\nrendezvous: {replicas: 2}"), &inputs());
+        let sts = &d.transmitters;
+        assert_eq!(sts.metadata.name.as_deref(), Some("demo-transmitter"));
+        assert_eq!(sts.metadata.namespace.as_deref(), Some("apps"));
+        let owner = &sts.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("TransmitterMesh", "demo", "1234")
+        );
+        assert_eq!(owner.controller, Some(true));
+        let spec = &sts.spec;
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(spec.service_name.as_deref(), Some("demo-transmitter"));
+        let template_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        for (k, v) in spec.selector.match_labels.as_ref().unwrap() {
+            assert_eq!(template_labels.get(k), Some(v), "selector matches the pods");
+        }
+        let pod = spec.template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("thynapse:test"));
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(args[0], "transmitter");
+        assert_eq!(arg_after(args, "--name"), ["$(POD_NAME)"]);
+        assert_eq!(arg_after(args, "--advertise-host"), ["$(POD_IP)"]);
+        assert_eq!(
+            arg_after(args, "--rendezvous"),
+            [
+                "udp://demo-rendezvous-0.apps.svc:7400",
+                "udp://demo-rendezvous-1.apps.svc:7400"
+            ]
+        );
+        assert_eq!(arg_after(args, "--announce-interval-ms"), ["500"]);
+        assert_eq!(arg_after(args, "--max-message-bytes"), ["1048576"]);
+        assert!(c.readiness_probe.as_ref().unwrap().tcp_socket.is_some());
+        assert!(c.liveness_probe.is_some());
+        let annotations = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap();
+        assert_eq!(annotations["prometheus.io/port"], "9090");
+        assert_eq!(pod.termination_grace_period_seconds, Some(12));
+    }
+
+    #[test]
+    fn headless_service_publishes_not_ready_peers() {
+        let d = desired(&mesh("replicas: 2"), &inputs());
+        let spec = d.headless.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        let ports: Vec<i32> = spec.ports.unwrap().iter().map(|p| p.port).collect();
+        assert_eq!(ports, [7000, 7001, 9090]);
+    }
+
+    #[test]
+    fn a_rendezvous_point_per_replica_with_the_room_policy() {
+        let d = desired(
+            &mesh("replicas: 2\nrendezvous: {replicas: 2}\nrooms: {allowUndeclared: false, defaultReplicas: 3}"),
+            &inputs(),
+        );
+        assert_eq!(d.rendezvous.len(), 2);
+        let (dep, svc) = &d.rendezvous[1];
+        assert_eq!(dep.metadata.name.as_deref(), Some("demo-rendezvous-1"));
+        let c = &dep.spec.template.spec.as_ref().unwrap().containers[0];
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(arg_after(args, "--room"), ["lobby=2"]);
+        assert_eq!(arg_after(args, "--default-replicas"), ["3"]);
+        assert!(args.contains(&"--forbid-undeclared".to_string()));
+        let s = svc.spec.as_ref().unwrap();
+        assert_eq!(
+            s.ports.as_ref().unwrap()[0].protocol.as_deref(),
+            Some("UDP")
+        );
+        assert_eq!(
+            s.selector
+                .as_ref()
+                .unwrap()
+                .get("thynapse.io/rendezvous")
+                .map(String::as_str),
+            Some("demo-rendezvous-1"),
+            "each Service reaches its own point only"
+        );
+    }
+
+    #[test]
+    fn network_policy_lets_in_the_mesh_the_operator_and_prometheus() {
+        let d = desired(&mesh("replicas: 1"), &inputs());
+        let spec = d.network_policy.spec.unwrap();
+        assert_eq!(
+            spec.policy_types.as_deref(),
+            Some(&["Ingress".to_string()][..])
+        );
+        let rules = spec.ingress.unwrap();
+        assert_eq!(rules.len(), 3);
+        let from_mesh = rules[0].from.as_ref().unwrap()[0]
+            .pod_selector
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            from_mesh.match_labels.as_ref().unwrap()["thynapse.io/mesh"],
+            "demo"
+        );
+        assert!(rules[0].ports.is_none());
+        assert_eq!(
+            rules[2].ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::Int(9090))
+        );
+    }
+
+    #[test]
+    fn pdb_secret_and_config() {
+        let d = desired(&mesh("replicas: 4"), &inputs());
+        let pdb = d.pdb.spec.unwrap();
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(
+            d.secret.data.unwrap()["token"],
+            ByteString(b"s3cret".to_vec())
+        );
+        let yaml = &d.config.data.unwrap()["mesh.yaml"];
+        assert!(yaml.contains("replicas: 4"));
+    }
+
+    #[test]
+    fn image_and_resources_come_from_the_spec() {
+        let d = desired(
+            &mesh("replicas: 1\nimage: my/thynapse:1\nresources: {limits: {memory: 64Mi}}"),
+            &inputs(),
+        );
+        let c = &d.transmitters.spec.template.spec.unwrap().containers[0];
+        assert_eq!(c.image.as_deref(), Some("my/thynapse:1"));
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["memory"].0, "64Mi");
+    }
+}
