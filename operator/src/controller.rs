@@ -424,7 +424,7 @@ pub async fn reconcile_service(service: Arc<Service>, ctx: Arc<Context>) -> Resu
         .list(&ListParams::default().labels(&selector))
         .await?
         .into_iter()
-        .filter(|p| inject::already_injected(p))
+        .filter(inject::already_injected)
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .count() as i32;
     let (ok, reason, message) = if mesh_found {
@@ -499,12 +499,10 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .watches(api::<Room>(&client, &namespace), wc.clone(), |room| {
             Some(ObjectRef::<TransmitterMesh>::new(&room.spec.mesh).within(&room.namespace()?))
         })
-        .shutdown_on_signal()
         .run(reconcile_mesh, error_policy("transmittermesh"), ctx.clone())
         .for_each(counted(ctx.clone(), "transmittermesh"));
 
     let rooms = Controller::new(api::<Room>(&client, &namespace), wc.clone())
-        .shutdown_on_signal()
         .run(reconcile_room, error_policy("room"), ctx.clone())
         .for_each(counted(ctx.clone(), "room"));
 
@@ -521,7 +519,6 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
                 Some(ObjectRef::from_obj(found))
             },
         )
-        .shutdown_on_signal()
         .run(reconcile_service, error_policy("service"), ctx.clone())
         .for_each(counted(ctx.clone(), "service"));
 

@@ -127,13 +127,14 @@ pub async fn serve(addr: SocketAddr, tls: &Tls, router: Router) -> anyhow::Resul
 async fn mutate(
     State(state): State<Arc<WebhookState>>,
     Json(review): Json<AdmissionReview<Pod>>,
-) -> Json<AdmissionReview<DynamicObject>> {
+) -> Json<serde_json::Value> {
     let started = Instant::now();
     let request: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
         Err(e) => {
             state.metrics.admissions.with_label_values(&["error"]).inc();
-            return Json(AdmissionResponse::invalid(e.to_string()).into_review());
+            let review = AdmissionResponse::invalid(e.to_string()).into_review();
+            return Json(wire_form(review));
         }
     };
     let (response, outcome) = decide(&state, &request).await;
@@ -142,7 +143,23 @@ async fn mutate(
         .metrics
         .admission_latency
         .observe(started.elapsed().as_secs_f64());
-    Json(response.into_review())
+    Json(wire_form(response.into_review()))
+}
+
+/// The review as the API server documents it: kube-core serialises the patch bytes as a
+/// JSON array of numbers, which Go happens to accept; the documented form, and what
+/// other webhooks send, is a base64 string.
+fn wire_form(review: AdmissionReview<DynamicObject>) -> serde_json::Value {
+    use base64::Engine as _;
+    let mut value = serde_json::to_value(review).expect("reviews serialise");
+    if let Some(patch) = value.pointer_mut("/response/patch") {
+        if let Ok(bytes) = serde_json::from_value::<Vec<u8>>(patch.clone()) {
+            *patch = base64::engine::general_purpose::STANDARD
+                .encode(bytes)
+                .into();
+        }
+    }
+    value
 }
 
 /// Never refuses a pod: at worst it is admitted without a sidecar, and says why.
@@ -201,5 +218,20 @@ async fn decide(
             }
         },
         None => (response, "skipped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patches_travel_as_base64() {
+        let response = AdmissionResponse::invalid("x");
+        let response = response
+            .with_patch(json_patch::Patch(vec![]))
+            .expect("an empty patch serialises");
+        let value = wire_form(response.into_review());
+        assert_eq!(value["response"]["patch"], "W10=", "{value}");
     }
 }
