@@ -1,0 +1,684 @@
+//! `thynapse-bench`: Thynapse side by side with Redis pub/sub and NATS, on this machine,
+//! in one run: the same scenarios, the same load generator, interleaved and repeated.
+//! Prints a Markdown table (median and spread, ratios to Redis and NATS, loss) and writes
+//! the same as JSON. `--quick` proves it works in well under a minute; the default is the
+//! full run recorded in bench/README.md.
+
+mod load;
+mod servers;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use load::{Endpoint, Publisher};
+use serde::Serialize;
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks Thynapse against Redis pub/sub and NATS in one run")]
+struct Args {
+    /// A short run (small counts, one repetition): proves the suite works.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of every measurement (default 1 quick, 5 full).
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Transmitters in the mesh.
+    #[arg(long, default_value_t = 3)]
+    transmitters: u32,
+    /// Only the rooms scenario (for scaling runs over transmitter counts).
+    #[arg(long)]
+    rooms_only: bool,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench/results.json")]
+    json: PathBuf,
+    /// Working folder for the mesh.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+enum System {
+    Redis,
+    Nats,
+    Thynapse,
+}
+
+const SYSTEMS: [System; 3] = [System::Redis, System::Nats, System::Thynapse];
+
+#[derive(Clone, Debug, Serialize)]
+struct Sample {
+    value: f64,
+    lost: u64,
+    duplicates: u64,
+}
+
+#[derive(Default, Serialize)]
+struct Row {
+    unit: &'static str,
+    /// Higher is better (throughput) or lower is (latency, memory).
+    higher_is_better: bool,
+    samples: BTreeMap<String, Vec<Sample>>,
+}
+
+#[derive(Default)]
+struct Results {
+    rows: Vec<(String, Row)>,
+    notes: Vec<String>,
+}
+
+impl Results {
+    fn add(&mut self, scenario: &str, unit: &'static str, higher: bool, system: System, s: Sample) {
+        let i = match self.rows.iter().position(|(n, _)| n == scenario) {
+            Some(i) => i,
+            None => {
+                self.rows.push((
+                    scenario.to_string(),
+                    Row {
+                        unit,
+                        higher_is_better: higher,
+                        ..Row::default()
+                    },
+                ));
+                self.rows.len() - 1
+            }
+        };
+        self.rows[i]
+            .1
+            .samples
+            .entry(format!("{system:?}"))
+            .or_default()
+            .push(s);
+    }
+}
+
+struct Setup {
+    redis: std::net::SocketAddr,
+    nats: String,
+    mesh: servers::Mesh,
+}
+
+struct Sizes {
+    count: u64,
+    fanout_count: u64,
+    latency_secs: f64,
+    latency_rates: Vec<u64>,
+    room_messages: u64,
+}
+
+/// Publisher and subscriber endpoints for one system in a 1→n scenario.
+fn endpoints(
+    setup: &Setup,
+    system: System,
+    subscribers: usize,
+    same_transmitter: bool,
+    service: &str,
+) -> (Endpoint, Vec<Endpoint>) {
+    match system {
+        System::Redis => (
+            Endpoint::Resp(setup.redis),
+            vec![Endpoint::Resp(setup.redis); subscribers],
+        ),
+        System::Nats => (
+            Endpoint::Nats(setup.nats.clone()),
+            vec![Endpoint::Nats(setup.nats.clone()); subscribers],
+        ),
+        System::Thynapse => {
+            let publisher = setup.mesh.cells("bench")[0].clone();
+            let candidates: Vec<_> = if service == "bench" {
+                setup
+                    .mesh
+                    .cells("bench")
+                    .into_iter()
+                    .skip(1)
+                    .filter(|c| (c.1 == publisher.1) == same_transmitter)
+                    .collect()
+            } else {
+                setup.mesh.cells(service)
+            };
+            let subs = (0..subscribers)
+                .map(|i| Endpoint::Resp(candidates[i % candidates.len()].0))
+                .collect();
+            (Endpoint::Resp(publisher.0), subs)
+        }
+    }
+}
+
+/// Receivers a probe must reach before measuring (cells for Thynapse, clients for Redis).
+fn probe_receivers(system: System, subs: &[Endpoint], anycatch: bool) -> i64 {
+    match system {
+        System::Thynapse if anycatch => 1,
+        System::Thynapse => {
+            let mut cells: Vec<String> = subs.iter().map(|e| format!("{e:?}")).collect();
+            cells.sort();
+            cells.dedup();
+            cells.len() as i64
+        }
+        _ => subs.len() as i64,
+    }
+}
+
+/// Publishes `count` messages as fast as the system takes them; returns deliveries per
+/// second (from the first send to the last delivery), loss and duplicates.
+async fn throughput(
+    system: System,
+    publisher: &Endpoint,
+    subs: &[Endpoint],
+    channel: &str,
+    size: usize,
+    count: u64,
+    anycatch: bool,
+) -> anyhow::Result<Sample> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let queue = anycatch && system == System::Nats;
+    let mut subscribers = Vec::new();
+    for s in subs {
+        subscribers.push(load::subscribe(s, channel, false, queue, count, stop_rx.clone()).await?);
+    }
+    let mut p = Publisher::connect(publisher).await?;
+    p.until_routed(channel, false, probe_receivers(system, subs, anycatch))
+        .await?;
+    let expected = if anycatch {
+        count
+    } else {
+        count * subs.len() as u64
+    };
+    let start = Instant::now();
+    p.send(channel, false, 0, count, size).await?;
+    wait_for_deliveries(&subscribers, expected).await;
+    let _ = stop_tx.send(true);
+    let mut received = 0;
+    let mut duplicates = 0;
+    let mut last = start;
+    for s in subscribers {
+        let r = s.task.await??;
+        received += r.messages;
+        duplicates += r.duplicates;
+        last = last.max(r.last.unwrap_or(start));
+    }
+    let elapsed = last.duration_since(start).as_secs_f64().max(1e-6);
+    Ok(Sample {
+        value: received as f64 / elapsed,
+        lost: expected.saturating_sub(received),
+        duplicates,
+    })
+}
+
+/// Waits until the subscribers got `expected` messages in all, or made no progress for 3 s.
+async fn wait_for_deliveries(subs: &[load::Subscriber], expected: u64) {
+    use std::sync::atomic::Ordering;
+    let mut last_total = 0;
+    let mut last_change = Instant::now();
+    loop {
+        let total: u64 = subs.iter().map(|s| s.count.load(Ordering::Relaxed)).sum();
+        if total >= expected {
+            return;
+        }
+        if total != last_total {
+            last_total = total;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > Duration::from_secs(3) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// One-way latency at a fixed rate: returns the histogram (µs) and loss.
+async fn latency(
+    system: System,
+    publisher: &Endpoint,
+    sub: &Endpoint,
+    size: usize,
+    rate: u64,
+    secs: f64,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let total = (rate as f64 * secs) as u64;
+    let s = load::subscribe(sub, "lat", false, false, total, stop_rx).await?;
+    let mut p = Publisher::connect(publisher).await?;
+    p.until_routed(
+        "lat",
+        false,
+        probe_receivers(system, std::slice::from_ref(sub), false),
+    )
+    .await?;
+    let per_tick = (rate / 1000).max(1);
+    let mut tick = tokio::time::interval(
+        Duration::from_millis(1).mul_f64(per_tick as f64 * 1000.0 / rate as f64),
+    );
+    let mut seq = 0;
+    while seq < total {
+        tick.tick().await;
+        let n = per_tick.min(total - seq);
+        p.send("lat", false, seq, n, size).await?;
+        seq += n;
+    }
+    wait_for_deliveries(std::slice::from_ref(&s), total).await;
+    let _ = stop_tx.send(true);
+    let r = s.task.await??;
+    Ok((r.latency_us, total.saturating_sub(r.messages)))
+}
+
+/// Rooms: `rooms` rooms, a subscriber each and publishers on every cell; returns the
+/// aggregate rate and the room messages each transmitter carried.
+async fn rooms(
+    setup: &Setup,
+    rooms: usize,
+    per_room: u64,
+) -> anyhow::Result<(Sample, Vec<(String, f64, usize)>)> {
+    let cells = setup.mesh.cells("bench");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut subs = Vec::new();
+    for i in 0..rooms {
+        let ep = Endpoint::Resp(cells[i % cells.len()].0);
+        subs.push(
+            load::subscribe(
+                &ep,
+                &format!("{{room-{i}}}x"),
+                true,
+                false,
+                per_room,
+                stop_rx.clone(),
+            )
+            .await?,
+        );
+    }
+    let mut publishers = Vec::new();
+    for i in 0..rooms {
+        let ep = Endpoint::Resp(cells[(i + 1) % cells.len()].0);
+        let mut p = Publisher::connect(&ep).await?;
+        p.until_routed(&format!("{{room-{i}}}x"), true, 1).await?;
+        publishers.push(p);
+    }
+    let carried = |setup: &Setup| -> Vec<(String, f64, usize)> {
+        setup
+            .mesh
+            .transmitters()
+            .into_iter()
+            .map(|(name, _, metrics, _)| {
+                let counts =
+                    servers::counter_by_label(&metrics, "thynapse_transmitter_room_messages_total");
+                let hosted = counts
+                    .iter()
+                    .filter(|(room, _)| room.starts_with("room-"))
+                    .count();
+                (
+                    name,
+                    counts
+                        .iter()
+                        .filter(|(r, _)| r.starts_with("room-"))
+                        .map(|(_, v)| v)
+                        .sum(),
+                    hosted,
+                )
+            })
+            .collect()
+    };
+    let before = carried(setup);
+    let start = Instant::now();
+    let sends = publishers.iter_mut().enumerate().map(|(i, p)| {
+        let channel = format!("{{room-{i}}}x");
+        async move { p.send(&channel, true, 0, per_room, 64).await }
+    });
+    for r in futures::future::join_all(sends).await {
+        r?;
+    }
+    let expected = per_room * rooms as u64;
+    wait_for_deliveries(&subs, expected).await;
+    let _ = stop_tx.send(true);
+    let (mut received, mut duplicates, mut last) = (0, 0, start);
+    for s in subs {
+        let r = s.task.await??;
+        received += r.messages;
+        duplicates += r.duplicates;
+        last = last.max(r.last.unwrap_or(start));
+    }
+    let after = carried(setup);
+    let per_transmitter = after
+        .into_iter()
+        .map(|(name, v, hosted)| {
+            let was = before
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map_or(0.0, |b| b.1);
+            (name, v - was, hosted)
+        })
+        .collect();
+    let elapsed = last.duration_since(start).as_secs_f64().max(1e-6);
+    Ok((
+        Sample {
+            value: received as f64 / elapsed,
+            lost: expected.saturating_sub(received),
+            duplicates,
+        },
+        per_transmitter,
+    ))
+}
+
+/// Opens `n` cells (raw DEALERs saying HELO) on one transmitter; returns its RSS then.
+async fn transmitter_rss_with_cells(command: &str, pid: u32, n: usize) -> anyhow::Result<u64> {
+    use thynapse_protocol::frame::CommandFrame;
+    use thynapse_protocol::wire::{cmd, Events, Hello};
+    use thynapse_protocol::Thid;
+    use zeromq::{Socket, SocketRecv, SocketSend};
+    let mut sockets = Vec::new();
+    for i in 0..n {
+        let mut s = zeromq::DealerSocket::new();
+        s.connect(command).await?;
+        let hello = Hello {
+            id: Thid::random(),
+            service: "idle".into(),
+            rules: vec![],
+            events: Events::Dealer,
+            token: None,
+            room: None,
+        };
+        s.send(CommandFrame::json(cmd::HELO, &hello).to_bytes().into())
+            .await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.recv())
+            .await
+            .context("no WLCM")??;
+        let mut subs = zeromq::ZmqMessage::from(
+            CommandFrame::new(
+                thynapse_protocol::Encoding::Binary,
+                cmd::SUBS,
+                bytes::Bytes::new(),
+            )
+            .to_bytes(),
+        );
+        let channel = format!("idle.{i}");
+        subs.push_back(thynapse_protocol::wire::encode_interest([(
+            thynapse_protocol::wire::Op::Add,
+            thynapse_protocol::wire::Interest::Channel,
+            channel.as_bytes(),
+        )]));
+        s.send(subs).await?;
+        sockets.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = servers::rss(pid).unwrap_or(0);
+    for mut s in sockets {
+        let _ = s
+            .send(
+                CommandFrame::json(cmd::QUIT, &serde_json::json!({}))
+                    .to_bytes()
+                    .into(),
+            )
+            .await;
+    }
+    Ok(rss)
+}
+
+fn percentile_sample(h: &Histogram<u64>, q: f64, lost: u64) -> Sample {
+    Sample {
+        value: h.value_at_quantile(q) as f64,
+        lost,
+        duplicates: 0,
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+fn fmt_value(v: f64, unit: &str) -> String {
+    match unit {
+        "msg/s" => format!("{:.0}k", v / 1000.0),
+        "µs" => format!("{v:.0}"),
+        "MiB" => format!("{:.1}", v / (1024.0 * 1024.0)),
+        _ => format!("{v:.1}"),
+    }
+}
+
+fn report(results: &Results, machine: &str, args: &Args, repeats: usize) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Machine: {machine}\nMode: {}, {repeats} repetition(s); median [min–max].\n\n",
+        if args.quick { "quick" } else { "full" }
+    ));
+    out.push_str("| scenario | unit | Redis | NATS | Thynapse | Thynapse / Redis | Thynapse / NATS | lost (R/N/T) |\n|---|---|---|---|---|---|---|---|\n");
+    for (name, row) in &results.rows {
+        let cell = |sys: &str| -> (String, Option<f64>, String) {
+            match row.samples.get(sys) {
+                Some(samples) if !samples.is_empty() => {
+                    let values: Vec<f64> = samples.iter().map(|s| s.value).collect();
+                    let m = median(&values);
+                    let lo = values.iter().cloned().fold(f64::MAX, f64::min);
+                    let hi = values.iter().cloned().fold(f64::MIN, f64::max);
+                    let lost: u64 = samples.iter().map(|s| s.lost + s.duplicates).sum();
+                    let spread = if samples.len() > 1 {
+                        format!(" [{}–{}]", fmt_value(lo, row.unit), fmt_value(hi, row.unit))
+                    } else {
+                        String::new()
+                    };
+                    (
+                        format!("{}{spread}", fmt_value(m, row.unit)),
+                        Some(m),
+                        lost.to_string(),
+                    )
+                }
+                _ => ("n/a".into(), None, "-".into()),
+            }
+        };
+        let (r, rv, rl) = cell("Redis");
+        let (n, nv, nl) = cell("Nats");
+        let (t, tv, tl) = cell("Thynapse");
+        let ratio = |other: Option<f64>| match (tv, other) {
+            (Some(t), Some(o)) if o > 0.0 => format!("{:.2}×", t / o),
+            _ => "n/a".into(),
+        };
+        out.push_str(&format!(
+            "| {name} | {} | {r} | {n} | {t} | {} | {} | {rl}/{nl}/{tl} |\n",
+            row.unit,
+            ratio(rv),
+            ratio(nv)
+        ));
+    }
+    for note in &results.notes {
+        out.push_str(&format!("\n{note}"));
+    }
+    out.push('\n');
+    out
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, {cpu}, Linux {}", kernel.trim())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let repeats = args.repeats.unwrap_or(if args.quick { 1 } else { 5 });
+    let sizes = if args.quick {
+        Sizes {
+            count: 20_000,
+            fanout_count: 5_000,
+            latency_secs: 0.5,
+            latency_rates: vec![1_000, 10_000],
+            room_messages: 500,
+        }
+    } else {
+        Sizes {
+            count: 200_000,
+            fanout_count: 50_000,
+            latency_secs: 3.0,
+            latency_rates: vec![1_000, 10_000, 100_000],
+            room_messages: 5_000,
+        }
+    };
+    let (_redis_proc, redis) = servers::redis()?;
+    let (_nats_proc, nats) = servers::nats()?;
+    let mesh = servers::mesh(&args.dir, args.transmitters)?;
+    let setup = Setup { redis, nats, mesh };
+    let mut results = Results::default();
+
+    // Memory first, while idle.
+    if !args.rooms_only {
+        let mut idle: Vec<f64> = setup
+            .mesh
+            .cells("bench")
+            .iter()
+            .filter_map(|c| servers::rss(c.2))
+            .map(|b| b as f64)
+            .collect();
+        idle.sort_by(|a, b| a.total_cmp(b));
+        if !idle.is_empty() {
+            results.add(
+                "memory: idle cell sidecar (RSS)",
+                "MiB",
+                false,
+                System::Thynapse,
+                Sample {
+                    value: median(&idle),
+                    lost: 0,
+                    duplicates: 0,
+                },
+            );
+        }
+        let (_, command, _, pid) = setup.mesh.transmitters()[0].clone();
+        let cells = if args.quick { 100 } else { 1000 };
+        let rss = transmitter_rss_with_cells(&command, pid, cells).await?;
+        results.add(
+            &format!("memory: transmitter with {cells} cells (RSS)"),
+            "MiB",
+            false,
+            System::Thynapse,
+            Sample {
+                value: rss as f64,
+                lost: 0,
+                duplicates: 0,
+            },
+        );
+    }
+
+    for rep in 0..repeats {
+        eprintln!("repetition {}/{repeats}", rep + 1);
+        if !args.rooms_only {
+            for (size, label) in [(64, "64 B"), (1024, "1 KiB")] {
+                for same in [false, true] {
+                    let scenario = format!(
+                        "throughput 1→1, {label}, {} transmitter",
+                        if same { "same" } else { "different" }
+                    );
+                    for system in SYSTEMS {
+                        let (p, subs) = endpoints(&setup, system, 1, same, "bench");
+                        let s = throughput(
+                            system,
+                            &p,
+                            &subs,
+                            &format!("t{rep}{size}{same}"),
+                            size,
+                            sizes.count,
+                            false,
+                        )
+                        .await?;
+                        results.add(&scenario, "msg/s", true, system, s);
+                    }
+                }
+            }
+            for system in SYSTEMS {
+                let (p, subs) = endpoints(&setup, system, 10, false, "bench");
+                let s = throughput(
+                    system,
+                    &p,
+                    &subs,
+                    &format!("fan{rep}"),
+                    64,
+                    sizes.fanout_count,
+                    false,
+                )
+                .await?;
+                results.add("fan-out 1→10, 64 B (deliveries)", "msg/s", true, system, s);
+            }
+            for system in [System::Nats, System::Thynapse] {
+                let (p, subs) = endpoints(&setup, system, 4, false, "workers");
+                let s = throughput(
+                    system,
+                    &p,
+                    &subs,
+                    &format!("any.{rep}"),
+                    64,
+                    sizes.count,
+                    true,
+                )
+                .await?;
+                results.add(
+                    "anycatch to 4 cells (NATS: queue group of 4), 64 B",
+                    "msg/s",
+                    true,
+                    system,
+                    s,
+                );
+            }
+            for &rate in &sizes.latency_rates {
+                for system in SYSTEMS {
+                    let (p, subs) = endpoints(&setup, system, 1, false, "bench");
+                    let (h, lost) =
+                        latency(system, &p, &subs[0], 64, rate, sizes.latency_secs).await?;
+                    for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+                        results.add(
+                            &format!("latency at {}K msg/s, {name}", rate / 1000),
+                            "µs",
+                            false,
+                            system,
+                            percentile_sample(&h, q, lost),
+                        );
+                    }
+                }
+            }
+        }
+        let (sample, carried) = rooms(&setup, 64, sizes.room_messages).await?;
+        results.add(
+            &format!(
+                "rooms: 64 rooms on {} transmitters, aggregate",
+                args.transmitters
+            ),
+            "msg/s",
+            true,
+            System::Thynapse,
+            sample,
+        );
+        if rep == 0 {
+            let mut note = String::from("Room messages carried per transmitter (first repetition; each room has one host here):\n\n| transmitter | rooms hosted | room messages carried |\n|---|---|---|\n");
+            for (name, v, hosted) in carried {
+                note.push_str(&format!("| {name} | {hosted} | {v:.0} |\n"));
+            }
+            results.notes.push(note);
+        }
+    }
+
+    let text = report(&results, &machine(), &args, repeats);
+    println!("{text}");
+    let json = serde_json::json!({
+        "machine": machine(),
+        "mode": if args.quick { "quick" } else { "full" },
+        "repeats": repeats,
+        "transmitters": args.transmitters,
+        "rows": results.rows.iter().map(|(n, r)| serde_json::json!({"scenario": n, "row": r})).collect::<Vec<_>>(),
+        "notes": results.notes,
+        "markdown": text,
+    });
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&json)?)?;
+    eprintln!("wrote {}", args.json.display());
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The three systems under test, started on loopback and free ports: Debian's
+//! redis-server and nats-server, and a `thynapse up` mesh.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not start on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+pub fn redis() -> anyhow::Result<(Proc, SocketAddr)> {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server (apt-get install redis-server)")?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let p = Proc(child);
+    wait_tcp(addr, "redis-server")?;
+    Ok((p, addr))
+}
+
+pub fn nats() -> anyhow::Result<(Proc, String)> {
+    let port = free_port();
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server (apt-get install nats-server)")?;
+    let p = Proc(child);
+    wait_tcp(([127, 0, 0, 1], port).into(), "nats-server")?;
+    Ok((p, format!("nats://127.0.0.1:{port}")))
+}
+
+/// A running `thynapse up` and its endpoints JSON.
+pub struct Mesh {
+    _proc: Proc,
+    pub endpoints: Value,
+}
+
+impl Mesh {
+    /// Cells of a Service with the transmitter each joined.
+    pub fn cells(&self, service: &str) -> Vec<(SocketAddr, String, u32)> {
+        self.endpoints["cells"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["service"] == service)
+            .map(|c| {
+                (
+                    c["resp"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .parse()
+                        .expect("resp address"),
+                    c["transmitter"].as_str().unwrap_or_default().to_string(),
+                    c["pid"].as_u64().unwrap_or(0) as u32,
+                )
+            })
+            .collect()
+    }
+
+    pub fn transmitters(&self) -> Vec<(String, String, String, u32)> {
+        self.endpoints["transmitters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let s = |k: &str| t[k].as_str().unwrap_or_default().to_string();
+                (
+                    s("name"),
+                    s("command"),
+                    s("metrics"),
+                    t["pid"].as_u64().unwrap_or(0) as u32,
+                )
+            })
+            .collect()
+    }
+}
+
+pub fn thynapse_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.with_file_name("thynapse")
+}
+
+/// `thynapse up` with `transmitters`, 12 multicatch cells (`bench`), 4 anycatch cells
+/// (`workers`, anycatch on `any.*`), and on-demand rooms of one host each.
+pub fn mesh(dir: &Path, transmitters: u32) -> anyhow::Result<Mesh> {
+    std::fs::create_dir_all(dir)?;
+    let manifest = format!(
+        "apiVersion: thynapse.io/v1alpha1\nkind: TransmitterMesh\nmetadata: {{name: bench}}\nspec:\n  replicas: {transmitters}\n  rooms: {{defaultReplicas: 1}}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: bench}}\nspec: {{mesh: bench}}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: workers}}\nspec: {{mesh: bench, delivery: [{{pattern: 'any.*', mode: anycatch}}]}}\n"
+    );
+    std::fs::write(dir.join("mesh.yaml"), manifest)?;
+    let endpoints = dir.join("endpoints.json");
+    let _ = std::fs::remove_file(&endpoints);
+    let log = std::fs::File::create(dir.join("up.log"))?;
+    let child = Command::new(thynapse_binary())
+        .args(["up", "-f"])
+        .arg(dir)
+        .args(["--cells", "bench=12", "--cells", "workers=4", "--endpoints"])
+        .arg(&endpoints)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting thynapse up (cargo build --release first)")?;
+    let proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&endpoints) {
+            if let Ok(endpoints) = serde_json::from_str(&text) {
+                return Ok(Mesh {
+                    _proc: proc,
+                    endpoints,
+                });
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "thynapse up did not get ready; see {}",
+                dir.join("up.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Resident memory of a process, in bytes.
+pub fn rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// One Prometheus counter family summed by label value, from a /metrics page.
+pub fn counter_by_label(url: &str, family: &str) -> Vec<(String, f64)> {
+    let Ok(text) = http_get(url) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| l.starts_with(family) && l.contains('{'))
+        .filter_map(|l| {
+            let label = l.split('"').nth(1)?.to_string();
+            let value: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((label, value))
+        })
+        .collect()
+}
+
+fn http_get(url: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = TcpStream::connect(host)?;
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
