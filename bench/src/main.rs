@@ -39,6 +39,9 @@ struct Args {
     /// Working folder for the mesh.
     #[arg(long, default_value = "target/bench")]
     dir: PathBuf,
+    /// Only the scenarios whose name contains this (for profiling one path).
+    #[arg(long)]
+    filter: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -69,10 +72,26 @@ struct Row {
 struct Results {
     rows: Vec<(String, Row)>,
     notes: Vec<String>,
+    filter: Option<String>,
+}
+
+impl Results {
+    fn wants(&self, scenario: &str) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|f| scenario.contains(f.as_str()))
+    }
 }
 
 impl Results {
     fn add(&mut self, scenario: &str, unit: &'static str, higher: bool, system: System, s: Sample) {
+        if self
+            .filter
+            .as_ref()
+            .is_some_and(|f| !scenario.contains(f.as_str()))
+        {
+            return;
+        }
         let i = match self.rows.iter().position(|(n, _)| n == scenario) {
             Some(i) => i,
             None => {
@@ -360,6 +379,38 @@ async fn rooms(
     ))
 }
 
+/// Waits (up to 15 s) until every transmitter announces a message rate under 50/s.
+async fn settle(setup: &Setup) {
+    use thynapse_protocol::discovery::Datagram;
+    let Some(address) = setup.mesh.endpoints["rendezvous"][0]["address"].as_str() else {
+        return;
+    };
+    let target = address.trim_start_matches("udp://").to_string();
+    let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = vec![0u8; thynapse_protocol::discovery::MAX_DATAGRAM];
+    while Instant::now() < deadline {
+        let query = Datagram::Query {
+            mesh: "bench".into(),
+        }
+        .to_bytes();
+        if socket.send_to(&query, target.as_str()).await.is_ok() {
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf)).await
+            {
+                if let Ok(Datagram::Peers { transmitters, .. }) = Datagram::parse(&buf[..n]) {
+                    if transmitters.iter().all(|t| t.rate < 50.0) {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Opens `n` cells (raw DEALERs saying HELO) on one transmitter; returns its RSS then.
 async fn transmitter_rss_with_cells(command: &str, pid: u32, n: usize) -> anyhow::Result<u64> {
     use thynapse_protocol::frame::CommandFrame;
@@ -412,6 +463,42 @@ async fn transmitter_rss_with_cells(command: &str, pid: u32, n: usize) -> anyhow
             .await;
     }
     Ok(rss)
+}
+
+/// CPU seconds used so far by every process of the mesh, by name.
+fn cpu_by_process(setup: &Setup) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = setup
+        .mesh
+        .transmitters()
+        .into_iter()
+        .filter_map(|(name, _, _, pid)| {
+            Some((format!("transmitter {name}"), servers::cpu_seconds(pid)?))
+        })
+        .collect();
+    let cells = setup.mesh.cells("bench");
+    for (i, (_, transmitter, pid)) in cells.iter().enumerate() {
+        if let Some(cpu) = servers::cpu_seconds(*pid) {
+            out.push((format!("sidecar bench-{i} (on {transmitter})"), cpu));
+        }
+    }
+    out
+}
+
+/// Where the time goes in one 1→1 run: CPU microseconds per message, per process.
+fn cpu_note(setup: &Setup, before: &[(String, f64)], messages: u64) -> String {
+    let after = cpu_by_process(setup);
+    let mut note = String::from("Where the CPU goes, throughput 1→1, 64 B, different transmitters (first repetition), CPU µs per message:\n\n| process | CPU µs / message |\n|---|---|\n");
+    let mut total = 0.0;
+    for (name, a) in &after {
+        let b = before.iter().find(|(n, _)| n == name).map_or(*a, |x| x.1);
+        let per = (a - b) * 1e6 / messages as f64;
+        if per >= 0.05 {
+            total += per;
+            note.push_str(&format!("| {name} | {per:.2} |\n"));
+        }
+    }
+    note.push_str(&format!("| all mesh processes | {total:.2} |\n"));
+    note
 }
 
 fn percentile_sample(h: &Histogram<u64>, q: f64, lost: u64) -> Sample {
@@ -527,10 +614,13 @@ async fn main() -> anyhow::Result<()> {
     let (_nats_proc, nats) = servers::nats()?;
     let mesh = servers::mesh(&args.dir, args.transmitters)?;
     let setup = Setup { redis, nats, mesh };
-    let mut results = Results::default();
+    let mut results = Results {
+        filter: args.filter.clone(),
+        ..Results::default()
+    };
 
     // Memory first, while idle.
-    if !args.rooms_only {
+    if !args.rooms_only && results.wants("memory") {
         let mut idle: Vec<f64> = setup
             .mesh
             .cells("bench")
@@ -577,8 +667,12 @@ async fn main() -> anyhow::Result<()> {
                         "throughput 1→1, {label}, {} transmitter",
                         if same { "same" } else { "different" }
                     );
+                    if !results.wants(&scenario) {
+                        continue;
+                    }
                     for system in SYSTEMS {
                         let (p, subs) = endpoints(&setup, system, 1, same, "bench");
+                        let before = cpu_by_process(&setup);
                         let s = throughput(
                             system,
                             &p,
@@ -589,11 +683,15 @@ async fn main() -> anyhow::Result<()> {
                             false,
                         )
                         .await?;
+                        if system == System::Thynapse && size == 64 && !same && rep == 0 {
+                            results.notes.push(cpu_note(&setup, &before, sizes.count));
+                        }
                         results.add(&scenario, "msg/s", true, system, s);
                     }
                 }
             }
-            for system in SYSTEMS {
+            let fanout = results.wants("fan-out");
+            for system in SYSTEMS.into_iter().filter(|_| fanout) {
                 let (p, subs) = endpoints(&setup, system, 10, false, "bench");
                 let s = throughput(
                     system,
@@ -607,7 +705,11 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
                 results.add("fan-out 1→10, 64 B (deliveries)", "msg/s", true, system, s);
             }
-            for system in [System::Nats, System::Thynapse] {
+            let anycatch = results.wants("anycatch");
+            for system in [System::Nats, System::Thynapse]
+                .into_iter()
+                .filter(|_| anycatch)
+            {
                 let (p, subs) = endpoints(&setup, system, 4, false, "workers");
                 let s = throughput(
                     system,
@@ -628,6 +730,9 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             for &rate in &sizes.latency_rates {
+                if !results.wants(&format!("latency at {}K msg/s", rate / 1000)) {
+                    continue;
+                }
                 for system in SYSTEMS {
                     let (p, subs) = endpoints(&setup, system, 1, false, "bench");
                     let (h, lost) =
@@ -644,6 +749,12 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        if !results.wants("rooms") {
+            continue;
+        }
+        // Busy counts recent message rates: let the earlier scenarios' rates fade from the
+        // announcements, so that placement sees the rooms alone.
+        settle(&setup).await;
         let (sample, carried) = rooms(&setup, 64, sizes.room_messages).await?;
         results.add(
             &format!(

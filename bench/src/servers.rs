@@ -183,6 +183,19 @@ pub fn rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time a process used so far (user + system), in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
+}
+
 /// One Prometheus counter family summed by label value, from a /metrics page.
 pub fn counter_by_label(url: &str, family: &str) -> Vec<(String, f64)> {
     let Ok(text) = http_get(url) else {

@@ -167,6 +167,8 @@ pub struct Hub {
     link_tx: mpsc::Sender<LinkEvent>,
     link_rx: mpsc::Receiver<LinkEvent>,
     seen: HashMap<Thid, SeqWindow>,
+    /// Reused for the deliveries of one message (no allocation per message).
+    outs: Vec<(ClientId, Out)>,
     ready_printed: bool,
     started: Instant,
 }
@@ -207,6 +209,7 @@ impl Hub {
             link_tx,
             link_rx,
             seen: HashMap::new(),
+            outs: Vec::new(),
             ready_printed: false,
             started: Instant::now(),
         }
@@ -721,7 +724,7 @@ impl Hub {
             self.metrics
                 .latency
                 .observe(now.saturating_sub(e.ts) as f64 / 1e6);
-            let mut outs: Vec<(ClientId, Out)> = Vec::new();
+            let mut outs = std::mem::take(&mut self.outs);
             match e.kind {
                 Kind::Shard => {
                     if let Some(set) = self.subs.shard.get(&e.channel) {
@@ -758,12 +761,13 @@ impl Hub {
                     }
                 }
             }
-            for (client, out) in outs {
+            for (client, out) in outs.drain(..) {
                 if self.send_to(client, out) {
                     self.metrics.messages_out.inc();
                     self.metrics.bytes_out.inc_by(e.payload.len() as u64);
                 }
             }
+            self.outs = outs;
         }
     }
 

@@ -31,6 +31,13 @@ impl Reply {
     }
 
     pub fn encode(&self, resp3: bool, out: &mut BytesMut) {
+        // The (S)PUBLISH reply, once per message: written directly (the same in RESP2 and 3).
+        if let Reply::Int(n) = self {
+            out.extend_from_slice(b":");
+            out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+            return;
+        }
         if resp3 {
             let _ = redis_protocol::resp3::encode::complete::extend_encode(
                 out,

@@ -16,36 +16,71 @@ pub struct Metrics {
     pub peer_reconnects: IntCounter,
     pub room_messages: IntCounterVec,
     pub rooms: IntGauge,
+    /// Labelled handles of the per-message counters, looked up once: a label lookup hashes
+    /// and locks, too much to do per message.
+    pub hot: Hot,
+}
+
+#[derive(Clone)]
+pub struct Hot {
+    pub in_cell: IntCounter,
+    pub in_peer: IntCounter,
+    pub bytes_in_cell: IntCounter,
+    pub bytes_in_peer: IntCounter,
+    pub out_cell: IntCounter,
+    pub out_peer: IntCounter,
+    pub out_pub: IntCounter,
+    pub bytes_out_cell: IntCounter,
+    pub bytes_out_peer: IntCounter,
+    pub bytes_out_pub: IntCounter,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        let messages_in = counter_vec(
+            &r,
+            "thynapse_transmitter_messages_in_total",
+            "Messages received, by source (cell or peer).",
+            "source",
+        );
+        let messages_out = counter_vec(
+            &r,
+            "thynapse_transmitter_messages_out_total",
+            "Messages sent, by destination (cell, peer or pub).",
+            "dest",
+        );
+        let bytes_in = counter_vec(
+            &r,
+            "thynapse_transmitter_bytes_in_total",
+            "Payload bytes received, by source.",
+            "source",
+        );
+        let bytes_out = counter_vec(
+            &r,
+            "thynapse_transmitter_bytes_out_total",
+            "Payload bytes sent, by destination.",
+            "dest",
+        );
+        // Looked up once here; the per-message paths use these handles.
+        let hot = Hot {
+            in_cell: messages_in.with_label_values(&["cell"]),
+            in_peer: messages_in.with_label_values(&["peer"]),
+            bytes_in_cell: bytes_in.with_label_values(&["cell"]),
+            bytes_in_peer: bytes_in.with_label_values(&["peer"]),
+            out_cell: messages_out.with_label_values(&["cell"]),
+            out_peer: messages_out.with_label_values(&["peer"]),
+            out_pub: messages_out.with_label_values(&["pub"]),
+            bytes_out_cell: bytes_out.with_label_values(&["cell"]),
+            bytes_out_peer: bytes_out.with_label_values(&["peer"]),
+            bytes_out_pub: bytes_out.with_label_values(&["pub"]),
+        };
         let m = Metrics {
-            messages_in: counter_vec(
-                &r,
-                "thynapse_transmitter_messages_in_total",
-                "Messages received, by source (cell or peer).",
-                "source",
-            ),
-            messages_out: counter_vec(
-                &r,
-                "thynapse_transmitter_messages_out_total",
-                "Messages sent, by destination (cell, peer or pub).",
-                "dest",
-            ),
-            bytes_in: counter_vec(
-                &r,
-                "thynapse_transmitter_bytes_in_total",
-                "Payload bytes received, by source.",
-                "source",
-            ),
-            bytes_out: counter_vec(
-                &r,
-                "thynapse_transmitter_bytes_out_total",
-                "Payload bytes sent, by destination.",
-                "dest",
-            ),
+            messages_in,
+            messages_out,
+            bytes_in,
+            bytes_out,
+            hot,
             drops: counter_vec(
                 &r,
                 "thynapse_transmitter_drops_total",

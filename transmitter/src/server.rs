@@ -630,11 +630,8 @@ impl Transmitter {
         payload: &Bytes,
         dests: &mut Vec<Dest>,
     ) -> u32 {
-        self.metrics.messages_in.with_label_values(&["cell"]).inc();
-        self.metrics
-            .bytes_in
-            .with_label_values(&["cell"])
-            .inc_by(payload.len() as u64);
+        self.metrics.hot.in_cell.inc();
+        self.metrics.hot.bytes_in_cell.inc_by(payload.len() as u64);
         if payload.len() > self.args.max_message_bytes {
             self.metrics.drops.with_label_values(&["too_large"]).inc();
             let identity = self.cells.get(&origin).map(|c| c.identity.clone());
@@ -719,11 +716,8 @@ impl Transmitter {
             m.push_back(payload.clone());
             // Best effort, as PUB is: the zeromq crate drops when a subscriber lags.
             let _ = self.publisher.send(m).now_or_never();
-            self.metrics.messages_out.with_label_values(&["pub"]).inc();
-            self.metrics
-                .bytes_out
-                .with_label_values(&["pub"])
-                .inc_by(payload.len() as u64);
+            self.metrics.hot.out_pub.inc();
+            self.metrics.hot.bytes_out_pub.inc_by(payload.len() as u64);
             return;
         }
         if !cell
@@ -739,11 +733,8 @@ impl Transmitter {
         cell.outbox
             .writer
             .push(kind, origin, seq, ts, channel, payload, &[]);
-        self.metrics.messages_out.with_label_values(&["cell"]).inc();
-        self.metrics
-            .bytes_out
-            .with_label_values(&["cell"])
-            .inc_by(payload.len() as u64);
+        self.metrics.hot.out_cell.inc();
+        self.metrics.hot.bytes_out_cell.inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Cell(id)) {
             dests.push(Dest::Cell(id));
         }
@@ -780,11 +771,8 @@ impl Transmitter {
         p.outbox
             .writer
             .push(kind, origin, seq, ts, channel, payload, targets);
-        self.metrics.messages_out.with_label_values(&["peer"]).inc();
-        self.metrics
-            .bytes_out
-            .with_label_values(&["peer"])
-            .inc_by(payload.len() as u64);
+        self.metrics.hot.out_peer.inc();
+        self.metrics.hot.bytes_out_peer.inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Peer(peer)) {
             dests.push(Dest::Peer(peer));
         }
@@ -846,10 +834,10 @@ impl Transmitter {
                 let mut dests = Vec::new();
                 let mut local = std::mem::take(&mut self.scratch);
                 for e in &envelopes {
-                    self.metrics.messages_in.with_label_values(&["peer"]).inc();
+                    self.metrics.hot.in_peer.inc();
                     self.metrics
-                        .bytes_in
-                        .with_label_values(&["peer"])
+                        .hot
+                        .bytes_in_peer
                         .inc_by(e.payload.len() as u64);
                     if e.kind == Kind::Shard {
                         self.count_room_message(&e.channel);
