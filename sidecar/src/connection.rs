@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::hub::{ClientHandle, ClientId, HubCmd, Out, SubKind};
+use crate::hub::{ClientHandle, ClientId, HubCmd, Out, Publish, SubKind};
 use crate::resp::{next_request, Reply};
 
 pub struct Shared {
@@ -37,6 +37,9 @@ struct Client {
     shard: BTreeSet<Bytes>,
     pending: VecDeque<Pending>,
     next_token: u64,
+    /// (S)PUBLISHes read but not yet handed to the hub: one hand-over per read, not per
+    /// message.
+    batch: Vec<Publish>,
     out: BytesMut,
     close: bool,
 }
@@ -71,6 +74,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         shard: BTreeSet::new(),
         pending: VecDeque::new(),
         next_token: 0,
+        batch: Vec::new(),
         out: BytesMut::with_capacity(16 * 1024),
         close: false,
     };
@@ -113,6 +117,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
                         }
                     }
                 }
+                c.hand_over(&shared).await;
                 if buf.len() > limit {
                     c.reply(Reply::error("ERR Protocol error: request larger than the query buffer limit"));
                     c.close = true;
@@ -368,6 +373,8 @@ impl Client {
                 return self.publish(args, true, shared).await;
             }
         }
+        // Anything else may depend on the order of earlier publishes.
+        self.hand_over(shared).await;
         let name = lower(&args[0]);
         // RESP2 clients in subscribed mode may only (un)subscribe, ping, quit and reset.
         if self.subscribed()
@@ -514,16 +521,23 @@ impl Client {
         self.next_token += 1;
         let token = self.next_token;
         self.pending.push_back(Pending::Publish(token));
-        let _ = shared
-            .hub
-            .send(HubCmd::Publish {
-                client: self.id,
-                token,
-                shard,
-                channel,
-                payload,
-            })
-            .await;
+        self.batch.push(Publish {
+            token,
+            shard,
+            channel,
+            payload,
+        });
+        if self.batch.len() >= 256 {
+            self.hand_over(shared).await;
+        }
+    }
+
+    /// Hands the publishes read so far to the hub.
+    async fn hand_over(&mut self, shared: &Shared) {
+        if !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            let _ = shared.hub.send(HubCmd::Publish(self.id, batch)).await;
+        }
     }
 
     /// Asks the hub whether each room of `channels` may be used (placing new rooms);

@@ -85,6 +85,15 @@ pub enum SubKind {
     Shard,
 }
 
+/// One (S)PUBLISH; `token` numbers its reply on the client's connection.
+#[derive(Debug)]
+pub struct Publish {
+    pub token: u64,
+    pub shard: bool,
+    pub channel: Bytes,
+    pub payload: Bytes,
+}
+
 pub enum HubCmd {
     Register(ClientId, ClientHandle),
     Unregister(ClientId),
@@ -92,13 +101,8 @@ pub enum HubCmd {
     Admit(Bytes, oneshot::Sender<Result<(), String>>),
     Subscribe(ClientId, SubKind, Vec<Bytes>),
     Unsubscribe(ClientId, SubKind, Vec<Bytes>),
-    Publish {
-        client: ClientId,
-        token: u64,
-        shard: bool,
-        channel: Bytes,
-        payload: Bytes,
-    },
+    /// The (S)PUBLISHes a client sent in one read, in order.
+    Publish(ClientId, Vec<Publish>),
     Channels(SubKind, Option<Bytes>, oneshot::Sender<Vec<Bytes>>),
     NumSub(SubKind, Vec<Bytes>, oneshot::Sender<Vec<i64>>),
     NumPat(oneshot::Sender<i64>),
@@ -305,36 +309,39 @@ impl Hub {
                 }
                 self.update_subscription_gauge();
             }
-            HubCmd::Publish {
-                client,
-                token,
-                shard,
-                channel,
-                payload,
-            } => {
-                self.metrics.messages_in.inc();
-                self.metrics.bytes_in.inc_by(payload.len() as u64);
-                let kind = if shard {
-                    SubKind::Shard
-                } else {
-                    SubKind::Channel
-                };
-                let size = channel.len() + payload.len();
-                let s = self.session(&key_of(kind, &channel));
-                let seq = s.next_seq;
-                s.next_seq += 1;
-                s.unacked_bytes += size;
-                s.last_used = Instant::now();
-                s.unacked.push_back(Unacked {
-                    seq,
-                    client,
+            HubCmd::Publish(client, items) => {
+                let now = Instant::now();
+                for Publish {
                     token,
-                    ts: now_us(),
+                    shard,
                     channel,
                     payload,
-                });
-                self.unacked += 1;
-                self.unacked_bytes += size;
+                } in items
+                {
+                    self.metrics.messages_in.inc();
+                    self.metrics.bytes_in.inc_by(payload.len() as u64);
+                    let kind = if shard {
+                        SubKind::Shard
+                    } else {
+                        SubKind::Channel
+                    };
+                    let size = channel.len() + payload.len();
+                    let s = self.session(&key_of(kind, &channel));
+                    let seq = s.next_seq;
+                    s.next_seq += 1;
+                    s.unacked_bytes += size;
+                    s.last_used = now;
+                    s.unacked.push_back(Unacked {
+                        seq,
+                        client,
+                        token,
+                        ts: now_us(),
+                        channel,
+                        payload,
+                    });
+                    self.unacked += 1;
+                    self.unacked_bytes += size;
+                }
             }
             HubCmd::Channels(kind, pattern, reply) => {
                 let mut names: Vec<Bytes> = self
