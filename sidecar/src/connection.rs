@@ -365,7 +365,7 @@ impl Client {
     async fn handle(&mut self, args: Vec<Bytes>, shared: &Shared) {
         // (S)PUBLISH is most of the traffic: straight to the hub, without the generic
         // command lookup.
-        if args.len() == 3 && !(self.subscribed() && !self.resp3) {
+        if args.len() == 3 && (self.resp3 || !self.subscribed()) {
             if args[0].eq_ignore_ascii_case(b"publish") {
                 return self.publish(args, false, shared).await;
             }
