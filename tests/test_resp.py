@@ -171,7 +171,8 @@ def test_slow_subscriber_is_bounded_counted_and_alone(start_mesh):
     fast_elsewhere = Subscriber(mesh.redis(fast_cell), channels=["firehose"])
     publisher = mesh.redis(fast_cell)
     until_routed(publisher, "firehose", 2)
-    n = 4000
+    # 16 MB for a 4 MiB limit: well past what loopback socket buffers can absorb.
+    n = 8000
     payload = b"m:" + b"x" * 2000
     for i in range(0, n, 100):
         p = publisher.pipeline(transaction=False)
