@@ -338,18 +338,29 @@ impl Client {
                 self.resp3,
                 &[b"smessage", &channel, &payload],
             ),
-            Out::Published { token, result } => {
-                if let Some(slot) = self
-                    .pending
-                    .iter_mut()
-                    .find(|p| matches!(p, Pending::Publish(t) if *t == token))
-                {
-                    *slot = Pending::Ready(match result {
-                        Ok(n) => Reply::Int(n),
-                        Err(e) => Reply::error(format!("ERR {e}")),
-                    });
+            Out::Published { token, result } => self.answer(
+                token,
+                match result {
+                    Ok(n) => Reply::Int(n),
+                    Err(e) => Reply::error(format!("ERR {e}")),
+                },
+            ),
+            Out::Acked(acks) => {
+                for (token, n) in acks {
+                    self.answer(token, Reply::Int(n));
                 }
             }
+        }
+    }
+
+    /// Fills the reply slot of the (S)PUBLISH numbered `token`.
+    fn answer(&mut self, token: u64, reply: Reply) {
+        if let Some(slot) = self
+            .pending
+            .iter_mut()
+            .find(|p| matches!(p, Pending::Publish(t) if *t == token))
+        {
+            *slot = Pending::Ready(reply);
         }
     }
 

@@ -51,6 +51,8 @@ pub enum Out {
         token: u64,
         result: Result<i64, String>,
     },
+    /// Replies to several of the client's publishes at once: (token, cells reached).
+    Acked(Vec<(u64, i64)>),
 }
 
 impl Out {
@@ -65,6 +67,7 @@ impl Out {
                 payload,
             } => pattern.len() + channel.len() + payload.len() + 40,
             Out::Published { .. } => 16,
+            Out::Acked(acks) => 16 * acks.len(),
         }
     }
 }
@@ -712,9 +715,16 @@ impl Hub {
                 }
             }
         }
-        for (client, token, count) in done {
-            let result = Ok(count as i64);
-            self.send_to(client, Out::Published { token, result });
+        // One hand-over per client and acknowledgement frame, not one per publish.
+        let mut i = 0;
+        while i < done.len() {
+            let client = done[i].0;
+            let mut acks = Vec::new();
+            while i < done.len() && done[i].0 == client {
+                acks.push((done[i].1, done[i].2 as i64));
+                i += 1;
+            }
+            self.send_to(client, Out::Acked(acks));
         }
     }
 
