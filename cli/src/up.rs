@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 use serde_json::Value;
-use thynapse_resources::{load_path, MeshConfig};
+use thynapse_resources::{flags, load_path, MeshConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
@@ -140,26 +140,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The rendezvous carries the mesh's room policy: declared rooms and what to do with
 /// others.
 fn rendezvous_args(cfg: &MeshConfig) -> Vec<String> {
-    let rooms = &cfg.spec.rooms;
-    let mut args = vec![
+    let mut args: Vec<String> = vec![
         "rendezvous".into(),
         "--mesh".into(),
         cfg.name.clone(),
         "--bind".into(),
         "127.0.0.1:0".into(),
-        "--default-replicas".into(),
-        rooms.default_replicas.to_string(),
     ];
-    if !rooms.allow_undeclared {
-        args.push("--forbid-undeclared".into());
-    }
-    for (name, room) in &cfg.rooms {
-        args.push("--room".into());
-        args.push(format!(
-            "{name}={}",
-            room.replicas.unwrap_or(rooms.default_replicas)
-        ));
-    }
+    let rooms = cfg.rooms.iter().map(|(n, r)| (n.as_str(), r.replicas));
+    args.extend(flags::rendezvous(&cfg.spec, rooms));
     args
 }
 
@@ -263,14 +252,10 @@ async fn follow_rooms(
 
 fn plan(cfg: &MeshConfig, cells: &[(String, u32)], rendezvous: &[String]) -> Vec<Spec> {
     let spec = &cfg.spec;
-    let interval = spec.rendezvous.announce_interval_ms.to_string();
-    let multiplier = spec.rendezvous.expiry_multiplier.to_string();
     let mut out = Vec::new();
-    let with_rendezvous = |mut a: Vec<String>| {
-        for r in rendezvous {
-            a.push("--rendezvous".into());
-            a.push(r.clone());
-        }
+    let with = |mut a: Vec<String>, spec_flags: Vec<String>| {
+        a.extend(spec_flags);
+        a.extend(flags::rendezvous_points(rendezvous));
         a
     };
     for i in 0..spec.replicas {
@@ -279,21 +264,16 @@ fn plan(cfg: &MeshConfig, cells: &[(String, u32)], rendezvous: &[String]) -> Vec
             role: Role::Transmitter,
             name: name.clone(),
             service: None,
-            args: with_rendezvous(vec![
-                "transmitter".into(),
-                "--mesh".into(),
-                cfg.name.clone(),
-                "--name".into(),
-                name,
-                "--announce-interval-ms".into(),
-                interval.clone(),
-                "--expiry-multiplier".into(),
-                multiplier.clone(),
-                "--max-message-bytes".into(),
-                spec.limits.max_message_bytes.to_string(),
-                "--link-buffer-bytes".into(),
-                spec.limits.link_buffer_bytes.to_string(),
-            ]),
+            args: with(
+                vec![
+                    "transmitter".into(),
+                    "--mesh".into(),
+                    cfg.name.clone(),
+                    "--name".into(),
+                    name,
+                ],
+                flags::transmitter(spec),
+            ),
         });
     }
     let mut next_transmitter = 0;
@@ -312,29 +292,24 @@ fn plan(cfg: &MeshConfig, cells: &[(String, u32)], rendezvous: &[String]) -> Vec
                 role: Role::Cell,
                 name: name.clone(),
                 service: Some(service.clone()),
-                args: with_rendezvous(vec![
-                    "sidecar".into(),
-                    "--mesh".into(),
-                    cfg.name.clone(),
-                    "--service".into(),
-                    service.clone(),
-                    "--name".into(),
-                    name,
-                    "--rules".into(),
-                    serde_json::to_string(&sspec.delivery).expect("rules serialise"),
-                    "--resp-bind".into(),
-                    "127.0.0.1:0".into(),
-                    "--prefer-transmitter".into(),
-                    prefer,
-                    "--announce-interval-ms".into(),
-                    interval.clone(),
-                    "--expiry-multiplier".into(),
-                    multiplier.clone(),
-                    "--max-message-bytes".into(),
-                    spec.limits.max_message_bytes.to_string(),
-                    "--client-output-buffer-bytes".into(),
-                    spec.limits.client_output_buffer_bytes.to_string(),
-                ]),
+                args: with(
+                    vec![
+                        "sidecar".into(),
+                        "--mesh".into(),
+                        cfg.name.clone(),
+                        "--service".into(),
+                        service.clone(),
+                        "--name".into(),
+                        name,
+                        "--rules".into(),
+                        serde_json::to_string(&sspec.delivery).expect("rules serialise"),
+                        "--resp-bind".into(),
+                        "127.0.0.1:0".into(),
+                        "--prefer-transmitter".into(),
+                        prefer,
+                    ],
+                    flags::sidecar(spec),
+                ),
             });
         }
     }

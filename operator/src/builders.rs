@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
-use thynapse_resources::TransmitterMesh;
+use thynapse_resources::{flags, TransmitterMesh};
 
 /// Ports inside the pods.
 pub const COMMAND_PORT: i32 = 7000;
@@ -180,8 +180,6 @@ pub fn desired(mesh: &TransmitterMesh, inputs: &Inputs) -> Desired {
     let spec = &mesh.spec;
     let image = image(mesh, inputs);
     let rendezvous = rendezvous_addresses(mesh);
-    let interval = spec.rendezvous.announce_interval_ms.to_string();
-    let multiplier = spec.rendezvous.expiry_multiplier.to_string();
 
     let config = ConfigMap {
         metadata: meta(mesh, format!("{name}-config"), "config"),
@@ -216,19 +214,9 @@ pub fn desired(mesh: &TransmitterMesh, inputs: &Inputs) -> Desired {
         "$(POD_IP)".into(),
         "--metrics-bind".into(),
         format!("0.0.0.0:{METRICS_PORT}"),
-        "--announce-interval-ms".into(),
-        interval.clone(),
-        "--expiry-multiplier".into(),
-        multiplier.clone(),
-        "--max-message-bytes".into(),
-        spec.limits.max_message_bytes.to_string(),
-        "--link-buffer-bytes".into(),
-        spec.limits.link_buffer_bytes.to_string(),
     ];
-    for r in &rendezvous {
-        transmitter_args.push("--rendezvous".into());
-        transmitter_args.push(r.clone());
-    }
+    transmitter_args.extend(flags::transmitter(spec));
+    transmitter_args.extend(flags::rendezvous_points(&rendezvous));
     let transmitter_labels = labels(&name, "transmitter");
     let transmitters = StatefulSet {
         metadata: meta(mesh, transmitter_name(&name), "transmitter"),
@@ -312,16 +300,9 @@ pub fn desired(mesh: &TransmitterMesh, inputs: &Inputs) -> Desired {
                 name.clone(),
                 "--bind".into(),
                 format!("0.0.0.0:{RENDEZVOUS_PORT}"),
-                "--default-replicas".into(),
-                spec.rooms.default_replicas.to_string(),
             ];
-            if !spec.rooms.allow_undeclared {
-                args.push("--forbid-undeclared".into());
-            }
-            for (room, replicas) in &inputs.rooms {
-                args.push("--room".into());
-                args.push(format!("{room}={replicas}"));
-            }
+            let rooms = inputs.rooms.iter().map(|(r, n)| (r.as_str(), Some(*n)));
+            args.extend(flags::rendezvous(spec, rooms));
             let deployment = Deployment {
                 metadata: meta(mesh, point.clone(), component),
                 spec: DeploymentSpec {

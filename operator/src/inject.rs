@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use thynapse_resources::{Service, TransmitterMesh};
+use thynapse_resources::{flags, Service, TransmitterMesh};
 
 use crate::builders::{self, Inputs, MESH_LABEL};
 
@@ -72,19 +72,11 @@ pub fn sidecar(mesh: &TransmitterMesh, service: &Service, inputs: &Inputs) -> Co
         format!("127.0.0.1:{}", spec.sidecar.port),
         "--metrics-bind".into(),
         format!("0.0.0.0:{SIDECAR_METRICS_PORT}"),
-        "--announce-interval-ms".into(),
-        spec.rendezvous.announce_interval_ms.to_string(),
-        "--expiry-multiplier".into(),
-        spec.rendezvous.expiry_multiplier.to_string(),
-        "--max-message-bytes".into(),
-        spec.limits.max_message_bytes.to_string(),
-        "--client-output-buffer-bytes".into(),
-        spec.limits.client_output_buffer_bytes.to_string(),
     ];
-    for r in builders::rendezvous_addresses(mesh) {
-        args.push("--rendezvous".into());
-        args.push(r);
-    }
+    args.extend(flags::sidecar(spec));
+    args.extend(flags::rendezvous_points(&builders::rendezvous_addresses(
+        mesh,
+    )));
     Container {
         name: SIDECAR.into(),
         image: Some(builders::image(mesh, inputs)),

@@ -5,6 +5,7 @@
 //!
 //! No I/O here but reading manifest files.
 
+pub mod flags;
 mod load;
 mod spec;
 mod validate;
