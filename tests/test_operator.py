@@ -157,12 +157,23 @@ def operator(cluster, tmp_path_factory):
         for d in yaml.safe_load_all(path.read_text()):
             if d:
                 create(cluster, d)
-    yield {"webhook": lines["WEBHOOK"], "metrics": lines["METRICS"], "ca": ca, "log": tmp / "operator.log"}
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=10)
+    yield {"webhook": lines["WEBHOOK"], "metrics": lines["METRICS"], "ca": ca, "log": tmp / "operator.log", "proc": proc}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
     log.close()
     os.killpg(up.pid, signal.SIGTERM)
     up.wait(timeout=20)
+
+
+def found(read, *args):
+    """`read(*args)`, or None while the object does not exist yet (for wait_for)."""
+    try:
+        return read(*args)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
 
 
 def get_mesh(cluster):
@@ -178,7 +189,7 @@ def condition(obj, type_):
 
 def test_the_operator_creates_everything_a_mesh_owns(cluster, operator):
     apps, core = k8s.AppsV1Api(cluster.client), k8s.CoreV1Api(cluster.client)
-    sts = wait_for(lambda: apps.read_namespaced_stateful_set("demo-transmitter", NS), what="StatefulSet")
+    sts = wait_for(lambda: found(apps.read_namespaced_stateful_set, "demo-transmitter", NS), what="StatefulSet")
     assert sts.spec.replicas == 3 and sts.spec.pod_management_policy == "Parallel"
     mesh = get_mesh(cluster)
     owners = [(o.kind, o.name, o.uid, o.controller) for o in sts.metadata.owner_references]
@@ -203,9 +214,19 @@ def test_the_operator_creates_everything_a_mesh_owns(cluster, operator):
     assert condition(mesh, "Ready")["status"] == "False"
     assert condition(mesh, "Progressing")["status"] == "True"
     assert condition(mesh, "Ready")["observedGeneration"] == mesh["metadata"]["generation"]
-    sts = apps.read_namespaced_stateful_set("demo-transmitter", NS)
-    sts.status = k8s.V1StatefulSetStatus(replicas=3, ready_replicas=3)
-    apps.replace_namespaced_stateful_set("demo-transmitter", NS, sts)
+    def report_ready():
+        # As a kubelet and the StatefulSet controller would; the operator may write the
+        # object at the same time, so a stale write (409) is read again and retried.
+        sts = apps.read_namespaced_stateful_set("demo-transmitter", NS)
+        sts.status = k8s.V1StatefulSetStatus(replicas=3, ready_replicas=3)
+        try:
+            return apps.replace_namespaced_stateful_set("demo-transmitter", NS, sts)
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+
+    wait_for(report_ready, what="StatefulSet status written")
     mesh = wait_for(lambda: (m := get_mesh(cluster)) and condition(m, "Ready")["status"] == "True" and m, what="Ready")
     assert mesh["status"]["readyTransmitters"] == 3
     assert mesh["status"]["rendezvous"] == "udp://demo-rendezvous-0.default.svc:7400"
@@ -221,11 +242,11 @@ def test_the_operator_creates_everything_a_mesh_owns(cluster, operator):
 
 def test_changes_are_reconciled_and_foreign_edits_reverted(cluster, operator):
     apps = k8s.AppsV1Api(cluster.client)
-    wait_for(lambda: apps.read_namespaced_stateful_set("demo-transmitter", NS), what="StatefulSet")
+    wait_for(lambda: found(apps.read_namespaced_stateful_set, "demo-transmitter", NS), what="StatefulSet")
     patch = {"spec": {"replicas": 4, "rendezvous": {"replicas": 2}}}
     custom(cluster).patch_namespaced_custom_object(GROUP, VERSION, NS, "transmittermeshes", "demo", patch)
     wait_for(lambda: apps.read_namespaced_stateful_set("demo-transmitter", NS).spec.replicas == 4, what="scaled")
-    wait_for(lambda: apps.read_namespaced_deployment("demo-rendezvous-1", NS), what="second rendezvous point")
+    wait_for(lambda: found(apps.read_namespaced_deployment, "demo-rendezvous-1", NS), what="second rendezvous point")
     args = apps.read_namespaced_stateful_set("demo-transmitter", NS).spec.template.spec.containers[0].args
     assert args.count("--rendezvous") == 2
     # Another field manager changes what the operator owns: the next reconcile (triggered
@@ -326,3 +347,38 @@ def test_operator_metrics(cluster, operator):
     assert 'thynapse_operator_reconciles_total{controller="transmittermesh",result="ok"}' in text
     assert "thynapse_operator_reconcile_duration_seconds_bucket" in text
     assert "thynapse_operator_leader 1" in text
+
+
+def test_a_second_replica_waits_and_takes_over(cluster, operator, tmp_path):
+    """Two replicas: the second does not reconcile while the first holds the Lease, and
+    leads once the first is gone and the Lease expires (15 s)."""
+    log = open(tmp_path / "standby.log", "w")
+    standby = subprocess.Popen(
+        [str(OPERATOR), "--metrics-bind", "127.0.0.1:0", "--no-webhook", "--identity", "standby"],
+        env={**cluster.env(), "RUST_LOG": "info"}, stdout=subprocess.PIPE, stderr=log, text=True,
+    )
+    try:
+        metrics_url = standby.stdout.readline().split()[1]
+
+        def leader_gauge():
+            text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+            return next(float(l.split()[1]) for l in text.splitlines() if l.startswith("thynapse_operator_leader "))
+
+        wait_for(lambda: leader_gauge() == 0.0, what="standby up and following")
+        lease = k8s.CoordinationV1Api(cluster.client).read_namespaced_lease("thynapse-operator", NS)
+        assert lease.spec.holder_identity == "test-operator"
+        # The leader stops (its lease is not released: the standby waits for it to expire).
+        leader = operator["proc"]
+        leader.send_signal(signal.SIGTERM)
+        leader.wait(timeout=10)
+        wait_for(lambda: leader_gauge() == 1.0, timeout=45, interval=0.5, what="standby leads")
+        lease = k8s.CoordinationV1Api(cluster.client).read_namespaced_lease("thynapse-operator", NS)
+        assert lease.spec.holder_identity == "standby"
+        # It reconciles: a change to the mesh reaches the StatefulSet.
+        custom(cluster).patch_namespaced_custom_object(GROUP, VERSION, NS, "transmittermeshes", "demo", {"spec": {"replicas": 5}})
+        apps = k8s.AppsV1Api(cluster.client)
+        wait_for(lambda: apps.read_namespaced_stateful_set("demo-transmitter", NS).spec.replicas == 5, what="standby reconciles")
+    finally:
+        standby.send_signal(signal.SIGTERM)
+        standby.wait(timeout=10)
+        log.close()
