@@ -385,26 +385,16 @@ async fn settle(setup: &Setup) {
     let Some(address) = setup.mesh.endpoints["rendezvous"][0]["address"].as_str() else {
         return;
     };
-    let target = address.trim_start_matches("udp://").to_string();
-    let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
-        return;
+    let addresses = [address.to_string()];
+    let query = Datagram::Query {
+        mesh: "bench".into(),
     };
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut buf = vec![0u8; thynapse_protocol::discovery::MAX_DATAGRAM];
     while Instant::now() < deadline {
-        let query = Datagram::Query {
-            mesh: "bench".into(),
-        }
-        .to_bytes();
-        if socket.send_to(&query, target.as_str()).await.is_ok() {
-            if let Ok(Ok((n, _))) =
-                tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf)).await
-            {
-                if let Ok(Datagram::Peers { transmitters, .. }) = Datagram::parse(&buf[..n]) {
-                    if transmitters.iter().all(|t| t.rate < 50.0) {
-                        return;
-                    }
-                }
+        let answer = thynapse_rendezvous::ask(&addresses, &query, Duration::from_millis(500)).await;
+        if let Some(Datagram::Peers { transmitters, .. }) = answer {
+            if transmitters.iter().all(|t| t.rate < 50.0) {
+                return;
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

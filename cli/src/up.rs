@@ -164,29 +164,9 @@ async fn follow_rooms(
 ) {
     use thynapse_protocol::discovery::Datagram;
     names.sort();
-    let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
-        return;
-    };
     let ask = |d: Datagram| {
-        let socket = &socket;
         let rendezvous = &rendezvous;
-        async move {
-            let mut buf = vec![0u8; thynapse_protocol::discovery::MAX_DATAGRAM];
-            for r in rendezvous {
-                let _ = socket
-                    .send_to(&d.to_bytes(), r.trim_start_matches("udp://"))
-                    .await;
-                if let Ok(Ok((n, _))) =
-                    tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf))
-                        .await
-                {
-                    if let Ok(answer) = Datagram::parse(&buf[..n]) {
-                        return Some(answer);
-                    }
-                }
-            }
-            None
-        }
+        async move { thynapse_rendezvous::ask(rendezvous, &d, Duration::from_millis(500)).await }
     };
     let pause = Duration::from_millis(20);
     // Wait until every transmitter has announced itself.

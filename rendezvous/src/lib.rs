@@ -91,6 +91,29 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// Sends `request` to each rendezvous point (`udp://host:port`) in turn, waiting up to
+/// `wait` for each, and returns the first answer. A point that knows no transmitter yet
+/// (just restarted) is not an answer: the next one is asked.
+pub async fn ask(addresses: &[String], request: &Datagram, wait: Duration) -> Option<Datagram> {
+    let socket = bind_udp("0.0.0.0:0".parse().expect("valid address")).ok()?;
+    let bytes = request.to_bytes();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    for address in addresses {
+        let target = address.trim_start_matches("udp://");
+        if socket.send_to(&bytes, target).await.is_err() {
+            continue;
+        }
+        if let Ok(Ok((n, _))) = tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
+            match Datagram::parse(&buf[..n]) {
+                Ok(Datagram::Peers { transmitters, .. }) if transmitters.is_empty() => {}
+                Ok(answer) => return Some(answer),
+                Err(e) => tracing::warn!(rendezvous = %address, "unreadable answer: {e}"),
+            }
+        }
+    }
+    None
+}
+
 struct Server {
     mesh: String,
     socket: UdpSocket,

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use thynapse_protocol::discovery::{Datagram, TransmitterInfo, MAX_DATAGRAM};
+use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
 use thynapse_protocol::wire::{Interest, Op};
 use thynapse_protocol::Thid;
 use tokio::sync::{mpsc, oneshot};
@@ -286,26 +286,6 @@ async fn choose_for_room(
     }
 }
 
-/// Sends `request` to each rendezvous point in turn; the first answer wins.
 async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagram> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    socket.set_nonblocking(true).ok()?;
-    let socket = tokio::net::UdpSocket::from_std(socket).ok()?;
-    let bytes = request.to_bytes();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    for r in &plan.rendezvous {
-        let addr = r.trim_start_matches("udp://");
-        if socket.send_to(&bytes, addr).await.is_err() {
-            continue;
-        }
-        let got = tokio::time::timeout(plan.heartbeat, socket.recv_from(&mut buf)).await;
-        if let Ok(Ok((n, _))) = got {
-            match Datagram::parse(&buf[..n]) {
-                Ok(Datagram::Peers { transmitters, .. }) if transmitters.is_empty() => {}
-                Ok(d) => return Some(d),
-                Err(e) => tracing::warn!(rendezvous = %r, "unreadable answer: {e}"),
-            }
-        }
-    }
-    None
+    thynapse_rendezvous::ask(&plan.rendezvous, request, plan.heartbeat).await
 }

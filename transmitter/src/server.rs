@@ -647,37 +647,34 @@ impl Transmitter {
             }
             return 0;
         }
-        if kind == Kind::Shard {
+        // A room message comes from a session of its room, which this transmitter hosts;
+        // every other host of the room gets it too, so a cell that moves to another host
+        // of the room receives at once.
+        let cohosts = if kind == Kind::Shard {
             let session_room = self.cells.get(&origin).and_then(|c| c.room.as_deref());
-            let room = std::str::from_utf8(room_of(channel)).ok();
-            if room.is_none()
-                || room != session_room
-                || !self.rooms.contains_key(room.unwrap_or_default())
-            {
+            let hosted = std::str::from_utf8(room_of(channel))
+                .ok()
+                .filter(|r| Some(*r) == session_room)
+                .and_then(|r| self.rooms.get(r));
+            let Some(room) = hosted else {
                 self.metrics
                     .drops
                     .with_label_values(&["room_not_hosted"])
                     .inc();
                 return 0;
-            }
-        }
+            };
+            room.messages.inc();
+            Some(&room.hosts)
+        } else {
+            None
+        };
         self.routed += 1;
         let mut dispatch = std::mem::take(&mut self.dispatch);
         self.table.dispatch(kind, channel, &mut dispatch);
-        if kind == Kind::Shard {
-            self.count_room_message(channel);
-            // Every host of a room sees all of its messages, so a cell that moves to
-            // another host of the room receives at once.
-            if let Some(room) = std::str::from_utf8(room_of(channel))
-                .ok()
-                .and_then(|r| self.rooms.get(r))
-            {
-                for host in &room.hosts {
-                    if let Some(&peer) = self.peer_ids.get(host) {
-                        if self.peers[&peer].out.as_ref().is_some_and(|o| o.synced) {
-                            dispatch.peer_entry(peer);
-                        }
-                    }
+        for host in cohosts.into_iter().flatten() {
+            if let Some(&peer) = self.peer_ids.get(host) {
+                if self.peers[&peer].out.as_ref().is_some_and(|o| o.synced) {
+                    dispatch.peer_entry(peer);
                 }
             }
         }
