@@ -35,8 +35,10 @@ struct Client {
     channels: BTreeSet<Bytes>,
     patterns: BTreeSet<Bytes>,
     shard: BTreeSet<Bytes>,
+    /// Replies in request order. Every entry is numbered (`pending_base` is the number of
+    /// the front one), so an acknowledgement finds its (S)PUBLISH's slot by subtraction.
     pending: VecDeque<Pending>,
-    next_token: u64,
+    pending_base: u64,
     /// (S)PUBLISHes read but not yet handed to the hub: one hand-over per read, not per
     /// message.
     batch: Vec<Publish>,
@@ -73,7 +75,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         patterns: BTreeSet::new(),
         shard: BTreeSet::new(),
         pending: VecDeque::new(),
-        next_token: 0,
+        pending_base: 0,
         batch: Vec::new(),
         out: BytesMut::with_capacity(16 * 1024),
         close: false,
@@ -355,11 +357,11 @@ impl Client {
 
     /// Fills the reply slot of the (S)PUBLISH numbered `token`.
     fn answer(&mut self, token: u64, reply: Reply) {
-        if let Some(slot) = self
-            .pending
-            .iter_mut()
-            .find(|p| matches!(p, Pending::Publish(t) if *t == token))
-        {
+        let slot = token
+            .checked_sub(self.pending_base)
+            .and_then(|i| self.pending.get_mut(usize::try_from(i).ok()?));
+        if let Some(slot @ Pending::Publish(_)) = slot {
+            debug_assert!(matches!(slot, Pending::Publish(t) if *t == token));
             *slot = Pending::Ready(reply);
         }
     }
@@ -368,6 +370,7 @@ impl Client {
     fn flush_ready(&mut self) {
         while let Some(Pending::Ready(_)) = self.pending.front() {
             if let Some(Pending::Ready(r)) = self.pending.pop_front() {
+                self.pending_base += 1;
                 r.encode(self.resp3, &mut self.out);
             }
         }
@@ -529,8 +532,7 @@ impl Client {
             )));
             return;
         }
-        self.next_token += 1;
-        let token = self.next_token;
+        let token = self.pending_base + self.pending.len() as u64;
         self.pending.push_back(Pending::Publish(token));
         self.batch.push(Publish {
             token,

@@ -1,6 +1,8 @@
-//! RESP on the wire, through the `redis-protocol` crate: requests are RESP2 arrays of bulk
-//! strings (what every client sends, in RESP2 and RESP3 alike) or inline commands (what a
-//! person types into telnet); replies are encoded as RESP2 or RESP3 by the crate's encoders.
+//! RESP on the wire. Requests are RESP2 arrays of bulk strings (what every client sends, in
+//! RESP2 and RESP3 alike), parsed here into slices of the read buffer, or inline commands
+//! (what a person types into telnet); replies are encoded as RESP2 or RESP3 by the
+//! `redis-protocol` crate's encoders, except the two written once per message (a pushed
+//! message and a (S)PUBLISH's count), which are written directly.
 
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame as Resp2;
@@ -120,24 +122,80 @@ pub fn next_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestErr
     if buf[0] != b'*' {
         return inline_request(buf);
     }
-    match redis_protocol::resp2::decode::decode_bytes_mut(buf) {
-        Ok(Some((Resp2::Array(items), _, _))) => items
-            .into_iter()
-            .map(|item| match item {
-                Resp2::BulkString(b) | Resp2::SimpleString(b) => Ok(b),
-                Resp2::Integer(i) => Ok(Bytes::from(i.to_string())),
-                _ => Err(RequestError::Protocol(
-                    "expected '$', got something else".into(),
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
-        Ok(Some(_)) => Err(RequestError::Protocol(
-            "expected an array of bulk strings".into(),
-        )),
-        Ok(None) => Ok(None),
-        Err(e) => Err(RequestError::Protocol(e.details().to_string())),
+    multibulk_request(buf)
+}
+
+/// Redis's limits on a request: the number of arguments and the length of one.
+const MAX_MULTIBULK: usize = 1024 * 1024;
+const MAX_BULK: usize = 512 * 1024 * 1024;
+
+/// A request as every client sends it: `*N` then N `$len` bulk strings, parsed straight
+/// off the buffer into slices of it. This is the hot path of every publish, so it does not
+/// build RESP frames (redis-protocol's decoder accepts any frame type and costs a frame
+/// tree per request); it takes only what Redis takes, with Redis's error messages.
+fn multibulk_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestError> {
+    let Some((count, mut at)) = header(buf, 0, b'*')? else {
+        return Ok(None);
+    };
+    let count = usize::try_from(count).unwrap_or(0);
+    if count > MAX_MULTIBULK {
+        return Err(RequestError::Protocol("invalid multibulk length".into()));
     }
+    // First pass: is the whole request here? Nothing is taken off `buf` until it is.
+    let mut spans = Vec::with_capacity(count);
+    for _ in 0..count {
+        if at >= buf.len() {
+            return Ok(None);
+        }
+        if buf[at] != b'$' {
+            return Err(RequestError::Protocol(format!(
+                "expected '$', got '{}'",
+                buf[at] as char
+            )));
+        }
+        let Some((len, start)) = header(buf, at, b'$')? else {
+            return Ok(None);
+        };
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= MAX_BULK)
+            .ok_or_else(|| RequestError::Protocol("invalid bulk length".into()))?;
+        let end = start + len;
+        if buf.len() < end + 2 {
+            return Ok(None);
+        }
+        if &buf[end..end + 2] != b"\r\n" {
+            return Err(RequestError::Protocol(
+                "bulk string not ended by CRLF".into(),
+            ));
+        }
+        spans.push(start..end);
+        at = end + 2;
+    }
+    let request = buf.split_to(at).freeze();
+    Ok(Some(spans.into_iter().map(|r| request.slice(r)).collect()))
+}
+
+/// Reads the `<prefix><integer>\r\n` line at `at`: the integer and where the next line
+/// starts, or None when the line is not complete yet.
+fn header(buf: &[u8], at: usize, prefix: u8) -> Result<Option<(i64, usize)>, RequestError> {
+    debug_assert_eq!(buf[at], prefix);
+    let Some(nl) = memchr::memchr(b'\n', &buf[at..]) else {
+        if buf.len() - at > 64 * 1024 {
+            return Err(RequestError::Protocol("too big count in request".into()));
+        }
+        return Ok(None);
+    };
+    let line = &buf[at + 1..at + nl];
+    let what = if prefix == b'*' { "multibulk" } else { "bulk" };
+    let digits = line
+        .strip_suffix(b"\r")
+        .ok_or_else(|| RequestError::Protocol(format!("invalid {what} length")))?;
+    let n = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse::<i64>().ok())
+        .ok_or_else(|| RequestError::Protocol(format!("invalid {what} length")))?;
+    Ok(Some((n, at + nl + 1)))
 }
 
 fn inline_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestError> {
@@ -234,5 +292,35 @@ mod tests {
         assert!(next_request(&mut b).is_err());
         let mut b = BytesMut::from(&b"*-x\r\n"[..]);
         assert!(next_request(&mut b).is_err());
+        let mut b = BytesMut::from(&b"*1\r\n$2\r\nabc\r\n"[..]);
+        assert!(next_request(&mut b).is_err());
+        let mut b = BytesMut::from(&b"*1\r\n$-2\r\n"[..]);
+        assert!(next_request(&mut b).is_err());
+        let mut b = BytesMut::from(&b"*9999999999\r\n"[..]);
+        assert!(next_request(&mut b).is_err());
+    }
+
+    #[test]
+    fn requests_are_taken_whole_or_not_at_all() {
+        let whole = b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$5\r\nhello\r\n";
+        for cut in 0..whole.len() {
+            let mut b = BytesMut::from(&whole[..cut]);
+            assert_eq!(next_request(&mut b).unwrap(), None, "cut at {cut}");
+            assert_eq!(b.len(), cut);
+            b.extend_from_slice(&whole[cut..]);
+            assert_eq!(
+                next_request(&mut b).unwrap().unwrap(),
+                vec![
+                    Bytes::from("PUBLISH"),
+                    Bytes::from("ch"),
+                    Bytes::from("hello")
+                ]
+            );
+            assert!(b.is_empty());
+        }
+        // An empty array is an empty request, skipped as Redis skips it.
+        let mut b = BytesMut::from(&b"*0\r\n"[..]);
+        assert_eq!(next_request(&mut b).unwrap(), Some(vec![]));
+        assert!(b.is_empty());
     }
 }
