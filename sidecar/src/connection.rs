@@ -352,6 +352,11 @@ impl Client {
                     self.answer(token, Reply::Int(n));
                 }
             }
+            Out::Batch(outs) => {
+                for out in outs {
+                    self.on_out(out);
+                }
+            }
         }
     }
 

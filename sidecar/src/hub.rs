@@ -53,6 +53,9 @@ pub enum Out {
     },
     /// Replies to several of the client's publishes at once: (token, cells reached).
     Acked(Vec<(u64, i64)>),
+    /// The messages of one frame from the transmitter for this client, in order: one
+    /// hand-over (and one wake-up of the connection) per frame, not per message.
+    Batch(Vec<Out>),
 }
 
 impl Out {
@@ -68,6 +71,7 @@ impl Out {
             } => pattern.len() + channel.len() + payload.len() + 40,
             Out::Published { .. } => 16,
             Out::Acked(acks) => 16 * acks.len(),
+            Out::Batch(outs) => outs.iter().map(Out::size).sum(),
         }
     }
 }
@@ -174,10 +178,24 @@ pub struct Hub {
     link_tx: mpsc::Sender<LinkEvent>,
     link_rx: mpsc::Receiver<LinkEvent>,
     seen: HashMap<Thid, SeqWindow>,
-    /// Reused for the deliveries of one message (no allocation per message).
+    /// Reused for the deliveries of one frame (no allocation per message).
     outs: Vec<(ClientId, Out)>,
+    /// The latency histogram, observed without atomics and flushed once per frame.
+    latency: prometheus::local::LocalHistogram,
     ready_printed: bool,
     started: Instant,
+}
+
+/// The payload bytes of the messages in `outs`.
+fn payload_bytes(outs: &[Out]) -> u64 {
+    outs.iter()
+        .map(|o| match o {
+            Out::Message { payload, .. }
+            | Out::PMessage { payload, .. }
+            | Out::SMessage { payload, .. } => payload.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 fn now_us() -> u64 {
@@ -206,6 +224,7 @@ impl Hub {
         Hub {
             cfg,
             id,
+            latency: metrics.latency.local(),
             metrics,
             clients: HashMap::new(),
             subs: Subscriptions::default(),
@@ -733,15 +752,19 @@ impl Hub {
         if self.seen.len() > 100_000 {
             self.seen.clear();
         }
+        let mut outs = std::mem::take(&mut self.outs);
+        let mut last: Option<(Thid, &mut SeqWindow)> = None;
         for e in envelopes {
-            if !self.seen.entry(e.origin).or_default().accept(e.seq) {
+            // Frames mostly carry runs from one origin: look its window up once per run.
+            if last.as_ref().is_none_or(|(origin, _)| *origin != e.origin) {
+                last = Some((e.origin, self.seen.entry(e.origin).or_default()));
+            }
+            let (_, window) = last.as_mut().expect("set above");
+            if !window.accept(e.seq) {
                 self.metrics.duplicates.inc();
                 continue;
             }
-            self.metrics
-                .latency
-                .observe(now.saturating_sub(e.ts) as f64 / 1e6);
-            let mut outs = std::mem::take(&mut self.outs);
+            self.latency.observe(now.saturating_sub(e.ts) as f64 / 1e6);
             match e.kind {
                 Kind::Shard => {
                     if let Some(set) = self.subs.shard.get(&e.channel) {
@@ -778,14 +801,24 @@ impl Hub {
                     }
                 }
             }
-            for (client, out) in outs.drain(..) {
-                if self.send_to(client, out) {
-                    self.metrics.messages_out.inc();
-                    self.metrics.bytes_out.inc_by(e.payload.len() as u64);
-                }
-            }
-            self.outs = outs;
         }
+        self.latency.flush();
+        // One batch per client, each in the order of the frame (the sort is stable).
+        outs.sort_by_key(|(client, _)| *client);
+        let mut by_client = outs.drain(..).peekable();
+        while let Some((client, first)) = by_client.next() {
+            let mut batch = vec![first];
+            while let Some((_, out)) = by_client.next_if(|(c, _)| *c == client) {
+                batch.push(out);
+            }
+            let (count, bytes) = (batch.len() as u64, payload_bytes(&batch));
+            if self.send_to(client, Out::Batch(batch)) {
+                self.metrics.messages_out.inc_by(count);
+                self.metrics.bytes_out.inc_by(bytes);
+            }
+        }
+        drop(by_client);
+        self.outs = outs;
     }
 
     async fn housekeeping(&mut self) {
