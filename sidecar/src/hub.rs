@@ -8,7 +8,9 @@
 //! PUBLISH reply). When a session moves to another transmitter, what was not acknowledged
 //! is sent again; receivers drop the copies by (origin, sequence).
 
-use std::collections::{HashMap, HashSet};
+// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
+// names; SipHash was a visible share of the hot path).
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -186,6 +188,14 @@ pub struct Hub {
     started: Instant,
 }
 
+/// Whether the publish `p` belongs to the session `key`.
+fn in_session(key: &SessionKey, p: &Publish) -> bool {
+    match key {
+        None => !p.shard,
+        Some(room) => p.shard && room_of(&p.channel) == &room[..],
+    }
+}
+
 /// The payload bytes of the messages in `outs`.
 fn payload_bytes(outs: &[Out]) -> u64 {
     outs.iter()
@@ -332,38 +342,44 @@ impl Hub {
                 self.update_subscription_gauge();
             }
             HubCmd::Publish(client, items) => {
-                let now = Instant::now();
-                for Publish {
-                    token,
-                    shard,
-                    channel,
-                    payload,
-                } in items
-                {
-                    self.metrics.messages_in.inc();
-                    self.metrics.bytes_in.inc_by(payload.len() as u64);
-                    let kind = if shard {
+                let (now, ts) = (Instant::now(), now_us());
+                let (count, mut bytes, mut payload_bytes) = (items.len(), 0, 0);
+                let mut items = items.into_iter().peekable();
+                // Runs of publishes to one session (all of them, for plain PUBLISH) are
+                // queued with one session lookup.
+                while let Some(first) = items.next() {
+                    let kind = if first.shard {
                         SubKind::Shard
                     } else {
                         SubKind::Channel
                     };
-                    let size = channel.len() + payload.len();
-                    let s = self.session(&key_of(kind, &channel));
-                    let seq = s.next_seq;
-                    s.next_seq += 1;
-                    s.unacked_bytes += size;
+                    let key = key_of(kind, &first.channel);
+                    let s = self.session(&key);
                     s.last_used = now;
-                    s.unacked.push_back(Unacked {
-                        seq,
-                        client,
-                        token,
-                        ts: now_us(),
-                        channel,
-                        payload,
-                    });
-                    self.unacked += 1;
-                    self.unacked_bytes += size;
+                    let mut next = Some(first);
+                    while let Some(p) = next
+                        .take()
+                        .or_else(|| items.next_if(|p| in_session(&key, p)))
+                    {
+                        let size = p.channel.len() + p.payload.len();
+                        bytes += size;
+                        payload_bytes += p.payload.len();
+                        s.unacked_bytes += size;
+                        s.unacked.push_back(Unacked {
+                            seq: s.next_seq,
+                            client,
+                            token: p.token,
+                            ts,
+                            channel: p.channel,
+                            payload: p.payload,
+                        });
+                        s.next_seq += 1;
+                    }
                 }
+                self.unacked += count;
+                self.unacked_bytes += bytes;
+                self.metrics.messages_in.inc_by(count as u64);
+                self.metrics.bytes_in.inc_by(payload_bytes as u64);
             }
             HubCmd::Channels(kind, pattern, reply) => {
                 let mut names: Vec<Bytes> = self

@@ -1,3 +1,4 @@
+use prometheus::local::LocalIntCounter;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use thynapse_telemetry::{counter, counter_vec, gauge};
 
@@ -19,6 +20,55 @@ pub struct Metrics {
     /// Labelled handles of the per-message counters, looked up once: a label lookup hashes
     /// and locks, too much to do per message.
     pub hot: Hot,
+}
+
+/// The per-message counters, as local (non-atomic) counters of `Hot`'s: the transmitter
+/// counts into them and flushes them once per loop turn, not one atomic add per message.
+pub struct HotLocal {
+    pub in_cell: LocalIntCounter,
+    pub in_peer: LocalIntCounter,
+    pub bytes_in_cell: LocalIntCounter,
+    pub bytes_in_peer: LocalIntCounter,
+    pub out_cell: LocalIntCounter,
+    pub out_peer: LocalIntCounter,
+    pub out_pub: LocalIntCounter,
+    pub bytes_out_cell: LocalIntCounter,
+    pub bytes_out_peer: LocalIntCounter,
+    pub bytes_out_pub: LocalIntCounter,
+}
+
+impl HotLocal {
+    pub fn new(hot: &Hot) -> Self {
+        HotLocal {
+            in_cell: hot.in_cell.local(),
+            in_peer: hot.in_peer.local(),
+            bytes_in_cell: hot.bytes_in_cell.local(),
+            bytes_in_peer: hot.bytes_in_peer.local(),
+            out_cell: hot.out_cell.local(),
+            out_peer: hot.out_peer.local(),
+            out_pub: hot.out_pub.local(),
+            bytes_out_cell: hot.bytes_out_cell.local(),
+            bytes_out_peer: hot.bytes_out_peer.local(),
+            bytes_out_pub: hot.bytes_out_pub.local(),
+        }
+    }
+
+    pub fn flush(&self) {
+        for c in [
+            &self.in_cell,
+            &self.in_peer,
+            &self.bytes_in_cell,
+            &self.bytes_in_peer,
+            &self.out_cell,
+            &self.out_peer,
+            &self.out_pub,
+            &self.bytes_out_cell,
+            &self.bytes_out_peer,
+            &self.bytes_out_pub,
+        ] {
+            c.flush();
+        }
+    }
 }
 
 #[derive(Clone)]

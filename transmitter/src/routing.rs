@@ -10,7 +10,9 @@
 //! targets it hosts, and never chooses again: so each anycatch message reaches exactly
 //! one cell of its Service, wherever the cells are.
 
-use std::collections::{HashMap, HashSet};
+// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
+// names; SipHash was a visible share of the hot path).
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 

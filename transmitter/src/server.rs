@@ -2,7 +2,9 @@
 //! updates; routes; then flushes every pending batch at once. Messages arriving while a
 //! batch is being built join it, so frames grow under load and stay single when idle.
 
-use std::collections::{HashMap, HashSet};
+// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
+// names; SipHash was a visible share of the hot path).
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -20,7 +22,7 @@ use zeromq::{
     SocketRecv, SocketSend, ZmqMessage,
 };
 
-use crate::metrics::Metrics;
+use crate::metrics::{HotLocal, Metrics};
 use crate::outbox::Outbox;
 use crate::routing::{Dispatch, Location, PeerId, Table};
 use crate::Args;
@@ -140,6 +142,8 @@ struct Transmitter {
     deferred: Vec<Deferred>,
     events_tx: mpsc::Sender<Event>,
     metrics: Metrics,
+    /// The per-message counters, flushed to `metrics` once per loop turn.
+    hot: HotLocal,
     draining: Option<Instant>,
     expiry: Duration,
     heartbeat: Duration,
@@ -239,6 +243,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         replies: Vec::new(),
         deferred: Vec::new(),
         events_tx,
+        hot: HotLocal::new(&metrics.hot),
         metrics,
         draining: None,
         expiry,
@@ -630,8 +635,8 @@ impl Transmitter {
         payload: &Bytes,
         dests: &mut Vec<Dest>,
     ) -> u32 {
-        self.metrics.hot.in_cell.inc();
-        self.metrics.hot.bytes_in_cell.inc_by(payload.len() as u64);
+        self.hot.in_cell.inc();
+        self.hot.bytes_in_cell.inc_by(payload.len() as u64);
         if payload.len() > self.args.max_message_bytes {
             self.metrics.drops.with_label_values(&["too_large"]).inc();
             let identity = self.cells.get(&origin).map(|c| c.identity.clone());
@@ -713,8 +718,8 @@ impl Transmitter {
             m.push_back(payload.clone());
             // Best effort, as PUB is: the zeromq crate drops when a subscriber lags.
             let _ = self.publisher.send(m).now_or_never();
-            self.metrics.hot.out_pub.inc();
-            self.metrics.hot.bytes_out_pub.inc_by(payload.len() as u64);
+            self.hot.out_pub.inc();
+            self.hot.bytes_out_pub.inc_by(payload.len() as u64);
             return;
         }
         if !cell
@@ -730,8 +735,8 @@ impl Transmitter {
         cell.outbox
             .writer
             .push(kind, origin, seq, ts, channel, payload, &[]);
-        self.metrics.hot.out_cell.inc();
-        self.metrics.hot.bytes_out_cell.inc_by(payload.len() as u64);
+        self.hot.out_cell.inc();
+        self.hot.bytes_out_cell.inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Cell(id)) {
             dests.push(Dest::Cell(id));
         }
@@ -768,8 +773,8 @@ impl Transmitter {
         p.outbox
             .writer
             .push(kind, origin, seq, ts, channel, payload, targets);
-        self.metrics.hot.out_peer.inc();
-        self.metrics.hot.bytes_out_peer.inc_by(payload.len() as u64);
+        self.hot.out_peer.inc();
+        self.hot.bytes_out_peer.inc_by(payload.len() as u64);
         if !dests.contains(&Dest::Peer(peer)) {
             dests.push(Dest::Peer(peer));
         }
@@ -831,7 +836,7 @@ impl Transmitter {
                 let mut dests = Vec::new();
                 let mut local = std::mem::take(&mut self.scratch);
                 for e in &envelopes {
-                    self.metrics.hot.in_peer.inc();
+                    self.hot.in_peer.inc();
                     self.metrics
                         .hot
                         .bytes_in_peer
@@ -1271,6 +1276,7 @@ impl Transmitter {
 
     /// Sends everything that accumulated: interest changes, batches, replies.
     async fn flush(&mut self) {
+        self.hot.flush();
         // Interest first, so a peer knows a cell before messages for it could arrive.
         if !self.dirty.is_empty() {
             let dirty: Vec<Thid> = self.dirty.drain().collect();
