@@ -188,6 +188,27 @@ pub struct Hub {
     started: Instant,
 }
 
+/// Which kind of message a client gets for a delivery.
+enum Target<'a> {
+    Channel,
+    Shard,
+    Pattern(&'a Bytes),
+}
+
+impl Target<'_> {
+    fn out(&self, channel: Bytes, payload: Bytes) -> Out {
+        match self {
+            Target::Channel => Out::Message { channel, payload },
+            Target::Shard => Out::SMessage { channel, payload },
+            Target::Pattern(pattern) => Out::PMessage {
+                pattern: (*pattern).clone(),
+                channel,
+                payload,
+            },
+        }
+    }
+}
+
 /// Whether the publish `p` belongs to the session `key`.
 fn in_session(key: &SessionKey, p: &Publish) -> bool {
     match key {
@@ -680,10 +701,10 @@ impl Hub {
                 let Some(body) = msg.get(1).cloned() else {
                     return;
                 };
-                match decode_envelopes(body) {
+                match decode_envelopes(&body) {
                     Ok((batch, envelopes)) => {
                         link.credit = Some(batch);
-                        self.deliver(envelopes);
+                        self.deliver(&body, envelopes);
                     }
                     Err(e) => tracing::warn!("bad DLVR batch: {e}"),
                 }
@@ -692,7 +713,7 @@ impl Hub {
                 let Some(body) = msg.get(1).cloned() else {
                     return;
                 };
-                if let Ok((first, counts)) = decode_acks(body) {
+                if let Ok((first, counts)) = decode_acks(&body) {
                     self.acknowledge(&key, first, &counts);
                 }
             }
@@ -763,13 +784,16 @@ impl Hub {
         }
     }
 
-    fn deliver(&mut self, envelopes: Vec<Envelope>) {
+    /// Hands the messages of one DLVR frame to the clients subscribed to them. A message
+    /// reaches its clients as slices of `frame` (no copy).
+    fn deliver(&mut self, frame: &Bytes, envelopes: Vec<Envelope>) {
         let now = now_us();
         if self.seen.len() > 100_000 {
             self.seen.clear();
         }
         let mut outs = std::mem::take(&mut self.outs);
         let mut last: Option<(Thid, &mut SeqWindow)> = None;
+        let mut targets: Vec<(ClientId, Target)> = Vec::new();
         for e in envelopes {
             // Frames mostly carry runs from one origin: look its window up once per run.
             if last.as_ref().is_none_or(|(origin, _)| *origin != e.origin) {
@@ -781,41 +805,32 @@ impl Hub {
                 continue;
             }
             self.latency.observe(now.saturating_sub(e.ts) as f64 / 1e6);
+            targets.clear();
             match e.kind {
                 Kind::Shard => {
-                    if let Some(set) = self.subs.shard.get(&e.channel) {
-                        outs.extend(set.iter().map(|c| {
-                            let out = Out::SMessage {
-                                channel: e.channel.clone(),
-                                payload: e.payload.clone(),
-                            };
-                            (*c, out)
-                        }));
+                    if let Some(set) = self.subs.shard.get(e.channel) {
+                        targets.extend(set.iter().map(|c| (*c, Target::Shard)));
                     }
                 }
                 Kind::Mesh => {
-                    if let Some(set) = self.subs.channels.get(&e.channel) {
-                        outs.extend(set.iter().map(|c| {
-                            let out = Out::Message {
-                                channel: e.channel.clone(),
-                                payload: e.payload.clone(),
-                            };
-                            (*c, out)
-                        }));
+                    if let Some(set) = self.subs.channels.get(e.channel) {
+                        targets.extend(set.iter().map(|c| (*c, Target::Channel)));
                     }
                     for (pattern, set) in &self.subs.patterns {
-                        if glob::matches(pattern, &e.channel) {
-                            outs.extend(set.iter().map(|c| {
-                                let out = Out::PMessage {
-                                    pattern: pattern.clone(),
-                                    channel: e.channel.clone(),
-                                    payload: e.payload.clone(),
-                                };
-                                (*c, out)
-                            }));
+                        if glob::matches(pattern, e.channel) {
+                            targets.extend(set.iter().map(|c| (*c, Target::Pattern(pattern))));
                         }
                     }
                 }
+            }
+            // Slices of the frame, moved into the last client's message (one reference
+            // count per extra client, none per message otherwise).
+            if let Some(((last, target), rest)) = targets.split_last() {
+                let (channel, payload) = (frame.slice_ref(e.channel), frame.slice_ref(e.payload));
+                for (client, target) in rest {
+                    outs.push((*client, target.out(channel.clone(), payload.clone())));
+                }
+                outs.push((*last, target.out(channel, payload)));
             }
         }
         self.latency.flush();

@@ -251,7 +251,7 @@ impl Table {
     }
 
     /// The route for messages of `kind` on `channel` (cached).
-    pub fn route(&mut self, kind: Kind, channel: &Bytes) -> Rc<Route> {
+    pub fn route(&mut self, kind: Kind, channel: &[u8]) -> Rc<Route> {
         let cached = match kind {
             Kind::Mesh => self.cache.get(channel),
             Kind::Shard => self.shard_cache.get(channel),
@@ -267,7 +267,7 @@ impl Table {
         if cache.len() >= ROUTE_CACHE_LIMIT {
             cache.clear();
         }
-        cache.insert(channel.clone(), route.clone());
+        cache.insert(Bytes::copy_from_slice(channel), route.clone());
         route
     }
 
@@ -276,7 +276,7 @@ impl Table {
         self.shard_cache.clear();
     }
 
-    fn compute(&self, kind: Kind, channel: &Bytes) -> Route {
+    fn compute(&self, kind: Kind, channel: &[u8]) -> Route {
         // Every matching cell once, by id: a cell moving between transmitters is briefly
         // known at two places; prefer here, then the lowest peer.
         let mut matching: Vec<(Location, Thid)> = Vec::new();
@@ -339,7 +339,7 @@ impl Table {
 
     /// Routes one message entering the mesh here into `out`, choosing anycatch cells in
     /// turn so that load spreads evenly over a Service's cells.
-    pub fn dispatch(&mut self, kind: Kind, channel: &Bytes, out: &mut Dispatch) {
+    pub fn dispatch(&mut self, kind: Kind, channel: &[u8], out: &mut Dispatch) {
         out.clear();
         let route = self.route(kind, channel);
         out.local.extend_from_slice(&route.local);
@@ -364,7 +364,7 @@ impl Table {
     pub fn deliver_forwarded(
         &mut self,
         kind: Kind,
-        channel: &Bytes,
+        channel: &[u8],
         targets: &[Thid],
         out: &mut Vec<Thid>,
     ) {

@@ -565,13 +565,13 @@ impl Transmitter {
             }
             cmd::PUBS => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("PUBS".into()))?;
-                let (first, publishes) = decode_publishes(body)?;
+                let (first, publishes) = decode_publishes(&body)?;
                 let mut counts = Vec::with_capacity(publishes.len());
                 let mut dests = Vec::new();
                 for (i, p) in publishes.iter().enumerate() {
                     let seq = first + i as u64;
                     counts.push(
-                        self.publish(id, seq, p.ts, p.kind, &p.channel, &p.payload, &mut dests),
+                        self.publish(id, seq, p.ts, p.kind, p.channel, p.payload, &mut dests),
                     );
                 }
                 if let Some(cell) = self.cells.get_mut(&id) {
@@ -631,8 +631,8 @@ impl Transmitter {
         seq: u64,
         ts: u64,
         kind: Kind,
-        channel: &Bytes,
-        payload: &Bytes,
+        channel: &[u8],
+        payload: &[u8],
         dests: &mut Vec<Dest>,
     ) -> u32 {
         self.hot.in_cell.inc();
@@ -704,8 +704,8 @@ impl Transmitter {
         origin: &Thid,
         seq: u64,
         ts: u64,
-        channel: &Bytes,
-        payload: &Bytes,
+        channel: &[u8],
+        payload: &[u8],
         dests: &mut Vec<Dest>,
     ) {
         let limit = self.args.link_buffer_bytes;
@@ -714,8 +714,8 @@ impl Transmitter {
         };
         if cell.events == Events::Pub {
             let mut m = ZmqMessage::from(Bytes::from(id.to_hex()));
-            m.push_back(channel.clone());
-            m.push_back(payload.clone());
+            m.push_back(Bytes::copy_from_slice(channel));
+            m.push_back(Bytes::copy_from_slice(payload));
             // Best effort, as PUB is: the zeromq crate drops when a subscriber lags.
             let _ = self.publisher.send(m).now_or_never();
             self.hot.out_pub.inc();
@@ -750,8 +750,8 @@ impl Transmitter {
         origin: &Thid,
         seq: u64,
         ts: u64,
-        channel: &Bytes,
-        payload: &Bytes,
+        channel: &[u8],
+        payload: &[u8],
         targets: &[Thid],
         dests: &mut Vec<Dest>,
     ) {
@@ -832,7 +832,7 @@ impl Transmitter {
             }
             cmd::FWRD => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("FWRD".into()))?;
-                let (batch, envelopes) = decode_envelopes(body)?;
+                let (batch, envelopes) = decode_envelopes(&body)?;
                 let mut dests = Vec::new();
                 let mut local = std::mem::take(&mut self.scratch);
                 for e in &envelopes {
@@ -842,14 +842,13 @@ impl Transmitter {
                         .bytes_in_peer
                         .inc_by(e.payload.len() as u64);
                     if e.kind == Kind::Shard {
-                        self.count_room_message(&e.channel);
+                        self.count_room_message(e.channel);
                     }
                     self.table
-                        .deliver_forwarded(e.kind, &e.channel, &e.targets, &mut local);
+                        .deliver_forwarded(e.kind, e.channel, &e.targets, &mut local);
                     for cell in &local {
                         self.deliver_local(
-                            *cell, e.kind, &e.origin, e.seq, e.ts, &e.channel, &e.payload,
-                            &mut dests,
+                            *cell, e.kind, &e.origin, e.seq, e.ts, e.channel, e.payload, &mut dests,
                         );
                     }
                 }
