@@ -66,7 +66,16 @@ pub struct Envelope<'a> {
     pub ts: u64,
     pub channel: &'a [u8],
     pub payload: &'a [u8],
-    pub targets: Vec<Thid>,
+    /// The anycatch targets: `n × 20` bytes of ids, read with `targets()`.
+    targets: &'a [u8],
+}
+
+impl Envelope<'_> {
+    pub fn targets(&self) -> impl ExactSizeIterator<Item = Thid> + '_ {
+        self.targets
+            .chunks_exact(Thid::LEN)
+            .map(|t| Thid(t.try_into().expect("chunks of a THID's length")))
+    }
 }
 
 struct Reader<'a> {
@@ -148,25 +157,50 @@ impl PublishBatchWriter {
     }
 }
 
-/// Decodes a `PUBS` batch into its first sequence number and messages.
-pub fn decode_publishes(frame: &[u8]) -> Result<(u64, Vec<Publish<'_>>), FrameError> {
+/// Decodes a `PUBS` batch into its first sequence number and messages. The whole frame is
+/// checked first, so a malformed batch is refused before any of it is used.
+pub fn decode_publishes(frame: &[u8]) -> Result<(u64, Publishes<'_>), FrameError> {
     let mut r = Reader { buf: frame };
     let first = r.u64()?;
-    let mut out = Vec::new();
+    let messages = Reader { buf: r.buf };
+    let mut count = 0;
     while !r.done() {
-        let kind = Kind::from_u8(r.u8()?)?;
-        let ts = r.u64()?;
-        let channel = r.bytes()?;
-        let payload = r.bytes()?;
-        out.push(Publish {
-            kind,
-            ts,
-            channel,
-            payload,
-        });
+        read_publish(&mut r)?;
+        count += 1;
     }
-    Ok((first, out))
+    Ok((first, Publishes { r: messages, count }))
 }
+
+fn read_publish<'a>(r: &mut Reader<'a>) -> Result<Publish<'a>, FrameError> {
+    Ok(Publish {
+        kind: Kind::from_u8(r.u8()?)?,
+        ts: r.u64()?,
+        channel: r.bytes()?,
+        payload: r.bytes()?,
+    })
+}
+
+/// The messages of a checked `PUBS` batch, in order, without allocating.
+pub struct Publishes<'a> {
+    r: Reader<'a>,
+    count: usize,
+}
+
+impl<'a> Iterator for Publishes<'a> {
+    type Item = Publish<'a>;
+    fn next(&mut self) -> Option<Publish<'a>> {
+        if self.r.done() {
+            return None;
+        }
+        self.count -= 1;
+        Some(read_publish(&mut self.r).expect("checked by decode_publishes"))
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.count, Some(self.count))
+    }
+}
+
+impl ExactSizeIterator for Publishes<'_> {}
 
 pub fn encode_acks(first_seq: u64, receivers: &[u32]) -> Bytes {
     let mut buf = BytesMut::with_capacity(12 + 4 * receivers.len());
@@ -234,11 +268,6 @@ impl EnvelopeBatchWriter {
         }
         self.count += 1;
     }
-    pub fn push_envelope(&mut self, e: &Envelope, targets: &[Thid]) {
-        self.push(
-            e.kind, &e.origin, e.seq, e.ts, e.channel, e.payload, targets,
-        );
-    }
     pub fn len(&self) -> usize {
         self.count
     }
@@ -259,34 +288,46 @@ impl EnvelopeBatchWriter {
     }
 }
 
-pub fn decode_envelopes(frame: &[u8]) -> Result<(u64, Vec<Envelope<'_>>), FrameError> {
+/// Decodes a `DLVR` or `FWRD` batch into its batch number and messages, checking the whole
+/// frame first like `decode_publishes`.
+pub fn decode_envelopes(frame: &[u8]) -> Result<(u64, Envelopes<'_>), FrameError> {
     let mut r = Reader { buf: frame };
     let batch = r.u64()?;
-    let mut out = Vec::new();
+    let messages = Reader { buf: r.buf };
     while !r.done() {
-        let kind = Kind::from_u8(r.u8()?)?;
-        let origin = r.thid()?;
-        let seq = r.u64()?;
-        let ts = r.u64()?;
-        let channel = r.bytes()?;
-        let payload = r.bytes()?;
-        let n = r.u16()? as usize;
-        let targets = if n == 0 {
-            Vec::new()
-        } else {
-            (0..n).map(|_| r.thid()).collect::<Result<Vec<_>, _>>()?
-        };
-        out.push(Envelope {
-            kind,
-            origin,
-            seq,
-            ts,
-            channel,
-            payload,
-            targets,
-        });
+        read_envelope(&mut r)?;
     }
-    Ok((batch, out))
+    Ok((batch, Envelopes { r: messages }))
+}
+
+fn read_envelope<'a>(r: &mut Reader<'a>) -> Result<Envelope<'a>, FrameError> {
+    Ok(Envelope {
+        kind: Kind::from_u8(r.u8()?)?,
+        origin: r.thid()?,
+        seq: r.u64()?,
+        ts: r.u64()?,
+        channel: r.bytes()?,
+        payload: r.bytes()?,
+        targets: {
+            let n = r.u16()? as usize;
+            r.take(n * Thid::LEN)?
+        },
+    })
+}
+
+/// The messages of a checked `DLVR` or `FWRD` batch, in order, without allocating.
+pub struct Envelopes<'a> {
+    r: Reader<'a>,
+}
+
+impl<'a> Iterator for Envelopes<'a> {
+    type Item = Envelope<'a>;
+    fn next(&mut self) -> Option<Envelope<'a>> {
+        if self.r.done() {
+            return None;
+        }
+        Some(read_envelope(&mut self.r).expect("checked by decode_envelopes"))
+    }
 }
 
 #[cfg(test)]
@@ -301,6 +342,7 @@ mod tests {
         assert_eq!(w.len(), 2);
         let frame = w.finish();
         let (first, msgs) = decode_publishes(&frame).unwrap();
+        let msgs: Vec<_> = msgs.collect();
         assert_eq!(first, 41);
         assert_eq!(msgs[0].channel, b"a");
         assert_eq!(msgs[0].payload, b"one");
@@ -316,15 +358,17 @@ mod tests {
         w.push(Kind::Mesh, &origin, 7, 99, b"ch", b"data", &[target]);
         let frame = w.finish(3);
         let (batch, env) = decode_envelopes(&frame).unwrap();
+        let env: Vec<_> = env.collect();
         assert_eq!(batch, 3);
         assert_eq!(env.len(), 1);
         assert_eq!(env[0].origin, origin);
         assert_eq!((env[0].seq, env[0].ts), (7, 99));
-        assert_eq!(env[0].targets, vec![target]);
+        assert_eq!(env[0].targets().collect::<Vec<_>>(), vec![target]);
         assert!(w.is_empty());
         w.push(Kind::Mesh, &origin, 8, 0, b"ch", b"x", &[]);
         let frame = w.finish(4);
         let (batch, env) = decode_envelopes(&frame).unwrap();
+        let env: Vec<_> = env.collect();
         assert_eq!((batch, env.len(), env[0].seq), (4, 1, 8));
     }
 

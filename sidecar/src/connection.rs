@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::hub::{ClientHandle, ClientId, HubCmd, Out, Publish, SubKind};
-use crate::resp::{next_request, Reply};
+use crate::resp::{parse_request, Reply, Request};
 
 pub struct Shared {
     pub hub: mpsc::Sender<HubCmd>,
@@ -81,6 +81,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         close: false,
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut requests = Vec::new();
     let limit = query_limit(shared.max_message_bytes);
     loop {
         tokio::select! {
@@ -103,20 +104,36 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
+                // Every complete request in the buffer, then the bytes they take as one
+                // chunk that their arguments are sliced from.
+                let mut end = 0;
+                let mut error = None;
                 loop {
-                    match next_request(&mut buf) {
-                        Ok(Some(args)) => {
-                            if !args.is_empty() {
-                                c.handle(args, &shared).await;
-                            }
-                            if c.close { break; }
+                    match parse_request(&buf, end) {
+                        Ok(Some((args, next))) => {
+                            requests.push(args);
+                            end = next;
                         }
                         Ok(None) => break,
                         Err(e) => {
-                            c.reply(Reply::error(format!("ERR {e}")));
-                            c.close = true;
+                            error = Some(e);
                             break;
                         }
+                    }
+                }
+                let chunk = buf.split_to(end).freeze();
+                for args in requests.drain(..) {
+                    if c.close {
+                        continue;
+                    }
+                    if !args.is_empty() {
+                        c.handle(&chunk, args, &shared).await;
+                    }
+                }
+                if let Some(e) = error {
+                    if !c.close {
+                        c.reply(Reply::error(format!("ERR {e}")));
+                        c.close = true;
                     }
                 }
                 c.hand_over(&shared).await;
@@ -381,17 +398,19 @@ impl Client {
         }
     }
 
-    async fn handle(&mut self, args: Vec<Bytes>, shared: &Shared) {
+    async fn handle(&mut self, chunk: &Bytes, request: Request, shared: &Shared) {
         // (S)PUBLISH is most of the traffic: straight to the hub, without the generic
-        // command lookup.
-        if args.len() == 3 && (self.resp3 || !self.subscribed()) {
-            if args[0].eq_ignore_ascii_case(b"publish") {
-                return self.publish(args, false, shared).await;
-            }
-            if args[0].eq_ignore_ascii_case(b"spublish") {
-                return self.publish(args, true, shared).await;
+        // command lookup or a Vec of arguments.
+        if request.len() == 3 && (self.resp3 || !self.subscribed()) {
+            let name = &chunk[request[0].clone()];
+            let shard = name.eq_ignore_ascii_case(b"spublish");
+            if shard || name.eq_ignore_ascii_case(b"publish") {
+                let channel = chunk.slice(request[1].clone());
+                let payload = chunk.slice(request[2].clone());
+                return self.publish(channel, payload, shard, shared).await;
             }
         }
+        let args: Vec<Bytes> = request.into_iter().map(|r| chunk.slice(r)).collect();
         // Anything else may depend on the order of earlier publishes.
         self.hand_over(shared).await;
         let name = lower(&args[0]);
@@ -520,15 +539,19 @@ impl Client {
                     }
                 }
             }
-            "publish" | "spublish" => self.publish(args, name == "spublish", shared).await,
+            "publish" | "spublish" => match <[Bytes; 3]>::try_from(args) {
+                Ok([_, channel, payload]) => {
+                    self.publish(channel, payload, name == "spublish", shared)
+                        .await
+                }
+                Err(_) => self.reply(arity_error(&name)),
+            },
             "pubsub" => self.pubsub(&args, shared).await,
             _ => self.reply(unknown_command(&args)),
         }
     }
 
-    async fn publish(&mut self, mut args: Vec<Bytes>, shard: bool, shared: &Shared) {
-        let payload = args.pop().expect("three arguments");
-        let channel = args.pop().expect("three arguments");
+    async fn publish(&mut self, channel: Bytes, payload: Bytes, shard: bool, shared: &Shared) {
         if payload.len() > shared.max_message_bytes {
             self.reply(Reply::error(format!(
                 "ERR message of {} bytes exceeds the mesh limit of {} bytes (maxMessageBytes)",

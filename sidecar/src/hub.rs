@@ -18,7 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::FutureExt;
-use thynapse_protocol::batch::{decode_acks, decode_envelopes, Envelope, Kind, PublishBatchWriter};
+use thynapse_protocol::batch::{
+    decode_acks, decode_envelopes, Envelopes, Kind, PublishBatchWriter,
+};
 use thynapse_protocol::dedup::SeqWindow;
 use thynapse_protocol::frame::{CommandFrame, Encoding};
 use thynapse_protocol::room::room_of;
@@ -786,7 +788,7 @@ impl Hub {
 
     /// Hands the messages of one DLVR frame to the clients subscribed to them. A message
     /// reaches its clients as slices of `frame` (no copy).
-    fn deliver(&mut self, frame: &Bytes, envelopes: Vec<Envelope>) {
+    fn deliver(&mut self, frame: &Bytes, envelopes: Envelopes) {
         let now = now_us();
         if self.seen.len() > 100_000 {
             self.seen.clear();

@@ -4,9 +4,12 @@
 //! `redis-protocol` crate's encoders, except the two written once per message (a pushed
 //! message and a (S)PUBLISH's count), which are written directly.
 
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame as Resp2;
 use redis_protocol::resp3::types::BytesFrame as Resp3;
+use smallvec::SmallVec;
 
 /// A reply, independent of the protocol version it will be written in.
 #[derive(Clone, Debug, PartialEq)]
@@ -113,44 +116,49 @@ pub enum RequestError {
     Protocol(String),
 }
 
-/// Takes one complete request off the front of `buf`: its arguments, or None when more
-/// bytes are needed. An empty inline line yields an empty request (ignored, as Redis does).
-pub fn next_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestError> {
-    if buf.is_empty() {
-        return Ok(None);
+/// One request: where each of its arguments lies in the buffer it was parsed from. Most
+/// requests have at most three arguments ((S)PUBLISH channel message), kept inline.
+pub type Request = SmallVec<[Range<usize>; 3]>;
+
+/// Parses the complete request that starts at `at` in `buf`: its arguments and where the
+/// next request starts, or None when more bytes are needed. An empty inline line or array
+/// yields an empty request (ignored, as Redis does).
+///
+/// Requests are parsed in place and their arguments later sliced out of the buffer, so a
+/// read of many pipelined publishes costs one hand-over of the buffer, not one per request.
+pub fn parse_request(buf: &[u8], at: usize) -> Result<Option<(Request, usize)>, RequestError> {
+    match buf.get(at) {
+        None => Ok(None),
+        Some(b'*') => multibulk_request(buf, at),
+        Some(_) => inline_request(buf, at),
     }
-    if buf[0] != b'*' {
-        return inline_request(buf);
-    }
-    multibulk_request(buf)
 }
 
 /// Redis's limits on a request: the number of arguments and the length of one.
 const MAX_MULTIBULK: usize = 1024 * 1024;
 const MAX_BULK: usize = 512 * 1024 * 1024;
 
-/// A request as every client sends it: `*N` then N `$len` bulk strings, parsed straight
-/// off the buffer into slices of it. This is the hot path of every publish, so it does not
-/// build RESP frames (redis-protocol's decoder accepts any frame type and costs a frame
-/// tree per request); it takes only what Redis takes, with Redis's error messages.
-fn multibulk_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestError> {
-    let Some((count, mut at)) = header(buf, 0, b'*')? else {
+/// A request as every client sends it: `*N` then N `$len` bulk strings. This is the hot
+/// path of every publish, so it is parsed here rather than by redis-protocol's decoder
+/// (which accepts any frame type and builds a frame tree per request); it takes only what
+/// Redis takes, with Redis's error messages.
+fn multibulk_request(buf: &[u8], at: usize) -> Result<Option<(Request, usize)>, RequestError> {
+    let Some((count, mut at)) = header(buf, at, b'*')? else {
         return Ok(None);
     };
     let count = usize::try_from(count).unwrap_or(0);
     if count > MAX_MULTIBULK {
         return Err(RequestError::Protocol("invalid multibulk length".into()));
     }
-    // First pass: is the whole request here? Nothing is taken off `buf` until it is.
-    let mut spans = Vec::with_capacity(count);
+    let mut args = Request::new();
     for _ in 0..count {
-        if at >= buf.len() {
+        let Some(&first) = buf.get(at) else {
             return Ok(None);
-        }
-        if buf[at] != b'$' {
+        };
+        if first != b'$' {
             return Err(RequestError::Protocol(format!(
                 "expected '$', got '{}'",
-                buf[at] as char
+                first as char
             )));
         }
         let Some((len, start)) = header(buf, at, b'$')? else {
@@ -169,11 +177,10 @@ fn multibulk_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestEr
                 "bulk string not ended by CRLF".into(),
             ));
         }
-        spans.push(start..end);
+        args.push(start..end);
         at = end + 2;
     }
-    let request = buf.split_to(at).freeze();
-    Ok(Some(spans.into_iter().map(|r| request.slice(r)).collect()))
+    Ok(Some((args, at)))
 }
 
 /// Reads the `<prefix><integer>\r\n` line at `at`: the integer and where the next line
@@ -198,39 +205,45 @@ fn header(buf: &[u8], at: usize, prefix: u8) -> Result<Option<(i64, usize)>, Req
     Ok(Some((n, at + nl + 1)))
 }
 
-fn inline_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestError> {
-    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-        if buf.len() > 64 * 1024 {
+/// A line typed by a person: arguments separated by whitespace.
+fn inline_request(buf: &[u8], at: usize) -> Result<Option<(Request, usize)>, RequestError> {
+    let Some(nl) = memchr::memchr(b'\n', &buf[at..]) else {
+        if buf.len() - at > 64 * 1024 {
             return Err(RequestError::Protocol("too big inline request".into()));
         }
         return Ok(None);
     };
-    let line = buf.split_to(end + 1).freeze();
-    let line = line.slice(..end);
-    let line = line
-        .strip_suffix(b"\r")
-        .map_or(line.clone(), |l| line.slice(..l.len()));
-    let mut args = Vec::new();
+    let end = at + nl;
+    let mut args = Request::new();
     let mut start = None;
-    for (i, b) in line.iter().enumerate() {
+    for (i, b) in buf.iter().enumerate().take(end).skip(at) {
         match (b.is_ascii_whitespace(), start) {
             (false, None) => start = Some(i),
             (true, Some(s)) => {
-                args.push(line.slice(s..i));
+                args.push(s..i);
                 start = None;
             }
             _ => {}
         }
     }
     if let Some(s) = start {
-        args.push(line.slice(s..));
+        args.push(s..end);
     }
-    Ok(Some(args))
+    Ok(Some((args, end + 1)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Takes one request off the front of `buf`, as the connection does.
+    fn next_request(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, RequestError> {
+        let Some((args, end)) = parse_request(buf, 0)? else {
+            return Ok(None);
+        };
+        let chunk = buf.split_to(end).freeze();
+        Ok(Some(args.into_iter().map(|r| chunk.slice(r)).collect()))
+    }
 
     fn enc(r: &Reply, resp3: bool) -> String {
         let mut b = BytesMut::new();

@@ -365,15 +365,15 @@ impl Table {
         &mut self,
         kind: Kind,
         channel: &[u8],
-        targets: &[Thid],
+        targets: impl IntoIterator<Item = Thid>,
         out: &mut Vec<Thid>,
     ) {
         out.clear();
         let route = self.route(kind, channel);
         out.extend_from_slice(&route.local);
         for t in targets {
-            if self.cells.contains_key(&(Location::Local, *t)) && !out.contains(t) {
-                out.push(*t);
+            if self.cells.contains_key(&(Location::Local, t)) && !out.contains(&t) {
+                out.push(t);
             }
         }
     }
@@ -488,9 +488,9 @@ mod tests {
         let w2 = sub(&mut t, Location::Local, "w", &rules, "x");
         let m = sub(&mut t, Location::Local, "m", &[], "x");
         let mut out = Vec::new();
-        t.deliver_forwarded(Kind::Mesh, &ch("x"), &[], &mut out);
+        t.deliver_forwarded(Kind::Mesh, &ch("x"), [], &mut out);
         assert_eq!(out, vec![m]);
-        t.deliver_forwarded(Kind::Mesh, &ch("x"), &[w2, Thid::random()], &mut out);
+        t.deliver_forwarded(Kind::Mesh, &ch("x"), [w2, Thid::random()], &mut out);
         assert_eq!(out, vec![m, w2]);
         let _ = w1;
     }

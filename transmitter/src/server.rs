@@ -566,16 +566,17 @@ impl Transmitter {
             cmd::PUBS => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("PUBS".into()))?;
                 let (first, publishes) = decode_publishes(&body)?;
-                let mut counts = Vec::with_capacity(publishes.len());
+                let n = publishes.len();
+                let mut counts = Vec::with_capacity(n);
                 let mut dests = Vec::new();
-                for (i, p) in publishes.iter().enumerate() {
+                for (i, p) in publishes.enumerate() {
                     let seq = first + i as u64;
                     counts.push(
                         self.publish(id, seq, p.ts, p.kind, p.channel, p.payload, &mut dests),
                     );
                 }
                 if let Some(cell) = self.cells.get_mut(&id) {
-                    cell.last_seq = cell.last_seq.max(first + publishes.len() as u64);
+                    cell.last_seq = cell.last_seq.max(first + n as u64);
                 }
                 let mut reply = ZmqMessage::from(identity.clone());
                 reply.push_back(
@@ -835,7 +836,7 @@ impl Transmitter {
                 let (batch, envelopes) = decode_envelopes(&body)?;
                 let mut dests = Vec::new();
                 let mut local = std::mem::take(&mut self.scratch);
-                for e in &envelopes {
+                for e in envelopes {
                     self.hot.in_peer.inc();
                     self.metrics
                         .hot
@@ -845,7 +846,7 @@ impl Transmitter {
                         self.count_room_message(e.channel);
                     }
                     self.table
-                        .deliver_forwarded(e.kind, e.channel, &e.targets, &mut local);
+                        .deliver_forwarded(e.kind, e.channel, e.targets(), &mut local);
                     for cell in &local {
                         self.deliver_local(
                             *cell, e.kind, &e.origin, e.seq, e.ts, e.channel, e.payload, &mut dests,
