@@ -119,6 +119,8 @@ struct Setup {
     redis: std::net::SocketAddr,
     nats: String,
     mesh: servers::Mesh,
+    redis_pid: u32,
+    nats_pid: u32,
 }
 
 struct Sizes {
@@ -455,40 +457,80 @@ async fn transmitter_rss_with_cells(command: &str, pid: u32, n: usize) -> anyhow
     Ok(rss)
 }
 
-/// CPU seconds used so far by every process of the mesh, by name.
-fn cpu_by_process(setup: &Setup) -> Vec<(String, f64)> {
-    let mut out: Vec<(String, f64)> = setup
-        .mesh
-        .transmitters()
-        .into_iter()
-        .filter_map(|(name, _, _, pid)| {
-            Some((format!("transmitter {name}"), servers::cpu_seconds(pid)?))
-        })
-        .collect();
-    let cells = setup.mesh.cells("bench");
-    for (i, (_, transmitter, pid)) in cells.iter().enumerate() {
-        if let Some(cpu) = servers::cpu_seconds(*pid) {
-            out.push((format!("sidecar bench-{i} (on {transmitter})"), cpu));
+/// CPU seconds used so far by the processes serving `system` (every process of the mesh,
+/// by name), and by this load generator.
+fn cpu_by_process(setup: &Setup, system: System) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = match system {
+        System::Redis => vec![("redis-server".to_string(), setup.redis_pid)],
+        System::Nats => vec![("nats-server".to_string(), setup.nats_pid)],
+        System::Thynapse => {
+            let mut procs: Vec<(String, u32)> = setup
+                .mesh
+                .transmitters()
+                .into_iter()
+                .map(|(name, _, _, pid)| (format!("transmitter {name}"), pid))
+                .collect();
+            let cells = setup.mesh.cells("bench");
+            for (i, (_, transmitter, pid)) in cells.iter().enumerate() {
+                procs.push((format!("sidecar bench-{i} (on {transmitter})"), *pid));
+            }
+            procs
         }
+    }
+    .into_iter()
+    .filter_map(|(name, pid)| Some((name, servers::cpu_seconds(pid)?)))
+    .collect();
+    if let Some(own) = servers::cpu_seconds(std::process::id()) {
+        out.push((format!("load generator ({system:?} runs)"), own));
     }
     out
 }
 
-/// Where the time goes in one 1→1 run: CPU microseconds per message, per process.
-fn cpu_note(setup: &Setup, before: &[(String, f64)], messages: u64) -> String {
-    let after = cpu_by_process(setup);
-    let mut note = String::from("Where the CPU goes, throughput 1→1, 64 B, different transmitters (first repetition), CPU µs per message:\n\n| process | CPU µs / message |\n|---|---|\n");
-    let mut total = 0.0;
-    for (name, a) in &after {
-        let b = before.iter().find(|(n, _)| n == name).map_or(*a, |x| x.1);
-        let per = (a - b) * 1e6 / messages as f64;
-        if per >= 0.05 {
-            total += per;
-            note.push_str(&format!("| {name} | {per:.2} |\n"));
+/// CPU time by process over every repetition of one scenario.
+#[derive(Default)]
+struct CpuTally {
+    seconds: Vec<(System, String, f64)>,
+    messages: BTreeMap<System, u64>,
+}
+
+impl CpuTally {
+    fn add(&mut self, system: System, before: &[(String, f64)], after: &[(String, f64)], n: u64) {
+        for (name, a) in after {
+            let b = before.iter().find(|(x, _)| x == name).map_or(*a, |x| x.1);
+            match self.seconds.iter_mut().find(|(_, x, _)| x == name) {
+                Some(entry) => entry.2 += a - b,
+                None => self.seconds.push((system, name.clone(), a - b)),
+            }
         }
+        *self.messages.entry(system).or_default() += n;
     }
-    note.push_str(&format!("| all mesh processes | {total:.2} |\n"));
-    note
+
+    /// Where the time goes: CPU microseconds per message, per process and system.
+    fn note(&self, scenario: &str) -> String {
+        let mut note = format!(
+            "Where the CPU goes, {scenario}, all repetitions, CPU µs per message:\n\n| process | CPU µs / message |\n|---|---|\n"
+        );
+        for system in SYSTEMS {
+            let Some(&n) = self.messages.get(&system) else {
+                continue;
+            };
+            let mut served = 0.0;
+            for (_, name, secs) in self.seconds.iter().filter(|(s, _, _)| *s == system) {
+                let per = secs * 1e6 / n as f64;
+                if per < 0.005 {
+                    continue; // an idle cell or transmitter
+                }
+                note.push_str(&format!("| {name} | {per:.2} |\n"));
+                if !name.starts_with("load generator") {
+                    served += per;
+                }
+            }
+            if system == System::Thynapse {
+                note.push_str(&format!("| all mesh processes | {served:.2} |\n"));
+            }
+        }
+        note
+    }
 }
 
 fn percentile_sample(h: &Histogram<u64>, q: f64, lost: u64) -> Sample {
@@ -603,7 +645,13 @@ async fn main() -> anyhow::Result<()> {
     let (_redis_proc, redis) = servers::redis()?;
     let (_nats_proc, nats) = servers::nats()?;
     let mesh = servers::mesh(&args.dir, args.transmitters)?;
-    let setup = Setup { redis, nats, mesh };
+    let setup = Setup {
+        redis,
+        nats,
+        mesh,
+        redis_pid: _redis_proc.pid(),
+        nats_pid: _nats_proc.pid(),
+    };
     let mut results = Results {
         filter: args.filter.clone(),
         ..Results::default()
@@ -648,6 +696,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    let mut cpu = CpuTally::default();
     for rep in 0..repeats {
         eprintln!("repetition {}/{repeats}", rep + 1);
         if !args.rooms_only {
@@ -662,7 +711,7 @@ async fn main() -> anyhow::Result<()> {
                     }
                     for system in SYSTEMS {
                         let (p, subs) = endpoints(&setup, system, 1, same, "bench");
-                        let before = cpu_by_process(&setup);
+                        let before = cpu_by_process(&setup, system);
                         let s = throughput(
                             system,
                             &p,
@@ -673,8 +722,9 @@ async fn main() -> anyhow::Result<()> {
                             false,
                         )
                         .await?;
-                        if system == System::Thynapse && size == 64 && !same && rep == 0 {
-                            results.notes.push(cpu_note(&setup, &before, sizes.count));
+                        if size == 64 && !same {
+                            let after = cpu_by_process(&setup, system);
+                            cpu.add(system, &before, &after, sizes.count);
                         }
                         results.add(&scenario, "msg/s", true, system, s);
                     }
@@ -765,6 +815,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    if !cpu.messages.is_empty() {
+        results
+            .notes
+            .insert(0, cpu.note("throughput 1→1, 64 B, different transmitters"));
+    }
     let text = report(&results, &machine(), &args, repeats);
     println!("{text}");
     let json = serde_json::json!({

@@ -12,6 +12,12 @@ use serde_json::Value;
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Proc(Child);
 
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         // SAFETY: signalling our own child by pid.

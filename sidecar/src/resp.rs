@@ -198,11 +198,28 @@ fn header(buf: &[u8], at: usize, prefix: u8) -> Result<Option<(i64, usize)>, Req
     let digits = line
         .strip_suffix(b"\r")
         .ok_or_else(|| RequestError::Protocol(format!("invalid {what} length")))?;
-    let n = std::str::from_utf8(digits)
-        .ok()
-        .and_then(|d| d.parse::<i64>().ok())
+    let n = parse_length(digits)
         .ok_or_else(|| RequestError::Protocol(format!("invalid {what} length")))?;
     Ok(Some((n, at + nl + 1)))
+}
+
+/// A decimal integer as Redis reads lengths (an optional '-', then 1 to 18 digits).
+fn parse_length(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(d - b'0');
+    }
+    Some(if negative { -n } else { n })
 }
 
 /// A line typed by a person: arguments separated by whitespace.

@@ -105,6 +105,10 @@ pub struct Table {
     with_patterns: HashSet<(Location, Thid)>,
     cache: HashMap<Bytes, Rc<Route>>,
     shard_cache: HashMap<Bytes, Rc<Route>>,
+    /// The last route looked up: batches mostly hold runs of one channel, and comparing
+    /// a name is cheaper than hashing it.
+    last: Option<(Kind, Rc<Route>)>,
+    last_channel: Vec<u8>,
     rotation: HashMap<Arc<str>, usize>,
 }
 
@@ -252,6 +256,19 @@ impl Table {
 
     /// The route for messages of `kind` on `channel` (cached).
     pub fn route(&mut self, kind: Kind, channel: &[u8]) -> Rc<Route> {
+        if let Some((k, route)) = &self.last {
+            if *k == kind && self.last_channel == channel {
+                return route.clone();
+            }
+        }
+        let route = self.lookup(kind, channel);
+        self.last = Some((kind, route.clone()));
+        self.last_channel.clear();
+        self.last_channel.extend_from_slice(channel);
+        route
+    }
+
+    fn lookup(&mut self, kind: Kind, channel: &[u8]) -> Rc<Route> {
         let cached = match kind {
             Kind::Mesh => self.cache.get(channel),
             Kind::Shard => self.shard_cache.get(channel),
@@ -272,6 +289,7 @@ impl Table {
     }
 
     fn invalidate(&mut self) {
+        self.last = None;
         self.cache.clear();
         self.shard_cache.clear();
     }
