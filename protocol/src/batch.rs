@@ -123,6 +123,15 @@ fn put_bytes(buf: &mut BytesMut, b: &[u8]) {
     buf.put_slice(b);
 }
 
+/// Appends one `PUBS` message record (everything after the batch's `first_seq`).
+pub fn put_publish(buf: &mut BytesMut, kind: Kind, ts: u64, channel: &[u8], payload: &[u8]) {
+    buf.reserve(17 + channel.len() + payload.len());
+    buf.put_u8(kind.to_u8());
+    buf.put_u64_le(ts);
+    put_bytes(buf, channel);
+    put_bytes(buf, payload);
+}
+
 /// Builds a `PUBS` batch.
 #[derive(Default)]
 pub struct PublishBatchWriter {
@@ -137,11 +146,13 @@ impl PublishBatchWriter {
         Self { buf, count: 0 }
     }
     pub fn push(&mut self, kind: Kind, ts: u64, channel: &[u8], payload: &[u8]) {
-        self.buf.put_u8(kind.to_u8());
-        self.buf.put_u64_le(ts);
-        put_bytes(&mut self.buf, channel);
-        put_bytes(&mut self.buf, payload);
+        put_publish(&mut self.buf, kind, ts, channel, payload);
         self.count += 1;
+    }
+    /// Appends `count` records written by `put_publish`, in one copy.
+    pub fn push_records(&mut self, records: &[u8], count: usize) {
+        self.buf.extend_from_slice(records);
+        self.count += count;
     }
     pub fn len(&self) -> usize {
         self.count
@@ -169,6 +180,21 @@ pub fn decode_publishes(frame: &[u8]) -> Result<(u64, Publishes<'_>), FrameError
         count += 1;
     }
     Ok((first, Publishes { r: messages, count }))
+}
+
+/// Decodes records written by `put_publish` (a `PUBS` batch without its `first_seq`),
+/// checking them all first.
+pub fn decode_publish_records(records: &[u8]) -> Result<Publishes<'_>, FrameError> {
+    let mut r = Reader { buf: records };
+    let mut count = 0;
+    while !r.done() {
+        read_publish(&mut r)?;
+        count += 1;
+    }
+    Ok(Publishes {
+        r: Reader { buf: records },
+        count,
+    })
 }
 
 fn read_publish<'a>(r: &mut Reader<'a>) -> Result<Publish<'a>, FrameError> {

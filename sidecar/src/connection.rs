@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use thynapse_protocol::batch::{put_publish, Kind};
 use thynapse_protocol::room::room_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::hub::{ClientHandle, ClientId, HubCmd, Out, Publish, SubKind};
+use crate::hub::{now_us, ClientHandle, ClientId, HubCmd, Out, Publishes, SubKind};
 use crate::resp::{parse_request, Reply, Request};
 
 pub struct Shared {
@@ -39,9 +40,12 @@ struct Client {
     /// the front one), so an acknowledgement finds its (S)PUBLISH's slot by subtraction.
     pending: VecDeque<Pending>,
     pending_base: u64,
-    /// (S)PUBLISHes read but not yet handed to the hub: one hand-over per read, not per
-    /// message.
-    batch: Vec<Publish>,
+    /// (S)PUBLISHes read but not yet handed to the hub, encoded as `PUBS` records: one
+    /// hand-over per read, not per message.
+    batch: BytesMut,
+    publishes: Publishes,
+    /// When the publishes of the batch were taken (their `ts`).
+    batch_ts: u64,
     out: BytesMut,
     close: bool,
 }
@@ -76,7 +80,9 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         shard: BTreeSet::new(),
         pending: VecDeque::new(),
         pending_base: 0,
-        batch: Vec::new(),
+        batch: BytesMut::with_capacity(16 * 1024),
+        publishes: Publishes::default(),
+        batch_ts: 0,
         out: BytesMut::with_capacity(16 * 1024),
         close: false,
     };
@@ -405,8 +411,8 @@ impl Client {
             let name = &chunk[request[0].clone()];
             let shard = name.eq_ignore_ascii_case(b"spublish");
             if shard || name.eq_ignore_ascii_case(b"publish") {
-                let channel = chunk.slice(request[1].clone());
-                let payload = chunk.slice(request[2].clone());
+                let channel = &chunk[request[1].clone()];
+                let payload = &chunk[request[2].clone()];
                 return self.publish(channel, payload, shard, shared).await;
             }
         }
@@ -541,7 +547,7 @@ impl Client {
             }
             "publish" | "spublish" => match <[Bytes; 3]>::try_from(args) {
                 Ok([_, channel, payload]) => {
-                    self.publish(channel, payload, name == "spublish", shared)
+                    self.publish(&channel, &payload, name == "spublish", shared)
                         .await
                 }
                 Err(_) => self.reply(arity_error(&name)),
@@ -551,7 +557,7 @@ impl Client {
         }
     }
 
-    async fn publish(&mut self, channel: Bytes, payload: Bytes, shard: bool, shared: &Shared) {
+    async fn publish(&mut self, channel: &[u8], payload: &[u8], shard: bool, shared: &Shared) {
         if payload.len() > shared.max_message_bytes {
             self.reply(Reply::error(format!(
                 "ERR message of {} bytes exceeds the mesh limit of {} bytes (maxMessageBytes)",
@@ -562,22 +568,30 @@ impl Client {
         }
         let token = self.pending_base + self.pending.len() as u64;
         self.pending.push_back(Pending::Publish(token));
-        self.batch.push(Publish {
-            token,
-            shard,
-            channel,
-            payload,
-        });
-        if self.batch.len() >= 256 {
+        let p = &mut self.publishes;
+        if p.count == 0 {
+            self.batch_ts = now_us();
+        }
+        let kind = if shard { Kind::Shard } else { Kind::Mesh };
+        put_publish(&mut self.batch, kind, self.batch_ts, channel, payload);
+        match p.tokens.last_mut() {
+            Some((first, n)) if *first + u64::from(*n) == token => *n += 1,
+            _ => p.tokens.push((token, 1)),
+        }
+        p.count += 1;
+        p.shard |= shard;
+        p.payload_bytes += payload.len();
+        if p.count >= 256 || self.batch.len() >= 64 * 1024 {
             self.hand_over(shared).await;
         }
     }
 
     /// Hands the publishes read so far to the hub.
     async fn hand_over(&mut self, shared: &Shared) {
-        if !self.batch.is_empty() {
-            let batch = std::mem::take(&mut self.batch);
-            let _ = shared.hub.send(HubCmd::Publish(self.id, batch)).await;
+        if self.publishes.count > 0 {
+            let mut p = std::mem::take(&mut self.publishes);
+            p.records = self.batch.split().freeze();
+            let _ = shared.hub.send(HubCmd::Publish(self.id, p)).await;
         }
     }
 

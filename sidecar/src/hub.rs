@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::FutureExt;
 use thynapse_protocol::batch::{
-    decode_acks, decode_envelopes, Envelopes, Kind, PublishBatchWriter,
+    decode_acks, decode_envelopes, decode_publish_records, Envelopes, Kind,
 };
 use thynapse_protocol::dedup::SeqWindow;
 use thynapse_protocol::frame::{CommandFrame, Encoding};
@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use zeromq::{SocketSend, ZmqMessage};
 
 use crate::metrics::Metrics;
-use crate::session::{self, ConnectPlan, Link, LinkEvent, Session, SessionKey, Unacked};
+use crate::session::{self, ConnectPlan, Link, LinkEvent, Session, SessionKey};
 
 pub type ClientId = u64;
 
@@ -96,13 +96,18 @@ pub enum SubKind {
     Shard,
 }
 
-/// One (S)PUBLISH; `token` numbers its reply on the client's connection.
-#[derive(Debug)]
-pub struct Publish {
-    pub token: u64,
+/// The (S)PUBLISHes a client sent in one read, already encoded as `PUBS` records
+/// (`put_publish`), so the hub queues them with one copy.
+#[derive(Debug, Default)]
+pub struct Publishes {
+    pub records: Bytes,
+    pub count: usize,
+    /// The tokens (reply slots on the client's connection) of the messages, in order, as
+    /// runs (first, how many).
+    pub tokens: Vec<(u64, u32)>,
+    /// Whether any is an SPUBLISH (those go to their room's session).
     pub shard: bool,
-    pub channel: Bytes,
-    pub payload: Bytes,
+    pub payload_bytes: usize,
 }
 
 pub enum HubCmd {
@@ -113,7 +118,7 @@ pub enum HubCmd {
     Subscribe(ClientId, SubKind, Vec<Bytes>),
     Unsubscribe(ClientId, SubKind, Vec<Bytes>),
     /// The (S)PUBLISHes a client sent in one read, in order.
-    Publish(ClientId, Vec<Publish>),
+    Publish(ClientId, Publishes),
     Channels(SubKind, Option<Bytes>, oneshot::Sender<Vec<Bytes>>),
     NumSub(SubKind, Vec<Bytes>, oneshot::Sender<Vec<i64>>),
     NumPat(oneshot::Sender<i64>),
@@ -137,8 +142,8 @@ pub struct HubConfig {
 /// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
 const MAX_UNACKED: usize = 16_384;
 const MAX_UNACKED_BYTES: usize = 4 << 20;
-/// Messages per PUBS frame at most.
-const MAX_PUBS_BATCH: usize = 1024;
+/// Commands taken from the clients between two flushes at most.
+const MAX_COMMANDS_PER_TURN: usize = 1024;
 /// A room session with no subscription and nothing to acknowledge closes after this long.
 const ROOM_IDLE: Duration = Duration::from_secs(30);
 
@@ -211,14 +216,6 @@ impl Target<'_> {
     }
 }
 
-/// Whether the publish `p` belongs to the session `key`.
-fn in_session(key: &SessionKey, p: &Publish) -> bool {
-    match key {
-        None => !p.shard,
-        Some(room) => p.shard && room_of(&p.channel) == &room[..],
-    }
-}
-
 /// The payload bytes of the messages in `outs`.
 fn payload_bytes(outs: &[Out]) -> u64 {
     outs.iter()
@@ -231,7 +228,7 @@ fn payload_bytes(outs: &[Out]) -> u64 {
         .sum()
 }
 
-fn now_us() -> u64 {
+pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
@@ -293,7 +290,7 @@ impl Hub {
                 Some(c) = cmds.recv(), if !self.window_full() => {
                     self.on_cmd(c);
                     let mut n = 1;
-                    while n < MAX_PUBS_BATCH && !self.window_full() {
+                    while n < MAX_COMMANDS_PER_TURN && !self.window_full() {
                         match cmds.try_recv() {
                             Ok(c) => { self.on_cmd(c); n += 1; }
                             Err(_) => break,
@@ -311,6 +308,39 @@ impl Hub {
                 }
             }
             self.flush().await;
+        }
+    }
+
+    /// Queues publishes that include SPUBLISHes: each to its session (runs of one room,
+    /// or of the mesh, with one session lookup).
+    fn queue_each(&mut self, client: ClientId, p: &Publishes) {
+        let messages = match decode_publish_records(&p.records) {
+            Ok(m) => m,
+            Err(e) => {
+                // Written by this sidecar's own connection code: cannot happen.
+                tracing::error!("unreadable publish records: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut tokens = p.tokens.iter().flat_map(|(t, n)| *t..*t + u64::from(*n));
+        let mut current: Option<(SessionKey, &mut Session)> = None;
+        for m in messages {
+            let Some(token) = tokens.next() else { break };
+            let room = (m.kind == Kind::Shard).then(|| room_of(m.channel));
+            let same = current
+                .as_ref()
+                .is_some_and(|(key, _)| key.as_deref() == room);
+            if !same {
+                let key = room.map(Bytes::copy_from_slice);
+                // The session is looked up again only when the run changes.
+                self.session(&key);
+                let s = self.sessions.get_mut(&key).expect("opened above");
+                s.last_used = now;
+                current = Some((key, s));
+            }
+            let (_, s) = current.as_mut().expect("set above");
+            self.unacked_bytes += s.queue(client, token, &m);
         }
     }
 
@@ -364,45 +394,20 @@ impl Hub {
                 }
                 self.update_subscription_gauge();
             }
-            HubCmd::Publish(client, items) => {
-                let (now, ts) = (Instant::now(), now_us());
-                let (count, mut bytes, mut payload_bytes) = (items.len(), 0, 0);
-                let mut items = items.into_iter().peekable();
-                // Runs of publishes to one session (all of them, for plain PUBLISH) are
-                // queued with one session lookup.
-                while let Some(first) = items.next() {
-                    let kind = if first.shard {
-                        SubKind::Shard
-                    } else {
-                        SubKind::Channel
-                    };
-                    let key = key_of(kind, &first.channel);
-                    let s = self.session(&key);
+            HubCmd::Publish(client, p) => {
+                let now = Instant::now();
+                if p.shard {
+                    self.queue_each(client, &p);
+                } else {
+                    // All for the mesh session: one copy of all the records.
+                    let s = self.session(&None);
                     s.last_used = now;
-                    let mut next = Some(first);
-                    while let Some(p) = next
-                        .take()
-                        .or_else(|| items.next_if(|p| in_session(&key, p)))
-                    {
-                        let size = p.channel.len() + p.payload.len();
-                        bytes += size;
-                        payload_bytes += p.payload.len();
-                        s.unacked_bytes += size;
-                        s.unacked.push_back(Unacked {
-                            seq: s.next_seq,
-                            client,
-                            token: p.token,
-                            ts,
-                            channel: p.channel,
-                            payload: p.payload,
-                        });
-                        s.next_seq += 1;
-                    }
+                    s.queue_records(client, &p.records, p.count, &p.tokens);
+                    self.unacked_bytes += p.records.len();
                 }
-                self.unacked += count;
-                self.unacked_bytes += bytes;
-                self.metrics.messages_in.inc_by(count as u64);
-                self.metrics.bytes_in.inc_by(payload_bytes as u64);
+                self.unacked += p.count;
+                self.metrics.messages_in.inc_by(p.count as u64);
+                self.metrics.bytes_in.inc_by(p.payload_bytes as u64);
             }
             HubCmd::Channels(kind, pattern, reply) => {
                 let mut names: Vec<Bytes> = self
@@ -594,17 +599,14 @@ impl Hub {
                 tracing::warn!(room = ?s.room, "room refused: {error}");
                 let mut s = self.sessions.remove(&key).expect("present");
                 s.admit(Err(error.clone()));
-                for u in s.unacked.drain(..) {
-                    self.unacked -= 1;
-                    self.unacked_bytes -= u.channel.len() + u.payload.len();
-                    let result = Err(error.clone());
-                    self.send_to(
-                        u.client,
-                        Out::Published {
-                            token: u.token,
-                            result,
-                        },
-                    );
+                let (replies, messages, bytes) = s.abandon();
+                self.unacked -= messages;
+                self.unacked_bytes -= bytes;
+                for (client, first, n) in replies {
+                    for token in first..first + u64::from(n) {
+                        let result = Err(error.clone());
+                        self.send_to(client, Out::Published { token, result });
+                    }
                 }
                 self.metrics.rooms.set(self.sessions.len() as i64 - 1);
             }
@@ -756,22 +758,9 @@ impl Hub {
     fn acknowledge(&mut self, key: &SessionKey, first: u64, counts: &[u32]) {
         let mut done = Vec::new();
         if let Some(s) = self.sessions.get_mut(key) {
-            for (i, count) in counts.iter().enumerate() {
-                let seq = first + i as u64;
-                match s.unacked.front() {
-                    Some(front) if front.seq == seq => {
-                        let u = s.unacked.pop_front().expect("front exists");
-                        let size = u.channel.len() + u.payload.len();
-                        s.unacked_bytes -= size;
-                        s.unsent_from = s.unsent_from.saturating_sub(1);
-                        self.unacked -= 1;
-                        self.unacked_bytes -= size;
-                        done.push((u.client, u.token, *count));
-                    }
-                    // Already acknowledged (a resent copy, or the old link while moving).
-                    _ => {}
-                }
-            }
+            let (messages, bytes) = s.acknowledge(first, counts, &mut done);
+            self.unacked -= messages;
+            self.unacked_bytes -= bytes;
         }
         // One hand-over per client and acknowledgement frame, not one per publish.
         let mut i = 0;
@@ -881,7 +870,7 @@ impl Hub {
                 }
             }
             if let Some(room) = key {
-                let unused = s.unacked.is_empty()
+                let unused = s.settled()
                     && s.waiting.is_empty()
                     && !self.subs.shard.keys().any(|c| room_of(c) == &room[..]);
                 if unused && now.duration_since(s.last_used) > ROOM_IDLE {
@@ -911,9 +900,12 @@ impl Hub {
     }
 
     async fn flush(&mut self) {
-        for (key, s) in self.sessions.iter_mut() {
+        for s in self.sessions.values_mut() {
             if let Some((old, _)) = s.old_link.as_mut() {
                 credit(old).await;
+            }
+            if s.link.is_some() {
+                s.close();
             }
             let Some(link) = s.link.as_mut() else {
                 continue;
@@ -927,27 +919,17 @@ impl Hub {
                 s.interest.clear();
                 let _ = link.sender.send(binary_frame(cmd::SUBS, body)).await;
             }
-            let kind = if key.is_some() {
-                Kind::Shard
-            } else {
-                Kind::Mesh
-            };
             while s.unsent_from < s.unacked.len() {
-                let first = &s.unacked[s.unsent_from];
-                let mut w = PublishBatchWriter::new(first.seq);
-                let end = (s.unsent_from + MAX_PUBS_BATCH).min(s.unacked.len());
-                for u in s.unacked.range(s.unsent_from..end) {
-                    w.push(kind, u.ts, &u.channel, &u.payload);
-                }
+                let frame = s.unacked[s.unsent_from].frame.clone();
                 if link
                     .sender
-                    .send(binary_frame(cmd::PUBS, w.finish()))
+                    .send(binary_frame(cmd::PUBS, frame))
                     .await
                     .is_err()
                 {
                     break;
                 }
-                s.unsent_from = end;
+                s.unsent_from += 1;
             }
             credit(link).await;
         }

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use thynapse_protocol::batch::{Publish, PublishBatchWriter};
 use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
 use thynapse_protocol::wire::{Interest, Op};
 use thynapse_protocol::Thid;
@@ -23,14 +24,45 @@ use crate::hub::ClientId;
 /// Which session: the mesh (`None`) or a room.
 pub type SessionKey = Option<Bytes>;
 
-pub struct Unacked {
-    pub seq: u64,
-    pub client: ClientId,
-    pub token: u64,
-    pub ts: u64,
-    pub channel: Bytes,
-    pub payload: Bytes,
+/// Who to answer for a run of consecutive publishes: a client, the token (reply slot) of
+/// the first, and how many.
+pub type Replies = (ClientId, u64, u32);
+
+fn push_reply(replies: &mut Vec<Replies>, client: ClientId, token: u64, n: u32) {
+    match replies.last_mut() {
+        Some((c, first, count)) if *c == client && *first + u64::from(*count) == token => {
+            *count += n
+        }
+        _ => replies.push((client, token, n)),
+    }
 }
+
+/// Publishes not sent yet, being written into the session's next `PUBS` frame.
+struct Open {
+    writer: PublishBatchWriter,
+    replies: Vec<Replies>,
+}
+
+/// One `PUBS` frame, kept as sent until the transmitter acknowledges it: a session that
+/// moves sends its unacknowledged frames again as they are (receivers drop the copies by
+/// origin and sequence).
+pub struct Unacked {
+    pub first_seq: u64,
+    pub count: usize,
+    pub frame: Bytes,
+    pub replies: Vec<Replies>,
+}
+
+impl Unacked {
+    /// The bytes of its messages' records (the frame less its `first_seq`), as the hub
+    /// counts them against its window.
+    fn record_bytes(&self) -> usize {
+        self.frame.len() - 8
+    }
+}
+
+/// Frames beyond this many messages are closed and a new one started.
+const MAX_PUBS_BATCH: usize = 1024;
 
 pub struct Link {
     pub generation: u64,
@@ -48,9 +80,10 @@ pub struct Session {
     pub id: Thid,
     pub room: Option<String>,
     pub next_seq: u64,
+    open: Option<Open>,
+    /// Closed frames, sent or not, oldest first.
     pub unacked: VecDeque<Unacked>,
-    pub unacked_bytes: usize,
-    /// Index into `unacked` of the first message not yet sent on the current link.
+    /// Index into `unacked` of the first frame not yet sent on the current link.
     pub unsent_from: usize,
     /// Subscription changes for the transmitter, sent at the next flush.
     pub interest: Vec<(Op, Interest, Bytes)>,
@@ -74,8 +107,8 @@ impl Session {
             admitted: room.is_none(),
             room,
             next_seq: 1,
+            open: None,
             unacked: VecDeque::new(),
-            unacked_bytes: 0,
             unsent_from: 0,
             interest: Vec::new(),
             link: None,
@@ -85,6 +118,113 @@ impl Session {
             waiting: Vec::new(),
             last_used: Instant::now(),
         }
+    }
+
+    /// The frame being filled, started (at the next sequence number) if there is none or
+    /// the current one is full.
+    fn open(&mut self) -> &mut Open {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.writer.len() >= MAX_PUBS_BATCH)
+        {
+            self.close();
+        }
+        let next_seq = self.next_seq;
+        self.open.get_or_insert_with(|| Open {
+            writer: PublishBatchWriter::new(next_seq),
+            replies: Vec::new(),
+        })
+    }
+
+    /// Queues `count` publish records (as `put_publish` writes them) from `client`, whose
+    /// tokens are the runs `tokens`.
+    pub fn queue_records(
+        &mut self,
+        client: ClientId,
+        records: &[u8],
+        count: usize,
+        tokens: &[(u64, u32)],
+    ) {
+        let open = self.open();
+        open.writer.push_records(records, count);
+        for (token, n) in tokens {
+            push_reply(&mut open.replies, client, *token, *n);
+        }
+        self.next_seq += count as u64;
+    }
+
+    /// Queues one publish; returns the bytes of its record.
+    pub fn queue(&mut self, client: ClientId, token: u64, p: &Publish) -> usize {
+        let open = self.open();
+        let before = open.writer.byte_len();
+        open.writer.push(p.kind, p.ts, p.channel, p.payload);
+        let added = open.writer.byte_len() - before;
+        push_reply(&mut open.replies, client, token, 1);
+        self.next_seq += 1;
+        added
+    }
+
+    /// Closes the frame being filled, so that it can be sent.
+    pub fn close(&mut self) {
+        if let Some(open) = self.open.take() {
+            let count = open.writer.len();
+            self.unacked.push_back(Unacked {
+                first_seq: self.next_seq - count as u64,
+                count,
+                frame: open.writer.finish(),
+                replies: open.replies,
+            });
+        }
+    }
+
+    /// Whether nothing waits for an acknowledgement.
+    pub fn settled(&self) -> bool {
+        self.open.is_none() && self.unacked.is_empty()
+    }
+
+    /// Takes the frames the acknowledgement of `first..first + counts.len()` covers: the
+    /// answers (client, token, cells reached), and the messages and bytes freed. Frames
+    /// already acknowledged (a resent copy, or the old link while moving) are skipped.
+    pub fn acknowledge(
+        &mut self,
+        first: u64,
+        counts: &[u32],
+        answers: &mut Vec<(ClientId, u64, u32)>,
+    ) -> (usize, usize) {
+        let end = first + counts.len() as u64;
+        let (mut messages, mut bytes) = (0, 0);
+        while let Some(f) = self.unacked.front() {
+            if f.first_seq < first || f.first_seq + f.count as u64 > end {
+                break;
+            }
+            let f = self.unacked.pop_front().expect("front exists");
+            self.unsent_from = self.unsent_from.saturating_sub(1);
+            messages += f.count;
+            bytes += f.record_bytes();
+            let mut i = (f.first_seq - first) as usize;
+            for (client, token, n) in f.replies {
+                for k in 0..u64::from(n) {
+                    answers.push((client, token + k, counts[i]));
+                    i += 1;
+                }
+            }
+        }
+        (messages, bytes)
+    }
+
+    /// Gives up every publish not acknowledged: who to answer, and the messages and bytes
+    /// freed.
+    pub fn abandon(&mut self) -> (Vec<Replies>, usize, usize) {
+        self.close();
+        let (mut replies, mut messages, mut bytes) = (Vec::new(), 0, 0);
+        for f in self.unacked.drain(..) {
+            messages += f.count;
+            bytes += f.record_bytes();
+            replies.extend(f.replies);
+        }
+        self.unsent_from = 0;
+        (replies, messages, bytes)
     }
 
     /// Tells the SSUBSCRIBEs waiting on this room whether they may go ahead.
@@ -288,4 +428,65 @@ async fn choose_for_room(
 
 async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagram> {
     thynapse_rendezvous::ask(&plan.rendezvous, request, plan.heartbeat).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use thynapse_protocol::batch::{decode_publishes, put_publish, Kind};
+
+    fn records(n: usize) -> BytesMut {
+        let mut b = BytesMut::new();
+        for i in 0..n {
+            put_publish(&mut b, Kind::Mesh, 7, b"ch", format!("m{i}").as_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn frames_are_acknowledged_whole_once_and_answer_every_token() {
+        let mut s = Session::new(Thid::random(), None);
+        // Client 1 publishes tokens 10..13, then client 2 token 4: one frame.
+        s.queue_records(1, &records(3), 3, &[(10, 3)]);
+        s.queue_records(2, &records(1), 1, &[(4, 1)]);
+        s.close();
+        // Two more from client 1 in a second frame.
+        s.queue_records(1, &records(2), 2, &[(13, 2)]);
+        s.close();
+        assert_eq!(s.unacked.len(), 2);
+        let (first, msgs) = decode_publishes(&s.unacked[0].frame).unwrap();
+        assert_eq!((first, msgs.count()), (1, 4));
+        s.unsent_from = 2;
+
+        let mut answers = Vec::new();
+        // An acknowledgement of the second frame alone waits behind the first.
+        assert_eq!(s.acknowledge(5, &[1, 1], &mut answers), (0, 0));
+        let (messages, _) = s.acknowledge(1, &[1, 0, 2, 5], &mut answers);
+        assert_eq!(messages, 4);
+        assert_eq!(answers, vec![(1, 10, 1), (1, 11, 0), (1, 12, 2), (2, 4, 5)]);
+        // The same acknowledgement again (a resent copy) answers nothing.
+        answers.clear();
+        assert_eq!(s.acknowledge(1, &[1, 0, 2, 5], &mut answers), (0, 0));
+        assert!(answers.is_empty());
+        assert_eq!(s.acknowledge(5, &[3, 3], &mut answers).0, 2);
+        assert_eq!(answers, vec![(1, 13, 3), (1, 14, 3)]);
+        assert!(s.settled());
+        assert_eq!(s.unsent_from, 0);
+    }
+
+    #[test]
+    fn a_full_frame_is_closed_and_abandoning_answers_all() {
+        let mut s = Session::new(Thid::random(), Some("r".into()));
+        for t in 0..(MAX_PUBS_BATCH as u64 + 1) {
+            s.queue_records(9, &records(1), 1, &[(t, 1)]);
+        }
+        assert_eq!(s.unacked.len(), 1, "the full frame was closed");
+        let (replies, messages, bytes) = s.abandon();
+        let n = MAX_PUBS_BATCH as u64;
+        assert_eq!(replies, vec![(9, 0, n as u32), (9, n, 1)]);
+        assert_eq!(messages, MAX_PUBS_BATCH + 1);
+        assert_eq!(bytes, records(1).len() * (MAX_PUBS_BATCH + 1));
+        assert!(s.settled());
+    }
 }
