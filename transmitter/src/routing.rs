@@ -366,7 +366,10 @@ impl Table {
         }
         out.receivers = route.multicatch_cells;
         for group in &route.anycatch {
-            let turn = self.rotation.entry(group.service.clone()).or_default();
+            let turn = match self.rotation.get_mut(&*group.service) {
+                Some(turn) => turn,
+                None => self.rotation.entry(group.service.clone()).or_default(),
+            };
             let (at, id) = group.candidates[*turn % group.candidates.len()];
             *turn = turn.wrapping_add(1);
             out.receivers += 1;
