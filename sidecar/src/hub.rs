@@ -8,15 +8,15 @@
 //! PUBLISH reply). When a session moves to another transmitter, what was not acknowledged
 //! is sent again; receivers drop the copies by (origin, sequence).
 
-// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
-// names; SipHash was a visible share of the hot path).
-use foldhash::{HashMap, HashMapExt, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
+// names; SipHash was a visible share of the hot path).
+use foldhash::{HashMap, HashMapExt, HashSet};
 use futures::FutureExt;
 use thynapse_protocol::batch::{
     decode_acks, decode_envelopes, decode_publish_records, Envelopes, Kind,
@@ -920,13 +920,15 @@ impl Hub {
                 let _ = link.sender.send(binary_frame(cmd::SUBS, body)).await;
             }
             while s.unsent_from < s.unacked.len() {
-                let frame = s.unacked[s.unsent_from].frame.clone();
-                if link
-                    .sender
-                    .send(binary_frame(cmd::PUBS, frame))
-                    .await
-                    .is_err()
-                {
+                let batch = &s.unacked[s.unsent_from];
+                let mut m = binary_frame(
+                    cmd::PUBS,
+                    Bytes::copy_from_slice(&batch.first_seq.to_le_bytes()),
+                );
+                for part in &batch.parts {
+                    m.push_back(part.clone());
+                }
+                if link.sender.send(m).await.is_err() {
                     break;
                 }
                 s.unsent_from += 1;

@@ -11,8 +11,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use thynapse_protocol::batch::{Publish, PublishBatchWriter};
+use bytes::{Bytes, BytesMut};
+use thynapse_protocol::batch::{put_publish, Publish};
 use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
 use thynapse_protocol::wire::{Interest, Op};
 use thynapse_protocol::Thid;
@@ -37,28 +37,36 @@ fn push_reply(replies: &mut Vec<Replies>, client: ClientId, token: u64, n: u32) 
     }
 }
 
-/// Publishes not sent yet, being written into the session's next `PUBS` frame.
+/// Publishes not sent yet, gathered for the session's next `PUBS` batch: the records as
+/// the clients' connections encoded them (no copy here), and those queued one by one.
+#[derive(Default)]
 struct Open {
-    writer: PublishBatchWriter,
+    parts: Vec<Bytes>,
+    tail: BytesMut,
+    count: usize,
+    bytes: usize,
     replies: Vec<Replies>,
 }
 
-/// One `PUBS` frame, kept as sent until the transmitter acknowledges it: a session that
-/// moves sends its unacknowledged frames again as they are (receivers drop the copies by
-/// origin and sequence).
+impl Open {
+    fn push_part(&mut self, records: Bytes) {
+        if !self.tail.is_empty() {
+            self.parts.push(self.tail.split().freeze());
+        }
+        self.parts.push(records);
+    }
+}
+
+/// One `PUBS` batch, kept as sent until the transmitter acknowledges it: a session that
+/// moves sends its unacknowledged batches again as they are (receivers drop the copies by
+/// origin and sequence). On the wire it is a multipart body: `first_seq`, then the parts.
 pub struct Unacked {
     pub first_seq: u64,
     pub count: usize,
-    pub frame: Bytes,
+    /// The records' bytes, as counted against the hub's window.
+    pub bytes: usize,
+    pub parts: Vec<Bytes>,
     pub replies: Vec<Replies>,
-}
-
-impl Unacked {
-    /// The bytes of its messages' records (the frame less its `first_seq`), as the hub
-    /// counts them against its window.
-    fn record_bytes(&self) -> usize {
-        self.frame.len() - 8
-    }
 }
 
 /// Frames beyond this many messages are closed and a new one started.
@@ -126,15 +134,11 @@ impl Session {
         if self
             .open
             .as_ref()
-            .is_some_and(|o| o.writer.len() >= MAX_PUBS_BATCH)
+            .is_some_and(|o| o.count >= MAX_PUBS_BATCH)
         {
             self.close();
         }
-        let next_seq = self.next_seq;
-        self.open.get_or_insert_with(|| Open {
-            writer: PublishBatchWriter::new(next_seq),
-            replies: Vec::new(),
-        })
+        self.open.get_or_insert_with(Open::default)
     }
 
     /// Queues `count` publish records (as `put_publish` writes them) from `client`, whose
@@ -142,12 +146,14 @@ impl Session {
     pub fn queue_records(
         &mut self,
         client: ClientId,
-        records: &[u8],
+        records: &Bytes,
         count: usize,
         tokens: &[(u64, u32)],
     ) {
         let open = self.open();
-        open.writer.push_records(records, count);
+        open.push_part(records.clone());
+        open.count += count;
+        open.bytes += records.len();
         for (token, n) in tokens {
             push_reply(&mut open.replies, client, *token, *n);
         }
@@ -157,22 +163,27 @@ impl Session {
     /// Queues one publish; returns the bytes of its record.
     pub fn queue(&mut self, client: ClientId, token: u64, p: &Publish) -> usize {
         let open = self.open();
-        let before = open.writer.byte_len();
-        open.writer.push(p.kind, p.ts, p.channel, p.payload);
-        let added = open.writer.byte_len() - before;
+        let before = open.tail.len();
+        put_publish(&mut open.tail, p.kind, p.ts, p.channel, p.payload);
+        let added = open.tail.len() - before;
+        open.count += 1;
+        open.bytes += added;
         push_reply(&mut open.replies, client, token, 1);
         self.next_seq += 1;
         added
     }
 
-    /// Closes the frame being filled, so that it can be sent.
+    /// Closes the batch being gathered, so that it can be sent.
     pub fn close(&mut self) {
-        if let Some(open) = self.open.take() {
-            let count = open.writer.len();
+        if let Some(mut open) = self.open.take() {
+            if !open.tail.is_empty() {
+                open.parts.push(open.tail.split().freeze());
+            }
             self.unacked.push_back(Unacked {
-                first_seq: self.next_seq - count as u64,
-                count,
-                frame: open.writer.finish(),
+                first_seq: self.next_seq - open.count as u64,
+                count: open.count,
+                bytes: open.bytes,
+                parts: open.parts,
                 replies: open.replies,
             });
         }
@@ -201,7 +212,7 @@ impl Session {
             let f = self.unacked.pop_front().expect("front exists");
             self.unsent_from = self.unsent_from.saturating_sub(1);
             messages += f.count;
-            bytes += f.record_bytes();
+            bytes += f.bytes;
             let mut i = (f.first_seq - first) as usize;
             for (client, token, n) in f.replies {
                 for k in 0..u64::from(n) {
@@ -220,7 +231,7 @@ impl Session {
         let (mut replies, mut messages, mut bytes) = (Vec::new(), 0, 0);
         for f in self.unacked.drain(..) {
             messages += f.count;
-            bytes += f.record_bytes();
+            bytes += f.bytes;
             replies.extend(f.replies);
         }
         self.unsent_from = 0;
@@ -433,15 +444,14 @@ async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::BytesMut;
-    use thynapse_protocol::batch::{decode_publishes, put_publish, Kind};
+    use thynapse_protocol::batch::{decode_publish_records, Kind};
 
-    fn records(n: usize) -> BytesMut {
+    fn records(n: usize) -> Bytes {
         let mut b = BytesMut::new();
         for i in 0..n {
             put_publish(&mut b, Kind::Mesh, 7, b"ch", format!("m{i}").as_bytes());
         }
-        b
+        b.freeze()
     }
 
     #[test]
@@ -455,8 +465,13 @@ mod tests {
         s.queue_records(1, &records(2), 2, &[(13, 2)]);
         s.close();
         assert_eq!(s.unacked.len(), 2);
-        let (first, msgs) = decode_publishes(&s.unacked[0].frame).unwrap();
-        assert_eq!((first, msgs.count()), (1, 4));
+        let f = &s.unacked[0];
+        let messages: usize = f
+            .parts
+            .iter()
+            .map(|p| decode_publish_records(p).unwrap().count())
+            .sum();
+        assert_eq!((f.first_seq, f.count, messages), (1, 4, 4));
         s.unsent_from = 2;
 
         let mut answers = Vec::new();

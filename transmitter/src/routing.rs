@@ -10,13 +10,13 @@
 //! targets it hosts, and never chooses again: so each anycatch message reaches exactly
 //! one cell of its Service, wherever the cells are.
 
-// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
-// names; SipHash was a visible share of the hot path).
-use foldhash::{HashMap, HashMapExt, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
+// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
+// names; SipHash was a visible share of the hot path).
+use foldhash::{HashMap, HashMapExt, HashSet};
 use thynapse_protocol::batch::Kind;
 use thynapse_protocol::delivery::{mode_for, DeliveryRule, Mode};
 use thynapse_protocol::wire::{Interest, Op};

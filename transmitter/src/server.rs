@@ -2,15 +2,18 @@
 //! updates; routes; then flushes every pending batch at once. Messages arriving while a
 //! batch is being built join it, so frames grow under load and stay single when idle.
 
-// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
-// names; SipHash was a visible share of the hot path).
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
+// names; SipHash was a visible share of the hot path).
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::FutureExt;
-use thynapse_protocol::batch::{decode_envelopes, decode_publishes, encode_acks, Kind};
+use thynapse_protocol::batch::{
+    decode_envelopes, decode_publish_records, decode_publishes, encode_acks, Kind,
+};
 use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::room::room_of;
@@ -411,7 +414,7 @@ impl Transmitter {
         let result = if let Some(&peer) = self.peer_identities.get(&identity) {
             self.on_peer_inbound(peer, &identity, frame, body)
         } else {
-            self.on_cell(&identity, frame, body)
+            self.on_cell(&identity, frame, body, frames)
         };
         if let Err(e) = result {
             self.malformed(&identity, e);
@@ -425,11 +428,14 @@ impl Transmitter {
         self.replies.push(error_reply(identity, &e.to_string()));
     }
 
+    /// A cell's command; `more` holds the frames after the body (the further parts of a
+    /// multipart `PUBS`).
     fn on_cell(
         &mut self,
         identity: &Bytes,
         frame: CommandFrame,
         body: Option<Bytes>,
+        more: VecDeque<Bytes>,
     ) -> Result<(), FrameError> {
         let now = Instant::now();
         match &frame.cmd {
@@ -565,11 +571,17 @@ impl Transmitter {
             }
             cmd::PUBS => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("PUBS".into()))?;
-                let (first, publishes) = decode_publishes(&body)?;
-                let n = publishes.len();
+                // The batch may come in parts (each of whole records): all are checked
+                // before any message is routed.
+                let (first, head) = decode_publishes(&body)?;
+                let mut parts = vec![head];
+                for part in &more {
+                    parts.push(decode_publish_records(part)?);
+                }
+                let n: usize = parts.iter().map(ExactSizeIterator::len).sum();
                 let mut counts = Vec::with_capacity(n);
                 let mut dests = Vec::new();
-                for (i, p) in publishes.enumerate() {
+                for (i, p) in parts.into_iter().flatten().enumerate() {
                     let seq = first + i as u64;
                     counts.push(
                         self.publish(id, seq, p.ts, p.kind, p.channel, p.payload, &mut dests),
@@ -864,7 +876,7 @@ impl Transmitter {
             cmd::PEER => {
                 // A re-introduction on the same connection: handled like a new one.
                 self.peer_identities.remove(identity);
-                return self.on_cell(identity, frame, body);
+                return self.on_cell(identity, frame, body, VecDeque::new());
             }
             _ => return Err(FrameError::UnknownCommand(frame.cmd_str().to_string())),
         }
