@@ -67,8 +67,10 @@ pub struct AnycatchGroup {
 #[derive(Debug, Default)]
 pub struct Dispatch {
     pub local: Vec<Thid>,
-    /// Peers to forward to, each with the anycatch targets it must deliver.
-    pub peers: Vec<(PeerId, Vec<Thid>)>,
+    /// Peers to forward to (the first `used`), each with the anycatch targets it must
+    /// deliver. Entries past `used` keep their target lists' memory for the next message.
+    peers: Vec<(PeerId, Vec<Thid>)>,
+    used: usize,
     /// Cells reached (the PUBLISH reply).
     pub receivers: u32,
 }
@@ -76,17 +78,29 @@ pub struct Dispatch {
 impl Dispatch {
     fn clear(&mut self) {
         self.local.clear();
-        self.peers.clear();
+        self.used = 0;
         self.receivers = 0;
+    }
+
+    /// Peers to forward to, each with the anycatch targets it must deliver.
+    pub fn peers(&self) -> &[(PeerId, Vec<Thid>)] {
+        &self.peers[..self.used]
     }
 
     /// The targets for `peer`, adding the peer when it is not listed yet.
     pub fn peer_entry(&mut self, peer: PeerId) -> &mut Vec<Thid> {
-        let i = match self.peers.iter().position(|(p, _)| *p == peer) {
+        let i = match self.peers().iter().position(|(p, _)| *p == peer) {
             Some(i) => i,
             None => {
-                self.peers.push((peer, Vec::new()));
-                self.peers.len() - 1
+                if self.used == self.peers.len() {
+                    self.peers.push((peer, Vec::new()));
+                } else {
+                    let entry = &mut self.peers[self.used];
+                    entry.0 = peer;
+                    entry.1.clear();
+                }
+                self.used += 1;
+                self.used - 1
             }
         };
         &mut self.peers[i].1
@@ -464,7 +478,7 @@ mod tests {
         let mut want = vec![a, id_b];
         want.sort();
         assert_eq!(local, want);
-        assert_eq!(d.peers, vec![(1, vec![])]);
+        assert_eq!(d.peers(), [(1, vec![])]);
         assert_eq!(d.receivers, 4);
     }
 
@@ -485,7 +499,7 @@ mod tests {
             assert_eq!(d.receivers, 2);
             assert!(d.local.contains(&audit));
             let mut picked: Vec<Thid> = d.local.iter().copied().filter(|c| *c != audit).collect();
-            for (_, targets) in &d.peers {
+            for (_, targets) in d.peers() {
                 picked.extend(targets);
             }
             assert_eq!(picked.len(), 1, "exactly one worker per message");
@@ -527,7 +541,7 @@ mod tests {
         let mut d = Dispatch::default();
         t.dispatch(Kind::Mesh, &ch("c"), &mut d);
         assert_eq!(d.local, vec![id]);
-        assert!(d.peers.is_empty());
+        assert!(d.peers().is_empty());
         assert_eq!(d.receivers, 1);
     }
 
@@ -549,7 +563,7 @@ mod tests {
             d.local.is_empty(),
             "mesh and pattern subscribers get no room messages"
         );
-        assert_eq!((d.peers.clone(), d.receivers), (vec![(2, vec![])], 1));
+        assert_eq!((d.peers().to_vec(), d.receivers), (vec![(2, vec![])], 1));
         t.dispatch(Kind::Mesh, &ch("{r}c"), &mut d);
         assert_eq!(d.local.len(), 2);
         assert!(d.local.contains(&mesh) && d.local.contains(&pat));

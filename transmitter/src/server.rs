@@ -699,7 +699,7 @@ impl Transmitter {
         for cell in &dispatch.local {
             self.deliver_local(*cell, kind, &origin, seq, ts, channel, payload, dests);
         }
-        for (peer, targets) in &dispatch.peers {
+        for (peer, targets) in dispatch.peers() {
             self.forward(
                 *peer, kind, &origin, seq, ts, channel, payload, targets, dests,
             );
