@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::hub::{now_us, ClientHandle, ClientId, HubCmd, Out, Publishes, SubKind};
-use crate::resp::{parse_request, Reply, Request};
+use crate::resp::{parse_request, retype_pushes, Reply, Request};
 
 pub struct Shared {
     pub hub: mpsc::Sender<HubCmd>,
@@ -32,6 +32,8 @@ enum Pending {
 struct Client {
     id: ClientId,
     resp3: bool,
+    /// The version the hub was last told (it writes this client's pushes).
+    hub_resp3: bool,
     name: Option<Bytes>,
     channels: BTreeSet<Bytes>,
     patterns: BTreeSet<Bytes>,
@@ -64,6 +66,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
     let kill = Arc::new(Notify::new());
     let handle = ClientHandle {
         tx,
+        resp3: false,
         queued: queued.clone(),
         killed: killed.clone(),
         kill: kill.clone(),
@@ -74,6 +77,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
     let mut c = Client {
         id,
         resp3: false,
+        hub_resp3: false,
         name: None,
         channels: BTreeSet::new(),
         patterns: BTreeSet::new(),
@@ -135,6 +139,11 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
                     }
                     if !args.is_empty() {
                         c.handle(&chunk, args, &shared).await;
+                        if c.resp3 != c.hub_resp3 {
+                            // HELLO or RESET changed the version the hub writes pushes in.
+                            c.hub_resp3 = c.resp3;
+                            let _ = shared.hub.send(HubCmd::Protocol(c.id, c.resp3)).await;
+                        }
                     }
                 }
                 if let Some(e) = error {
@@ -168,23 +177,6 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         }
     }
     let _ = shared.hub.send(HubCmd::Unregister(id)).await;
-}
-
-/// Writes a pushed message (a RESP2 array, or a RESP3 push) of bulk strings straight into
-/// the output buffer: deliveries are most of what a subscriber reads, so they skip
-/// building frames. Every other reply goes through redis-protocol (`Reply::encode`).
-fn write_push(out: &mut BytesMut, resp3: bool, parts: &[&[u8]]) {
-    let mut n = itoa::Buffer::new();
-    out.extend_from_slice(if resp3 { b">" } else { b"*" });
-    out.extend_from_slice(n.format(parts.len()).as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for p in parts {
-        out.extend_from_slice(b"$");
-        out.extend_from_slice(n.format(p.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(p);
-        out.extend_from_slice(b"\r\n");
-    }
 }
 
 fn sub_kind(command: &str) -> SubKind {
@@ -347,23 +339,15 @@ impl Client {
 
     fn on_out(&mut self, out: Out) {
         match out {
-            Out::Message { channel, payload } => {
-                write_push(&mut self.out, self.resp3, &[b"message", &channel, &payload])
+            Out::Pushes { resp3, bytes } => {
+                if resp3 == self.resp3 {
+                    self.out.extend_from_slice(&bytes);
+                } else {
+                    let start = self.out.len();
+                    self.out.extend_from_slice(&bytes);
+                    retype_pushes(&mut self.out[start..], self.resp3);
+                }
             }
-            Out::PMessage {
-                pattern,
-                channel,
-                payload,
-            } => write_push(
-                &mut self.out,
-                self.resp3,
-                &[b"pmessage", &pattern, &channel, &payload],
-            ),
-            Out::SMessage { channel, payload } => write_push(
-                &mut self.out,
-                self.resp3,
-                &[b"smessage", &channel, &payload],
-            ),
             Out::Published { token, result } => self.answer(
                 token,
                 match result {
@@ -374,11 +358,6 @@ impl Client {
             Out::Acked(acks) => {
                 for (token, n) in acks {
                     self.answer(token, Reply::Int(n));
-                }
-            }
-            Out::Batch(outs) => {
-                for out in outs {
-                    self.on_out(out);
                 }
             }
         }
@@ -812,28 +791,6 @@ impl Client {
                 "ERR wrong number of arguments for 'pubsub|{sub}' command"
             ))),
             _ => self.reply(unknown_subcommand("pubsub", &args[1])),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pushes_written_directly_match_the_codec() {
-        for resp3 in [false, true] {
-            let mut direct = BytesMut::new();
-            write_push(&mut direct, resp3, &[b"pmessage", b"p*", b"", b"x\r\ny"]);
-            let mut framed = BytesMut::new();
-            Reply::Push(vec![
-                Reply::bulk("pmessage"),
-                Reply::bulk("p*"),
-                Reply::bulk(""),
-                Reply::bulk("x\r\ny"),
-            ])
-            .encode(resp3, &mut framed);
-            assert_eq!(direct, framed, "resp3={resp3}");
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 // foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
 // names; SipHash was a visible share of the hot path).
 use foldhash::{HashMap, HashMapExt, HashSet};
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use zeromq::{SocketSend, ZmqMessage};
 
 use crate::metrics::Metrics;
+use crate::resp::write_push;
 use crate::session::{self, ConnectPlan, Link, LinkEvent, Session, SessionKey};
 
 pub type ClientId = u64;
@@ -37,19 +38,10 @@ pub type ClientId = u64;
 /// What the hub sends a client connection.
 #[derive(Debug)]
 pub enum Out {
-    Message {
-        channel: Bytes,
-        payload: Bytes,
-    },
-    PMessage {
-        pattern: Bytes,
-        channel: Bytes,
-        payload: Bytes,
-    },
-    SMessage {
-        channel: Bytes,
-        payload: Bytes,
-    },
+    /// Messages for the client, already written as RESP pushes (`resp3` says which
+    /// version): one hand-over per frame from the transmitter, and no copy per message
+    /// beyond writing it.
+    Pushes { resp3: bool, bytes: Bytes },
     /// The reply to the client's (S)PUBLISH numbered `token`: cells reached, or why not.
     Published {
         token: u64,
@@ -57,25 +49,14 @@ pub enum Out {
     },
     /// Replies to several of the client's publishes at once: (token, cells reached).
     Acked(Vec<(u64, i64)>),
-    /// The messages of one frame from the transmitter for this client, in order: one
-    /// hand-over (and one wake-up of the connection) per frame, not per message.
-    Batch(Vec<Out>),
 }
 
 impl Out {
     pub fn size(&self) -> usize {
         match self {
-            Out::Message { channel, payload } | Out::SMessage { channel, payload } => {
-                channel.len() + payload.len() + 32
-            }
-            Out::PMessage {
-                pattern,
-                channel,
-                payload,
-            } => pattern.len() + channel.len() + payload.len() + 40,
+            Out::Pushes { bytes, .. } => bytes.len(),
             Out::Published { .. } => 16,
             Out::Acked(acks) => 16 * acks.len(),
-            Out::Batch(outs) => outs.iter().map(Out::size).sum(),
         }
     }
 }
@@ -84,6 +65,8 @@ impl Out {
 /// that disconnects it.
 pub struct ClientHandle {
     pub tx: mpsc::UnboundedSender<Out>,
+    /// Whether the client speaks RESP3 (pushes are written for it in the hub).
+    pub resp3: bool,
     pub queued: Arc<AtomicUsize>,
     pub killed: Arc<AtomicBool>,
     pub kill: Arc<Notify>,
@@ -122,6 +105,8 @@ pub enum HubCmd {
     Channels(SubKind, Option<Bytes>, oneshot::Sender<Vec<Bytes>>),
     NumSub(SubKind, Vec<Bytes>, oneshot::Sender<Vec<i64>>),
     NumPat(oneshot::Sender<i64>),
+    /// The client switched protocol version (HELLO, RESET).
+    Protocol(ClientId, bool),
 }
 
 #[derive(Clone, Debug)]
@@ -187,8 +172,6 @@ pub struct Hub {
     link_tx: mpsc::Sender<LinkEvent>,
     link_rx: mpsc::Receiver<LinkEvent>,
     seen: HashMap<Thid, SeqWindow>,
-    /// Reused for the deliveries of one frame (no allocation per message).
-    outs: Vec<(ClientId, Out)>,
     /// The latency histogram, observed without atomics and flushed once per frame.
     latency: prometheus::local::LocalHistogram,
     ready_printed: bool,
@@ -202,30 +185,13 @@ enum Target<'a> {
     Pattern(&'a Bytes),
 }
 
-impl Target<'_> {
-    fn out(&self, channel: Bytes, payload: Bytes) -> Out {
-        match self {
-            Target::Channel => Out::Message { channel, payload },
-            Target::Shard => Out::SMessage { channel, payload },
-            Target::Pattern(pattern) => Out::PMessage {
-                pattern: (*pattern).clone(),
-                channel,
-                payload,
-            },
-        }
-    }
-}
-
-/// The payload bytes of the messages in `outs`.
-fn payload_bytes(outs: &[Out]) -> u64 {
-    outs.iter()
-        .map(|o| match o {
-            Out::Message { payload, .. }
-            | Out::PMessage { payload, .. }
-            | Out::SMessage { payload, .. } => payload.len() as u64,
-            _ => 0,
-        })
-        .sum()
+/// The pushes being written for one client during a delivery.
+struct Pushes {
+    client: ClientId,
+    resp3: bool,
+    bytes: BytesMut,
+    messages: u64,
+    payload_bytes: u64,
 }
 
 pub fn now_us() -> u64 {
@@ -265,7 +231,6 @@ impl Hub {
             link_tx,
             link_rx,
             seen: HashMap::new(),
-            outs: Vec::new(),
             ready_printed: false,
             started: Instant::now(),
         }
@@ -431,6 +396,11 @@ impl Hub {
             }
             HubCmd::NumPat(reply) => {
                 let _ = reply.send(self.subs.patterns.values().map(|s| s.len() as i64).sum());
+            }
+            HubCmd::Protocol(client, resp3) => {
+                if let Some(h) = self.clients.get_mut(&client) {
+                    h.resp3 = resp3;
+                }
             }
         }
     }
@@ -708,7 +678,7 @@ impl Hub {
                 match decode_envelopes(&body) {
                     Ok((batch, envelopes)) => {
                         link.credit = Some(batch);
-                        self.deliver(&body, envelopes);
+                        self.deliver(envelopes);
                     }
                     Err(e) => tracing::warn!("bad DLVR batch: {e}"),
                 }
@@ -775,14 +745,16 @@ impl Hub {
         }
     }
 
-    /// Hands the messages of one DLVR frame to the clients subscribed to them. A message
-    /// reaches its clients as slices of `frame` (no copy).
-    fn deliver(&mut self, frame: &Bytes, envelopes: Envelopes) {
+    /// Hands the messages of one DLVR frame to the clients subscribed to them, written
+    /// straight from the frame into each client's pushes.
+    fn deliver(&mut self, envelopes: Envelopes) {
         let now = now_us();
         if self.seen.len() > 100_000 {
             self.seen.clear();
         }
-        let mut outs = std::mem::take(&mut self.outs);
+        // Each client's pushes in one buffer, handed over once per frame.
+        let mut pushes: Vec<Pushes> = Vec::new();
+        let mut index: HashMap<ClientId, usize> = HashMap::new();
         let mut last: Option<(Thid, &mut SeqWindow)> = None;
         let mut targets: Vec<(ClientId, Target)> = Vec::new();
         for e in envelopes {
@@ -814,33 +786,53 @@ impl Hub {
                     }
                 }
             }
-            // Slices of the frame, moved into the last client's message (one reference
-            // count per extra client, none per message otherwise).
-            if let Some(((last, target), rest)) = targets.split_last() {
-                let (channel, payload) = (frame.slice_ref(e.channel), frame.slice_ref(e.payload));
-                for (client, target) in rest {
-                    outs.push((*client, target.out(channel.clone(), payload.clone())));
+            for (client, target) in &targets {
+                let i = match index.get(client) {
+                    Some(&i) => i,
+                    None => {
+                        let Some(h) = self.clients.get(client) else {
+                            continue;
+                        };
+                        index.insert(*client, pushes.len());
+                        pushes.push(Pushes {
+                            client: *client,
+                            resp3: h.resp3,
+                            bytes: BytesMut::new(),
+                            messages: 0,
+                            payload_bytes: 0,
+                        });
+                        pushes.len() - 1
+                    }
+                };
+                let p = &mut pushes[i];
+                match target {
+                    Target::Channel => {
+                        write_push(&mut p.bytes, p.resp3, &[b"message", e.channel, e.payload])
+                    }
+                    Target::Shard => {
+                        write_push(&mut p.bytes, p.resp3, &[b"smessage", e.channel, e.payload])
+                    }
+                    Target::Pattern(pattern) => write_push(
+                        &mut p.bytes,
+                        p.resp3,
+                        &[b"pmessage", pattern, e.channel, e.payload],
+                    ),
                 }
-                outs.push((*last, target.out(channel, payload)));
+                p.messages += 1;
+                p.payload_bytes += e.payload.len() as u64;
             }
         }
         self.latency.flush();
-        // One batch per client, each in the order of the frame (the sort is stable).
-        outs.sort_by_key(|(client, _)| *client);
-        let mut by_client = outs.drain(..).peekable();
-        while let Some((client, first)) = by_client.next() {
-            let mut batch = vec![first];
-            while let Some((_, out)) = by_client.next_if(|(c, _)| *c == client) {
-                batch.push(out);
-            }
-            let (count, bytes) = (batch.len() as u64, payload_bytes(&batch));
-            if self.send_to(client, Out::Batch(batch)) {
-                self.metrics.messages_out.inc_by(count);
-                self.metrics.bytes_out.inc_by(bytes);
+        for p in pushes {
+            let out = Out::Pushes {
+                resp3: p.resp3,
+                bytes: p.bytes.freeze(),
+            };
+            if self.send_to(p.client, out) {
+                self.metrics.messages_out.inc_by(p.messages);
+                self.metrics.bytes_out.inc_by(p.payload_bytes);
             }
         }
-        drop(by_client);
-        self.outs = outs;
     }
 
     async fn housekeeping(&mut self) {

@@ -110,6 +110,46 @@ impl Reply {
     }
 }
 
+/// Writes a pushed message (a RESP2 array, or a RESP3 push) of bulk strings straight into
+/// the output buffer: deliveries are most of what a subscriber reads, so they skip
+/// building frames. Every other reply goes through redis-protocol (`Reply::encode`).
+pub fn write_push(out: &mut BytesMut, resp3: bool, parts: &[&[u8]]) {
+    let mut n = itoa::Buffer::new();
+    out.reserve(16 + parts.iter().map(|p| p.len() + 16).sum::<usize>());
+    out.extend_from_slice(if resp3 { b">" } else { b"*" });
+    out.extend_from_slice(n.format(parts.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for p in parts {
+        out.extend_from_slice(b"$");
+        out.extend_from_slice(n.format(p.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(p);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Turns pushes written by `write_push` for one protocol version into the other's (they
+/// differ only in each message's first byte): for the rare deliveries encoded just before
+/// the client's HELLO changed its version.
+pub fn retype_pushes(pushes: &mut [u8], resp3: bool) {
+    let mut at = 0;
+    while at < pushes.len() {
+        pushes[at] = if resp3 { b'>' } else { b'*' };
+        let Some(nl) = memchr::memchr(b'\n', &pushes[at..]) else {
+            return;
+        };
+        let count = parse_length(pushes[at + 1..at + nl].strip_suffix(b"\r").unwrap_or(&[]));
+        at += nl + 1;
+        for _ in 0..count.unwrap_or(0) {
+            let Some(nl) = memchr::memchr(b'\n', &pushes[at..]) else {
+                return;
+            };
+            let len = parse_length(pushes[at + 1..at + nl].strip_suffix(b"\r").unwrap_or(&[]));
+            at += nl + 1 + usize::try_from(len.unwrap_or(0)).unwrap_or(0) + 2;
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
     #[error("Protocol error: {0}")]
@@ -328,6 +368,38 @@ mod tests {
         assert!(next_request(&mut b).is_err());
         let mut b = BytesMut::from(&b"*9999999999\r\n"[..]);
         assert!(next_request(&mut b).is_err());
+    }
+
+    #[test]
+    fn pushes_written_directly_match_the_codec() {
+        for resp3 in [false, true] {
+            let mut direct = BytesMut::new();
+            write_push(&mut direct, resp3, &[b"pmessage", b"p*", b"", b"x\r\ny"]);
+            let mut framed = BytesMut::new();
+            Reply::Push(vec![
+                Reply::bulk("pmessage"),
+                Reply::bulk("p*"),
+                Reply::bulk(""),
+                Reply::bulk("x\r\ny"),
+            ])
+            .encode(resp3, &mut framed);
+            assert_eq!(direct, framed, "resp3={resp3}");
+        }
+    }
+
+    #[test]
+    fn pushes_change_protocol_version_in_place() {
+        let mut two = BytesMut::new();
+        write_push(&mut two, false, &[b"message", b"ch", b"hi\r\n*2"]);
+        write_push(&mut two, false, &[b"pmessage", b"c*", b"ch", b""]);
+        let mut three = BytesMut::new();
+        write_push(&mut three, true, &[b"message", b"ch", b"hi\r\n*2"]);
+        write_push(&mut three, true, &[b"pmessage", b"c*", b"ch", b""]);
+        let mut converted = two.clone();
+        retype_pushes(&mut converted, true);
+        assert_eq!(converted, three);
+        retype_pushes(&mut converted, false);
+        assert_eq!(converted, two);
     }
 
     #[test]
