@@ -307,7 +307,9 @@ impl EnvelopeBatchWriter {
     pub fn finish(&mut self, batch: u64) -> Bytes {
         self.buf[..8].copy_from_slice(&batch.to_le_bytes());
         let out = self.buf.split().freeze();
-        self.buf.reserve(4096);
+        // The next batch is likely about as large: room for it at once, rather than
+        // growing (and copying) it by doubling.
+        self.buf.reserve(out.len().max(4096));
         self.buf.put_u64_le(0);
         self.count = 0;
         out

@@ -678,7 +678,7 @@ impl Hub {
                 match decode_envelopes(&body) {
                     Ok((batch, envelopes)) => {
                         link.credit = Some(batch);
-                        self.deliver(envelopes);
+                        self.deliver(envelopes, body.len());
                     }
                     Err(e) => tracing::warn!("bad DLVR batch: {e}"),
                 }
@@ -747,7 +747,7 @@ impl Hub {
 
     /// Hands the messages of one DLVR frame to the clients subscribed to them, written
     /// straight from the frame into each client's pushes.
-    fn deliver(&mut self, envelopes: Envelopes) {
+    fn deliver(&mut self, envelopes: Envelopes, frame_len: usize) {
         let now = now_us();
         if self.seen.len() > 100_000 {
             self.seen.clear();
@@ -797,7 +797,8 @@ impl Hub {
                         pushes.push(Pushes {
                             client: *client,
                             resp3: h.resp3,
-                            bytes: BytesMut::new(),
+                            // Pushes take about as much room as the frame's records.
+                            bytes: BytesMut::with_capacity(frame_len),
                             messages: 0,
                             payload_bytes: 0,
                         });
