@@ -308,8 +308,8 @@ impl EnvelopeBatchWriter {
         self.buf[..8].copy_from_slice(&batch.to_le_bytes());
         let out = self.buf.split().freeze();
         // The next batch is likely about as large: room for it at once, rather than
-        // growing (and copying) it by doubling.
-        self.buf.reserve(out.len().max(4096));
+        // growing (and copying) it by doubling; capped, as every link has a writer.
+        self.buf.reserve(out.len().clamp(4096, 256 * 1024));
         self.buf.put_u64_le(0);
         self.count = 0;
         out
