@@ -67,6 +67,8 @@ pub struct Unacked {
     pub bytes: usize,
     pub parts: Vec<Bytes>,
     pub replies: Vec<Replies>,
+    /// Answered; it leaves the window when every earlier batch has too.
+    pub acked: bool,
 }
 
 /// Frames beyond this many messages are closed and a new one started.
@@ -185,6 +187,7 @@ impl Session {
                 bytes: open.bytes,
                 parts: open.parts,
                 replies: open.replies,
+                acked: false,
             });
         }
     }
@@ -194,32 +197,38 @@ impl Session {
         self.open.is_none() && self.unacked.is_empty()
     }
 
-    /// Takes the frames the acknowledgement of `first..first + counts.len()` covers: the
-    /// answers (client, token, cells reached), and the messages and bytes freed. Frames
-    /// already acknowledged (a resent copy, or the old link while moving) are skipped.
+    /// Takes the batch the acknowledgement of `first..first + counts.len()` is for: the
+    /// answers (client, token, cells reached), and the messages and bytes freed once no
+    /// earlier batch is waiting. A batch already acknowledged (a resent copy, or the old
+    /// link while moving) is skipped.
     pub fn acknowledge(
         &mut self,
         first: u64,
         counts: &[u32],
         answers: &mut Vec<(ClientId, u64, u32)>,
     ) -> (usize, usize) {
-        let end = first + counts.len() as u64;
-        let (mut messages, mut bytes) = (0, 0);
-        while let Some(f) = self.unacked.front() {
-            if f.first_seq < first || f.first_seq + f.count as u64 > end {
-                break;
+        let Some(f) = self
+            .unacked
+            .iter_mut()
+            .find(|f| f.first_seq == first && f.count == counts.len() && !f.acked)
+        else {
+            return (0, 0);
+        };
+        f.acked = true;
+        let mut i = 0;
+        for (client, token, n) in std::mem::take(&mut f.replies) {
+            for k in 0..u64::from(n) {
+                answers.push((client, token + k, counts[i]));
+                i += 1;
             }
+        }
+        // Batches leave the window in order.
+        let (mut messages, mut bytes) = (0, 0);
+        while self.unacked.front().is_some_and(|f| f.acked) {
             let f = self.unacked.pop_front().expect("front exists");
             self.unsent_from = self.unsent_from.saturating_sub(1);
             messages += f.count;
             bytes += f.bytes;
-            let mut i = (f.first_seq - first) as usize;
-            for (client, token, n) in f.replies {
-                for k in 0..u64::from(n) {
-                    answers.push((client, token + k, counts[i]));
-                    i += 1;
-                }
-            }
         }
         (messages, bytes)
     }
@@ -475,17 +484,19 @@ mod tests {
         s.unsent_from = 2;
 
         let mut answers = Vec::new();
-        // An acknowledgement of the second frame alone waits behind the first.
-        assert_eq!(s.acknowledge(5, &[1, 1], &mut answers), (0, 0));
+        // The second batch acknowledged first: answered, but it stays in the window
+        // behind the first.
+        assert_eq!(s.acknowledge(5, &[3, 3], &mut answers), (0, 0));
+        assert_eq!(answers, vec![(1, 13, 3), (1, 14, 3)]);
+        answers.clear();
         let (messages, _) = s.acknowledge(1, &[1, 0, 2, 5], &mut answers);
-        assert_eq!(messages, 4);
+        assert_eq!(messages, 6);
         assert_eq!(answers, vec![(1, 10, 1), (1, 11, 0), (1, 12, 2), (2, 4, 5)]);
-        // The same acknowledgement again (a resent copy) answers nothing.
+        // The same acknowledgements again (resent copies) answer nothing.
         answers.clear();
         assert_eq!(s.acknowledge(1, &[1, 0, 2, 5], &mut answers), (0, 0));
+        assert_eq!(s.acknowledge(5, &[3, 3], &mut answers), (0, 0));
         assert!(answers.is_empty());
-        assert_eq!(s.acknowledge(5, &[3, 3], &mut answers).0, 2);
-        assert_eq!(answers, vec![(1, 13, 3), (1, 14, 3)]);
         assert!(s.settled());
         assert_eq!(s.unsent_from, 0);
     }

@@ -794,7 +794,9 @@ impl Transmitter {
     }
 
     fn ack_when_clear(&mut self, identity: &Bytes, reply: ZmqMessage, dests: Vec<Dest>) {
-        if self.any_congested(&dests) {
+        // Behind an acknowledgement already waiting for the same connection, so that
+        // acknowledgements keep their order.
+        if self.any_congested(&dests) || self.deferred.iter().any(|d| d.identity == *identity) {
             self.deferred.push(Deferred {
                 identity: identity.clone(),
                 reply,
@@ -1339,6 +1341,30 @@ impl Transmitter {
                 }
             }
         }
+        // Replies first: acknowledgements (those whose links have room again, then the
+        // others, in order) are what publishers wait on, and sending the batches first
+        // would hold them back by the time it takes to write those.
+        if !self.deferred.is_empty() {
+            let deferred = std::mem::take(&mut self.deferred);
+            let (ready, waiting): (Vec<_>, Vec<_>) = deferred
+                .into_iter()
+                .partition(|d| !self.any_congested(&d.dests));
+            self.deferred = waiting;
+            // Keep per-connection order: a later ack never overtakes a waiting one.
+            let blocked: HashSet<Bytes> =
+                self.deferred.iter().map(|d| d.identity.clone()).collect();
+            for d in ready {
+                if blocked.contains(&d.identity) {
+                    self.deferred.push(d);
+                } else {
+                    self.replies.push(d.reply);
+                }
+            }
+            self.deferred.sort_by_key(|d| d.since);
+        }
+        for m in std::mem::take(&mut self.replies) {
+            let _ = self.router.send(m).await;
+        }
         // Batches to cells.
         let mut failed = Vec::new();
         for (id, cell) in self.cells.iter_mut() {
@@ -1371,28 +1397,6 @@ impl Transmitter {
                     }
                 }
             }
-        }
-        // Acknowledgements whose links have room again, then all replies in order.
-        if !self.deferred.is_empty() {
-            let deferred = std::mem::take(&mut self.deferred);
-            let (ready, waiting): (Vec<_>, Vec<_>) = deferred
-                .into_iter()
-                .partition(|d| !self.any_congested(&d.dests));
-            self.deferred = waiting;
-            // Keep per-connection order: a later ack never overtakes a waiting one.
-            let blocked: HashSet<Bytes> =
-                self.deferred.iter().map(|d| d.identity.clone()).collect();
-            for d in ready {
-                if blocked.contains(&d.identity) {
-                    self.deferred.push(d);
-                } else {
-                    self.replies.push(d.reply);
-                }
-            }
-            self.deferred.sort_by_key(|d| d.since);
-        }
-        for m in std::mem::take(&mut self.replies) {
-            let _ = self.router.send(m).await;
         }
     }
 }
