@@ -257,13 +257,24 @@ pub fn decode_acks(frame: &[u8]) -> Result<(u64, Vec<u32>), FrameError> {
 pub struct EnvelopeBatchWriter {
     buf: BytesMut,
     count: usize,
+    /// The size of the last batch: the next is likely about as large, so its first
+    /// message reserves that much at once rather than growing (and copying) the batch by
+    /// doubling. Reserved only while a batch is filled, as every link has a writer.
+    expect: usize,
 }
+
+/// The most a writer reserves ahead.
+const MAX_RESERVE: usize = 4 << 20;
 
 impl Default for EnvelopeBatchWriter {
     fn default() -> Self {
-        let mut buf = BytesMut::with_capacity(4096);
+        let mut buf = BytesMut::new();
         buf.put_u64_le(0);
-        Self { buf, count: 0 }
+        Self {
+            buf,
+            count: 0,
+            expect: 4096,
+        }
     }
 }
 
@@ -280,8 +291,12 @@ impl EnvelopeBatchWriter {
         payload: &[u8],
         targets: &[Thid],
     ) {
-        self.buf
-            .reserve(53 + channel.len() + payload.len() + 20 * targets.len());
+        let size = 53 + channel.len() + payload.len() + 20 * targets.len();
+        if self.count == 0 {
+            self.buf.reserve(size.max(self.expect));
+        } else {
+            self.buf.reserve(size);
+        }
         self.buf.put_u8(kind.to_u8());
         self.buf.put_slice(&origin.0);
         self.buf.put_u64_le(seq);
@@ -307,9 +322,8 @@ impl EnvelopeBatchWriter {
     pub fn finish(&mut self, batch: u64) -> Bytes {
         self.buf[..8].copy_from_slice(&batch.to_le_bytes());
         let out = self.buf.split().freeze();
-        // The next batch is likely about as large: room for it at once, rather than
-        // growing (and copying) it by doubling; capped, as every link has a writer.
-        self.buf.reserve(out.len().clamp(4096, 256 * 1024));
+        self.expect = out.len().min(MAX_RESERVE);
+        self.buf = BytesMut::new();
         self.buf.put_u64_le(0);
         self.count = 0;
         out

@@ -4,10 +4,11 @@
 //! back from the transmitter, so later replies wait behind it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use thynapse_protocol::batch::{put_publish, Kind};
 use thynapse_protocol::room::room_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,6 +50,8 @@ struct Client {
     /// When the publishes of the batch were taken (their `ts`).
     batch_ts: u64,
     out: BytesMut,
+    /// What goes out before `out`, in order: earlier replies and the hub's pushes.
+    chunks: VecDeque<Bytes>,
     close: bool,
 }
 
@@ -88,6 +91,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         publishes: Publishes::default(),
         batch_ts: 0,
         out: BytesMut::with_capacity(16 * 1024),
+        chunks: VecDeque::new(),
         close: false,
     };
     // 64 KiB: a pipeline of a few hundred publishes arrives in one read and one hand-over.
@@ -104,8 +108,8 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
                 while let Ok(out) = rx.try_recv() {
                     freed += out.size();
                     c.on_out(out);
-                    if c.out.len() > 64 * 1024 {
-                        break;
+                    if freed > 64 * 1024 {
+                        break; // write what is here before taking more
                     }
                 }
                 queued.fetch_sub(freed, Ordering::Relaxed);
@@ -161,13 +165,15 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         }
         c.flush_ready();
         if !c.out.is_empty() {
+            c.chunks.push_back(c.out.split().freeze());
+        }
+        if !c.chunks.is_empty() {
             // A client that stopped reading blocks this write: the hub's kill switch
             // still ends it, so its socket and queue are released.
             tokio::select! {
-                written = socket.write_all(&c.out) => if written.is_err() { break },
+                written = write_chunks(&mut socket, &mut c.chunks) => if written.is_err() { break },
                 _ = kill.notified() => break,
             }
-            c.out.clear();
         }
         if c.close && c.pending.is_empty() {
             break;
@@ -177,6 +183,28 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         }
     }
     let _ = shared.hub.send(HubCmd::Unregister(id)).await;
+}
+
+/// Writes `chunks` in order with vectored writes, taking them off as they are written.
+async fn write_chunks(socket: &mut TcpStream, chunks: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    while !chunks.is_empty() {
+        let slices: Vec<IoSlice> = chunks.iter().take(64).map(|c| IoSlice::new(c)).collect();
+        let mut written = socket.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let front = chunks.front_mut().expect("written bytes come from a chunk");
+            if written >= front.len() {
+                written -= front.len();
+                chunks.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn sub_kind(command: &str) -> SubKind {
@@ -341,7 +369,11 @@ impl Client {
         match out {
             Out::Pushes { resp3, bytes } => {
                 if resp3 == self.resp3 {
-                    self.out.extend_from_slice(&bytes);
+                    // Written as they are, after what is buffered so far (no copy).
+                    if !self.out.is_empty() {
+                        self.chunks.push_back(self.out.split().freeze());
+                    }
+                    self.chunks.push_back(bytes);
                 } else {
                     let start = self.out.len();
                     self.out.extend_from_slice(&bytes);
