@@ -141,6 +141,16 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
                     if c.close {
                         continue;
                     }
+                    // (S)PUBLISH is most of the traffic: queued without the generic
+                    // command lookup or a Vec of arguments.
+                    match c.try_publish(&chunk, &args, shared.max_message_bytes) {
+                        Some(false) => continue,
+                        Some(true) => {
+                            c.hand_over(&shared).await;
+                            continue;
+                        }
+                        None => {}
+                    }
                     if !args.is_empty() {
                         c.handle(&chunk, args, &shared).await;
                         if c.resp3 != c.hub_resp3 {
@@ -417,17 +427,6 @@ impl Client {
     }
 
     async fn handle(&mut self, chunk: &Bytes, request: Request, shared: &Shared) {
-        // (S)PUBLISH is most of the traffic: straight to the hub, without the generic
-        // command lookup or a Vec of arguments.
-        if request.len() == 3 && (self.resp3 || !self.subscribed()) {
-            let name = &chunk[request[0].clone()];
-            let shard = name.eq_ignore_ascii_case(b"spublish");
-            if shard || name.eq_ignore_ascii_case(b"publish") {
-                let channel = &chunk[request[1].clone()];
-                let payload = &chunk[request[2].clone()];
-                return self.publish(channel, payload, shard, shared).await;
-            }
-        }
         let args: Vec<Bytes> = request.into_iter().map(|r| chunk.slice(r)).collect();
         // Anything else may depend on the order of earlier publishes.
         self.hand_over(shared).await;
@@ -570,13 +569,49 @@ impl Client {
     }
 
     async fn publish(&mut self, channel: &[u8], payload: &[u8], shard: bool, shared: &Shared) {
-        if payload.len() > shared.max_message_bytes {
+        if self.queue_publish(channel, payload, shard, shared.max_message_bytes) {
+            self.hand_over(shared).await;
+        }
+    }
+
+    /// The (S)PUBLISH fast path, taken before `handle` (whose future is large, as it
+    /// serves every command): queues the publish for the hub; true when the batch is full
+    /// and should be handed over now.
+    fn try_publish(
+        &mut self,
+        chunk: &[u8],
+        request: &Request,
+        max_message_bytes: usize,
+    ) -> Option<bool> {
+        // RESP2 clients in subscribed mode may not publish (handle() answers them).
+        if request.len() != 3 || (!self.resp3 && self.subscribed()) {
+            return None;
+        }
+        let name = &chunk[request[0].clone()];
+        let shard = name.eq_ignore_ascii_case(b"spublish");
+        if !shard && !name.eq_ignore_ascii_case(b"publish") {
+            return None;
+        }
+        let channel = &chunk[request[1].clone()];
+        let payload = &chunk[request[2].clone()];
+        Some(self.queue_publish(channel, payload, shard, max_message_bytes))
+    }
+
+    /// Queues one (S)PUBLISH (or refuses an oversized one); true when the batch is full.
+    fn queue_publish(
+        &mut self,
+        channel: &[u8],
+        payload: &[u8],
+        shard: bool,
+        max_message_bytes: usize,
+    ) -> bool {
+        if payload.len() > max_message_bytes {
             self.reply(Reply::error(format!(
                 "ERR message of {} bytes exceeds the mesh limit of {} bytes (maxMessageBytes)",
                 payload.len(),
-                shared.max_message_bytes
+                max_message_bytes
             )));
-            return;
+            return false;
         }
         let token = self.pending_base + self.pending.len() as u64;
         self.pending.push_back(Pending::Publish(token));
@@ -593,9 +628,7 @@ impl Client {
         p.count += 1;
         p.shard |= shard;
         p.payload_bytes += payload.len();
-        if p.count >= 256 || self.batch.len() >= 64 * 1024 {
-            self.hand_over(shared).await;
-        }
+        p.count >= 256 || self.batch.len() >= 64 * 1024
     }
 
     /// Hands the publishes read so far to the hub.
