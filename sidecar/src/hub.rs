@@ -149,6 +149,32 @@ impl Subscriptions {
             SubKind::Shard => (&mut self.shard, Interest::ShardChannel),
         }
     }
+
+    /// The clients a message on `channel` goes to, and as what.
+    fn targets_of<'a>(
+        &'a self,
+        kind: Kind,
+        channel: &[u8],
+        targets: &mut Vec<(ClientId, Target<'a>)>,
+    ) {
+        match kind {
+            Kind::Shard => {
+                if let Some(set) = self.shard.get(channel) {
+                    targets.extend(set.iter().map(|c| (*c, Target::Shard)));
+                }
+            }
+            Kind::Mesh => {
+                if let Some(set) = self.channels.get(channel) {
+                    targets.extend(set.iter().map(|c| (*c, Target::Channel)));
+                }
+                for (pattern, set) in &self.patterns {
+                    if glob::matches(pattern, channel) {
+                        targets.extend(set.iter().map(|c| (*c, Target::Pattern(pattern))));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The session a subscription or publish of `kind` on `name` belongs to.
@@ -757,6 +783,7 @@ impl Hub {
         let mut index: HashMap<ClientId, usize> = HashMap::new();
         let mut last: Option<(Thid, &mut SeqWindow)> = None;
         let mut targets: Vec<(ClientId, Target)> = Vec::new();
+        let mut routed_for: Option<(Kind, &[u8])> = None;
         for e in envelopes {
             // Frames mostly carry runs from one origin: look its window up once per run.
             if last.as_ref().is_none_or(|(origin, _)| *origin != e.origin) {
@@ -768,23 +795,14 @@ impl Hub {
                 continue;
             }
             self.latency.observe(now.saturating_sub(e.ts) as f64 / 1e6);
-            targets.clear();
-            match e.kind {
-                Kind::Shard => {
-                    if let Some(set) = self.subs.shard.get(e.channel) {
-                        targets.extend(set.iter().map(|c| (*c, Target::Shard)));
-                    }
-                }
-                Kind::Mesh => {
-                    if let Some(set) = self.subs.channels.get(e.channel) {
-                        targets.extend(set.iter().map(|c| (*c, Target::Channel)));
-                    }
-                    for (pattern, set) in &self.subs.patterns {
-                        if glob::matches(pattern, e.channel) {
-                            targets.extend(set.iter().map(|c| (*c, Target::Pattern(pattern))));
-                        }
-                    }
-                }
+            // Frames mostly carry runs of one channel: its clients are found once per run.
+            let same_channel = routed_for
+                .as_ref()
+                .is_some_and(|(kind, channel)| *kind == e.kind && *channel == e.channel);
+            if !same_channel {
+                routed_for = Some((e.kind, e.channel));
+                targets.clear();
+                self.subs.targets_of(e.kind, e.channel, &mut targets);
             }
             for (client, target) in &targets {
                 let i = match index.get(client) {
