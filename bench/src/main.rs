@@ -517,8 +517,8 @@ impl CpuTally {
             let mut served = 0.0;
             for (_, name, secs) in self.seconds.iter().filter(|(s, _, _)| *s == system) {
                 let per = secs * 1e6 / n as f64;
-                if per < 0.005 {
-                    continue; // an idle cell or transmitter
+                if per < 0.02 {
+                    continue; // an idle cell or transmitter (heartbeats)
                 }
                 note.push_str(&format!("| {name} | {per:.2} |\n"));
                 if !name.starts_with("load generator") {
