@@ -34,6 +34,8 @@ use crate::Args;
 /// for everyone.
 const MAX_BURST: usize = 256;
 const MAX_BURST_BYTES: usize = 1 << 20;
+/// Batched bytes beyond which a flush sends its replies before its batches.
+const REPLIES_FIRST_BYTES: usize = 64 * 1024;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1341,29 +1343,18 @@ impl Transmitter {
                 }
             }
         }
-        // Replies first: acknowledgements (those whose links have room again, then the
-        // others, in order) are what publishers wait on, and sending the batches first
-        // would hold them back by the time it takes to write those.
-        if !self.deferred.is_empty() {
-            let deferred = std::mem::take(&mut self.deferred);
-            let (ready, waiting): (Vec<_>, Vec<_>) = deferred
-                .into_iter()
-                .partition(|d| !self.any_congested(&d.dests));
-            self.deferred = waiting;
-            // Keep per-connection order: a later ack never overtakes a waiting one.
-            let blocked: HashSet<Bytes> =
-                self.deferred.iter().map(|d| d.identity.clone()).collect();
-            for d in ready {
-                if blocked.contains(&d.identity) {
-                    self.deferred.push(d);
-                } else {
-                    self.replies.push(d.reply);
-                }
-            }
-            self.deferred.sort_by_key(|d| d.since);
-        }
-        for m in std::mem::take(&mut self.replies) {
-            let _ = self.router.send(m).await;
+        // Acknowledgements are what publishers wait on: behind large batches they would
+        // wait for those to be written, so under load they go first. Light batches go
+        // first, as delivering them is then what a message waits on.
+        let batched: usize = self
+            .cells
+            .values()
+            .map(|c| c.outbox.writer.byte_len())
+            .chain(self.peers.values().map(|p| p.outbox.writer.byte_len()))
+            .sum();
+        let replies_first = batched > REPLIES_FIRST_BYTES;
+        if replies_first {
+            self.send_replies().await;
         }
         // Batches to cells.
         let mut failed = Vec::new();
@@ -1397,6 +1388,34 @@ impl Transmitter {
                     }
                 }
             }
+        }
+        if !replies_first {
+            self.send_replies().await;
+        }
+    }
+
+    /// Acknowledgements whose links have room again, then all replies, in order.
+    async fn send_replies(&mut self) {
+        if !self.deferred.is_empty() {
+            let deferred = std::mem::take(&mut self.deferred);
+            let (ready, waiting): (Vec<_>, Vec<_>) = deferred
+                .into_iter()
+                .partition(|d| !self.any_congested(&d.dests));
+            self.deferred = waiting;
+            // Keep per-connection order: a later ack never overtakes a waiting one.
+            let blocked: HashSet<Bytes> =
+                self.deferred.iter().map(|d| d.identity.clone()).collect();
+            for d in ready {
+                if blocked.contains(&d.identity) {
+                    self.deferred.push(d);
+                } else {
+                    self.replies.push(d.reply);
+                }
+            }
+            self.deferred.sort_by_key(|d| d.since);
+        }
+        for m in std::mem::take(&mut self.replies) {
+            let _ = self.router.send(m).await;
         }
     }
 }
