@@ -3,6 +3,7 @@
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -198,3 +199,87 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class RespReader:
+    """Reads RESP2/RESP3 values off a raw socket: (type byte, value)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, "connection closed"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exact(self, n):
+        while len(self.buf) < n + 2:
+            chunk = self.sock.recv(65536)
+            assert chunk, "connection closed"
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n + 2 :]
+        return data
+
+    def next(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"$":
+            return kind, None if int(rest) < 0 else self._exact(int(rest))
+        if kind in (b"*", b">"):
+            return kind, [self.next()[1] for _ in range(int(rest))]
+        if kind == b"%":
+            return kind, [self.next()[1] for _ in range(2 * int(rest))]
+        return kind, rest
+
+
+def test_pushes_follow_a_protocol_switch_mid_stream(start_mesh):
+    """A RESP3 subscriber goes back to RESP2 (HELLO 2) while messages stream in: every
+    message before the HELLO reply is a RESP3 push, every one after it a RESP2 array, and
+    none is lost or mangled. (The hub writes pushes ahead in the version it last heard of;
+    the connection retypes any written in the old one.)"""
+    mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])]), cells={"s": 1})
+    cell = mesh.cell("s-0")
+    port = int(cell["resp"].rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(encode("HELLO", "3") + encode("SUBSCRIBE", "flip"))
+    r = RespReader(s)
+    assert r.next()[0] == b"%"
+    assert r.next() == (b">", [b"subscribe", b"flip", b"1"])
+    publisher = mesh.redis(cell)
+    until_routed(publisher, "flip", 1)
+
+    total = 20_000
+    done = threading.Event()
+
+    def publish():
+        pipe = publisher.pipeline(transaction=False)
+        for i in range(total):
+            pipe.publish("flip", b"m%d" % i)
+            if i % 500 == 499:
+                pipe.execute()
+        pipe.execute()
+        done.set()
+
+    threading.Thread(target=publish, daemon=True).start()
+    kinds, got, switched = [], [], False
+    while len(got) < total:
+        kind, value = r.next()
+        if kind == b"*" and value and value[0] == b"server":
+            switched = True  # the HELLO 2 reply, a flat array in RESP2
+            kinds.append(b"hello")
+            continue
+        assert value[0] == b"message", value
+        if value[2].startswith(b"m"):
+            kinds.append(kind)
+            got.append(int(value[2][1:]))
+            if len(got) == 100:
+                s.sendall(encode("HELLO", "2"))
+    assert switched and done.wait(10)
+    assert sorted(got) == list(range(total)), "lost or duplicated messages"
+    at = kinds.index(b"hello")
+    assert set(kinds[:at]) == {b">"} and set(kinds[at + 1 :]) == {b"*"}, "a push in the wrong version"
+    s.close()

@@ -4,7 +4,9 @@
 //!
 //! Layout (all integers little-endian, byte strings prefixed by a u32 length):
 //! - `PUBS` (cell → transmitter): `u64 first_seq`, then per message
-//!   `kind u8, ts u64, channel, payload`; message i has sequence `first_seq + i`.
+//!   `kind u8, ts u64, channel, payload`; message i has sequence `first_seq + i`. It may be
+//!   split over several frames at message boundaries (`decode_publishes` reads the first,
+//!   `decode_publish_records` the others).
 //! - `ACKS` (transmitter → cell): `u64 first_seq, u32 n`, then n × `u32 receivers`.
 //! - `DLVR` (transmitter → cell) and `FWRD` (transmitter → transmitter): `u64 batch`, then per
 //!   message `kind u8, origin [20], seq u64, ts u64, channel, payload, u16 n_targets, n × [20]`.
@@ -132,7 +134,8 @@ pub fn put_publish(buf: &mut BytesMut, kind: Kind, ts: u64, channel: &[u8], payl
     put_bytes(buf, payload);
 }
 
-/// Builds a `PUBS` batch.
+/// Builds a `PUBS` batch in one frame (the sidecar sends its clients' records as further
+/// frames instead; see `put_publish`).
 #[derive(Default)]
 pub struct PublishBatchWriter {
     buf: BytesMut,
@@ -148,11 +151,6 @@ impl PublishBatchWriter {
     pub fn push(&mut self, kind: Kind, ts: u64, channel: &[u8], payload: &[u8]) {
         put_publish(&mut self.buf, kind, ts, channel, payload);
         self.count += 1;
-    }
-    /// Appends `count` records written by `put_publish`, in one copy.
-    pub fn push_records(&mut self, records: &[u8], count: usize) {
-        self.buf.extend_from_slice(records);
-        self.count += count;
     }
     pub fn len(&self) -> usize {
         self.count
