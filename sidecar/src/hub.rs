@@ -3,10 +3,14 @@
 //! Client connections talk to it through a bounded channel, so a flood of PUBLISHes
 //! pushes back on the clients' sockets instead of growing memory.
 //!
-//! Publishing: every message gets the next sequence number of its session and is kept
-//! until the transmitter acknowledges it (with the number of cells it reached, the
-//! PUBLISH reply). When a session moves to another transmitter, what was not acknowledged
-//! is sent again; receivers drop the copies by (origin, sequence).
+//! Publishing: every message gets the next sequence number of its session; the batches
+//! (`PUBS`, kept as sent) wait until the transmitter acknowledges them (with the number of
+//! cells each message reached, the PUBLISH reply). When a session moves to another
+//! transmitter, what was not acknowledged is sent again; receivers drop the copies by
+//! (origin, sequence).
+//!
+//! Delivering: the messages of a `DLVR` frame are written as RESP pushes here, into one
+//! buffer per client, which its connection writes as it is.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
