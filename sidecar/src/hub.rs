@@ -204,6 +204,9 @@ pub struct Hub {
     seen: HashMap<Thid, SeqWindow>,
     /// The latency histogram, observed without atomics and flushed once per frame.
     latency: prometheus::local::LocalHistogram,
+    /// Reused by every delivery: the pushes being written, and which is whose.
+    pushes: Vec<Pushes>,
+    push_index: HashMap<ClientId, usize>,
     ready_printed: bool,
     started: Instant,
 }
@@ -251,6 +254,8 @@ impl Hub {
             cfg,
             id,
             latency: metrics.latency.local(),
+            pushes: Vec::new(),
+            push_index: HashMap::new(),
             metrics,
             clients: HashMap::new(),
             subs: Subscriptions::default(),
@@ -783,8 +788,8 @@ impl Hub {
             self.seen.clear();
         }
         // Each client's pushes in one buffer, handed over once per frame.
-        let mut pushes: Vec<Pushes> = Vec::new();
-        let mut index: HashMap<ClientId, usize> = HashMap::new();
+        let mut pushes = std::mem::take(&mut self.pushes);
+        let mut index = std::mem::take(&mut self.push_index);
         let mut last: Option<(Thid, &mut SeqWindow)> = None;
         let mut targets: Vec<(ClientId, Target)> = Vec::new();
         let mut routed_for: Option<(Kind, &[u8])> = None;
@@ -846,7 +851,9 @@ impl Hub {
             }
         }
         self.latency.flush();
-        for p in pushes {
+        index.clear();
+        self.push_index = index;
+        for p in pushes.drain(..) {
             let out = Out::Pushes {
                 resp3: p.resp3,
                 bytes: p.bytes.freeze(),
@@ -856,6 +863,7 @@ impl Hub {
                 self.metrics.bytes_out.inc_by(p.payload_bytes);
             }
         }
+        self.pushes = pushes;
     }
 
     async fn housekeeping(&mut self) {
