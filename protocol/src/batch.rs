@@ -171,13 +171,7 @@ impl PublishBatchWriter {
 pub fn decode_publishes(frame: &[u8]) -> Result<(u64, Publishes<'_>), FrameError> {
     let mut r = Reader { buf: frame };
     let first = r.u64()?;
-    let messages = Reader { buf: r.buf };
-    let mut count = 0;
-    while !r.done() {
-        read_publish(&mut r)?;
-        count += 1;
-    }
-    Ok((first, Publishes { r: messages, count }))
+    Ok((first, decode_publish_records(r.buf)?))
 }
 
 /// Decodes records written by `put_publish` (a `PUBS` batch without its `first_seq`),
@@ -240,10 +234,11 @@ pub fn decode_acks(frame: &[u8]) -> Result<(u64, Vec<u32>), FrameError> {
     let mut r = Reader { buf: frame };
     let first = r.u64()?;
     let n = r.u32()? as usize;
-    if r.buf.len() < n.saturating_mul(4) {
-        return Err(FrameError::BadBatch("truncated"));
-    }
-    let counts = (0..n).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
+    let counts = r
+        .take(n.saturating_mul(4))?
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("chunks of 4")))
+        .collect();
     if !r.done() {
         return Err(FrameError::BadBatch("trailing bytes"));
     }

@@ -26,8 +26,9 @@ pub struct Shared {
 
 enum Pending {
     Ready(Reply),
-    /// A (S)PUBLISH waiting for its acknowledgement, by token.
-    Publish(u64),
+    /// A (S)PUBLISH waiting for its acknowledgement; its token is its number in
+    /// `pending` (see `pending_base`).
+    Publish,
 }
 
 struct Client {
@@ -410,8 +411,7 @@ impl Client {
         let slot = token
             .checked_sub(self.pending_base)
             .and_then(|i| self.pending.get_mut(usize::try_from(i).ok()?));
-        if let Some(slot @ Pending::Publish(_)) = slot {
-            debug_assert!(matches!(slot, Pending::Publish(t) if *t == token));
+        if let Some(slot @ Pending::Publish) = slot {
             *slot = Pending::Ready(reply);
         }
     }
@@ -614,7 +614,7 @@ impl Client {
             return false;
         }
         let token = self.pending_base + self.pending.len() as u64;
-        self.pending.push_back(Pending::Publish(token));
+        self.pending.push_back(Pending::Publish);
         let p = &mut self.publishes;
         if p.count == 0 {
             self.batch_ts = now_us();

@@ -49,10 +49,15 @@ struct Open {
 }
 
 impl Open {
-    fn push_part(&mut self, records: Bytes) {
+    /// Ends the part being written one by one, if any.
+    fn seal_tail(&mut self) {
         if !self.tail.is_empty() {
             self.parts.push(self.tail.split().freeze());
         }
+    }
+
+    fn push_part(&mut self, records: Bytes) {
+        self.seal_tail();
         self.parts.push(records);
     }
 }
@@ -178,9 +183,7 @@ impl Session {
     /// Closes the batch being gathered, so that it can be sent.
     pub fn close(&mut self) {
         if let Some(mut open) = self.open.take() {
-            if !open.tail.is_empty() {
-                open.parts.push(open.tail.split().freeze());
-            }
+            open.seal_tail();
             self.unacked.push_back(Unacked {
                 first_seq: self.next_seq - open.count as u64,
                 count: open.count,

@@ -17,14 +17,12 @@ pub struct Metrics {
     pub peer_reconnects: IntCounter,
     pub room_messages: IntCounterVec,
     pub rooms: IntGauge,
-    /// Labelled handles of the per-message counters, looked up once: a label lookup hashes
-    /// and locks, too much to do per message.
-    pub hot: Hot,
 }
 
-/// The per-message counters, as local (non-atomic) counters of `Hot`'s: the transmitter
-/// counts into them and flushes them once per loop turn, not one atomic add per message.
-pub struct HotLocal {
+/// The per-message counters (labelled handles looked up once: a label lookup hashes and
+/// locks), as local (non-atomic) counters: the transmitter counts into them and flushes
+/// them once per loop turn, not one atomic add per message.
+pub struct Hot {
     pub in_cell: LocalIntCounter,
     pub in_peer: LocalIntCounter,
     pub bytes_in_cell: LocalIntCounter,
@@ -37,19 +35,21 @@ pub struct HotLocal {
     pub bytes_out_pub: LocalIntCounter,
 }
 
-impl HotLocal {
-    pub fn new(hot: &Hot) -> Self {
-        HotLocal {
-            in_cell: hot.in_cell.local(),
-            in_peer: hot.in_peer.local(),
-            bytes_in_cell: hot.bytes_in_cell.local(),
-            bytes_in_peer: hot.bytes_in_peer.local(),
-            out_cell: hot.out_cell.local(),
-            out_peer: hot.out_peer.local(),
-            out_pub: hot.out_pub.local(),
-            bytes_out_cell: hot.bytes_out_cell.local(),
-            bytes_out_peer: hot.bytes_out_peer.local(),
-            bytes_out_pub: hot.bytes_out_pub.local(),
+impl Hot {
+    pub fn new(m: &Metrics) -> Self {
+        let local =
+            |family: &IntCounterVec, label: &str| family.with_label_values(&[label]).local();
+        Hot {
+            in_cell: local(&m.messages_in, "cell"),
+            in_peer: local(&m.messages_in, "peer"),
+            bytes_in_cell: local(&m.bytes_in, "cell"),
+            bytes_in_peer: local(&m.bytes_in, "peer"),
+            out_cell: local(&m.messages_out, "cell"),
+            out_peer: local(&m.messages_out, "peer"),
+            out_pub: local(&m.messages_out, "pub"),
+            bytes_out_cell: local(&m.bytes_out, "cell"),
+            bytes_out_peer: local(&m.bytes_out, "peer"),
+            bytes_out_pub: local(&m.bytes_out, "pub"),
         }
     }
 
@@ -69,20 +69,6 @@ impl HotLocal {
             c.flush();
         }
     }
-}
-
-#[derive(Clone)]
-pub struct Hot {
-    pub in_cell: IntCounter,
-    pub in_peer: IntCounter,
-    pub bytes_in_cell: IntCounter,
-    pub bytes_in_peer: IntCounter,
-    pub out_cell: IntCounter,
-    pub out_peer: IntCounter,
-    pub out_pub: IntCounter,
-    pub bytes_out_cell: IntCounter,
-    pub bytes_out_peer: IntCounter,
-    pub bytes_out_pub: IntCounter,
 }
 
 impl Metrics {
@@ -112,25 +98,11 @@ impl Metrics {
             "Payload bytes sent, by destination.",
             "dest",
         );
-        // Looked up once here; the per-message paths use these handles.
-        let hot = Hot {
-            in_cell: messages_in.with_label_values(&["cell"]),
-            in_peer: messages_in.with_label_values(&["peer"]),
-            bytes_in_cell: bytes_in.with_label_values(&["cell"]),
-            bytes_in_peer: bytes_in.with_label_values(&["peer"]),
-            out_cell: messages_out.with_label_values(&["cell"]),
-            out_peer: messages_out.with_label_values(&["peer"]),
-            out_pub: messages_out.with_label_values(&["pub"]),
-            bytes_out_cell: bytes_out.with_label_values(&["cell"]),
-            bytes_out_peer: bytes_out.with_label_values(&["peer"]),
-            bytes_out_pub: bytes_out.with_label_values(&["pub"]),
-        };
         let m = Metrics {
             messages_in,
             messages_out,
             bytes_in,
             bytes_out,
-            hot,
             drops: counter_vec(
                 &r,
                 "thynapse_transmitter_drops_total",

@@ -6,9 +6,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use bytes::Bytes;
 // foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
 // names; SipHash was a visible share of the hot path).
-use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::FutureExt;
 use thynapse_protocol::batch::{
@@ -25,7 +25,7 @@ use zeromq::{
     SocketRecv, SocketSend, ZmqMessage,
 };
 
-use crate::metrics::{HotLocal, Metrics};
+use crate::metrics::{Hot, Metrics};
 use crate::outbox::Outbox;
 use crate::routing::{Dispatch, Location, PeerId, Table};
 use crate::Args;
@@ -148,7 +148,7 @@ struct Transmitter {
     events_tx: mpsc::Sender<Event>,
     metrics: Metrics,
     /// The per-message counters, flushed to `metrics` once per loop turn.
-    hot: HotLocal,
+    hot: Hot,
     draining: Option<Instant>,
     expiry: Duration,
     heartbeat: Duration,
@@ -248,7 +248,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         replies: Vec::new(),
         deferred: Vec::new(),
         events_tx,
-        hot: HotLocal::new(&metrics.hot),
+        hot: Hot::new(&metrics),
         metrics,
         draining: None,
         expiry,
@@ -854,10 +854,7 @@ impl Transmitter {
                 let mut local = std::mem::take(&mut self.scratch);
                 for e in envelopes {
                     self.hot.in_peer.inc();
-                    self.metrics
-                        .hot
-                        .bytes_in_peer
-                        .inc_by(e.payload.len() as u64);
+                    self.hot.bytes_in_peer.inc_by(e.payload.len() as u64);
                     if e.kind == Kind::Shard {
                         self.count_room_message(e.channel);
                     }
