@@ -470,9 +470,11 @@ fn cpu_by_process(setup: &Setup, system: System) -> Vec<(String, f64)> {
                 .into_iter()
                 .map(|(name, _, _, pid)| (format!("transmitter {name}"), pid))
                 .collect();
-            let cells = setup.mesh.cells("bench");
-            for (i, (_, transmitter, pid)) in cells.iter().enumerate() {
-                procs.push((format!("sidecar bench-{i} (on {transmitter})"), *pid));
+            for service in ["bench", "workers"] {
+                let cells = setup.mesh.cells(service);
+                for (i, (_, transmitter, pid)) in cells.iter().enumerate() {
+                    procs.push((format!("sidecar {service}-{i} (on {transmitter})"), *pid));
+                }
             }
             procs
         }
@@ -531,6 +533,18 @@ impl CpuTally {
         }
         note
     }
+}
+
+/// The tally for `scenario`, added on first use.
+fn tally<'a>(cpu: &'a mut Vec<(String, CpuTally)>, scenario: &str) -> &'a mut CpuTally {
+    let i = match cpu.iter().position(|(s, _)| s == scenario) {
+        Some(i) => i,
+        None => {
+            cpu.push((scenario.to_string(), CpuTally::default()));
+            cpu.len() - 1
+        }
+    };
+    &mut cpu[i].1
 }
 
 fn percentile_sample(h: &Histogram<u64>, q: f64, lost: u64) -> Sample {
@@ -696,7 +710,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let mut cpu = CpuTally::default();
+    // Where the CPU goes, per throughput scenario, in the order measured.
+    let mut cpu: Vec<(String, CpuTally)> = Vec::new();
     for rep in 0..repeats {
         eprintln!("repetition {}/{repeats}", rep + 1);
         if !args.rooms_only {
@@ -722,9 +737,9 @@ async fn main() -> anyhow::Result<()> {
                             false,
                         )
                         .await?;
-                        if size == 64 && !same {
+                        if !same {
                             let after = cpu_by_process(&setup, system);
-                            cpu.add(system, &before, &after, sizes.count);
+                            tally(&mut cpu, &scenario).add(system, &before, &after, sizes.count);
                         }
                         results.add(&scenario, "msg/s", true, system, s);
                     }
@@ -751,6 +766,7 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|_| anycatch)
             {
                 let (p, subs) = endpoints(&setup, system, 4, false, "workers");
+                let before = cpu_by_process(&setup, system);
                 let s = throughput(
                     system,
                     &p,
@@ -761,13 +777,10 @@ async fn main() -> anyhow::Result<()> {
                     true,
                 )
                 .await?;
-                results.add(
-                    "anycatch to 4 cells (NATS: queue group of 4), 64 B",
-                    "msg/s",
-                    true,
-                    system,
-                    s,
-                );
+                let scenario = "anycatch to 4 cells (NATS: queue group of 4), 64 B";
+                let after = cpu_by_process(&setup, system);
+                tally(&mut cpu, scenario).add(system, &before, &after, sizes.count);
+                results.add(scenario, "msg/s", true, system, s);
             }
             for &rate in &sizes.latency_rates {
                 if !results.wants(&format!("latency at {}K msg/s", rate / 1000)) {
@@ -815,10 +828,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    if !cpu.messages.is_empty() {
-        results
-            .notes
-            .insert(0, cpu.note("throughput 1→1, 64 B, different transmitters"));
+    for (i, (scenario, tally)) in cpu.iter().enumerate() {
+        results.notes.insert(i, tally.note(scenario));
     }
     let text = report(&results, &machine(), &args, repeats);
     println!("{text}");

@@ -123,7 +123,38 @@ pub struct Table {
     /// a name is cheaper than hashing it.
     last: Option<(Kind, Rc<Route>)>,
     last_channel: Vec<u8>,
-    rotation: HashMap<Arc<str>, usize>,
+    rotation: HashMap<Arc<str>, Turn>,
+    /// Counts incoming batches: anycatch stays on one cell for a short run of messages
+    /// only within one batch.
+    batch: u64,
+}
+
+/// Consecutive messages of one incoming batch that anycatch gives the same cell (as
+/// Kafka's sticky partitioner does per batch): under load the cells get runs instead of
+/// every fourth message, so they are woken and written to a quarter as often; a message
+/// that arrives alone still goes to the next cell in turn.
+pub const ANYCATCH_RUN: u32 = 32;
+
+/// Where one Service's anycatch rotation stands.
+#[derive(Default)]
+struct Turn {
+    next: usize,
+    current: usize,
+    batch: u64,
+    run: u32,
+}
+
+impl Turn {
+    fn pick(&mut self, batch: u64) -> usize {
+        if self.batch != batch || self.run == 0 || self.run >= ANYCATCH_RUN {
+            self.current = self.next;
+            self.next = self.next.wrapping_add(1);
+            self.batch = batch;
+            self.run = 0;
+        }
+        self.run += 1;
+        self.current
+    }
 }
 
 impl Table {
@@ -369,8 +400,14 @@ impl Table {
         route
     }
 
+    /// Marks the start of a new incoming batch: anycatch moves on to the next cell.
+    pub fn start_batch(&mut self) {
+        self.batch += 1;
+    }
+
     /// Routes one message entering the mesh here into `out`, choosing anycatch cells in
-    /// turn so that load spreads evenly over a Service's cells.
+    /// turn (in runs within a batch, see [`ANYCATCH_RUN`]) so that load spreads evenly
+    /// over a Service's cells.
     pub fn dispatch(&mut self, kind: Kind, channel: &[u8], out: &mut Dispatch) {
         out.clear();
         let route = self.route(kind, channel);
@@ -384,8 +421,7 @@ impl Table {
                 Some(turn) => turn,
                 None => self.rotation.entry(group.service.clone()).or_default(),
             };
-            let (at, id) = group.candidates[*turn % group.candidates.len()];
-            *turn = turn.wrapping_add(1);
+            let (at, id) = group.candidates[turn.pick(self.batch) % group.candidates.len()];
             out.receivers += 1;
             match at {
                 Location::Local => out.local.push(id),
@@ -495,6 +531,7 @@ mod tests {
         let mut got = Vec::new();
         let mut d = Dispatch::default();
         for _ in 0..6 {
+            t.start_batch();
             t.dispatch(Kind::Mesh, &ch("jobs.build"), &mut d);
             assert_eq!(d.receivers, 2);
             assert!(d.local.contains(&audit));
@@ -513,6 +550,35 @@ mod tests {
         t.apply(Location::Peer(2), cells[2], &[]);
         t.dispatch(Kind::Mesh, &ch("jobs"), &mut d);
         assert_eq!(d.receivers, 0);
+    }
+
+    #[test]
+    fn anycatch_keeps_a_cell_for_a_short_run_within_one_batch() {
+        let rules = [DeliveryRule::new("*", Mode::Anycatch)];
+        let mut t = Table::default();
+        let a = sub(&mut t, Location::Local, "w", &rules, "x");
+        let b = sub(&mut t, Location::Peer(1), "w", &rules, "x");
+        let mut d = Dispatch::default();
+        let mut pick = |t: &mut Table| {
+            t.dispatch(Kind::Mesh, &ch("x"), &mut d);
+            let peer: Vec<Thid> = d.peers().iter().flat_map(|(_, v)| v.clone()).collect();
+            assert_eq!(d.local.len() + peer.len(), 1, "exactly one cell");
+            d.local.first().copied().unwrap_or_else(|| peer[0])
+        };
+        t.start_batch();
+        let first = pick(&mut t);
+        let other = if first == a { b } else { a };
+        for _ in 1..ANYCATCH_RUN {
+            assert_eq!(pick(&mut t), first, "a run stays on one cell");
+        }
+        assert_eq!(pick(&mut t), other, "a full run moves on");
+        // A new batch moves on at once, so messages arriving one by one alternate.
+        let mut counts = [0, 0];
+        for _ in 0..10 {
+            t.start_batch();
+            counts[usize::from(pick(&mut t) == a)] += 1;
+        }
+        assert_eq!(counts, [5, 5]);
     }
 
     #[test]

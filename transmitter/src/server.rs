@@ -583,6 +583,7 @@ impl Transmitter {
                 let n: usize = parts.iter().map(ExactSizeIterator::len).sum();
                 let mut counts = Vec::with_capacity(n);
                 let mut dests = Vec::new();
+                self.table.start_batch();
                 for (i, p) in parts.into_iter().flatten().enumerate() {
                     let seq = first + i as u64;
                     counts.push(
@@ -615,6 +616,7 @@ impl Transmitter {
                     c.last_seq
                 });
                 let mut dests = Vec::new();
+                self.table.start_batch();
                 let ts = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros() as u64);
