@@ -7,6 +7,7 @@
 //! the wire.
 
 pub mod batch;
+pub mod credit;
 pub mod dedup;
 pub mod delivery;
 pub mod discovery;

@@ -681,7 +681,7 @@ impl Hub {
             name,
             sender,
             last_heard: Instant::now(),
-            credit: None,
+            credit: Default::default(),
             greeting: msgs,
         });
     }
@@ -712,7 +712,7 @@ impl Hub {
                 };
                 match decode_envelopes(&body) {
                     Ok((batch, envelopes)) => {
-                        link.credit = Some(batch);
+                        link.credit.received(batch, body.len());
                         self.deliver(envelopes, body.len());
                     }
                     Err(e) => tracing::warn!("bad DLVR batch: {e}"),
@@ -886,6 +886,7 @@ impl Hub {
                     s.avoid = vec![link.name.clone()];
                     s.link = None;
                 } else {
+                    credit(link, true).await;
                     let _ = link
                         .sender
                         .send(json_frame(cmd::PING, &serde_json::json!({})))
@@ -925,7 +926,7 @@ impl Hub {
     async fn flush(&mut self) {
         for s in self.sessions.values_mut() {
             if let Some((old, _)) = s.old_link.as_mut() {
-                credit(old).await;
+                credit(old, true).await;
             }
             if s.link.is_some() {
                 s.close();
@@ -956,13 +957,14 @@ impl Hub {
                 }
                 s.unsent_from += 1;
             }
-            credit(link).await;
+            credit(link, false).await;
         }
     }
 }
 
-async fn credit(link: &mut Link) {
-    if let Some(batch) = link.credit.take() {
+/// Sends the credit owed on `link` if enough is (or anything is, when `all`).
+async fn credit(link: &mut Link, all: bool) {
+    if let Some(batch) = link.credit.take(all) {
         let _ = link
             .sender
             .send(json_frame(cmd::CRED, &wire::Credit { batch }))

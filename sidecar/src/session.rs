@@ -84,8 +84,8 @@ pub struct Link {
     pub name: String,
     pub sender: DealerSendHalf,
     pub last_heard: Instant,
-    /// Highest DLVR batch received and not yet credited.
-    pub credit: Option<u64>,
+    /// DLVR batches received and not yet credited.
+    pub credit: thynapse_protocol::credit::Credit,
     /// HELO and the subscription snapshot, sent first at the next flush.
     pub greeting: Vec<ZmqMessage>,
 }
@@ -456,6 +456,7 @@ async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagr
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use thynapse_protocol::batch::{decode_publish_records, Kind};
 
     fn records(n: usize) -> Bytes {

@@ -14,6 +14,7 @@ use futures::FutureExt;
 use thynapse_protocol::batch::{
     decode_envelopes, decode_publish_records, decode_publishes, encode_acks, Kind,
 };
+use thynapse_protocol::credit::Credit;
 use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::room::room_of;
@@ -87,6 +88,8 @@ struct Peer {
     connecting: bool,
     /// Their DEALER on our ROUTER, and when we last heard from it.
     inbound: Option<(Bytes, Instant)>,
+    /// FWRD batches taken on that connection and not yet acknowledged (FACK).
+    fack: Credit,
     /// They said LEAV; ignore announcements of this instance.
     left: Option<Thid>,
 }
@@ -526,6 +529,7 @@ impl Transmitter {
                 if let Some((old, _)) = p.inbound.replace((identity.clone(), now)) {
                     self.peer_identities.remove(&old);
                 }
+                p.fack = Credit::default();
                 self.peer_identities.insert(identity.clone(), peer);
                 self.replies
                     .push(reply_json(identity, cmd::PWLC, &self.peer_hello()));
@@ -869,8 +873,19 @@ impl Transmitter {
                     }
                 }
                 self.scratch = local;
-                let reply = reply_json(identity, cmd::FACK, &wire::Credit { batch });
-                self.ack_when_clear(identity, reply, dests);
+                let waiting = self.deferred.iter().any(|d| d.identity == *identity);
+                if waiting || self.any_congested(&dests) {
+                    let reply = reply_json(identity, cmd::FACK, &wire::Credit { batch });
+                    self.ack_when_clear(identity, reply, dests);
+                } else if let Some(p) = self.peers.get_mut(&peer) {
+                    // Nothing to hold it back: acknowledged with the next ones, or at
+                    // the next tick (a FACK credits every batch before it too).
+                    p.fack.received(batch, body.len());
+                    if let Some(batch) = p.fack.take(false) {
+                        self.replies
+                            .push(reply_json(identity, cmd::FACK, &wire::Credit { batch }));
+                    }
+                }
             }
             cmd::LEAV => {
                 tracing::info!(peer = %self.peers[&peer].name, "peer left");
@@ -904,6 +919,7 @@ impl Transmitter {
                 generation: 0,
                 connecting: false,
                 inbound: None,
+                fack: Credit::default(),
                 left: None,
             },
         );
@@ -929,6 +945,7 @@ impl Transmitter {
         if let Some((identity, _)) = p.inbound.take() {
             self.peer_identities.remove(&identity);
         }
+        p.fack = Credit::default();
         if left {
             p.left = p.instance;
         }
@@ -1144,6 +1161,13 @@ impl Transmitter {
     }
 
     fn housekeeping(&mut self, now: Instant) {
+        // What peers are owed.
+        for p in self.peers.values_mut() {
+            if let (Some((identity, _)), Some(batch)) = (&p.inbound, p.fack.take(true)) {
+                self.replies
+                    .push(reply_json(identity, cmd::FACK, &wire::Credit { batch }));
+            }
+        }
         // Cells that went silent.
         let silent: Vec<Thid> = self
             .cells
