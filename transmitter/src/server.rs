@@ -34,7 +34,7 @@ use crate::Args;
 /// Most inbound messages handled before a flush, so one busy sender cannot delay batches
 /// for everyone.
 const MAX_BURST: usize = 256;
-const MAX_BURST_BYTES: usize = 1 << 20;
+const MAX_BURST_BYTES: usize = 64 * 1024;
 /// Batched bytes beyond which a flush sends its replies before its batches.
 const REPLIES_FIRST_BYTES: usize = 64 * 1024;
 
@@ -278,6 +278,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut last_tick = Instant::now();
 
     loop {
+        let mut more_waiting = false;
         tokio::select! {
             biased;
             msg = router_rx.recv() => {
@@ -290,6 +291,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                         _ => break,
                     }
                 }
+                more_waiting = n == MAX_BURST || bytes >= MAX_BURST_BYTES;
                 while let Ok(ev) = events_rx.try_recv() {
                     t.on_event(ev);
                 }
@@ -319,6 +321,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             _ = sigint.recv() => t.start_drain(),
         }
         t.flush().await;
+        if more_waiting {
+            // The zeromq crate writes from its own tasks on this thread: let them put
+            // what was just flushed (the acknowledgements publishers wait on) on the wire
+            // before the next burst.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
