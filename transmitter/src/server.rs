@@ -31,8 +31,9 @@ use crate::outbox::Outbox;
 use crate::routing::{Dispatch, Location, PeerId, Table};
 use crate::Args;
 
-/// Most inbound messages handled before a flush, so one busy sender cannot delay batches
-/// for everyone.
+/// Most inbound messages (and bytes) handled before a flush, so one busy sender cannot
+/// delay batches for everyone, and publishers get their acknowledgements while the rest
+/// of a backlog is routed.
 const MAX_BURST: usize = 256;
 const MAX_BURST_BYTES: usize = 64 * 1024;
 /// Batched bytes beyond which a flush sends its replies before its batches.
