@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import zmq
 
@@ -100,3 +101,104 @@ def test_garbage_frames_get_errors_and_the_transmitter_serves_on(start_mesh):
     until_routed(publisher, "after", 1)
     publisher.publish("after", b"still fine")
     sub.wait_count(1, prefix=b"still fine")
+
+
+def _envelopes(body):
+    """Decodes a DLVR envelope batch: (batch number, [payload, ...])."""
+    batch = int.from_bytes(body[:8], "little")
+    at, payloads = 8, []
+    while at < len(body):
+        at += 1 + 20 + 8 + 8  # kind, origin, seq, ts
+        n = int.from_bytes(body[at : at + 4], "little")
+        at += 4 + n  # channel
+        n = int.from_bytes(body[at : at + 4], "little")
+        payloads.append(body[at + 4 : at + 4 + n])
+        at += 4 + n
+        targets = int.from_bytes(body[at : at + 2], "little")
+        at += 2 + 20 * targets
+    return batch, payloads
+
+
+def test_a_cell_that_never_credits_is_bounded_and_the_rest_counted(start_mesh):
+    """A libzmq cell that takes DLVR batches without crediting them (CRED) is sent at
+    most its link buffer; every other message for it is dropped and counted, the publisher
+    is answered, and crediting lets messages flow again."""
+    limit = 65536
+    extra = f"  limits: {{maxMessageBytes: {limit}, linkBufferBytes: {limit}}}\n"
+    mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])], extra=extra), cells={"s": 1})
+    t = mesh.transmitter("demo-0")
+    drops = 'thynapse_transmitter_drops_total{reason="cell_backlog"}'
+    ctx = zmq.Context()
+    try:
+        sock = dealer(ctx, t["command"])
+        sock.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
+        assert recv_command(sock)[1] == "WLCM"
+        name = b"flow"
+        sock.send_multipart([b"B SUBS", bytes([0, 0]) + len(name).to_bytes(4, "little") + name])
+        got, last_batch = [], 0
+
+        def take():
+            # Keeps the cell alive (the transmitter drops silent cells) and takes what came.
+            sock.send(b"J PING {}")
+            while sock.poll(20):
+                _, cmd, _, frames = recv_command(sock)
+                if cmd == "DLVR":
+                    nonlocal last_batch
+                    last_batch, payloads = _envelopes(frames[0])
+                    got.extend(p for p in payloads if p != b"probe")
+
+        publisher = mesh.redis(mesh.cell("s-0"))
+        until_routed(publisher, "flow", 1)
+        n = 200
+        sent = [b"%04d" % i + b"x" * 1020 for i in range(n)]
+        replies = []
+
+        def publish():
+            pipe = publisher.pipeline(transaction=False)
+            for p in sent:
+                pipe.publish("flow", p)
+            replies.extend(pipe.execute())
+
+        publishing = threading.Thread(target=publish)
+        publishing.start()
+
+        def accounted():
+            take()
+            return len(got) + metrics(t["metrics"]).get(drops, 0) >= n and not publishing.is_alive()
+
+        wait_for(accounted, timeout=30, what="every message delivered or counted")
+        publishing.join()
+        dropped = metrics(t["metrics"])[drops]
+        assert len(got) + dropped == n, "each message delivered once or counted as dropped"
+        assert dropped > 0 and sum(len(p) for p in got) <= limit, "the cell got at most its link buffer"
+        assert got == sent[: len(got)], "what the cell got came in order, from the start"
+        assert len(replies) == n, "the publisher was answered"
+        # Crediting everything taken lets messages flow again.
+        sock.send(f'J CRED {{"batch": {last_batch}}}'.encode())
+        wait_for(lambda: publisher.publish("flow", b"after") and (take() or b"after" in got), what="flow after CRED")
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_burst_sixteen_times_the_link_buffer_waits_for_credit_and_loses_nothing(start_mesh):
+    """A burst far larger than the link buffers waits at each transmitter for the
+    receivers' credit (CRED, FACK) instead of being dropped: it crosses two transmitters
+    whole and in order."""
+    limit = 65536
+    extra = f"  limits: {{maxMessageBytes: {limit}, linkBufferBytes: {limit}}}\n"
+    mesh = start_mesh(mesh_yaml(replicas=2, services=[("s", [])], extra=extra), cells={"s": 2})
+    a, b = mesh.cell("s-0"), mesh.cell("s-1")
+    assert a["transmitter"] != b["transmitter"], "publisher and subscriber on different transmitters"
+    sub = Subscriber(mesh.redis(b), channels=["burst"])
+    publisher = mesh.redis(a)
+    until_routed(publisher, "burst", 1)
+    sent = [b"m%04d" % i + b"x" * 1019 for i in range(1024)]
+    pipe = publisher.pipeline(transaction=False)
+    for p in sent:
+        pipe.publish("burst", p)
+    assert pipe.execute() == [1] * len(sent)
+    sub.wait_count(len(sent), prefix=b"m", timeout=60)
+    assert sub.data(b"m") == sent, "every message, once, in order"
+    for t in mesh.endpoints["transmitters"]:
+        dropped = {k: v for k, v in metrics(t["metrics"]).items() if k.startswith("thynapse_transmitter_drops_total") and v}
+        assert not dropped, f"{t['name']} dropped {dropped}"

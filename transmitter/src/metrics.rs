@@ -17,6 +17,7 @@ pub struct Metrics {
     pub peer_reconnects: IntCounter,
     pub room_messages: IntCounterVec,
     pub rooms: IntGauge,
+    pub held_bytes: IntGauge,
 }
 
 /// The per-message counters (labelled handles looked up once: a label lookup hashes and
@@ -139,6 +140,11 @@ impl Metrics {
                 &r,
                 "thynapse_transmitter_rooms",
                 "Rooms this transmitter hosts.",
+            ),
+            held_bytes: gauge(
+                &r,
+                "thynapse_transmitter_held_bytes",
+                "Bytes of inbound batches waiting for room on the links they go to.",
             ),
             registry: r,
         };

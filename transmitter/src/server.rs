@@ -124,6 +124,39 @@ enum Dest {
     Peer(PeerId),
 }
 
+/// Where inbound work came from: its batches are routed in the order they came.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Cell(Thid),
+    Peer(PeerId),
+}
+
+/// An inbound batch (a cell's PUBS, a peer's FWRD) waiting for room on the links its next
+/// message goes to. A burst larger than a link buffer waits for the receivers' credit
+/// instead of being dropped; only past the expiry is the rest routed and what does not
+/// fit dropped (and counted), so a receiver that never credits cannot stall its senders.
+struct Held {
+    source: Source,
+    identity: Bytes,
+    batch: HeldBatch,
+    /// Messages of the batch already routed, and what they reached.
+    done: usize,
+    counts: Vec<u32>,
+    dests: Vec<Dest>,
+    since: Instant,
+    bytes: usize,
+}
+
+enum HeldBatch {
+    /// The `PUBS` frames (all checked on arrival).
+    Publish(Vec<Bytes>),
+    /// The `FWRD` body (checked on arrival).
+    Forward(Bytes),
+}
+
+/// The message routing stopped at: a link it goes to has no room.
+struct NoRoom;
+
 /// An acknowledgement waiting for congested links to drain.
 struct Deferred {
     identity: Bytes,
@@ -149,6 +182,7 @@ struct Transmitter {
     dirty: HashSet<Thid>,
     replies: Vec<ZmqMessage>,
     deferred: Vec<Deferred>,
+    held: VecDeque<Held>,
     events_tx: mpsc::Sender<Event>,
     metrics: Metrics,
     /// The per-message counters, flushed to `metrics` once per loop turn.
@@ -251,6 +285,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         dirty: HashSet::new(),
         replies: Vec::new(),
         deferred: Vec::new(),
+        held: VecDeque::new(),
         events_tx,
         hot: Hot::new(&metrics),
         metrics,
@@ -588,30 +623,15 @@ impl Transmitter {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("PUBS".into()))?;
                 // The batch may come in parts (each of whole records): all are checked
                 // before any message is routed.
-                let (first, head) = decode_publishes(&body)?;
-                let mut parts = vec![head];
+                decode_publishes(&body)?;
                 for part in &more {
-                    parts.push(decode_publish_records(part)?);
+                    decode_publish_records(part)?;
                 }
-                let n: usize = parts.iter().map(ExactSizeIterator::len).sum();
-                let mut counts = Vec::with_capacity(n);
-                let mut dests = Vec::new();
-                self.table.start_batch();
-                for (i, p) in parts.into_iter().flatten().enumerate() {
-                    let seq = first + i as u64;
-                    counts.push(
-                        self.publish(id, seq, p.ts, p.kind, p.channel, p.payload, &mut dests),
-                    );
-                }
-                if let Some(cell) = self.cells.get_mut(&id) {
-                    cell.last_seq = cell.last_seq.max(first + n as u64);
-                }
-                let mut reply = ZmqMessage::from(identity.clone());
-                reply.push_back(
-                    CommandFrame::new(Encoding::Binary, cmd::ACKS, Bytes::new()).to_bytes(),
-                );
-                reply.push_back(encode_acks(first, &counts));
-                self.ack_when_clear(identity, reply, dests);
+                let bytes = body.len() + more.iter().map(Bytes::len).sum::<usize>();
+                let mut parts = Vec::with_capacity(1 + more.len());
+                parts.push(body);
+                parts.extend(more);
+                self.take_batch(Source::Cell(id), identity, HeldBatch::Publish(parts), bytes);
             }
             cmd::EVNT => {
                 let event: wire::Event = frame.decode_json()?;
@@ -633,8 +653,18 @@ impl Transmitter {
                 let ts = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros() as u64);
-                let receivers =
-                    self.publish(id, seq, ts, Kind::Mesh, &channel, &payload, &mut dests);
+                let receivers = self
+                    .publish(
+                        id,
+                        seq,
+                        ts,
+                        Kind::Mesh,
+                        &channel,
+                        &payload,
+                        &mut dests,
+                        false,
+                    )
+                    .unwrap_or(0);
                 let ack = wire::EventAck {
                     thid: Thid::of_parts(&[&channel, &payload]),
                     receivers,
@@ -654,6 +684,8 @@ impl Transmitter {
     }
 
     /// Routes one message published by local cell `origin`; returns the cells it reaches.
+    /// With `hold`, a message that a link it goes to has no room for is not routed
+    /// (`NoRoom`); without, it is dropped for that link (and counted).
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &mut self,
@@ -664,10 +696,11 @@ impl Transmitter {
         channel: &[u8],
         payload: &[u8],
         dests: &mut Vec<Dest>,
-    ) -> u32 {
-        self.hot.in_cell.inc();
-        self.hot.bytes_in_cell.inc_by(payload.len() as u64);
+        hold: bool,
+    ) -> Result<u32, NoRoom> {
         if payload.len() > self.args.max_message_bytes {
+            self.hot.in_cell.inc();
+            self.hot.bytes_in_cell.inc_by(payload.len() as u64);
             self.metrics.drops.with_label_values(&["too_large"]).inc();
             let identity = self.cells.get(&origin).map(|c| c.identity.clone());
             if let Some(identity) = identity {
@@ -680,7 +713,7 @@ impl Transmitter {
                     .to_string(),
                 ));
             }
-            return 0;
+            return Ok(0);
         }
         // A room message comes from a session of its room, which this transmitter hosts;
         // every other host of the room gets it too, so a cell that moves to another host
@@ -692,27 +725,37 @@ impl Transmitter {
                 .filter(|r| Some(*r) == session_room)
                 .and_then(|r| self.rooms.get(r));
             let Some(room) = hosted else {
+                self.hot.in_cell.inc();
+                self.hot.bytes_in_cell.inc_by(payload.len() as u64);
                 self.metrics
                     .drops
                     .with_label_values(&["room_not_hosted"])
                     .inc();
-                return 0;
+                return Ok(0);
             };
-            room.messages.inc();
-            Some(&room.hosts)
+            Some(room)
         } else {
             None
         };
-        self.routed += 1;
         let mut dispatch = std::mem::take(&mut self.dispatch);
         self.table.dispatch(kind, channel, &mut dispatch);
-        for host in cohosts.into_iter().flatten() {
+        for host in cohosts.iter().flat_map(|r| &r.hosts) {
             if let Some(&peer) = self.peer_ids.get(host) {
                 if self.peers[&peer].out.as_ref().is_some_and(|o| o.synced) {
                     dispatch.peer_entry(peer);
                 }
             }
         }
+        if hold && !self.dispatch_has_room(&dispatch, channel.len() + payload.len()) {
+            self.dispatch = dispatch;
+            return Err(NoRoom);
+        }
+        if let Some(room) = cohosts {
+            room.messages.inc();
+        }
+        self.hot.in_cell.inc();
+        self.hot.bytes_in_cell.inc_by(payload.len() as u64);
+        self.routed += 1;
         for cell in &dispatch.local {
             self.deliver_local(*cell, kind, &origin, seq, ts, channel, payload, dests);
         }
@@ -723,7 +766,177 @@ impl Transmitter {
         }
         let receivers = dispatch.receivers;
         self.dispatch = dispatch;
-        receivers
+        Ok(receivers)
+    }
+
+    /// Whether every link `dispatch` goes to has room for a message of `size` bytes.
+    fn dispatch_has_room(&self, dispatch: &Dispatch, size: usize) -> bool {
+        let limit = self.args.link_buffer_bytes;
+        self.cells_have_room(&dispatch.local, size)
+            && dispatch.peers().iter().all(|(peer, targets)| {
+                self.peers
+                    .get(peer)
+                    .is_none_or(|p| p.outbox.has_room(size + 64 + 20 * targets.len(), limit))
+            })
+    }
+
+    fn cells_have_room(&self, cells: &[Thid], size: usize) -> bool {
+        let limit = self.args.link_buffer_bytes;
+        cells.iter().all(|id| {
+            self.cells
+                .get(id)
+                .is_none_or(|c| c.events == Events::Pub || c.outbox.has_room(size + 64, limit))
+        })
+    }
+
+    /// Most bytes of batches one source may have held: more than a sidecar keeps
+    /// unacknowledged, so only a sender that ignores acknowledgements reaches it.
+    fn held_limit(&self) -> usize {
+        self.args.link_buffer_bytes.max(8 << 20)
+    }
+
+    /// Routes an inbound batch now, or holds it where a link has no room (behind any
+    /// batch its source already has held, so that its messages keep their order).
+    fn take_batch(&mut self, source: Source, identity: &Bytes, batch: HeldBatch, bytes: usize) {
+        let mut h = Held {
+            source,
+            identity: identity.clone(),
+            batch,
+            done: 0,
+            counts: Vec::new(),
+            dests: Vec::new(),
+            since: Instant::now(),
+            bytes,
+        };
+        if self.held.iter().any(|x| x.source == source) {
+            self.held.push_back(h);
+            let held: usize = self
+                .held
+                .iter()
+                .filter(|x| x.source == source)
+                .map(|x| x.bytes)
+                .sum();
+            if held > self.held_limit() {
+                self.resume_held(Some(source));
+            }
+        } else if self.route_held(&mut h, false).is_err() {
+            self.held.push_back(h);
+        }
+    }
+
+    /// Routes held batches whose links have room again, in order per source. A batch held
+    /// past the expiry, and every batch of `force`, is routed whatever the room.
+    fn resume_held(&mut self, force: Option<Source>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut blocked: Vec<Source> = Vec::new();
+        let mut keep = VecDeque::new();
+        for mut h in std::mem::take(&mut self.held) {
+            if blocked.contains(&h.source) {
+                keep.push_back(h);
+                continue;
+            }
+            let forced = force == Some(h.source) || now.duration_since(h.since) > self.expiry;
+            if self.route_held(&mut h, forced).is_err() {
+                blocked.push(h.source);
+                keep.push_back(h);
+            }
+        }
+        self.held = keep;
+    }
+
+    /// Routes the rest of a batch and acknowledges it; stops where a link has no room
+    /// for the next message, unless `force`.
+    fn route_held(&mut self, h: &mut Held, force: bool) -> Result<(), NoRoom> {
+        match (&h.batch, h.source) {
+            (HeldBatch::Publish(parts), Source::Cell(id)) => {
+                let (first, head) = decode_publishes(&parts[0]).expect("checked on arrival");
+                let rest = parts[1..]
+                    .iter()
+                    .map(|p| decode_publish_records(p).expect("checked on arrival"));
+                self.table.start_batch();
+                let records = std::iter::once(head).chain(rest).flatten();
+                for (i, p) in records.enumerate().skip(h.done) {
+                    let seq = first + i as u64;
+                    let n = self.publish(
+                        id,
+                        seq,
+                        p.ts,
+                        p.kind,
+                        p.channel,
+                        p.payload,
+                        &mut h.dests,
+                        !force,
+                    )?;
+                    h.counts.push(n);
+                    h.done += 1;
+                }
+                if let Some(cell) = self.cells.get_mut(&id) {
+                    cell.last_seq = cell.last_seq.max(first + h.done as u64);
+                }
+                let mut reply = ZmqMessage::from(h.identity.clone());
+                reply.push_back(
+                    CommandFrame::new(Encoding::Binary, cmd::ACKS, Bytes::new()).to_bytes(),
+                );
+                reply.push_back(encode_acks(first, &h.counts));
+                let dests = std::mem::take(&mut h.dests);
+                self.ack_when_clear(&h.identity, reply, dests);
+            }
+            (HeldBatch::Forward(body), Source::Peer(peer)) => {
+                let (batch, envelopes) = decode_envelopes(body).expect("checked on arrival");
+                let mut local = std::mem::take(&mut self.scratch);
+                let mut stopped = None;
+                for e in envelopes.skip(h.done) {
+                    self.table
+                        .deliver_forwarded(e.kind, e.channel, e.targets(), &mut local);
+                    if !force && !self.cells_have_room(&local, e.channel.len() + e.payload.len()) {
+                        stopped = Some(NoRoom);
+                        break;
+                    }
+                    self.hot.in_peer.inc();
+                    self.hot.bytes_in_peer.inc_by(e.payload.len() as u64);
+                    if e.kind == Kind::Shard {
+                        self.count_room_message(e.channel);
+                    }
+                    for cell in &local {
+                        self.deliver_local(
+                            *cell,
+                            e.kind,
+                            &e.origin,
+                            e.seq,
+                            e.ts,
+                            e.channel,
+                            e.payload,
+                            &mut h.dests,
+                        );
+                    }
+                    h.done += 1;
+                }
+                self.scratch = local;
+                if let Some(no_room) = stopped {
+                    return Err(no_room);
+                }
+                let identity = &h.identity;
+                let waiting = self.deferred.iter().any(|d| d.identity == *identity);
+                if waiting || self.any_congested(&h.dests) {
+                    let reply = reply_json(identity, cmd::FACK, &wire::Credit { batch });
+                    let dests = std::mem::take(&mut h.dests);
+                    self.ack_when_clear(identity, reply, dests);
+                } else if let Some(p) = self.peers.get_mut(&peer) {
+                    // Nothing to hold it back: acknowledged with the next ones, or at
+                    // the next tick (a FACK credits every batch before it too).
+                    p.fack.received(batch, body.len());
+                    if let Some(batch) = p.fack.take(false) {
+                        self.replies
+                            .push(reply_json(identity, cmd::FACK, &wire::Credit { batch }));
+                    }
+                }
+            }
+            _ => unreachable!("a cell's batch is a PUBS, a peer's a FWRD"),
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -864,37 +1077,14 @@ impl Transmitter {
             }
             cmd::FWRD => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("FWRD".into()))?;
-                let (batch, envelopes) = decode_envelopes(&body)?;
-                let mut dests = Vec::new();
-                let mut local = std::mem::take(&mut self.scratch);
-                for e in envelopes {
-                    self.hot.in_peer.inc();
-                    self.hot.bytes_in_peer.inc_by(e.payload.len() as u64);
-                    if e.kind == Kind::Shard {
-                        self.count_room_message(e.channel);
-                    }
-                    self.table
-                        .deliver_forwarded(e.kind, e.channel, e.targets(), &mut local);
-                    for cell in &local {
-                        self.deliver_local(
-                            *cell, e.kind, &e.origin, e.seq, e.ts, e.channel, e.payload, &mut dests,
-                        );
-                    }
-                }
-                self.scratch = local;
-                let waiting = self.deferred.iter().any(|d| d.identity == *identity);
-                if waiting || self.any_congested(&dests) {
-                    let reply = reply_json(identity, cmd::FACK, &wire::Credit { batch });
-                    self.ack_when_clear(identity, reply, dests);
-                } else if let Some(p) = self.peers.get_mut(&peer) {
-                    // Nothing to hold it back: acknowledged with the next ones, or at
-                    // the next tick (a FACK credits every batch before it too).
-                    p.fack.received(batch, body.len());
-                    if let Some(batch) = p.fack.take(false) {
-                        self.replies
-                            .push(reply_json(identity, cmd::FACK, &wire::Credit { batch }));
-                    }
-                }
+                decode_envelopes(&body)?;
+                let bytes = body.len();
+                self.take_batch(
+                    Source::Peer(peer),
+                    identity,
+                    HeldBatch::Forward(body),
+                    bytes,
+                );
             }
             cmd::LEAV => {
                 tracing::info!(peer = %self.peers[&peer].name, "peer left");
@@ -938,6 +1128,7 @@ impl Transmitter {
     /// Drops everything about a peer: its cells, our link to it. With `left`, the same
     /// instance is not reconnected even while the rendezvous still lists it.
     fn forget_peer(&mut self, peer: PeerId, left: bool) {
+        self.held.retain(|h| h.source != Source::Peer(peer));
         let removed = self.table.remove_location(Location::Peer(peer));
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -970,6 +1161,8 @@ impl Transmitter {
     }
 
     fn drop_cell(&mut self, id: Thid, why: &str) {
+        // Its held batches go too: its sidecar sends what was not acknowledged again.
+        self.held.retain(|h| h.source != Source::Cell(id));
         if let Some(cell) = self.cells.remove(&id) {
             self.identities.remove(&cell.identity);
             let lost = cell.outbox.unconfirmed_messages();
@@ -1272,6 +1465,7 @@ impl Transmitter {
         }
         self.cells.is_empty()
             && self.deferred.is_empty()
+            && self.held.is_empty()
             && self
                 .peers
                 .values()
@@ -1324,6 +1518,10 @@ impl Transmitter {
 
     /// Sends everything that accumulated: interest changes, batches, replies.
     async fn flush(&mut self) {
+        self.resume_held(None);
+        self.metrics
+            .held_bytes
+            .set(self.held.iter().map(|h| h.bytes).sum::<usize>() as i64);
         self.hot.flush();
         // Interest first, so a peer knows a cell before messages for it could arrive.
         if !self.dirty.is_empty() {
