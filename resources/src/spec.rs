@@ -151,8 +151,9 @@ pub struct LimitsSpec {
     #[serde(default = "default_client_buffer")]
     #[schemars(range(min = 65536))]
     pub client_output_buffer_bytes: u64,
-    /// Per cell or peer link of a transmitter: bytes sent but not yet taken beyond which
-    /// messages for that link are dropped (and counted).
+    /// Per cell or peer link of a transmitter: bytes sent but not yet taken. Beyond it,
+    /// what goes to that link waits for the receiver (holding its publishers back) for up
+    /// to one expiry, then is dropped for that link (and counted).
     #[serde(default = "default_link_buffer")]
     #[schemars(range(min = 65536))]
     pub link_buffer_bytes: u64,
