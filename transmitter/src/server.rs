@@ -125,7 +125,7 @@ enum Dest {
 }
 
 /// Where inbound work came from: its batches are routed in the order they came.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Source {
     Cell(Thid),
     Peer(PeerId),
@@ -183,6 +183,11 @@ struct Transmitter {
     replies: Vec<ZmqMessage>,
     deferred: Vec<Deferred>,
     held: VecDeque<Held>,
+    /// Bytes held per source (every source with a batch in `held`).
+    held_sources: HashMap<Source, usize>,
+    /// Something may have made room since held batches were last tried (a credit, a
+    /// receiver gone, an interest change): they are tried again only then, or at expiry.
+    room_freed: bool,
     events_tx: mpsc::Sender<Event>,
     metrics: Metrics,
     /// The per-message counters, flushed to `metrics` once per loop turn.
@@ -286,6 +291,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         replies: Vec::new(),
         deferred: Vec::new(),
         held: VecDeque::new(),
+        held_sources: HashMap::default(),
+        room_freed: false,
         events_tx,
         hot: Hot::new(&metrics),
         metrics,
@@ -459,6 +466,11 @@ impl Transmitter {
                 return size;
             }
         };
+        // Anything but data may make room for held batches (credits, receivers leaving,
+        // interest changes); trying them again is cheap next to routing.
+        if ![cmd::PUBS, cmd::FWRD, cmd::EVNT].contains(&&frame.cmd) {
+            self.room_freed = true;
+        }
         let body = frames.pop_front();
         let result = if let Some(&peer) = self.peer_identities.get(&identity) {
             self.on_peer_inbound(peer, &identity, frame, body)
@@ -808,18 +820,16 @@ impl Transmitter {
             since: Instant::now(),
             bytes,
         };
-        if self.held.iter().any(|x| x.source == source) {
+        let limit = self.held_limit();
+        if let Some(held) = self.held_sources.get_mut(&source) {
+            *held += bytes;
+            let over = *held > limit;
             self.held.push_back(h);
-            let held: usize = self
-                .held
-                .iter()
-                .filter(|x| x.source == source)
-                .map(|x| x.bytes)
-                .sum();
-            if held > self.held_limit() {
+            if over {
                 self.resume_held(Some(source));
             }
         } else if self.route_held(&mut h, false).is_err() {
+            self.held_sources.insert(source, bytes);
             self.held.push_back(h);
         }
     }
@@ -827,10 +837,15 @@ impl Transmitter {
     /// Routes held batches whose links have room again, in order per source. A batch held
     /// past the expiry, and every batch of `force`, is routed whatever the room.
     fn resume_held(&mut self, force: Option<Source>) {
-        if self.held.is_empty() {
-            return;
-        }
         let now = Instant::now();
+        let expired = |h: &Held| now.duration_since(h.since) > self.expiry;
+        // The front is the oldest: nothing to do unless room was freed or it expired.
+        match self.held.front() {
+            None => return,
+            Some(front) if force.is_none() && !self.room_freed && !expired(front) => return,
+            _ => {}
+        }
+        self.room_freed = false;
         let mut blocked: Vec<Source> = Vec::new();
         let mut keep = VecDeque::new();
         for mut h in std::mem::take(&mut self.held) {
@@ -845,6 +860,17 @@ impl Transmitter {
             }
         }
         self.held = keep;
+        self.held_sources.clear();
+        for h in &self.held {
+            *self.held_sources.entry(h.source).or_default() += h.bytes;
+        }
+    }
+
+    /// Forgets the batches held from `source` (its connection is gone).
+    fn forget_held(&mut self, source: Source) {
+        self.held.retain(|h| h.source != source);
+        self.held_sources.remove(&source);
+        self.room_freed = true;
     }
 
     /// Routes the rest of a batch and acknowledges it; stops where a link has no room
@@ -1128,7 +1154,7 @@ impl Transmitter {
     /// Drops everything about a peer: its cells, our link to it. With `left`, the same
     /// instance is not reconnected even while the rendezvous still lists it.
     fn forget_peer(&mut self, peer: PeerId, left: bool) {
-        self.held.retain(|h| h.source != Source::Peer(peer));
+        self.forget_held(Source::Peer(peer));
         let removed = self.table.remove_location(Location::Peer(peer));
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -1162,7 +1188,7 @@ impl Transmitter {
 
     fn drop_cell(&mut self, id: Thid, why: &str) {
         // Its held batches go too: its sidecar sends what was not acknowledged again.
-        self.held.retain(|h| h.source != Source::Cell(id));
+        self.forget_held(Source::Cell(id));
         if let Some(cell) = self.cells.remove(&id) {
             self.identities.remove(&cell.identity);
             let lost = cell.outbox.unconfirmed_messages();
@@ -1180,6 +1206,9 @@ impl Transmitter {
     }
 
     fn on_event(&mut self, ev: Event) {
+        // Peers' credits (FACK) and links coming and going arrive here: any may make
+        // room for held batches.
+        self.room_freed = true;
         match ev {
             Event::Discovered(list) => self.on_discovered(list),
             Event::Hosting(rooms) => self.on_hosting(rooms),
