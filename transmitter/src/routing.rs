@@ -138,8 +138,8 @@ pub const ANYCATCH_RUN: u32 = 32;
 /// Where one Service's anycatch rotation stands.
 #[derive(Default)]
 struct Turn {
+    /// The candidate after the one of the current run.
     next: usize,
-    current: usize,
     batch: u64,
     run: u32,
 }
@@ -147,13 +147,12 @@ struct Turn {
 impl Turn {
     fn pick(&mut self, batch: u64) -> usize {
         if self.batch != batch || self.run == 0 || self.run >= ANYCATCH_RUN {
-            self.current = self.next;
             self.next = self.next.wrapping_add(1);
             self.batch = batch;
             self.run = 0;
         }
         self.run += 1;
-        self.current
+        self.next.wrapping_sub(1)
     }
 }
 

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::FutureExt;
 use thynapse_protocol::batch::{
-    decode_envelopes, decode_publish_records, decode_publishes, encode_acks, Kind,
+    decode_envelopes, decode_publish_records, decode_publishes, encode_acks, Envelopes, Kind,
+    Publish,
 };
 use thynapse_protocol::credit::Credit;
 use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
@@ -139,12 +140,8 @@ struct Held {
     source: Source,
     identity: Bytes,
     batch: HeldBatch,
-    /// Messages of the batch already routed, and what they reached.
-    done: usize,
-    counts: Vec<u32>,
-    dests: Vec<Dest>,
+    progress: Progress,
     since: Instant,
-    bytes: usize,
 }
 
 enum HeldBatch {
@@ -152,6 +149,23 @@ enum HeldBatch {
     Publish(Vec<Bytes>),
     /// The `FWRD` body (checked on arrival).
     Forward(Bytes),
+}
+
+impl HeldBatch {
+    fn bytes(&self) -> usize {
+        match self {
+            HeldBatch::Publish(parts) => parts.iter().map(Bytes::len).sum(),
+            HeldBatch::Forward(body) => body.len(),
+        }
+    }
+}
+
+/// How far routing a batch got: the messages already routed, and what they reached.
+#[derive(Default)]
+struct Progress {
+    done: usize,
+    counts: Vec<u32>,
+    dests: Vec<Dest>,
 }
 
 /// The message routing stopped at: a link it goes to has no room.
@@ -635,15 +649,30 @@ impl Transmitter {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("PUBS".into()))?;
                 // The batch may come in parts (each of whole records): all are checked
                 // before any message is routed.
-                decode_publishes(&body)?;
+                let (first, head) = decode_publishes(&body)?;
+                let mut records = vec![head];
                 for part in &more {
-                    decode_publish_records(part)?;
+                    records.push(decode_publish_records(part)?);
                 }
-                let bytes = body.len() + more.iter().map(Bytes::len).sum::<usize>();
-                let mut parts = Vec::with_capacity(1 + more.len());
-                parts.push(body);
-                parts.extend(more);
-                self.take_batch(Source::Cell(id), identity, HeldBatch::Publish(parts), bytes);
+                let source = Source::Cell(id);
+                let mut progress = Progress::default();
+                if self.held_sources.contains_key(&source)
+                    || self
+                        .route_publishes(
+                            id,
+                            identity,
+                            first,
+                            records.into_iter().flatten(),
+                            &mut progress,
+                            false,
+                        )
+                        .is_err()
+                {
+                    let mut parts = Vec::with_capacity(1 + more.len());
+                    parts.push(body);
+                    parts.extend(more);
+                    self.hold(source, identity, HeldBatch::Publish(parts), progress);
+                }
             }
             cmd::EVNT => {
                 let event: wire::Event = frame.decode_json()?;
@@ -807,30 +836,21 @@ impl Transmitter {
         self.args.link_buffer_bytes.max(8 << 20)
     }
 
-    /// Routes an inbound batch now, or holds it where a link has no room (behind any
-    /// batch its source already has held, so that its messages keep their order).
-    fn take_batch(&mut self, source: Source, identity: &Bytes, batch: HeldBatch, bytes: usize) {
-        let mut h = Held {
+    /// Holds a batch its source cannot route now (or must not, behind a batch it already
+    /// has held: its messages keep their order).
+    fn hold(&mut self, source: Source, identity: &Bytes, batch: HeldBatch, progress: Progress) {
+        let already = self.held_sources.get(&source).copied();
+        let held = already.unwrap_or(0) + batch.bytes();
+        self.held_sources.insert(source, held);
+        self.held.push_back(Held {
             source,
             identity: identity.clone(),
             batch,
-            done: 0,
-            counts: Vec::new(),
-            dests: Vec::new(),
+            progress,
             since: Instant::now(),
-            bytes,
-        };
-        let limit = self.held_limit();
-        if let Some(held) = self.held_sources.get_mut(&source) {
-            *held += bytes;
-            let over = *held > limit;
-            self.held.push_back(h);
-            if over {
-                self.resume_held(Some(source));
-            }
-        } else if self.route_held(&mut h, false).is_err() {
-            self.held_sources.insert(source, bytes);
-            self.held.push_back(h);
+        });
+        if already.is_some() && held > self.held_limit() {
+            self.resume_held(Some(source));
         }
     }
 
@@ -862,7 +882,7 @@ impl Transmitter {
         self.held = keep;
         self.held_sources.clear();
         for h in &self.held {
-            *self.held_sources.entry(h.source).or_default() += h.bytes;
+            *self.held_sources.entry(h.source).or_default() += h.batch.bytes();
         }
     }
 
@@ -873,8 +893,7 @@ impl Transmitter {
         self.room_freed = true;
     }
 
-    /// Routes the rest of a batch and acknowledges it; stops where a link has no room
-    /// for the next message, unless `force`.
+    /// Routes the rest of a held batch (see `route_publishes`, `route_forwards`).
     fn route_held(&mut self, h: &mut Held, force: bool) -> Result<(), NoRoom> {
         match (&h.batch, h.source) {
             (HeldBatch::Publish(parts), Source::Cell(id)) => {
@@ -882,85 +901,120 @@ impl Transmitter {
                 let rest = parts[1..]
                     .iter()
                     .map(|p| decode_publish_records(p).expect("checked on arrival"));
-                self.table.start_batch();
                 let records = std::iter::once(head).chain(rest).flatten();
-                for (i, p) in records.enumerate().skip(h.done) {
-                    let seq = first + i as u64;
-                    let n = self.publish(
-                        id,
-                        seq,
-                        p.ts,
-                        p.kind,
-                        p.channel,
-                        p.payload,
-                        &mut h.dests,
-                        !force,
-                    )?;
-                    h.counts.push(n);
-                    h.done += 1;
-                }
-                if let Some(cell) = self.cells.get_mut(&id) {
-                    cell.last_seq = cell.last_seq.max(first + h.done as u64);
-                }
-                let mut reply = ZmqMessage::from(h.identity.clone());
-                reply.push_back(
-                    CommandFrame::new(Encoding::Binary, cmd::ACKS, Bytes::new()).to_bytes(),
-                );
-                reply.push_back(encode_acks(first, &h.counts));
-                let dests = std::mem::take(&mut h.dests);
-                self.ack_when_clear(&h.identity, reply, dests);
+                self.route_publishes(id, &h.identity, first, records, &mut h.progress, force)
             }
             (HeldBatch::Forward(body), Source::Peer(peer)) => {
                 let (batch, envelopes) = decode_envelopes(body).expect("checked on arrival");
-                let mut local = std::mem::take(&mut self.scratch);
-                let mut stopped = None;
-                for e in envelopes.skip(h.done) {
-                    self.table
-                        .deliver_forwarded(e.kind, e.channel, e.targets(), &mut local);
-                    if !force && !self.cells_have_room(&local, e.channel.len() + e.payload.len()) {
-                        stopped = Some(NoRoom);
-                        break;
-                    }
-                    self.hot.in_peer.inc();
-                    self.hot.bytes_in_peer.inc_by(e.payload.len() as u64);
-                    if e.kind == Kind::Shard {
-                        self.count_room_message(e.channel);
-                    }
-                    for cell in &local {
-                        self.deliver_local(
-                            *cell,
-                            e.kind,
-                            &e.origin,
-                            e.seq,
-                            e.ts,
-                            e.channel,
-                            e.payload,
-                            &mut h.dests,
-                        );
-                    }
-                    h.done += 1;
-                }
-                self.scratch = local;
-                if let Some(no_room) = stopped {
-                    return Err(no_room);
-                }
-                let identity = &h.identity;
-                let waiting = self.deferred.iter().any(|d| d.identity == *identity);
-                if waiting || self.any_congested(&h.dests) {
-                    let reply = reply_json(identity, cmd::FACK, &wire::Credit { batch });
-                    let dests = std::mem::take(&mut h.dests);
-                    self.ack_when_clear(identity, reply, dests);
-                } else if let Some(p) = self.peers.get_mut(&peer) {
-                    // Nothing to hold it back: acknowledged with the next ones, or at
-                    // the next tick (a FACK credits every batch before it too).
-                    p.fack.received(batch, body.len());
-                    if let Some(batch) = p.fack.take(false) {
-                        self.replies
-                            .push(reply_json(identity, cmd::FACK, &wire::Credit { batch }));
-                    }
-                }
+                let size = body.len();
+                self.route_forwards(
+                    peer,
+                    &h.identity,
+                    batch,
+                    size,
+                    envelopes,
+                    &mut h.progress,
+                    force,
+                )
             }
             _ => unreachable!("a cell's batch is a PUBS, a peer's a FWRD"),
+        }
+    }
+
+    /// Routes the publishes of cell `id`'s batch from `p.done` on and acknowledges the
+    /// batch; stops where a link has no room for the next message, unless `force`.
+    fn route_publishes<'a>(
+        &mut self,
+        id: Thid,
+        identity: &Bytes,
+        first: u64,
+        records: impl Iterator<Item = Publish<'a>>,
+        p: &mut Progress,
+        force: bool,
+    ) -> Result<(), NoRoom> {
+        self.table.start_batch();
+        for (i, m) in records.enumerate().skip(p.done) {
+            let seq = first + i as u64;
+            let n = self.publish(
+                id,
+                seq,
+                m.ts,
+                m.kind,
+                m.channel,
+                m.payload,
+                &mut p.dests,
+                !force,
+            )?;
+            p.counts.push(n);
+            p.done += 1;
+        }
+        if let Some(cell) = self.cells.get_mut(&id) {
+            cell.last_seq = cell.last_seq.max(first + p.done as u64);
+        }
+        let mut reply = ZmqMessage::from(identity.clone());
+        reply.push_back(CommandFrame::new(Encoding::Binary, cmd::ACKS, Bytes::new()).to_bytes());
+        reply.push_back(encode_acks(first, &p.counts));
+        self.ack_when_clear(identity, reply, std::mem::take(&mut p.dests));
+        Ok(())
+    }
+
+    /// Delivers the messages of `peer`'s `FWRD` batch (`size` bytes) from `p.done` on and
+    /// acknowledges the batch; stops where a cell has no room for the next message, unless
+    /// `force`.
+    #[allow(clippy::too_many_arguments)]
+    fn route_forwards(
+        &mut self,
+        peer: PeerId,
+        identity: &Bytes,
+        batch: u64,
+        size: usize,
+        envelopes: Envelopes<'_>,
+        p: &mut Progress,
+        force: bool,
+    ) -> Result<(), NoRoom> {
+        let mut local = std::mem::take(&mut self.scratch);
+        let mut stopped = None;
+        for e in envelopes.skip(p.done) {
+            self.table
+                .deliver_forwarded(e.kind, e.channel, e.targets(), &mut local);
+            if !force && !self.cells_have_room(&local, e.channel.len() + e.payload.len()) {
+                stopped = Some(NoRoom);
+                break;
+            }
+            self.hot.in_peer.inc();
+            self.hot.bytes_in_peer.inc_by(e.payload.len() as u64);
+            if e.kind == Kind::Shard {
+                self.count_room_message(e.channel);
+            }
+            for cell in &local {
+                self.deliver_local(
+                    *cell,
+                    e.kind,
+                    &e.origin,
+                    e.seq,
+                    e.ts,
+                    e.channel,
+                    e.payload,
+                    &mut p.dests,
+                );
+            }
+            p.done += 1;
+        }
+        self.scratch = local;
+        if let Some(no_room) = stopped {
+            return Err(no_room);
+        }
+        if self.ack_must_wait(identity, &p.dests) {
+            let reply = reply_json(identity, cmd::FACK, &wire::Credit { batch });
+            self.defer_ack(identity, reply, std::mem::take(&mut p.dests));
+        } else if let Some(peer) = self.peers.get_mut(&peer) {
+            // Nothing to hold it back: acknowledged with the next ones, or at the next
+            // tick (a FACK credits every batch before it too).
+            peer.fack.received(batch, size);
+            if let Some(batch) = peer.fack.take(false) {
+                self.replies
+                    .push(reply_json(identity, cmd::FACK, &wire::Credit { batch }));
+            }
         }
         Ok(())
     }
@@ -1050,18 +1104,27 @@ impl Transmitter {
     }
 
     fn ack_when_clear(&mut self, identity: &Bytes, reply: ZmqMessage, dests: Vec<Dest>) {
-        // Behind an acknowledgement already waiting for the same connection, so that
-        // acknowledgements keep their order.
-        if self.any_congested(&dests) || self.deferred.iter().any(|d| d.identity == *identity) {
-            self.deferred.push(Deferred {
-                identity: identity.clone(),
-                reply,
-                dests,
-                since: Instant::now(),
-            });
+        if self.ack_must_wait(identity, &dests) {
+            self.defer_ack(identity, reply, dests);
         } else {
             self.replies.push(reply);
         }
+    }
+
+    /// Whether an acknowledgement for `identity` must wait: a link the work it answers
+    /// fed is congested, or one for the same connection already waits (acknowledgements
+    /// keep their order).
+    fn ack_must_wait(&self, identity: &Bytes, dests: &[Dest]) -> bool {
+        self.any_congested(dests) || self.deferred.iter().any(|d| d.identity == *identity)
+    }
+
+    fn defer_ack(&mut self, identity: &Bytes, reply: ZmqMessage, dests: Vec<Dest>) {
+        self.deferred.push(Deferred {
+            identity: identity.clone(),
+            reply,
+            dests,
+            since: Instant::now(),
+        });
     }
 
     fn any_congested(&self, dests: &[Dest]) -> bool {
@@ -1103,14 +1166,24 @@ impl Transmitter {
             }
             cmd::FWRD => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("FWRD".into()))?;
-                decode_envelopes(&body)?;
-                let bytes = body.len();
-                self.take_batch(
-                    Source::Peer(peer),
-                    identity,
-                    HeldBatch::Forward(body),
-                    bytes,
-                );
+                let (batch, envelopes) = decode_envelopes(&body)?;
+                let source = Source::Peer(peer);
+                let mut progress = Progress::default();
+                if self.held_sources.contains_key(&source)
+                    || self
+                        .route_forwards(
+                            peer,
+                            identity,
+                            batch,
+                            body.len(),
+                            envelopes,
+                            &mut progress,
+                            false,
+                        )
+                        .is_err()
+                {
+                    self.hold(source, identity, HeldBatch::Forward(body), progress);
+                }
             }
             cmd::LEAV => {
                 tracing::info!(peer = %self.peers[&peer].name, "peer left");
@@ -1550,7 +1623,7 @@ impl Transmitter {
         self.resume_held(None);
         self.metrics
             .held_bytes
-            .set(self.held.iter().map(|h| h.bytes).sum::<usize>() as i64);
+            .set(self.held_sources.values().sum::<usize>() as i64);
         self.hot.flush();
         // Interest first, so a peer knows a cell before messages for it could arrive.
         if !self.dirty.is_empty() {
