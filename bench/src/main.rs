@@ -42,6 +42,10 @@ struct Args {
     /// Only the scenarios whose name contains this (for profiling one path).
     #[arg(long)]
     filter: Option<String>,
+    /// Confine every system's servers (redis-server, nats-server, the whole mesh) to this
+    /// one CPU, leaving the load generator free: shows what wake-ups across CPUs cost.
+    #[arg(long, value_name = "CPU")]
+    pin_servers: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -573,8 +577,14 @@ fn fmt_value(v: f64, unit: &str) -> String {
 fn report(results: &Results, machine: &str, args: &Args, repeats: usize) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Machine: {machine}\nMode: {}, {repeats} repetition(s); median [min–max].\n\n",
-        if args.quick { "quick" } else { "full" }
+        "Machine: {machine}\nMode: {}, {repeats} repetition(s); median [min–max].{}\n\n",
+        if args.quick { "quick" } else { "full" },
+        match args.pin_servers {
+            Some(cpu) => format!(
+                "\nServers (redis-server, nats-server, every mesh process) confined to CPU {cpu}; the load generator is not."
+            ),
+            None => String::new(),
+        }
     ));
     out.push_str("| scenario | unit | Redis | NATS | Thynapse | Thynapse / Redis | Thynapse / NATS | lost (R/N/T) |\n|---|---|---|---|---|---|---|---|\n");
     for (name, row) in &results.rows {
@@ -656,9 +666,10 @@ async fn main() -> anyhow::Result<()> {
             room_messages: 5_000,
         }
     };
-    let (_redis_proc, redis) = servers::redis()?;
-    let (_nats_proc, nats) = servers::nats()?;
-    let mesh = servers::mesh(&args.dir, args.transmitters)?;
+    let at = servers::Placement(args.pin_servers);
+    let (_redis_proc, redis) = servers::redis(at)?;
+    let (_nats_proc, nats) = servers::nats(at)?;
+    let mesh = servers::mesh(&args.dir, args.transmitters, at)?;
     let setup = Setup {
         redis,
         nats,
@@ -838,6 +849,7 @@ async fn main() -> anyhow::Result<()> {
         "mode": if args.quick { "quick" } else { "full" },
         "repeats": repeats,
         "transmitters": args.transmitters,
+        "servers_pinned_to_cpu": args.pin_servers,
         "rows": results.rows.iter().map(|(n, r)| serde_json::json!({"scenario": n, "row": r})).collect::<Vec<_>>(),
         "notes": results.notes,
         "markdown": text,

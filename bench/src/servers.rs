@@ -36,6 +36,30 @@ impl Drop for Proc {
     }
 }
 
+/// Where the servers run: `Some(cpu)` confines every system's server processes (and the
+/// processes they start) to that one CPU; the load generator is never confined.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement(pub Option<usize>);
+
+impl Placement {
+    fn apply(self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt as _;
+        let Some(cpu) = self.0 else { return };
+        // SAFETY: between fork and exec only sched_setaffinity (a system call, async-signal
+        // safe) runs, on a set built on the child's stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -54,9 +78,11 @@ fn wait_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn redis() -> anyhow::Result<(Proc, SocketAddr)> {
+pub fn redis(at: Placement) -> anyhow::Result<(Proc, SocketAddr)> {
     let port = free_port();
-    let child = Command::new("redis-server")
+    let mut cmd = Command::new("redis-server");
+    at.apply(&mut cmd);
+    let child = cmd
         .args([
             "--port",
             &port.to_string(),
@@ -76,9 +102,11 @@ pub fn redis() -> anyhow::Result<(Proc, SocketAddr)> {
     Ok((p, addr))
 }
 
-pub fn nats() -> anyhow::Result<(Proc, String)> {
+pub fn nats(at: Placement) -> anyhow::Result<(Proc, String)> {
     let port = free_port();
-    let child = Command::new("nats-server")
+    let mut cmd = Command::new("nats-server");
+    at.apply(&mut cmd);
+    let child = cmd
         .args(["-a", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -142,7 +170,7 @@ pub fn thynapse_binary() -> PathBuf {
 
 /// `thynapse up` with `transmitters`, 12 multicatch cells (`bench`), 4 anycatch cells
 /// (`workers`, anycatch on `any.*`), and on-demand rooms of one host each.
-pub fn mesh(dir: &Path, transmitters: u32) -> anyhow::Result<Mesh> {
+pub fn mesh(dir: &Path, transmitters: u32, at: Placement) -> anyhow::Result<Mesh> {
     std::fs::create_dir_all(dir)?;
     let manifest = format!(
         "apiVersion: thynapse.io/v1alpha1\nkind: TransmitterMesh\nmetadata: {{name: bench}}\nspec:\n  replicas: {transmitters}\n  rooms: {{defaultReplicas: 1}}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: bench}}\nspec: {{mesh: bench}}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: workers}}\nspec: {{mesh: bench, delivery: [{{pattern: 'any.*', mode: anycatch}}]}}\n"
@@ -151,7 +179,9 @@ pub fn mesh(dir: &Path, transmitters: u32) -> anyhow::Result<Mesh> {
     let endpoints = dir.join("endpoints.json");
     let _ = std::fs::remove_file(&endpoints);
     let log = std::fs::File::create(dir.join("up.log"))?;
-    let child = Command::new(thynapse_binary())
+    let mut cmd = Command::new(thynapse_binary());
+    at.apply(&mut cmd);
+    let child = cmd
         .args(["up", "-f"])
         .arg(dir)
         .args(["--cells", "bench=12", "--cells", "workers=4", "--endpoints"])
