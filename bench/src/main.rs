@@ -461,10 +461,9 @@ async fn transmitter_rss_with_cells(command: &str, pid: u32, n: usize) -> anyhow
     Ok(rss)
 }
 
-/// CPU seconds used so far by the processes serving `system` (every process of the mesh,
-/// by name), and by this load generator.
-fn cpu_by_process(setup: &Setup, system: System) -> Vec<(String, f64)> {
-    let mut out: Vec<(String, f64)> = match system {
+/// The processes serving `system` (every process of the mesh), by name.
+fn server_processes(setup: &Setup, system: System) -> Vec<(String, u32)> {
+    match system {
         System::Redis => vec![("redis-server".to_string(), setup.redis_pid)],
         System::Nats => vec![("nats-server".to_string(), setup.nats_pid)],
         System::Thynapse => {
@@ -483,9 +482,14 @@ fn cpu_by_process(setup: &Setup, system: System) -> Vec<(String, f64)> {
             procs
         }
     }
-    .into_iter()
-    .filter_map(|(name, pid)| Some((name, servers::cpu_seconds(pid)?)))
-    .collect();
+}
+
+/// CPU seconds used so far by the processes serving `system`, and by this load generator.
+fn cpu_by_process(setup: &Setup, system: System) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = server_processes(setup, system)
+        .into_iter()
+        .filter_map(|(name, pid)| Some((name, servers::cpu_seconds(pid)?)))
+        .collect();
     if let Some(own) = servers::cpu_seconds(std::process::id()) {
         out.push((format!("load generator ({system:?} runs)"), own));
     }
@@ -677,6 +681,12 @@ async fn main() -> anyhow::Result<()> {
         redis_pid: _redis_proc.pid(),
         nats_pid: _nats_proc.pid(),
     };
+    // The CPUs each server may run on, as the kernel reports them (what --pin-servers did).
+    let server_cpus: BTreeMap<String, String> = SYSTEMS
+        .iter()
+        .flat_map(|&system| server_processes(&setup, system))
+        .filter_map(|(name, pid)| Some((name, servers::allowed_cpus(pid)?)))
+        .collect();
     let mut results = Results {
         filter: args.filter.clone(),
         ..Results::default()
@@ -850,6 +860,7 @@ async fn main() -> anyhow::Result<()> {
         "repeats": repeats,
         "transmitters": args.transmitters,
         "servers_pinned_to_cpu": args.pin_servers,
+        "server_cpus": server_cpus,
         "rows": results.rows.iter().map(|(n, r)| serde_json::json!({"scenario": n, "row": r})).collect::<Vec<_>>(),
         "notes": results.notes,
         "markdown": text,

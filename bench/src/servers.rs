@@ -219,6 +219,15 @@ pub fn rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The CPUs a process may run on (`Cpus_allowed_list`, e.g. "0-1").
+pub fn allowed_cpus(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("Cpus_allowed_list:"))?;
+    Some(line.split_whitespace().nth(1)?.to_string())
+}
+
 /// CPU time a process used so far (user + system), in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
