@@ -6,6 +6,7 @@
 
 mod load;
 mod servers;
+mod wakeups;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -578,10 +579,17 @@ fn fmt_value(v: f64, unit: &str) -> String {
     }
 }
 
-fn report(results: &Results, machine: &str, args: &Args, repeats: usize) -> String {
+fn report(
+    results: &Results,
+    machine: &str,
+    wakeups: &wakeups::WakeupCosts,
+    args: &Args,
+    repeats: usize,
+) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Machine: {machine}\nMode: {}, {repeats} repetition(s); median [min–max].{}\n\n",
+        "Machine: {machine}\n{}\nMode: {}, {repeats} repetition(s); median [min–max].{}\n\n",
+        wakeups.describe(),
         if args.quick { "quick" } else { "full" },
         match args.pin_servers {
             Some(cpu) => format!(
@@ -670,6 +678,9 @@ async fn main() -> anyhow::Result<()> {
             room_messages: 5_000,
         }
     };
+    let wakeups = tokio::task::spawn_blocking(wakeups::WakeupCosts::measure)
+        .await?
+        .context("measuring wake-up costs")?;
     let at = servers::Placement(args.pin_servers);
     let (_redis_proc, redis) = servers::redis(at)?;
     let (_nats_proc, nats) = servers::nats(at)?;
@@ -852,10 +863,11 @@ async fn main() -> anyhow::Result<()> {
     for (i, (scenario, tally)) in cpu.iter().enumerate() {
         results.notes.insert(i, tally.note(scenario));
     }
-    let text = report(&results, &machine(), &args, repeats);
+    let text = report(&results, &machine(), &wakeups, &args, repeats);
     println!("{text}");
     let json = serde_json::json!({
         "machine": machine(),
+        "wakeup_round_trip_us": wakeups,
         "mode": if args.quick { "quick" } else { "full" },
         "repeats": repeats,
         "transmitters": args.transmitters,
