@@ -87,6 +87,34 @@ def test_anycatch_exactly_one_cell_of_the_service(start_mesh):
         assert s.data(b"m:") == payloads, "each audit cell got all messages, once, in order"
 
 
+def test_anycatch_spreads_evenly_over_two_cells_whatever_the_pipeline_length(start_mesh):
+    """Pipelines of 40 arrive as batches of 40: anycatch gives a cell runs of up to 32 of
+    a batch, and the cell whose run a batch cuts short must not be short every time (it
+    was: 32 to one worker, 8 to the other, for every pipeline)."""
+    mesh = start_mesh(mesh_yaml(services=[WORKERS, AUDIT]), cells={"workers": 2, "audit": 1})
+    worker_subs = [Subscriber(mesh.redis(c), patterns=["jobs.*"]) for c in mesh.cells("workers")]
+    publisher = mesh.redis(mesh.cell("audit-0"))
+    wait_for(
+        lambda: all(
+            (publisher.publish("jobs.probe", b"probe") and False) or s.poll() or s.data(b"probe")
+            for s in worker_subs
+        ),
+        what="both workers routable",
+    )
+    n = 4000
+    publish_all(publisher, "jobs.build", [b"m:%d" % i for i in range(n)], chunk=40)
+
+    def delivered():
+        for s in worker_subs:
+            s.poll()
+        return sum(len(s.data(b"m:")) for s in worker_subs)
+
+    wait_for(lambda: delivered() >= n, timeout=60, what="all messages delivered")
+    shares = [len(s.data(b"m:")) for s in worker_subs]
+    assert sum(shares) == n
+    assert min(shares) >= 0.4 * n, f"each worker gets about half: {shares}"
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to compare with")
 def test_psubscribe_globs_match_like_redis(start_mesh, tmp_path):
     patterns = ["h?llo", "h*llo", "h[ae]llo", "h[^e]llo", "h[a-b]llo", "a\\*b", "*", "news.*", "x[", "[z-a]"]

@@ -131,28 +131,65 @@ pub struct Table {
 
 /// Consecutive messages of one incoming batch that anycatch gives the same cell (as
 /// Kafka's sticky partitioner does per batch): under load the cells get runs instead of
-/// every fourth message, so they are woken and written to a quarter as often; a message
-/// that arrives alone still goes to the next cell in turn.
+/// every fourth message, so they are woken and written to a quarter as often; messages
+/// that arrive one by one still go to one cell after another.
 pub const ANYCATCH_RUN: u32 = 32;
 
-/// Where one Service's anycatch rotation stands.
+/// Candidates compared when a run starts: the next ones in turn, so that choosing costs
+/// the same for a Service of any size.
+const ANYCATCH_WINDOW: usize = 8;
+
+/// How far a candidate may fall behind the most given in the window: a cell that joins
+/// (at 0) takes this much more than the others until it is level, not everything.
+const ANYCATCH_CATCH_UP: u64 = 2 * ANYCATCH_RUN as u64;
+
+/// Where one Service's anycatch spreading stands. A run starts on the candidate given the
+/// fewest messages among the next few in turn. Plain turns are not enough: the end of a
+/// batch cuts a run short, and the cell whose turn it was got the short tail of every
+/// batch (two cells and batches of 40 split 32 to 8, every time).
 #[derive(Default)]
 struct Turn {
-    /// The candidate after the one of the current run.
-    next: usize,
-    batch: u64,
+    /// Messages given per candidate position.
+    given: Vec<u64>,
+    /// The position of the current run, and its length so far.
+    at: usize,
     run: u32,
+    batch: u64,
 }
 
 impl Turn {
-    fn pick(&mut self, batch: u64) -> usize {
-        if self.batch != batch || self.run == 0 || self.run >= ANYCATCH_RUN {
-            self.next = self.next.wrapping_add(1);
+    /// The position, among `candidates`, of the cell for the next message of incoming
+    /// batch `batch`.
+    fn pick(&mut self, batch: u64, candidates: usize) -> usize {
+        if self.given.len() < candidates {
+            self.given.resize(candidates, 0);
+        }
+        if self.batch != batch || self.run == 0 || self.run >= ANYCATCH_RUN || self.at >= candidates
+        {
+            self.at = self.least_given((self.at + 1) % candidates, candidates);
             self.batch = batch;
             self.run = 0;
         }
         self.run += 1;
-        self.next.wrapping_sub(1)
+        self.given[self.at] += 1;
+        self.at
+    }
+
+    /// Of the window of positions from `from` on, the first given the fewest messages;
+    /// lifts those far behind to `ANYCATCH_CATCH_UP` below the most given first.
+    fn least_given(&mut self, from: usize, candidates: usize) -> usize {
+        let window = candidates.min(ANYCATCH_WINDOW);
+        let positions = (0..window).map(|k| (from + k) % candidates);
+        let top = positions.clone().map(|i| self.given[i]).max().unwrap_or(0);
+        let floor = top.saturating_sub(ANYCATCH_CATCH_UP);
+        let mut best = from;
+        for i in positions {
+            self.given[i] = self.given[i].max(floor);
+            if self.given[i] < self.given[best] {
+                best = i;
+            }
+        }
+        best
     }
 }
 
@@ -420,7 +457,7 @@ impl Table {
                 Some(turn) => turn,
                 None => self.rotation.entry(group.service.clone()).or_default(),
             };
-            let (at, id) = group.candidates[turn.pick(self.batch) % group.candidates.len()];
+            let (at, id) = group.candidates[turn.pick(self.batch, group.candidates.len())];
             out.receivers += 1;
             match at {
                 Location::Local => out.local.push(id),
@@ -571,13 +608,106 @@ mod tests {
             assert_eq!(pick(&mut t), first, "a run stays on one cell");
         }
         assert_eq!(pick(&mut t), other, "a full run moves on");
-        // A new batch moves on at once, so messages arriving one by one alternate.
+        // A new batch moves on at once: to the cell behind until it is level, then in
+        // turn, so messages arriving one by one alternate.
+        for _ in 1..ANYCATCH_RUN {
+            t.start_batch();
+            assert_eq!(pick(&mut t), other, "the cell behind catches up");
+        }
         let mut counts = [0, 0];
         for _ in 0..10 {
             t.start_batch();
             counts[usize::from(pick(&mut t) == a)] += 1;
         }
         assert_eq!(counts, [5, 5]);
+    }
+
+    /// How many messages each of `n` anycatch cells gets from batches of `sizes`.
+    fn spread(n: usize, sizes: impl IntoIterator<Item = usize>) -> Vec<u64> {
+        let rules = [DeliveryRule::new("*", Mode::Anycatch)];
+        let mut t = Table::default();
+        let cells: Vec<Thid> = (0..n)
+            .map(|_| sub(&mut t, Location::Local, "w", &rules, "x"))
+            .collect();
+        let mut counts = vec![0; n];
+        let mut d = Dispatch::default();
+        for size in sizes {
+            t.start_batch();
+            for _ in 0..size {
+                t.dispatch(Kind::Mesh, &ch("x"), &mut d);
+                assert_eq!(d.local.len(), 1, "exactly one cell");
+                counts[cells.iter().position(|c| *c == d.local[0]).unwrap()] += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn anycatch_spreads_evenly_whatever_the_batch_sizes() {
+        // Batches of one size, sizes that leave a short tail after full runs, alternating
+        // with lone messages, and pseudo-random sizes.
+        let mut seed = 7u64;
+        let random: Vec<usize> = (0..200)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) as usize % 100 + 1
+            })
+            .collect();
+        let patterns = [
+            vec![1],
+            vec![40],
+            vec![33],
+            vec![64],
+            vec![100],
+            vec![33, 1],
+            vec![40, 1, 1],
+            vec![7, 65],
+            random,
+        ];
+        for n in 1..=5 {
+            for pattern in &patterns {
+                let sizes = pattern.iter().copied().cycle().take(pattern.len().max(300));
+                let counts = spread(n, sizes);
+                let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+                assert!(
+                    hi - lo <= u64::from(ANYCATCH_RUN),
+                    "{n} cells, batches of {pattern:?}: {counts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_cell_that_joins_a_busy_service_takes_its_share_not_everything() {
+        let rules = [DeliveryRule::new("*", Mode::Anycatch)];
+        let mut t = Table::default();
+        let mut cells: Vec<Thid> = (0..2)
+            .map(|_| sub(&mut t, Location::Local, "w", &rules, "x"))
+            .collect();
+        let mut d = Dispatch::default();
+        let mut batches = |t: &mut Table, cells: &[Thid], n: usize| {
+            let mut counts = vec![0u64; cells.len()];
+            for _ in 0..n {
+                t.start_batch();
+                for _ in 0..40 {
+                    t.dispatch(Kind::Mesh, &ch("x"), &mut d);
+                    counts[cells.iter().position(|c| *c == d.local[0]).unwrap()] += 1;
+                }
+            }
+            counts
+        };
+        batches(&mut t, &cells, 500);
+        cells.push(sub(&mut t, Location::Local, "w", &rules, "x"));
+        let counts = batches(&mut t, &cells, 300);
+        let share = 300 * 40 / 3;
+        let newcomer = counts[2];
+        assert!(
+            newcomer <= share + ANYCATCH_CATCH_UP + u64::from(ANYCATCH_RUN),
+            "{counts:?}"
+        );
+        assert!(newcomer + u64::from(ANYCATCH_RUN) >= share, "{counts:?}");
     }
 
     #[test]
