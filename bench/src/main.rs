@@ -678,6 +678,12 @@ async fn main() -> anyhow::Result<()> {
             room_messages: 5_000,
         }
     };
+    if let Some(cpu) = args.pin_servers {
+        let allowed = wakeups::allowed_cpus();
+        if !allowed.contains(&cpu) {
+            anyhow::bail!("--pin-servers {cpu}: not a CPU this process may use ({allowed:?})");
+        }
+    }
     let wakeups = tokio::task::spawn_blocking(wakeups::WakeupCosts::measure)
         .await?
         .context("measuring wake-up costs")?;
