@@ -436,14 +436,14 @@ impl Table {
         route
     }
 
-    /// Marks the start of a new incoming batch: anycatch moves on to the next cell.
+    /// Marks the start of a new incoming batch: anycatch runs end with their batch.
     pub fn start_batch(&mut self) {
         self.batch += 1;
     }
 
     /// Routes one message entering the mesh here into `out`, choosing anycatch cells in
-    /// turn (in runs within a batch, see [`ANYCATCH_RUN`]) so that load spreads evenly
-    /// over a Service's cells.
+    /// runs within a batch (see [`ANYCATCH_RUN`]), each on the cell furthest behind of the next few, so
+    /// that load spreads evenly over a Service's cells.
     pub fn dispatch(&mut self, kind: Kind, channel: &[u8], out: &mut Dispatch) {
         out.clear();
         let route = self.route(kind, channel);
