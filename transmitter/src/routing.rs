@@ -442,8 +442,8 @@ impl Table {
     }
 
     /// Routes one message entering the mesh here into `out`, choosing anycatch cells in
-    /// runs within a batch (see [`ANYCATCH_RUN`]), each on the cell furthest behind of the next few, so
-    /// that load spreads evenly over a Service's cells.
+    /// runs within a batch (see [`ANYCATCH_RUN`]), each run on the cell furthest behind
+    /// of the next few, so that load spreads evenly over a Service's cells.
     pub fn dispatch(&mut self, kind: Kind, channel: &[u8], out: &mut Dispatch) {
         out.clear();
         let route = self.route(kind, channel);
