@@ -582,14 +582,17 @@ fn fmt_value(v: f64, unit: &str) -> String {
 fn report(
     results: &Results,
     machine: &str,
-    wakeups: &wakeups::WakeupCosts,
+    wakeups: &Option<wakeups::WakeupCosts>,
     args: &Args,
     repeats: usize,
 ) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "Machine: {machine}\n{}\nMode: {}, {repeats} repetition(s); median [min–max].{}\n\n",
-        wakeups.describe(),
+        wakeups.as_ref().map_or_else(
+            || "Wake-up round trip: not measured.".to_string(),
+            wakeups::WakeupCosts::describe
+        ),
         if args.quick { "quick" } else { "full" },
         match args.pin_servers {
             Some(cpu) => format!(
@@ -684,9 +687,15 @@ async fn main() -> anyhow::Result<()> {
             anyhow::bail!("--pin-servers {cpu}: not a CPU this process may use ({allowed:?})");
         }
     }
-    let wakeups = tokio::task::spawn_blocking(wakeups::WakeupCosts::measure)
-        .await?
-        .context("measuring wake-up costs")?;
+    // Context for the results, not a result: a machine that refuses thread affinity
+    // (some sandboxes) still gets its benchmark.
+    let wakeups = match tokio::task::spawn_blocking(wakeups::WakeupCosts::measure).await? {
+        Ok(costs) => Some(costs),
+        Err(e) => {
+            eprintln!("wake-up costs not measured: {e}");
+            None
+        }
+    };
     let at = servers::Placement(args.pin_servers);
     let (_redis_proc, redis) = servers::redis(at)?;
     let (_nats_proc, nats) = servers::nats(at)?;
