@@ -4,6 +4,7 @@
 //! the same as JSON. `--quick` proves it works in well under a minute; the default is the
 //! full run recorded in bench/README.md.
 
+mod affinity;
 mod load;
 mod servers;
 mod wakeups;
@@ -582,14 +583,14 @@ fn fmt_value(v: f64, unit: &str) -> String {
 fn report(
     results: &Results,
     machine: &str,
-    wakeups: &Option<wakeups::WakeupCosts>,
+    wakeups: Option<&wakeups::WakeupCosts>,
     args: &Args,
     repeats: usize,
 ) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "Machine: {machine}\n{}\nMode: {}, {repeats} repetition(s); median [min–max].{}\n\n",
-        wakeups.as_ref().map_or_else(
+        wakeups.map_or_else(
             || "Wake-up round trip: not measured.".to_string(),
             wakeups::WakeupCosts::describe
         ),
@@ -682,7 +683,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     if let Some(cpu) = args.pin_servers {
-        let allowed = wakeups::allowed_cpus();
+        let allowed = affinity::own_cpus();
         if !allowed.contains(&cpu) {
             anyhow::bail!("--pin-servers {cpu}: not a CPU this process may use ({allowed:?})");
         }
@@ -878,7 +879,7 @@ async fn main() -> anyhow::Result<()> {
     for (i, (scenario, tally)) in cpu.iter().enumerate() {
         results.notes.insert(i, tally.note(scenario));
     }
-    let text = report(&results, &machine(), &wakeups, &args, repeats);
+    let text = report(&results, &machine(), wakeups.as_ref(), &args, repeats);
     println!("{text}");
     let json = serde_json::json!({
         "machine": machine(),

@@ -45,17 +45,10 @@ impl Placement {
     fn apply(self, cmd: &mut Command) {
         use std::os::unix::process::CommandExt as _;
         let Some(cpu) = self.0 else { return };
-        // SAFETY: between fork and exec only sched_setaffinity (a system call, async-signal
-        // safe) runs, on a set built on the child's stack.
+        // SAFETY: between fork and exec the child only makes one system call (it
+        // allocates nothing), and the child's one thread is the whole process.
         unsafe {
-            cmd.pre_exec(move || {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut set);
-                if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || crate::affinity::pin_current_thread(cpu));
         }
     }
 }

@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::affinity::{own_cpus, pin_current_thread};
+
 const ROUND_TRIPS: u32 = 2_000;
 
 /// Microseconds per round trip (two wake-ups), median of three runs.
@@ -22,7 +24,7 @@ pub struct WakeupCosts {
 
 impl WakeupCosts {
     pub fn measure() -> std::io::Result<Self> {
-        let cpus = allowed_cpus();
+        let cpus = own_cpus();
         let (&first, rest) = cpus.split_first().ok_or(std::io::ErrorKind::NotFound)?;
         let same_cpu_us = median_of_three(|| round_trip_us(first, first))?;
         let across_cpus_us = match rest.first() {
@@ -83,31 +85,4 @@ fn round_trip_us(a: usize, b: usize) -> std::io::Result<f64> {
 
 fn panicked() -> std::io::Error {
     std::io::Error::other("a ping-pong thread panicked")
-}
-
-/// The CPUs this process may run on.
-pub fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-/// Confines the calling thread (only it: the affinity of a thread is its own) to `cpu`.
-fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; pid 0 is the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
