@@ -14,6 +14,19 @@ WORKERS = ("workers", [{"pattern": "jobs.*", "mode": "anycatch"}])
 AUDIT = ("audit", [])
 
 
+def until_every_worker_routable(publisher, channel, worker_subs):
+    """Publishes probes until each anycatch worker has taken one: then every worker is
+    known at the publisher's transmitter (a PUBLISH count cannot tell, it is 1 for any)."""
+
+    def every_worker_probed():
+        publisher.publish(channel, b"probe")
+        for s in worker_subs:
+            s.poll()
+        return all(s.data(b"probe") for s in worker_subs)
+
+    wait_for(every_worker_probed, what="every worker routable")
+
+
 def publish_all(client, channel, payloads, chunk=500):
     for i in range(0, len(payloads), chunk):
         p = client.pipeline(transaction=False)
@@ -52,14 +65,7 @@ def test_anycatch_exactly_one_cell_of_the_service(start_mesh):
     publisher = mesh.redis(mesh.cell("audit-0"))
     # 2 audit cells (multicatch) + 1 worker (anycatch) per message.
     until_routed(publisher, "jobs.build", 3)
-    # Every worker is known at the publisher's transmitter once each has taken a probe.
-    wait_for(
-        lambda: all(
-            (publisher.publish("jobs.build", b"probe") and False) or s.poll() or s.data(b"probe")
-            for s in worker_subs.values()
-        ),
-        what="every worker routable",
-    )
+    until_every_worker_routable(publisher, "jobs.build", worker_subs.values())
     n = 10_000
     payloads = [b"m:%d" % i for i in range(n)]
     publish_all(publisher, "jobs.build", payloads)
@@ -94,13 +100,7 @@ def test_anycatch_spreads_evenly_over_two_cells_whatever_the_pipeline_length(sta
     mesh = start_mesh(mesh_yaml(services=[WORKERS, AUDIT]), cells={"workers": 2, "audit": 1})
     worker_subs = [Subscriber(mesh.redis(c), patterns=["jobs.*"]) for c in mesh.cells("workers")]
     publisher = mesh.redis(mesh.cell("audit-0"))
-    wait_for(
-        lambda: all(
-            (publisher.publish("jobs.probe", b"probe") and False) or s.poll() or s.data(b"probe")
-            for s in worker_subs
-        ),
-        what="both workers routable",
-    )
+    until_every_worker_routable(publisher, "jobs.probe", worker_subs)
     n = 4000
     publish_all(publisher, "jobs.build", [b"m:%d" % i for i in range(n)], chunk=40)
 
