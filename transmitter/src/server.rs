@@ -740,8 +740,7 @@ impl Transmitter {
         hold: bool,
     ) -> Result<u32, NoRoom> {
         if payload.len() > self.args.max_message_bytes {
-            self.hot.in_cell.inc();
-            self.hot.bytes_in_cell.inc_by(payload.len() as u64);
+            self.count_from_cell(payload.len());
             self.metrics.drops.with_label_values(&["too_large"]).inc();
             let identity = self.cells.get(&origin).map(|c| c.identity.clone());
             if let Some(identity) = identity {
@@ -766,8 +765,7 @@ impl Transmitter {
                 .filter(|r| Some(*r) == session_room)
                 .and_then(|r| self.rooms.get(r));
             let Some(room) = hosted else {
-                self.hot.in_cell.inc();
-                self.hot.bytes_in_cell.inc_by(payload.len() as u64);
+                self.count_from_cell(payload.len());
                 self.metrics
                     .drops
                     .with_label_values(&["room_not_hosted"])
@@ -794,8 +792,7 @@ impl Transmitter {
         if let Some(room) = cohosts {
             room.messages.inc();
         }
-        self.hot.in_cell.inc();
-        self.hot.bytes_in_cell.inc_by(payload.len() as u64);
+        self.count_from_cell(payload.len());
         self.routed += 1;
         for cell in &dispatch.local {
             self.deliver_local(*cell, kind, &origin, seq, ts, channel, payload, dests);
@@ -808,6 +805,13 @@ impl Transmitter {
         let receivers = dispatch.receivers;
         self.dispatch = dispatch;
         Ok(receivers)
+    }
+
+    /// Counts a message from a cell once it is settled (routed or dropped); one held for
+    /// room is counted when it is routed.
+    fn count_from_cell(&mut self, payload_bytes: usize) {
+        self.hot.in_cell.inc();
+        self.hot.bytes_in_cell.inc_by(payload_bytes as u64);
     }
 
     /// Whether every link `dispatch` goes to has room for a message of `size` bytes.
