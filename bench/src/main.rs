@@ -48,6 +48,11 @@ struct Args {
     /// one CPU, leaving the load generator free: shows what wake-ups across CPUs cost.
     #[arg(long, value_name = "CPU")]
     pin_servers: Option<usize>,
+    /// Threads of the load generator. Two by default, as many as the machines CI runs on
+    /// have; a scaling run on a larger machine gives it more, so that the mesh, not the
+    /// load, is what runs out.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    load_threads: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -291,13 +296,38 @@ async fn latency(
     Ok((r.latency_us, total.saturating_sub(r.messages)))
 }
 
-/// Rooms: `rooms` rooms, a subscriber each and publishers on every cell; returns the
-/// aggregate rate and the room messages each transmitter carried.
-async fn rooms(
-    setup: &Setup,
-    rooms: usize,
-    per_room: u64,
-) -> anyhow::Result<(Sample, Vec<(String, f64, usize)>)> {
+/// What one rooms run measured.
+struct RoomsRun {
+    sample: Sample,
+    transmitters: Vec<RoomShare>,
+    /// CPU seconds by mesh process and load generator, as the messages started and after
+    /// the last was delivered.
+    cpu_before: Vec<(String, f64)>,
+    cpu_after: Vec<(String, f64)>,
+}
+
+/// One transmitter's part in a rooms run.
+struct RoomShare {
+    name: String,
+    hosted: usize,
+    carried: f64,
+    /// CPU time over wall time while the messages flowed: 1.0 is one CPU used up.
+    busy: f64,
+}
+
+impl RoomsRun {
+    /// The aggregate rate the transmitters could carry before the busiest of them runs out
+    /// of its CPU, from the rate measured and that transmitter's share of a CPU. On one
+    /// machine the clients (load generator, sidecars) share the CPUs with the transmitters
+    /// and cap the measured rate; this is what the transmitters themselves would allow.
+    fn transmitter_capacity(&self) -> Option<f64> {
+        let busiest = self.transmitters.iter().map(|t| t.busy).fold(0.0, f64::max);
+        (busiest > 0.0).then(|| self.sample.value / busiest)
+    }
+}
+
+/// Rooms: `rooms` rooms, a subscriber each and publishers on every cell.
+async fn rooms(setup: &Setup, rooms: usize, per_room: u64) -> anyhow::Result<RoomsRun> {
     let cells = setup.mesh.cells("bench");
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut subs = Vec::new();
@@ -322,6 +352,7 @@ async fn rooms(
         p.until_routed(&format!("{{room-{i}}}x"), true, 1).await?;
         publishers.push(p);
     }
+    // (name, room messages carried, rooms hosted) for every transmitter.
     let carried = |setup: &Setup| -> Vec<(String, f64, usize)> {
         setup
             .mesh
@@ -330,23 +361,13 @@ async fn rooms(
             .map(|(name, _, metrics, _)| {
                 let counts =
                     servers::counter_by_label(&metrics, "thynapse_transmitter_room_messages_total");
-                let hosted = counts
-                    .iter()
-                    .filter(|(room, _)| room.starts_with("room-"))
-                    .count();
-                (
-                    name,
-                    counts
-                        .iter()
-                        .filter(|(r, _)| r.starts_with("room-"))
-                        .map(|(_, v)| v)
-                        .sum(),
-                    hosted,
-                )
+                let ours = counts.iter().filter(|(room, _)| room.starts_with("room-"));
+                (name, ours.clone().map(|(_, v)| v).sum(), ours.count())
             })
             .collect()
     };
     let before = carried(setup);
+    let cpu_before = cpu_by_process(setup, System::Thynapse);
     let start = Instant::now();
     let sends = publishers.iter_mut().enumerate().map(|(i, p)| {
         let channel = format!("{{room-{i}}}x");
@@ -357,6 +378,8 @@ async fn rooms(
     }
     let expected = per_room * rooms as u64;
     wait_for_deliveries(&subs, expected).await;
+    let cpu_after = cpu_by_process(setup, System::Thynapse);
+    let wall = start.elapsed().as_secs_f64().max(1e-6);
     let _ = stop_tx.send(true);
     let (mut received, mut duplicates, mut last) = (0, 0, start);
     for s in subs {
@@ -365,26 +388,34 @@ async fn rooms(
         duplicates += r.duplicates;
         last = last.max(r.last.unwrap_or(start));
     }
-    let after = carried(setup);
-    let per_transmitter = after
+    let transmitters = carried(setup)
         .into_iter()
         .map(|(name, v, hosted)| {
-            let was = before
-                .iter()
-                .find(|(n, _, _)| *n == name)
-                .map_or(0.0, |b| b.1);
-            (name, v - was, hosted)
+            let was = before.iter().find(|b| b.0 == name).map_or(0.0, |b| b.1);
+            let cpu = |at: &[(String, f64)]| {
+                at.iter()
+                    .find(|(n, _)| *n == format!("transmitter {name}"))
+                    .map_or(0.0, |c| c.1)
+            };
+            RoomShare {
+                busy: (cpu(&cpu_after) - cpu(&cpu_before)) / wall,
+                name,
+                hosted,
+                carried: v - was,
+            }
         })
         .collect();
     let elapsed = last.duration_since(start).as_secs_f64().max(1e-6);
-    Ok((
-        Sample {
+    Ok(RoomsRun {
+        sample: Sample {
             value: received as f64 / elapsed,
             lost: expected.saturating_sub(received),
             duplicates,
         },
-        per_transmitter,
-    ))
+        transmitters,
+        cpu_before,
+        cpu_after,
+    })
 }
 
 /// Waits (up to 15 s) until every transmitter announces a message rate under 50/s.
@@ -589,12 +620,13 @@ fn report(
 ) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Machine: {machine}\n{}\nMode: {}, {repeats} repetition(s); median [min–max].{}\n\n",
+        "Machine: {machine}\n{}\nMode: {}, {repeats} repetition(s), load generator on {} thread(s); median [min–max].{}\n\n",
         wakeups.map_or_else(
             || "Wake-up round trip: not measured.".to_string(),
             wakeups::WakeupCosts::describe
         ),
         if args.quick { "quick" } else { "full" },
+        args.load_threads,
         match args.pin_servers {
             Some(cpu) => format!(
                 "\nServers (redis-server, nats-server, every mesh process) confined to CPU {cpu}; the load generator is not."
@@ -661,9 +693,16 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}, Linux {}", kernel.trim())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.load_threads.into())
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let repeats = args.repeats.unwrap_or(if args.quick { 1 } else { 5 });
     let sizes = if args.quick {
         Sizes {
@@ -679,7 +718,9 @@ async fn main() -> anyhow::Result<()> {
             fanout_count: 50_000,
             latency_secs: 3.0,
             latency_rates: vec![1_000, 10_000, 100_000],
-            room_messages: 5_000,
+            // Enough that the fastest scaling run (8 transmitters on 16 cores) still measures
+            // a second or so of traffic, not the start of it.
+            room_messages: 20_000,
         }
     };
     if let Some(cpu) = args.pin_servers {
@@ -856,21 +897,47 @@ async fn main() -> anyhow::Result<()> {
         // Busy counts recent message rates: let the earlier scenarios' rates fade from the
         // announcements, so that placement sees the rooms alone.
         settle(&setup).await;
-        let (sample, carried) = rooms(&setup, 64, sizes.room_messages).await?;
+        let run = rooms(&setup, 64, sizes.room_messages).await?;
+        let scenario = format!(
+            "rooms: 64 rooms on {} transmitters, aggregate",
+            args.transmitters
+        );
+        tally(&mut cpu, &scenario).add(
+            System::Thynapse,
+            &run.cpu_before,
+            &run.cpu_after,
+            64 * sizes.room_messages,
+        );
         results.add(
-            &format!(
-                "rooms: 64 rooms on {} transmitters, aggregate",
-                args.transmitters
-            ),
+            &scenario,
             "msg/s",
             true,
             System::Thynapse,
-            sample,
+            run.sample.clone(),
         );
+        if let Some(capacity) = run.transmitter_capacity() {
+            results.add(
+                "rooms: what the transmitters could carry (aggregate ÷ busiest transmitter's CPU share)",
+                "msg/s",
+                true,
+                System::Thynapse,
+                Sample {
+                    value: capacity,
+                    lost: 0,
+                    duplicates: 0,
+                },
+            );
+        }
         if rep == 0 {
-            let mut note = String::from("Room messages carried per transmitter (first repetition; each room has one host here):\n\n| transmitter | rooms hosted | room messages carried |\n|---|---|---|\n");
-            for (name, v, hosted) in carried {
-                note.push_str(&format!("| {name} | {hosted} | {v:.0} |\n"));
+            let mut note = String::from("Room messages carried per transmitter (first repetition; each room has one host here), and the share of a CPU each used while they flowed:\n\n| transmitter | rooms hosted | room messages carried | CPU busy |\n|---|---|---|---|\n");
+            for t in &run.transmitters {
+                note.push_str(&format!(
+                    "| {} | {} | {:.0} | {:.0}% |\n",
+                    t.name,
+                    t.hosted,
+                    t.carried,
+                    t.busy * 100.0
+                ));
             }
             results.notes.push(note);
         }
@@ -887,6 +954,7 @@ async fn main() -> anyhow::Result<()> {
         "mode": if args.quick { "quick" } else { "full" },
         "repeats": repeats,
         "transmitters": args.transmitters,
+        "load_threads": args.load_threads,
         "servers_pinned_to_cpu": args.pin_servers,
         "server_cpus": server_cpus,
         "rows": results.rows.iter().map(|(n, r)| serde_json::json!({"scenario": n, "row": r})).collect::<Vec<_>>(),
