@@ -30,8 +30,9 @@ def test_quick_benchmark_runs_and_loses_nothing(tmp_path):
                 assert s["value"] > 0, (row["scenario"], system, s)
     assert "| scenario |" in run.stdout
     # The machine's wake-up cost is measured and printed beside the results.
-    assert results["wakeup_round_trip_us"]["same_cpu_us"] > 0
-    assert "Wake-up round trip" in run.stdout
+    assert results["wakeup_us"]["round_trip_same_cpu_us"] > 0
+    assert results["wakeup_us"]["idle_one_way_same_cpu_us"] > 0
+    assert "Wake-up round trip" in run.stdout and "One way to a thread idle for 1 ms" in run.stdout
 
 
 @pytest.mark.skipif(shutil.which("nats-server") is None or shutil.which("redis-server") is None,

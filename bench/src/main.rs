@@ -950,7 +950,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("{text}");
     let json = serde_json::json!({
         "machine": machine(),
-        "wakeup_round_trip_us": wakeups,
+        "wakeup_us": wakeups,
         "mode": if args.quick { "quick" } else { "full" },
         "repeats": repeats,
         "transmitters": args.transmitters,
