@@ -326,8 +326,14 @@ impl RoomsRun {
     }
 }
 
-/// Rooms: `rooms` rooms, a subscriber each and publishers on every cell.
-async fn rooms(setup: &Setup, rooms: usize, per_room: u64) -> anyhow::Result<RoomsRun> {
+/// Rooms: `rooms` rooms, a subscriber each and publishers on every cell, the publishers
+/// driven in `groups` groups that run in parallel.
+async fn rooms(
+    setup: &Setup,
+    rooms: usize,
+    per_room: u64,
+    groups: usize,
+) -> anyhow::Result<RoomsRun> {
     let cells = setup.mesh.cells("bench");
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut subs = Vec::new();
@@ -369,12 +375,26 @@ async fn rooms(setup: &Setup, rooms: usize, per_room: u64) -> anyhow::Result<Roo
     let before = carried(setup);
     let cpu_before = cpu_by_process(setup, System::Thynapse);
     let start = Instant::now();
-    let sends = publishers.iter_mut().enumerate().map(|(i, p)| {
-        let channel = format!("{{room-{i}}}x");
-        async move { p.send(&channel, true, 0, per_room, 64).await }
-    });
-    for r in futures::future::join_all(sends).await {
-        r?;
+    // The publishers in `groups` groups, each driving its share. The first runs here, on the
+    // thread that drives this future (as every other scenario's publisher does); the rest
+    // are tasks on the load threads. All in one group, one thread builds every publish,
+    // which capped the aggregate on 16 cores.
+    let mut shares: Vec<Vec<(usize, Publisher)>> = (0..groups).map(|_| Vec::new()).collect();
+    for (i, p) in publishers.into_iter().enumerate() {
+        shares[i % groups].push((i, p));
+    }
+    let drive = |share: Vec<(usize, Publisher)>| {
+        futures::future::try_join_all(share.into_iter().map(|(i, mut p)| async move {
+            p.send(&format!("{{room-{i}}}x"), true, 0, per_room, 64)
+                .await
+        }))
+    };
+    let mut shares = shares.into_iter();
+    let here = shares.next().unwrap_or_default();
+    let spawned: Vec<_> = shares.map(|share| tokio::spawn(drive(share))).collect();
+    drive(here).await?;
+    for share in spawned {
+        share.await??;
     }
     let expected = per_room * rooms as u64;
     wait_for_deliveries(&subs, expected).await;
@@ -897,7 +917,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // Busy counts recent message rates: let the earlier scenarios' rates fade from the
         // announcements, so that placement sees the rooms alone.
         settle(&setup).await;
-        let run = rooms(&setup, 64, sizes.room_messages).await?;
+        // Publishes built on half as many threads as the load threads, which read the
+        // 64 subscriptions: on 2, the one thread every other scenario publishes from.
+        let publishing = usize::from(args.load_threads / 2).max(1);
+        let run = rooms(&setup, 64, sizes.room_messages, publishing).await?;
         let scenario = format!(
             "rooms: 64 rooms on {} transmitters, aggregate",
             args.transmitters
