@@ -30,16 +30,39 @@ pub fn server_processes(setup: &Setup, system: System) -> Vec<(String, u32)> {
     }
 }
 
-/// CPU seconds used so far by the processes serving `system`, and by this load generator.
-pub fn cpu_by_process(setup: &Setup, system: System) -> Vec<(String, f64)> {
-    let mut out: Vec<(String, f64)> = server_processes(setup, system)
-        .into_iter()
-        .filter_map(|(name, pid)| Some((name, servers::cpu_seconds(pid)?)))
-        .collect();
-    if let Some(own) = servers::cpu_seconds(std::process::id()) {
-        out.push((format!("load generator ({system:?} runs)"), own));
+/// CPU time used so far by each process serving a system, and by this load generator,
+/// thread by thread: the time between two snapshots counts every thread that lived through
+/// both or began in between (one that ended in between loses its share; the servers'
+/// threads live as long as they do).
+pub struct CpuSnapshot(Vec<(String, BTreeMap<u32, f64>)>);
+
+impl CpuSnapshot {
+    pub fn take(setup: &Setup, system: System) -> CpuSnapshot {
+        let mut out: Vec<(String, BTreeMap<u32, f64>)> = server_processes(setup, system)
+            .into_iter()
+            .map(|(name, pid)| (name, servers::thread_cpu_seconds(pid)))
+            .collect();
+        out.push((
+            format!("load generator ({system:?} runs)"),
+            servers::thread_cpu_seconds(std::process::id()),
+        ));
+        CpuSnapshot(out)
     }
-    out
+
+    /// CPU seconds each process used since `before` (processes not in it are left out).
+    pub fn since(&self, before: &CpuSnapshot) -> Vec<(String, f64)> {
+        self.0
+            .iter()
+            .filter_map(|(name, threads)| {
+                let was = &before.0.iter().find(|(n, _)| n == name)?.1;
+                let used = threads
+                    .iter()
+                    .map(|(tid, s)| s - was.get(tid).copied().unwrap_or(0.0))
+                    .sum();
+                Some((name.clone(), used))
+            })
+            .collect()
+    }
 }
 
 /// CPU time by process over every repetition of one scenario.
@@ -50,18 +73,12 @@ pub struct CpuTally {
 }
 
 impl CpuTally {
-    pub fn add(
-        &mut self,
-        system: System,
-        before: &[(String, f64)],
-        after: &[(String, f64)],
-        n: u64,
-    ) {
-        for (name, a) in after {
-            let b = before.iter().find(|(x, _)| x == name).map_or(*a, |x| x.1);
+    /// Adds the CPU seconds each process used (`CpuSnapshot::since`) for `n` messages.
+    pub fn add(&mut self, system: System, used: &[(String, f64)], n: u64) {
+        for (name, secs) in used {
             match self.seconds.iter_mut().find(|(_, x, _)| x == name) {
-                Some(entry) => entry.2 += a - b,
-                None => self.seconds.push((system, name.clone(), a - b)),
+                Some(entry) => entry.2 += secs,
+                None => self.seconds.push((system, name.clone(), *secs)),
             }
         }
         *self.messages.entry(system).or_default() += n;

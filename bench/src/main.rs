@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Parser;
-use cpu::{cpu_by_process, server_processes, tally, CpuTally};
+use cpu::{server_processes, tally, CpuSnapshot, CpuTally};
 use results::{median, percentile_sample, Results, Sample, System, SYSTEMS};
 use scenarios::{endpoints, latency, rooms, settle, throughput, transmitter_rss_with_cells, Setup};
 
@@ -230,7 +230,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     }
                     for system in SYSTEMS {
                         let (p, subs) = endpoints(&setup, system, 1, same, "bench");
-                        let before = cpu_by_process(&setup, system);
+                        let before = CpuSnapshot::take(&setup, system);
                         let s = throughput(
                             system,
                             &p,
@@ -242,8 +242,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         )
                         .await?;
                         if !same {
-                            let after = cpu_by_process(&setup, system);
-                            tally(&mut cpu, &scenario).add(system, &before, &after, sizes.count);
+                            let used = CpuSnapshot::take(&setup, system).since(&before);
+                            tally(&mut cpu, &scenario).add(system, &used, sizes.count);
                         }
                         results.add(&scenario, "msg/s", true, system, s);
                     }
@@ -270,7 +270,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .filter(|_| anycatch)
             {
                 let (p, subs) = endpoints(&setup, system, 4, false, "workers");
-                let before = cpu_by_process(&setup, system);
+                let before = CpuSnapshot::take(&setup, system);
                 let s = throughput(
                     system,
                     &p,
@@ -282,8 +282,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 )
                 .await?;
                 let scenario = "anycatch to 4 cells (NATS: queue group of 4), 64 B";
-                let after = cpu_by_process(&setup, system);
-                tally(&mut cpu, scenario).add(system, &before, &after, sizes.count);
+                let used = CpuSnapshot::take(&setup, system).since(&before);
+                tally(&mut cpu, scenario).add(system, &used, sizes.count);
                 results.add(scenario, "msg/s", true, system, s);
             }
             for &rate in &sizes.latency_rates {
@@ -320,12 +320,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "rooms: 64 rooms on {} transmitters, aggregate",
             args.transmitters
         );
-        tally(&mut cpu, &scenario).add(
-            System::Thynapse,
-            &run.cpu_before,
-            &run.cpu_after,
-            64 * sizes.room_messages,
-        );
+        tally(&mut cpu, &scenario).add(System::Thynapse, &run.cpu_used, 64 * sizes.room_messages);
         results.add(
             &scenario,
             "msg/s",

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 
-use crate::cpu::cpu_by_process;
+use crate::cpu::CpuSnapshot;
 use crate::load::{self, Endpoint, Publisher};
 use crate::results::{Sample, System};
 use crate::servers;
@@ -178,10 +178,8 @@ pub async fn latency(
 pub struct RoomsRun {
     pub sample: Sample,
     pub transmitters: Vec<RoomShare>,
-    /// CPU seconds by mesh process and load generator, as the messages started and after
-    /// the last was delivered.
-    pub cpu_before: Vec<(String, f64)>,
-    pub cpu_after: Vec<(String, f64)>,
+    /// CPU seconds each mesh process and the load generator used while the messages flowed.
+    pub cpu_used: Vec<(String, f64)>,
 }
 
 /// One transmitter's part in a rooms run.
@@ -189,6 +187,8 @@ pub struct RoomShare {
     pub name: String,
     pub hosted: usize,
     pub carried: f64,
+    /// CPU seconds while the messages flowed.
+    pub cpu: f64,
     /// CPU time over wall time while the messages flowed: 1.0 is one CPU used up.
     pub busy: f64,
 }
@@ -198,9 +198,13 @@ impl RoomsRun {
     /// of its CPU, from the rate measured and that transmitter's share of a CPU. On one
     /// machine the clients (load generator, sidecars) share the CPUs with the transmitters
     /// and cap the measured rate; this is what the transmitters themselves would allow.
+    /// None when the busiest used under 10 ms of CPU (a quick run): too little to scale up.
     pub fn transmitter_capacity(&self) -> Option<f64> {
-        let busiest = self.transmitters.iter().map(|t| t.busy).fold(0.0, f64::max);
-        (busiest > 0.0).then(|| self.sample.value / busiest)
+        let busiest = self
+            .transmitters
+            .iter()
+            .max_by(|a, b| a.busy.total_cmp(&b.busy))?;
+        (busiest.cpu >= 0.01).then(|| self.sample.value / busiest.busy)
     }
 }
 
@@ -251,7 +255,7 @@ pub async fn rooms(
             .collect()
     };
     let before = carried(setup);
-    let cpu_before = cpu_by_process(setup, System::Thynapse);
+    let cpu_before = CpuSnapshot::take(setup, System::Thynapse);
     let start = Instant::now();
     // The publishers in `groups` groups, each driving its share. The first runs here, on the
     // thread that drives this future (as every other scenario's publisher does); the rest
@@ -276,7 +280,7 @@ pub async fn rooms(
     }
     let expected = per_room * rooms as u64;
     wait_for_deliveries(&subs, expected).await;
-    let cpu_after = cpu_by_process(setup, System::Thynapse);
+    let cpu_used = CpuSnapshot::take(setup, System::Thynapse).since(&cpu_before);
     let wall = start.elapsed().as_secs_f64().max(1e-6);
     let _ = stop_tx.send(true);
     let (mut received, mut duplicates, mut last) = (0, 0, start);
@@ -290,13 +294,13 @@ pub async fn rooms(
         .into_iter()
         .map(|(name, v, hosted)| {
             let was = before.iter().find(|b| b.0 == name).map_or(0.0, |b| b.1);
-            let cpu = |at: &[(String, f64)]| {
-                at.iter()
-                    .find(|(n, _)| *n == format!("transmitter {name}"))
-                    .map_or(0.0, |c| c.1)
-            };
+            let used = cpu_used
+                .iter()
+                .find(|(n, _)| *n == format!("transmitter {name}"))
+                .map_or(0.0, |c| c.1);
             RoomShare {
-                busy: (cpu(&cpu_after) - cpu(&cpu_before)) / wall,
+                cpu: used,
+                busy: used / wall,
                 name,
                 hosted,
                 carried: v - was,
@@ -311,8 +315,7 @@ pub async fn rooms(
             duplicates,
         },
         transmitters,
-        cpu_before,
-        cpu_after,
+        cpu_used,
     })
 }
 

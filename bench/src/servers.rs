@@ -1,6 +1,7 @@
 //! The three systems under test, started on loopback and free ports: Debian's
 //! redis-server and nats-server, and a `thynapse up` mesh.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -221,8 +222,30 @@ pub fn allowed_cpus(pid: u32) -> Option<String> {
     Some(line.split_whitespace().nth(1)?.to_string())
 }
 
+/// CPU time each thread of a process used so far, in seconds, by thread id: the
+/// scheduler's nanosecond count (`/proc/<pid>/task/<tid>/schedstat`) rather than the 10 ms
+/// ticks of `/proc/<pid>/stat`, so that a short run's share of a CPU is exact. On a kernel
+/// without schedstat, the process's ticks under its own id.
+pub fn thread_cpu_seconds(pid: u32) -> BTreeMap<u32, f64> {
+    let threads: BTreeMap<u32, f64> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(|task| {
+            let task = task.ok()?;
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let ns: f64 = stat.split_whitespace().next()?.parse().ok()?;
+            Some((tid, ns / 1e9))
+        })
+        .collect();
+    if !threads.is_empty() {
+        return threads;
+    }
+    cpu_seconds(pid).map(|s| (pid, s)).into_iter().collect()
+}
+
 /// CPU time a process used so far (user + system), in seconds.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
