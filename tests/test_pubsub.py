@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import redis
 
-from conftest import Subscriber, mesh_yaml, until_routed, wait_for
+from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
 
 WORKERS = ("workers", [{"pattern": "jobs.*", "mode": "anycatch"}])
 AUDIT = ("audit", [])
@@ -161,3 +161,44 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_confirmed_subscription_gets_every_later_publish_from_any_transmitter(start_mesh):
+    """Redis' ordering promise: once (P|S)SUBSCRIBE has answered, a PUBLISH sent afterwards
+    from anywhere reaches the subscriber. Request/reply over pub/sub depends on it: the
+    publisher here is on another transmitter and publishes the moment the confirmation is
+    read, as a service answering a request would."""
+    rooms = """---
+apiVersion: thynapse.io/v1alpha1
+kind: Room
+metadata: {name: lobby}
+spec: {mesh: demo, replicas: 2}
+"""
+    mesh = start_mesh(mesh_yaml(replicas=2, services=[("a", []), ("b", [])]) + rooms, cells={"a": 1, "b": 1})
+    sub_cell, pub_cell = mesh.cell("a-0"), mesh.cell("b-0")
+    assert sub_cell["transmitter"] != pub_cell["transmitter"], "the race needs two transmitters"
+    sub = mesh.redis(sub_cell).pubsub()
+    pub = mesh.redis(pub_cell)
+    missed = []
+    rounds = 1500
+    for i in range(rounds):
+        kind = ("subscribe", "psubscribe", "ssubscribe")[i % 3]
+        channel = f"{{lobby}}race.{i}" if kind == "ssubscribe" else f"race.{i}"
+        name = channel if kind != "psubscribe" else f"race.{i}*"
+        getattr(sub, kind)(name)
+        confirmation = sub.get_message(timeout=10)
+        assert confirmation and confirmation["type"] == kind, confirmation
+        reached = pub.spublish(channel, b"x") if kind == "ssubscribe" else pub.publish(channel, b"x")
+        if reached == 1:
+            got = sub.get_message(timeout=10)
+            assert got and got["type"] in ("message", "pmessage", "smessage"), got
+            assert got["channel"] == channel.encode(), got
+        else:
+            missed.append((kind, i, reached))
+        getattr(sub, {"subscribe": "unsubscribe", "psubscribe": "punsubscribe", "ssubscribe": "sunsubscribe"}[kind])(name)
+        # A message that arrives late (when the publish missed the race) comes before this.
+        while (m := sub.get_message(timeout=10))["type"] not in ("unsubscribe", "punsubscribe", "sunsubscribe"):
+            assert reached != 1, f"a second copy: {m}"
+    assert not missed, f"{len(missed)} of {rounds} publishes right after a confirmation reached no cell: {missed[:10]}"
+    for t in mesh.endpoints["transmitters"]:
+        assert metrics(t["metrics"]).get("thynapse_transmitter_interest_sync_timeouts_total") == 0

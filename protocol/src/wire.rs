@@ -31,6 +31,9 @@ pub mod cmd {
     pub const FWRD: &[u8; 4] = b"FWRD";
     pub const FACK: &[u8; 4] = b"FACK";
     pub const LEAV: &[u8; 4] = b"LEAV";
+    pub const SUBD: &[u8; 4] = b"SUBD";
+    pub const SYNC: &[u8; 4] = b"SYNC";
+    pub const SYND: &[u8; 4] = b"SYND";
 }
 
 /// Where a cell wants its messages: on its own command connection (reliable, batched,
@@ -102,6 +105,22 @@ pub struct Reason {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorReply {
     pub error: String,
+}
+
+/// `B SUBS` header (optional) / `J SUBD`: with `sync`, the cell asks to hear `J SUBD`
+/// with the same number once every transmitter linked to its own knows the change, so a
+/// SUBSCRIBE confirmation means what it means in Redis: any later PUBLISH reaches it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubsSync {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<u64>,
+}
+
+/// `J SYNC` / `J SYND` between transmitters: "answer once you have applied everything I
+/// sent before this" (a peer handles its inbound connection in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRound {
+    pub round: u64,
 }
 
 /// `J PEER` / `J PWLC`: a transmitter introduces itself to another.

@@ -3,10 +3,12 @@
 //! Replies keep request order: a (S)PUBLISH's reply (the number of cells reached) comes
 //! back from the transmitter, so later replies wait behind it.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use thynapse_protocol::batch::{put_publish, Kind};
@@ -16,12 +18,25 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::hub::{now_us, ClientHandle, ClientId, HubCmd, Out, Publishes, SubKind};
+use crate::introspection::{self, ClientSummary, ServerFacts, REDIS_VERSION};
 use crate::resp::{parse_request, retype_pushes, Reply, Request};
 
 pub struct Shared {
     pub hub: mpsc::Sender<HubCmd>,
     pub max_message_bytes: usize,
-    pub version: &'static str,
+    pub client_output_buffer_bytes: usize,
+    /// Who this sidecar is, for INFO.
+    pub mesh: String,
+    pub service: String,
+    pub cell: String,
+    pub port: u16,
+    pub started: Instant,
+    pub started_unix: u64,
+    /// Every connected client as CLIENT LIST shows it, updated after each command that is
+    /// not a (S)PUBLISH (those stay off the lock).
+    pub clients: Mutex<HashMap<ClientId, ClientSummary>>,
+    pub total_connections: AtomicU64,
+    pub total_commands: AtomicU64,
 }
 
 enum Pending {
@@ -29,6 +44,11 @@ enum Pending {
     /// A (S)PUBLISH waiting for its acknowledgement; its token is its number in
     /// `pending` (see `pending_base`).
     Publish,
+    /// Holds the (P|S)SUBSCRIBE confirmations behind it until the mesh knows the
+    /// subscriptions (`Out::Confirmed`); writes nothing itself.
+    Barrier,
+    /// A barrier passed.
+    Passed,
 }
 
 struct Client {
@@ -36,7 +56,8 @@ struct Client {
     resp3: bool,
     /// The version the hub was last told (it writes this client's pushes).
     hub_resp3: bool,
-    name: Option<Bytes>,
+    /// What CLIENT INFO / LIST say of this client (its name among them).
+    info: ClientSummary,
     channels: BTreeSet<Bytes>,
     patterns: BTreeSet<Bytes>,
     shard: BTreeSet<Bytes>,
@@ -64,6 +85,25 @@ fn query_limit(max_message_bytes: usize) -> usize {
 
 pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
     let _ = socket.set_nodelay(true);
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    let now = Instant::now();
+    let info = ClientSummary {
+        id,
+        addr: socket.peer_addr().unwrap_or(unknown),
+        laddr: socket.local_addr().unwrap_or(unknown),
+        created: now,
+        last_active: now,
+        name: None,
+        lib_name: None,
+        lib_ver: None,
+        resp: 2,
+        sub: 0,
+        psub: 0,
+        ssub: 0,
+        last_command: String::new(),
+    };
+    shared.total_connections.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.clients).insert(id, info.clone());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let killed = Arc::new(AtomicBool::new(false));
@@ -82,7 +122,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         id,
         resp3: false,
         hub_resp3: false,
-        name: None,
+        info,
         channels: BTreeSet::new(),
         patterns: BTreeSet::new(),
         shard: BTreeSet::new(),
@@ -138,6 +178,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
                     }
                 }
                 let chunk = buf.split_to(end).freeze();
+                shared.total_commands.fetch_add(requests.len() as u64, Ordering::Relaxed);
                 for args in requests.drain(..) {
                     if c.close {
                         continue;
@@ -154,6 +195,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
                     }
                     if !args.is_empty() {
                         c.handle(&chunk, args, &shared).await;
+                        c.publish_summary(&shared);
                         if c.resp3 != c.hub_resp3 {
                             // HELLO or RESET changed the version the hub writes pushes in.
                             c.hub_resp3 = c.resp3;
@@ -193,7 +235,16 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
             break;
         }
     }
+    lock(&shared.clients).remove(&id);
     let _ = shared.hub.send(HubCmd::Unregister(id)).await;
+}
+
+/// The client registry's lock; a panic while it was held leaves nothing half-written
+/// worth refusing (each entry is replaced whole).
+fn lock(
+    m: &Mutex<HashMap<ClientId, ClientSummary>>,
+) -> std::sync::MutexGuard<'_, HashMap<ClientId, ClientSummary>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes `chunks` in order with vectored writes, taking them off as they are written.
@@ -331,7 +382,32 @@ const COMMANDS: &[(&str, i64, &[&str])] = &[
     ),
     ("spublish", 3, &["pubsub", "loading", "stale", "fast"]),
     ("pubsub", -2, &[]),
+    // Asked by clients and tools on their own (see `introspection`).
+    ("info", -1, &["loading", "stale"]),
+    ("config", -2, &[]),
+    ("time", 1, &["loading", "stale", "fast"]),
+    ("dbsize", 1, &["readonly", "fast"]),
+    ("lastsave", 1, &["loading", "stale", "fast"]),
+    ("role", 1, &["noscript", "loading", "stale", "fast"]),
+    (
+        "auth",
+        -2,
+        &[
+            "noscript",
+            "loading",
+            "stale",
+            "fast",
+            "no_auth",
+            "allow_busy",
+        ],
+    ),
+    ("cluster", -2, &[]),
+    ("readonly", 1, &["loading", "stale", "fast"]),
+    ("readwrite", 1, &["loading", "stale", "fast"]),
 ];
+
+/// Redis' answer, without cluster mode, to the commands only Redis Cluster serves.
+const NO_CLUSTER: &str = "ERR This instance has cluster support disabled";
 
 fn command_info(name: &str, arity: i64, flags: &[&'static str]) -> Reply {
     Reply::Array(vec![
@@ -351,6 +427,16 @@ fn command_info(name: &str, arity: i64, flags: &[&'static str]) -> Reply {
 impl Client {
     fn reply(&mut self, r: Reply) {
         self.pending.push_back(Pending::Ready(r));
+    }
+
+    /// Refreshes this client's entry in the registry CLIENT LIST reads.
+    fn publish_summary(&mut self, shared: &Shared) {
+        self.info.resp = if self.resp3 { 3 } else { 2 };
+        self.info.sub = self.channels.len();
+        self.info.psub = self.patterns.len();
+        self.info.ssub = self.shard.len();
+        self.info.last_active = Instant::now();
+        lock(&shared.clients).insert(self.id, self.info.clone());
     }
 
     fn set_of(&mut self, kind: SubKind) -> &mut BTreeSet<Bytes> {
@@ -403,26 +489,34 @@ impl Client {
                     self.answer(token, Reply::Int(n));
                 }
             }
+            Out::Confirmed(token) => {
+                if let Some(slot @ Pending::Barrier) = self.slot(token) {
+                    *slot = Pending::Passed;
+                }
+            }
         }
+    }
+
+    fn slot(&mut self, token: u64) -> Option<&mut Pending> {
+        let i = token.checked_sub(self.pending_base)?;
+        self.pending.get_mut(usize::try_from(i).ok()?)
     }
 
     /// Fills the reply slot of the (S)PUBLISH numbered `token`.
     fn answer(&mut self, token: u64, reply: Reply) {
-        let slot = token
-            .checked_sub(self.pending_base)
-            .and_then(|i| self.pending.get_mut(usize::try_from(i).ok()?));
-        if let Some(slot @ Pending::Publish) = slot {
+        if let Some(slot @ Pending::Publish) = self.slot(token) {
             *slot = Pending::Ready(reply);
         }
     }
 
-    /// Writes the replies that are ready, in order, up to the first unanswered (S)PUBLISH.
+    /// Writes the replies that are ready, in order, up to the first unanswered (S)PUBLISH
+    /// or unconfirmed subscription.
     fn flush_ready(&mut self) {
-        while let Some(Pending::Ready(_)) = self.pending.front() {
+        while let Some(Pending::Ready(_) | Pending::Passed) = self.pending.front() {
             if let Some(Pending::Ready(r)) = self.pending.pop_front() {
-                self.pending_base += 1;
                 r.encode(self.resp3, &mut self.out);
             }
+            self.pending_base += 1;
         }
     }
 
@@ -431,6 +525,12 @@ impl Client {
         // Anything else may depend on the order of earlier publishes.
         self.hand_over(shared).await;
         let name = lower(&args[0]);
+        self.info.last_command = match (name.as_str(), args.get(1)) {
+            ("client" | "config" | "command" | "pubsub" | "cluster", Some(sub)) => {
+                format!("{name}|{}", lower(sub))
+            }
+            _ => name.clone(),
+        };
         // RESP2 clients in subscribed mode may only (un)subscribe, ping, quit and reset.
         if self.subscribed()
             && !self.resp3
@@ -477,8 +577,8 @@ impl Client {
                 self.reply(reply);
             }
             "echo" => self.reply(Reply::Bulk(args[1].clone())),
-            "hello" => self.hello(&args, shared),
-            "client" => self.client_command(&args),
+            "hello" => self.hello(&args),
+            "client" => self.client_command(&args, shared),
             // Pub/sub ignores databases in Redis; accept the 16 a default Redis has.
             "select" => self.reply(
                 match std::str::from_utf8(&args[1])
@@ -499,36 +599,51 @@ impl Client {
                     self.unsubscribe_all(kind, shared, false).await;
                 }
                 self.resp3 = false;
-                self.name = None;
+                self.info.name = None;
                 self.reply(Reply::Simple("RESET"));
             }
             "command" => self.command_command(&args),
             "subscribe" | "psubscribe" | "ssubscribe" => {
                 let kind = sub_kind(&name);
-                let mut names: Vec<Bytes> = args[1..].to_vec();
+                let names: Vec<Bytes> = args[1..].to_vec();
                 let refused = if kind == SubKind::Shard {
                     self.admit_rooms(&names, shared).await
                 } else {
                     BTreeMap::new()
                 };
-                let mut new = Vec::new();
-                for n in names.drain(..) {
-                    if let Some(error) = refused.get(room_of(&n)) {
-                        self.reply(Reply::error(format!("ERR {error}")));
+                // Subscriptions new to this client, by session (the mesh, or each room):
+                // the confirmations wait behind one barrier per session.
+                let mut new: BTreeMap<Option<&[u8]>, Vec<Bytes>> = BTreeMap::new();
+                let mut replies = Vec::new();
+                for n in &names {
+                    if let Some(error) = refused.get(room_of(n)) {
+                        replies.push(Reply::error(format!("ERR {error}")));
                         continue;
                     }
                     if self.set_of(kind).insert(n.clone()) {
-                        new.push(n.clone());
+                        let session = (kind == SubKind::Shard).then(|| room_of(n));
+                        new.entry(session).or_default().push(n.clone());
                     }
                     let count = self.subscription_count(kind);
-                    self.reply(Reply::Push(vec![
+                    replies.push(Reply::Push(vec![
                         Reply::bulk(name.clone()),
-                        Reply::Bulk(n),
+                        Reply::Bulk(n.clone()),
                         Reply::Int(count),
                     ]));
                 }
-                if !new.is_empty() {
-                    let _ = shared.hub.send(HubCmd::Subscribe(self.id, kind, new)).await;
+                for names in new.into_values() {
+                    let token = self.pending_base + self.pending.len() as u64;
+                    self.pending.push_back(Pending::Barrier);
+                    let cmd = HubCmd::Subscribe {
+                        client: self.id,
+                        kind,
+                        names,
+                        token,
+                    };
+                    let _ = shared.hub.send(cmd).await;
+                }
+                for r in replies {
+                    self.reply(r);
                 }
             }
             "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
@@ -537,22 +652,21 @@ impl Client {
                     self.unsubscribe_all(kind, shared, true).await;
                 } else {
                     let mut gone = Vec::new();
+                    let mut replies = Vec::new();
                     for n in &args[1..] {
                         if self.set_of(kind).remove(n) {
                             gone.push(n.clone());
                         }
                         let count = self.subscription_count(kind);
-                        self.reply(Reply::Push(vec![
+                        replies.push(Reply::Push(vec![
                             Reply::bulk(name.clone()),
                             Reply::Bulk(n.clone()),
                             Reply::Int(count),
                         ]));
                     }
-                    if !gone.is_empty() {
-                        let _ = shared
-                            .hub
-                            .send(HubCmd::Unsubscribe(self.id, kind, gone))
-                            .await;
+                    self.unsubscribe_in_hub(kind, gone, shared).await;
+                    for r in replies {
+                        self.reply(r);
                     }
                 }
             }
@@ -564,6 +678,33 @@ impl Client {
                 Err(_) => self.reply(arity_error(&name)),
             },
             "pubsub" => self.pubsub(&args, shared).await,
+            "info" => self.info_command(&args, shared).await,
+            "config" => self.config_command(&args, shared),
+            "time" => {
+                let (secs, micros) = introspection::time();
+                self.reply(Reply::Array(vec![
+                    Reply::bulk(secs.to_string()),
+                    Reply::bulk(micros.to_string()),
+                ]));
+            }
+            // No keys live here: an empty server's answers.
+            "dbsize" => self.reply(Reply::Int(0)),
+            "lastsave" => self.reply(Reply::Int(shared.started_unix as i64)),
+            "role" => self.reply(Reply::Array(vec![
+                Reply::bulk("master"),
+                Reply::Int(0),
+                Reply::Array(vec![]),
+            ])),
+            // The sidecar has no password (it serves its own pod on loopback): Redis'
+            // answers when none is set.
+            "auth" if args.len() == 2 => self.reply(Reply::error(
+                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            )),
+            "auth" if args.len() == 3 => self.reply(Reply::error(
+                "WRONGPASS invalid username-password pair or user is disabled.",
+            )),
+            "auth" => self.reply(Reply::error("ERR syntax error")),
+            "cluster" | "readonly" | "readwrite" => self.reply(Reply::error(NO_CLUSTER)),
             _ => self.reply(unknown_command(&args)),
         }
     }
@@ -668,6 +809,24 @@ impl Client {
             .collect()
     }
 
+    /// Drops subscriptions in the hub. The replies that follow wait until it has: a
+    /// message the hub delivered before then is written first, and none comes after the
+    /// confirmation, as in Redis.
+    async fn unsubscribe_in_hub(&mut self, kind: SubKind, names: Vec<Bytes>, shared: &Shared) {
+        if names.is_empty() {
+            return;
+        }
+        let token = self.pending_base + self.pending.len() as u64;
+        self.pending.push_back(Pending::Barrier);
+        let cmd = HubCmd::Unsubscribe {
+            client: self.id,
+            kind,
+            names,
+            token,
+        };
+        let _ = shared.hub.send(cmd).await;
+    }
+
     async fn unsubscribe_all(&mut self, kind: SubKind, shared: &Shared, reply: bool) {
         let set = std::mem::take(self.set_of(kind));
         let verb = match kind {
@@ -675,6 +834,8 @@ impl Client {
             SubKind::Pattern => "punsubscribe",
             SubKind::Shard => "sunsubscribe",
         };
+        self.unsubscribe_in_hub(kind, set.iter().cloned().collect(), shared)
+            .await;
         if reply {
             if set.is_empty() {
                 let count = self.subscription_count(kind);
@@ -694,19 +855,9 @@ impl Client {
                 ]));
             }
         }
-        if !set.is_empty() {
-            let _ = shared
-                .hub
-                .send(HubCmd::Unsubscribe(
-                    self.id,
-                    kind,
-                    set.into_iter().collect(),
-                ))
-                .await;
-        }
     }
 
-    fn hello(&mut self, args: &[Bytes], shared: &Shared) {
+    fn hello(&mut self, args: &[Bytes]) {
         let mut i = 1;
         if args.len() > 1 {
             match std::str::from_utf8(&args[1])
@@ -732,7 +883,7 @@ impl Client {
             match lower(&args[i]).as_str() {
                 "auth" if i + 2 < args.len() => i += 3,
                 "setname" if i + 1 < args.len() => {
-                    self.name = Some(args[i + 1].clone());
+                    self.info.name = Some(args[i + 1].clone());
                     i += 2;
                 }
                 _ => {
@@ -746,7 +897,7 @@ impl Client {
         }
         self.reply(Reply::Map(vec![
             (Reply::bulk("server"), Reply::bulk("redis")),
-            (Reply::bulk("version"), Reply::bulk(shared.version)),
+            (Reply::bulk("version"), Reply::bulk(REDIS_VERSION)),
             (
                 Reply::bulk("proto"),
                 Reply::Int(if self.resp3 { 3 } else { 2 }),
@@ -758,7 +909,7 @@ impl Client {
         ]));
     }
 
-    fn client_command(&mut self, args: &[Bytes]) {
+    fn client_command(&mut self, args: &[Bytes], shared: &Shared) {
         let sub = lower(&args[1]);
         let reply = match (sub.as_str(), args.len()) {
             ("setname", 3) => {
@@ -767,17 +918,146 @@ impl Client {
                         "ERR Client names cannot contain spaces, newlines or special characters.",
                     )
                 } else {
-                    self.name = (!args[2].is_empty()).then(|| args[2].clone());
+                    self.info.name = (!args[2].is_empty()).then(|| args[2].clone());
                     Reply::Simple("OK")
                 }
             }
-            ("getname", 2) => self.name.clone().map_or(Reply::Null, Reply::Bulk),
-            ("setinfo", 4) => Reply::Simple("OK"),
+            ("getname", 2) => self.info.name.clone().map_or(Reply::Null, Reply::Bulk),
+            ("setinfo", 4) => {
+                let value = (!args[3].is_empty()).then(|| args[3].clone());
+                match lower(&args[2]).as_str() {
+                    "lib-name" => self.info.lib_name = value,
+                    "lib-ver" => self.info.lib_ver = value,
+                    _ => {}
+                }
+                Reply::Simple("OK")
+            }
             ("id", 2) => Reply::Int(self.id as i64),
-            ("setname" | "getname" | "setinfo" | "id", _) => Reply::error(format!(
+            ("info", 2) => {
+                self.publish_summary(shared);
+                Reply::Bulk(format!("{}\n", self.info.line(Instant::now())).into())
+            }
+            ("list", _) => self.client_list(&args[2..], shared),
+            // Eviction and LRU touches concern keys; there are none here.
+            ("no-evict" | "no-touch", 3) => match lower(&args[2]).as_str() {
+                "on" | "off" => Reply::Simple("OK"),
+                _ => Reply::error("ERR syntax error"),
+            },
+            ("getredir", 2) => Reply::Int(-1),
+            (
+                "setname" | "getname" | "setinfo" | "id" | "info" | "no-evict" | "no-touch"
+                | "getredir",
+                _,
+            ) => Reply::error(format!(
                 "ERR wrong number of arguments for 'client|{sub}' command"
             )),
             _ => unknown_subcommand("client", &args[1]),
+        };
+        self.reply(reply);
+    }
+
+    /// CLIENT LIST [TYPE normal|pubsub] [ID id …], as Redis 7 filters it.
+    fn client_list(&mut self, filters: &[Bytes], shared: &Shared) -> Reply {
+        self.publish_summary(shared);
+        let mut kind = None;
+        let mut ids: Option<Vec<u64>> = None;
+        let mut i = 0;
+        while i < filters.len() {
+            match (lower(&filters[i]).as_str(), filters.get(i + 1)) {
+                ("type", Some(t)) => {
+                    let t = lower(t);
+                    if !matches!(
+                        t.as_str(),
+                        "normal" | "pubsub" | "master" | "replica" | "slave"
+                    ) {
+                        return Reply::error(format!("ERR Unknown client type '{t}'"));
+                    }
+                    kind = Some(t);
+                    i += 2;
+                }
+                ("id", Some(_)) => {
+                    let mut list = Vec::new();
+                    i += 1;
+                    while let Some(id) = filters.get(i) {
+                        match std::str::from_utf8(id)
+                            .ok()
+                            .and_then(|s| s.parse::<u64>().ok())
+                        {
+                            Some(id) => list.push(id),
+                            None => return Reply::error("ERR Invalid client ID"),
+                        }
+                        i += 1;
+                    }
+                    ids = Some(list);
+                }
+                _ => return Reply::error("ERR syntax error"),
+            }
+        }
+        let now = Instant::now();
+        let clients = lock(&shared.clients);
+        let mut listed: Vec<&ClientSummary> = clients
+            .values()
+            .filter(|c| ids.as_ref().is_none_or(|ids| ids.contains(&c.id)))
+            .filter(|c| {
+                let pubsub = c.sub + c.psub + c.ssub > 0;
+                match kind.as_deref() {
+                    None => true,
+                    Some("normal") => !pubsub,
+                    Some("pubsub") => pubsub,
+                    Some(_) => false,
+                }
+            })
+            .collect();
+        listed.sort_by_key(|c| c.id);
+        let text: String = listed.iter().map(|c| c.line(now) + "\n").collect();
+        Reply::Bulk(text.into())
+    }
+
+    async fn info_command(&mut self, args: &[Bytes], shared: &Shared) {
+        let (tx, rx) = oneshot::channel();
+        let _ = shared.hub.send(HubCmd::Info(tx)).await;
+        let Ok(hub) = rx.await else {
+            self.reply(Reply::error("ERR the sidecar is shutting down"));
+            return;
+        };
+        let facts = ServerFacts {
+            run_id: hub.run_id,
+            port: shared.port,
+            uptime: shared.started.elapsed(),
+            connected_clients: lock(&shared.clients).len(),
+            total_connections: shared.total_connections.load(Ordering::Relaxed),
+            total_commands: shared.total_commands.load(Ordering::Relaxed),
+            pubsub_channels: hub.channels,
+            pubsub_patterns: hub.patterns,
+            pubsub_shard_channels: hub.shard_channels,
+            mesh: shared.mesh.clone(),
+            service: shared.service.clone(),
+            cell: shared.cell.clone(),
+            transmitter: hub.transmitter,
+            started_unix: shared.started_unix,
+        };
+        let text = introspection::info(&facts, &introspection::info_sections(&args[1..]));
+        self.reply(Reply::Verbatim(text.into()));
+    }
+
+    fn config_command(&mut self, args: &[Bytes], shared: &Shared) {
+        let sub = lower(&args[1]);
+        let reply = match sub.as_str() {
+            "get" if args.len() >= 3 => Reply::Map(
+                introspection::config_get(shared.port, &args[2..], shared.client_output_buffer_bytes)
+                    .into_iter()
+                    .map(|(k, v)| (Reply::bulk(k), Reply::bulk(v)))
+                    .collect(),
+            ),
+            "resetstat" if args.len() == 2 => Reply::Simple("OK"),
+            "set" if args.len() >= 4 && args.len() % 2 == 0 => Reply::error(format!(
+                "ERR CONFIG SET failed (possibly related to argument '{}') - the Thynapse sidecar's settings come from its mesh",
+                String::from_utf8_lossy(&args[2])
+            )),
+            "get" | "set" | "resetstat" => Reply::error(format!(
+                "ERR wrong number of arguments for 'config|{sub}' command"
+            )),
+            _ => unknown_subcommand("config", &args[1]),
         };
         self.reply(reply);
     }

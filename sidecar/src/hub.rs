@@ -53,13 +53,16 @@ pub enum Out {
     },
     /// Replies to several of the client's publishes at once: (token, cells reached).
     Acked(Vec<(u64, i64)>),
+    /// The (P|S)SUBSCRIBE whose confirmations wait in slot `token` may be answered: every
+    /// transmitter linked to the cell's knows the subscriptions (see `confirm`).
+    Confirmed(u64),
 }
 
 impl Out {
     pub fn size(&self) -> usize {
         match self {
             Out::Pushes { bytes, .. } => bytes.len(),
-            Out::Published { .. } => 16,
+            Out::Published { .. } | Out::Confirmed(_) => 16,
             Out::Acked(acks) => 16 * acks.len(),
         }
     }
@@ -102,8 +105,21 @@ pub enum HubCmd {
     Unregister(ClientId),
     /// May this room be used? Answered once the rendezvous has placed it (or refused).
     Admit(Bytes, oneshot::Sender<Result<(), String>>),
-    Subscribe(ClientId, SubKind, Vec<Bytes>),
-    Unsubscribe(ClientId, SubKind, Vec<Bytes>),
+    /// New subscriptions of one client, all of one session (the mesh, or one room); the
+    /// confirmations wait in the client's reply slot `token` until the mesh knows them.
+    Subscribe {
+        client: ClientId,
+        kind: SubKind,
+        names: Vec<Bytes>,
+        token: u64,
+    },
+    /// Dropped subscriptions of one client; slot `token` is answered once they are gone.
+    Unsubscribe {
+        client: ClientId,
+        kind: SubKind,
+        names: Vec<Bytes>,
+        token: u64,
+    },
     /// The (S)PUBLISHes a client sent in one read, in order.
     Publish(ClientId, Publishes),
     Channels(SubKind, Option<Bytes>, oneshot::Sender<Vec<Bytes>>),
@@ -111,6 +127,18 @@ pub enum HubCmd {
     NumPat(oneshot::Sender<i64>),
     /// The client switched protocol version (HELLO, RESET).
     Protocol(ClientId, bool),
+    /// What INFO reports of the cell.
+    Info(oneshot::Sender<HubInfo>),
+}
+
+/// The hub's part of INFO.
+#[derive(Debug)]
+pub struct HubInfo {
+    pub run_id: String,
+    pub transmitter: Option<String>,
+    pub channels: usize,
+    pub patterns: usize,
+    pub shard_channels: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -133,6 +161,9 @@ const MAX_UNACKED: usize = 16_384;
 const MAX_UNACKED_BYTES: usize = 4 << 20;
 /// Commands taken from the clients between two flushes at most.
 const MAX_COMMANDS_PER_TURN: usize = 1024;
+/// A subscription confirmation waits at most this many expiries for the mesh to know it
+/// (the transmitter's own bound on a slow peer is one expiry).
+const CONFIRM_BOUND_EXPIRIES: u32 = 2;
 /// A room session with no subscription and nothing to acknowledge closes after this long.
 const ROOM_IDLE: Duration = Duration::from_secs(30);
 
@@ -240,6 +271,18 @@ fn json_frame<T: serde::Serialize>(command: &[u8; 4], value: &T) -> ZmqMessage {
 fn binary_frame(command: &[u8; 4], body: Bytes) -> ZmqMessage {
     let mut m =
         ZmqMessage::from(CommandFrame::new(Encoding::Binary, command, Bytes::new()).to_bytes());
+    m.push_back(body);
+    m
+}
+
+/// A binary command with a JSON header in its command frame.
+fn binary_frame_with<T: serde::Serialize>(
+    command: &[u8; 4],
+    header: &T,
+    body: Bytes,
+) -> ZmqMessage {
+    let header = serde_json::to_vec(header).expect("protocol headers always serialise");
+    let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, command, header).to_bytes());
     m.push_back(body);
     m
 }
@@ -375,24 +418,42 @@ impl Hub {
                     s.waiting.push(reply);
                 }
             }
-            HubCmd::Subscribe(client, kind, names) => {
+            HubCmd::Subscribe {
+                client,
+                kind,
+                names,
+                token,
+            } => {
+                let Some(first) = names.first() else { return };
+                let key = key_of(kind, first);
                 for name in names {
                     let (map, interest) = self.subs.of(kind);
                     let set = map.entry(name.clone()).or_default();
                     let first = set.is_empty();
                     set.insert(client);
                     if first {
-                        let s = self.session(&key_of(kind, &name));
+                        let s = self.session(&key);
                         s.interest.push((Op::Add, interest, name));
                     }
                 }
                 self.update_subscription_gauge();
+                let s = self.session(&key);
+                let pending = !s.interest.is_empty();
+                if s.confirm.wait(client, token, pending, Instant::now()) {
+                    self.send_to(client, Out::Confirmed(token));
+                }
             }
-            HubCmd::Unsubscribe(client, kind, names) => {
+            HubCmd::Unsubscribe {
+                client,
+                kind,
+                names,
+                token,
+            } => {
                 for name in names {
                     self.unsubscribe(client, kind, &name);
                 }
                 self.update_subscription_gauge();
+                self.send_to(client, Out::Confirmed(token));
             }
             HubCmd::Publish(client, p) => {
                 let now = Instant::now();
@@ -431,6 +492,16 @@ impl Hub {
             }
             HubCmd::NumPat(reply) => {
                 let _ = reply.send(self.subs.patterns.values().map(|s| s.len() as i64).sum());
+            }
+            HubCmd::Info(reply) => {
+                let mesh = self.sessions.get(&None).and_then(|s| s.link.as_ref());
+                let _ = reply.send(HubInfo {
+                    run_id: self.id.to_string(),
+                    transmitter: mesh.map(|l| l.name.clone()),
+                    channels: self.subs.channels.len(),
+                    patterns: self.subs.patterns.len(),
+                    shard_channels: self.subs.shard.len(),
+                });
             }
             HubCmd::Protocol(client, resp3) => {
                 if let Some(h) = self.clients.get_mut(&client) {
@@ -604,6 +675,11 @@ impl Hub {
                 tracing::warn!(room = ?s.room, "room refused: {error}");
                 let mut s = self.sessions.remove(&key).expect("present");
                 s.admit(Err(error.clone()));
+                let mut released = Vec::new();
+                s.confirm.release_all(&mut released);
+                for (client, token) in released {
+                    self.send_to(client, Out::Confirmed(token));
+                }
                 let (replies, messages, bytes) = s.abandon();
                 self.unacked -= messages;
                 self.unacked_bytes -= bytes;
@@ -667,8 +743,16 @@ impl Hub {
                 .map(|c| (Op::Add, Interest::ShardChannel, &c[..]))
                 .collect(),
         };
-        if !subs.is_empty() {
-            msgs.push(binary_frame(cmd::SUBS, wire::encode_interest(subs)));
+        // The snapshot confirms every subscription held so far on this new link.
+        if !subs.is_empty() || s.confirm.any_waiting() {
+            let sync = wire::SubsSync {
+                sync: Some(s.confirm.next_number()),
+            };
+            msgs.push(binary_frame_with(
+                cmd::SUBS,
+                &sync,
+                wire::encode_interest(subs),
+            ));
         }
         // Changes queued for the old link are part of the snapshot just sent.
         s.interest.clear();
@@ -751,6 +835,15 @@ impl Hub {
                     s.old_link = Some((link, Instant::now() + self.cfg.expiry));
                 }
                 self.start_connect(key);
+            }
+            cmd::SUBD if is_current => {
+                if let Ok(wire::SubsSync { sync: Some(n) }) = frame.decode_json() {
+                    let mut released = Vec::new();
+                    s.confirm.confirm(n, &mut released);
+                    for (client, token) in released {
+                        self.send_to(client, Out::Confirmed(token));
+                    }
+                }
             }
             cmd::ERRR => tracing::warn!(
                 "transmitter error: {}",
@@ -870,7 +963,15 @@ impl Hub {
         let now = Instant::now();
         let mut reconnect = Vec::new();
         let mut idle = Vec::new();
+        let mut released = Vec::new();
         for (key, s) in self.sessions.iter_mut() {
+            let expired =
+                s.confirm
+                    .expire(now, CONFIRM_BOUND_EXPIRIES * self.cfg.expiry, &mut released);
+            if expired > 0 {
+                tracing::warn!(room = ?s.room, expired, "subscriptions confirmed before the mesh knew them (transmitter unreachable or slow)");
+                self.metrics.confirm_timeouts.inc_by(expired as u64);
+            }
             if let Some((old, until)) = s.old_link.as_mut() {
                 if now >= *until {
                     let _ = old
@@ -905,6 +1006,9 @@ impl Hub {
             if s.link.is_none() && s.connecting.is_none() {
                 reconnect.push(key.clone());
             }
+        }
+        for (client, token) in released {
+            self.send_to(client, Out::Confirmed(token));
         }
         for key in idle {
             if let Some(mut s) = self.sessions.remove(&key) {
@@ -941,7 +1045,13 @@ impl Hub {
                 let body =
                     wire::encode_interest(s.interest.iter().map(|(op, k, n)| (*op, *k, &n[..])));
                 s.interest.clear();
-                let _ = link.sender.send(binary_frame(cmd::SUBS, body)).await;
+                let sync = wire::SubsSync {
+                    sync: Some(s.confirm.next_number()),
+                };
+                let _ = link
+                    .sender
+                    .send(binary_frame_with(cmd::SUBS, &sync, body))
+                    .await;
             }
             while s.unsent_from < s.unacked.len() {
                 let batch = &s.unacked[s.unsent_from];

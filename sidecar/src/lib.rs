@@ -9,8 +9,10 @@
 //! `resp` is the wire codec, `connection` one client, `hub` the cell's state, `session`
 //! one stream (mesh or room) and its link.
 
+pub mod confirm;
 pub mod connection;
 pub mod hub;
+pub mod introspection;
 pub mod metrics;
 pub mod resp;
 pub mod session;
@@ -106,7 +108,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         hub: hub_tx,
         max_message_bytes: args.max_message_bytes,
-        version: "7.0.0",
+        client_output_buffer_bytes: args.client_output_buffer_bytes,
+        mesh: args.mesh.clone(),
+        service: args.service.clone(),
+        cell: args.name.clone(),
+        port: resp.port(),
+        started: std::time::Instant::now(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        clients: Default::default(),
+        total_connections: AtomicU64::new(0),
+        total_commands: AtomicU64::new(0),
     });
     tracing::info!(%resp, service = %args.service, "sidecar listening");
 

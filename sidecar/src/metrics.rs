@@ -17,6 +17,7 @@ pub struct Metrics {
     pub subscriptions: IntGauge,
     pub disconnects: IntCounterVec,
     pub reconnects: IntCounter,
+    pub confirm_timeouts: IntCounter,
     pub rooms: IntGauge,
     pub latency: Histogram,
 }
@@ -82,6 +83,11 @@ impl Metrics {
                 &r,
                 "thynapse_sidecar_transmitter_reconnects_total",
                 "Times this cell moved to another transmitter.",
+            ),
+            confirm_timeouts: counter(
+                &r,
+                "thynapse_sidecar_subscribe_confirm_timeouts_total",
+                "(P|S)SUBSCRIBE confirmations answered before the mesh confirmed the subscription (transmitter unreachable or slow past two expiries).",
             ),
             rooms: gauge(
                 &r,

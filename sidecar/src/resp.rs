@@ -24,6 +24,8 @@ pub enum Reply {
     Push(Vec<Reply>),
     /// A map in RESP3, a flat array in RESP2.
     Map(Vec<(Reply, Reply)>),
+    /// Text for people (INFO): a verbatim string in RESP3, a bulk string in RESP2.
+    Verbatim(Bytes),
 }
 
 impl Reply {
@@ -59,7 +61,7 @@ impl Reply {
             Reply::Simple(s) => Resp2::SimpleString(Bytes::from_static(s.as_bytes())),
             Reply::Error(e) => Resp2::Error(e.as_str().into()),
             Reply::Int(i) => Resp2::Integer(*i),
-            Reply::Bulk(b) => Resp2::BulkString(b.clone()),
+            Reply::Bulk(b) | Reply::Verbatim(b) => Resp2::BulkString(b.clone()),
             Reply::Null => Resp2::Null,
             Reply::Array(v) | Reply::Push(v) => {
                 Resp2::Array(v.iter().map(Reply::to_resp2).collect())
@@ -88,6 +90,11 @@ impl Reply {
             },
             Reply::Bulk(b) => Resp3::BlobString {
                 data: b.clone(),
+                attributes: None,
+            },
+            Reply::Verbatim(b) => Resp3::VerbatimString {
+                data: b.clone(),
+                format: redis_protocol::resp3::types::VerbatimStringFormat::Text,
                 attributes: None,
             },
             Reply::Null => Resp3::Null,

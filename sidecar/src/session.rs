@@ -19,6 +19,7 @@ use thynapse_protocol::Thid;
 use tokio::sync::{mpsc, oneshot};
 use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, ZmqMessage};
 
+use crate::confirm::Confirmations;
 use crate::hub::ClientId;
 
 /// Which session: the mesh (`None`) or a room.
@@ -113,6 +114,8 @@ pub struct Session {
     /// SSUBSCRIBEs waiting to hear whether the room may be used.
     pub waiting: Vec<oneshot::Sender<Result<(), String>>>,
     pub last_used: Instant,
+    /// Subscription confirmations waiting for the mesh to know the subscriptions.
+    pub confirm: Confirmations,
 }
 
 impl Session {
@@ -132,6 +135,7 @@ impl Session {
             avoid: Vec::new(),
             waiting: Vec::new(),
             last_used: Instant::now(),
+            confirm: Confirmations::default(),
         }
     }
 

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub room_messages: IntCounterVec,
     pub rooms: IntGauge,
     pub held_bytes: IntGauge,
+    pub sync_timeouts: IntCounter,
 }
 
 /// The per-message counters (labelled handles looked up once: a label lookup hashes and
@@ -145,6 +146,11 @@ impl Metrics {
                 &r,
                 "thynapse_transmitter_held_bytes",
                 "Bytes of inbound batches waiting for room on the links they go to.",
+            ),
+            sync_timeouts: counter(
+                &r,
+                "thynapse_transmitter_interest_sync_timeouts_total",
+                "Subscription confirmations (SUBD) sent before every linked peer confirmed the change: a peer slower than one expiry.",
             ),
             registry: r,
         };

@@ -27,6 +27,7 @@ use zeromq::{
     SocketRecv, SocketSend, ZmqMessage,
 };
 
+use crate::interest_sync::InterestSync;
 use crate::metrics::{Hot, Metrics};
 use crate::outbox::Outbox;
 use crate::routing::{Dispatch, Location, PeerId, Table};
@@ -216,6 +217,8 @@ struct Transmitter {
     rate: f64,
     rooms: HashMap<String, HostedRoom>,
     announcement: watch::Sender<Announcement>,
+    /// Cells waiting to hear that their interest reached every linked peer.
+    interest_sync: InterestSync,
 }
 
 fn reply_json<T: serde::Serialize>(identity: &Bytes, command: &[u8; 4], value: &T) -> ZmqMessage {
@@ -320,6 +323,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         rate: 0.0,
         rooms: HashMap::new(),
         announcement: info_tx,
+        interest_sync: InterestSync::default(),
         args,
     };
     println!(
@@ -627,6 +631,7 @@ impl Transmitter {
                 .push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
             cmd::SUBS => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("SUBS".into()))?;
+                let sync: wire::SubsSync = frame.decode_json()?;
                 let mut changes = wire::decode_interest(body)?;
                 let room = self.cells.get(&id).and_then(|c| c.room.clone());
                 let before = changes.len();
@@ -644,6 +649,9 @@ impl Transmitter {
                 }
                 self.table.apply(Location::Local, id, &changes);
                 self.dirty.insert(id);
+                if let Some(n) = sync.sync {
+                    self.interest_sync.request(identity, n);
+                }
             }
             cmd::PUBS => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("PUBS".into()))?;
@@ -1168,6 +1176,11 @@ impl Transmitter {
                 let gone: wire::CellGone = frame.decode_json()?;
                 self.table.remove_cell(at, gone.id);
             }
+            cmd::SYNC => {
+                // Everything before it on this connection has been applied.
+                let round: wire::SyncRound = frame.decode_json()?;
+                self.replies.push(reply_json(identity, cmd::SYND, &round));
+            }
             cmd::FWRD => {
                 let body = body.ok_or_else(|| FrameError::MissingPayload("FWRD".into()))?;
                 let (batch, envelopes) = decode_envelopes(&body)?;
@@ -1249,6 +1262,7 @@ impl Transmitter {
             self.peer_identities.remove(&identity);
         }
         p.fack = Credit::default();
+        self.interest_sync.forget(peer);
         if left {
             p.left = p.instance;
         }
@@ -1361,6 +1375,11 @@ impl Transmitter {
                     cmd::PWLC => {
                         if let Ok(hello) = frame.decode_json::<wire::PeerHello>() {
                             p.instance.get_or_insert(hello.id);
+                        }
+                    }
+                    cmd::SYND => {
+                        if let Ok(r) = frame.decode_json::<wire::SyncRound>() {
+                            self.interest_sync.answered(peer, r.round);
                         }
                     }
                     cmd::PONG => {}
@@ -1669,6 +1688,7 @@ impl Transmitter {
             }
             out.synced = true;
         }
+        self.sync_interest().await;
         if std::mem::take(&mut self.ping_peers) {
             for p in self.peers.values_mut() {
                 if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
@@ -1727,6 +1747,56 @@ impl Transmitter {
         }
         if !replies_first {
             self.send_replies().await;
+        }
+    }
+
+    /// Asks every linked peer to confirm this turn's interest updates (they went out just
+    /// before), and answers the cells whose updates every peer has confirmed.
+    async fn sync_interest(&mut self) {
+        if self.interest_sync.is_idle() {
+            return;
+        }
+        let now = Instant::now();
+        let mut done = Vec::new();
+        if self.interest_sync.has_requests() {
+            let linked: Vec<(PeerId, u64)> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.out.as_ref().is_some_and(|o| o.synced))
+                .map(|(id, p)| (*id, p.generation))
+                .collect();
+            if let Some(round) = self.interest_sync.start_round(linked, now, &mut done) {
+                let ask = ZmqMessage::from(
+                    CommandFrame::json(cmd::SYNC, &wire::SyncRound { round }).to_bytes(),
+                );
+                for p in self.peers.values_mut() {
+                    if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
+                        let _ = out.sender.send(ask.clone()).await;
+                    }
+                }
+            }
+        }
+        let peers = &self.peers;
+        let timed_out = self.interest_sync.complete(
+            |(peer, generation)| {
+                peers
+                    .get(&peer)
+                    .is_some_and(|p| p.generation == generation && p.out.is_some())
+            },
+            now,
+            self.expiry,
+            &mut done,
+        );
+        if timed_out > 0 {
+            tracing::warn!(
+                timed_out,
+                "a peer did not confirm interest within one expiry"
+            );
+            self.metrics.sync_timeouts.inc_by(timed_out as u64);
+        }
+        for (identity, sync) in done {
+            let answer = wire::SubsSync { sync: Some(sync) };
+            self.replies.push(reply_json(&identity, cmd::SUBD, &answer));
         }
     }
 
