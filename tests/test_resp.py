@@ -88,6 +88,29 @@ SESSION = [
     ("SSUBSCRIBE", "{r}x"),
     ("RESET",),
     ("PUBSUB", "SHARDNUMSUB", "{r}x"),
+    # What clients and tools ask on their own: an empty standalone server's answers.
+    ("DBSIZE",),
+    ("CONFIG", "GET", "maxmemory"),
+    ("CONFIG", "GET", "databases"),
+    ("CONFIG", "GET", "save"),
+    ("CONFIG", "GET", "appendonly"),
+    ("CONFIG", "GET", "bind"),
+    ("CONFIG", "GET", "nosuch"),
+    ("CONFIG",),
+    ("CONFIG", "GET"),
+    ("ROLE",),
+    ("CLIENT", "NO-EVICT", "on"),
+    ("CLIENT", "NO-EVICT", "maybe"),
+    ("CLIENT", "GETREDIR"),
+    ("AUTH", "x"),
+    ("AUTH", "u", "p"),
+    ("CLUSTER", "INFO"),
+    ("READONLY",),
+    ("INFO", "nosuch"),
+    ("INFO", "keyspace"),
+    ("SUBSCRIBE", "a"),
+    ("INFO",),
+    ("RESET",),
 ]
 
 
@@ -110,6 +133,67 @@ def test_replies_are_byte_compatible_with_redis(start_mesh):
     got = converse(int(mesh.cell("s-0")["resp"].rsplit(":", 1)[1]), SESSION)
     diffs = [f"{cmd}: redis {want!r}, sidecar {have!r}" for cmd, want, have in zip(SESSION, expected, got) if want != have]
     assert not diffs, "\n".join(diffs)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to compare with")
+def test_info_reads_like_redis_and_tells_the_truth(start_mesh):
+    """INFO has Redis 7.0's sections and key names (a client's parser finds what it looks
+    for under the same names), plus the sidecar's own `thynapse_*` keys, and its figures
+    follow the cell: clients, subscriptions, the transmitter it is linked to."""
+    port = _free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(redis.Redis(port=port).ping, what="redis-server")
+        redis_text = _bulk_text(converse(port, [("INFO", "everything")])[0])
+    finally:
+        server.terminate()
+        server.wait()
+    mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])]), cells={"s": 1})
+    cell = mesh.cell("s-0")
+    client = mesh.redis(cell)
+    sub = Subscriber(mesh.redis(cell), channels=["one", "two"], patterns=["p.*"])
+    text = _bulk_text(converse(int(cell["resp"].rsplit(":", 1)[1]), [("INFO", "everything")])[0])
+
+    def parse(t):
+        sections, keys = [], set()
+        for line in t.split("\r\n"):
+            if line.startswith("# "):
+                sections.append(line[2:])
+            elif line:
+                keys.add(line.split(":", 1)[0])
+        return sections, keys
+
+    redis_sections, redis_keys = parse(redis_text)
+    sections, keys = parse(text)
+    assert [s for s in redis_sections if s != "Keyspace"] == [s for s in sections if s != "Keyspace"]
+    unknown = {k for k in keys if not k.startswith("thynapse_")} - redis_keys
+    assert not unknown, f"keys Redis 7.0 does not have: {unknown}"
+    info = client.info()  # redis-py's own parser
+    assert info["redis_mode"] == "standalone" and info["role"] == "master" and info["loading"] == 0
+    assert info["tcp_port"] == int(cell["resp"].rsplit(":", 1)[1])
+    assert len(info["run_id"]) == 40 and info["uptime_in_seconds"] >= 0
+    assert info["connected_clients"] == 2
+    assert (info["pubsub_channels"], info["pubsub_patterns"]) == (2, 1)
+    assert info["thynapse_transmitter"] == cell["transmitter"] and info["thynapse_cell"] == "s-0"
+    assert client.info("server").keys() >= {"redis_version", "run_id"} and "connected_clients" not in client.info("server")
+    # CLIENT LIST and CLIENT INFO, parsed by redis-py.
+    listed = client.client_list()
+    assert len(listed) == 2 and {c["sub"] for c in listed} == {"0", "2"}
+    mine = client.client_info()
+    assert mine["cmd"] == "client|info" and str(mine["id"]) in {str(c["id"]) for c in listed}
+    assert [c["psub"] for c in client.client_list(_type="pubsub")] == ["1"]
+    sub.pubsub.close()
+    wait_for(lambda: client.info("clients")["connected_clients"] == 1, what="the closed client gone")
+    assert client.info("stats")["pubsub_channels"] == 0
+    # RESP3: INFO is a verbatim string, CONFIG GET a map (as Redis 7 answers).
+    r3 = mesh.redis(cell, protocol=3)
+    assert r3.info()["redis_mode"] == "standalone"
+    assert r3.config_get("maxmemory*") == {"maxmemory": "0", "maxmemory-policy": "noeviction"}
+    seconds, micros = client.time()
+    assert abs(seconds - time.time()) < 60 and 0 <= micros < 1_000_000
 
 
 def test_resp3_hello_and_pushes(start_mesh):
@@ -193,6 +277,13 @@ def test_slow_subscriber_is_bounded_counted_and_alone(start_mesh):
     # The sidecar let go of it (its queue is gone); the fast client on the same cell stays.
     wait_for(lambda: metrics(slow_cell["metrics"])["thynapse_sidecar_clients"] == 1, what="slow client dropped")
     slow.close()
+
+
+def _bulk_text(reply):
+    """The text of a raw RESP2 bulk string reply."""
+    header, rest = reply.split(b"\r\n", 1)
+    assert header.startswith(b"$"), reply[:40]
+    return rest[: int(header[1:])].decode()
 
 
 def _free_port():

@@ -202,3 +202,41 @@ def test_a_burst_sixteen_times_the_link_buffer_waits_for_credit_and_loses_nothin
     for t in mesh.endpoints["transmitters"]:
         dropped = {k: v for k, v in metrics(t["metrics"]).items() if k.startswith("thynapse_transmitter_drops_total") and v}
         assert not dropped, f"{t['name']} dropped {dropped}"
+
+
+def test_subs_with_sync_is_confirmed_once_every_peer_applied_it(start_mesh):
+    """`B SUBS {"sync": n}` is answered `J SUBD {"sync": n}` once every linked transmitter
+    has applied the change: an event sent on another transmitter right after reaches the
+    cell. Between transmitters, `J SYNC` is answered `J SYND` with the same round."""
+    mesh = start_mesh(mesh_yaml(replicas=2, services=[("s", [])]), cells={"s": 1})
+    t0, t1 = mesh.transmitter("demo-0"), mesh.transmitter("demo-1")
+    wait_for(lambda: all(metrics(t["metrics"])["thynapse_transmitter_peers"] == 1 for t in (t0, t1)), what="peers linked")
+    ctx = zmq.Context()
+    try:
+        cell = dealer(ctx, t0["command"])
+        # Deliveries on the PUB socket (not read here): the DEALER carries only answers.
+        cell.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw", "events": "pub"}}'.encode())
+        assert recv_command(cell)[1] == "WLCM"
+        publisher = dealer(ctx, t1["command"])
+        publisher.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
+        assert recv_command(publisher)[1] == "WLCM"
+        for i in range(50):
+            name = b"raw.sync.%d" % i
+            cell.send_multipart([b'B SUBS {"sync": %d}' % (i + 1), bytes([0, 0]) + len(name).to_bytes(4, "little") + name])
+            assert recv_command(cell)[:3] == ("J", "SUBD", {"sync": i + 1})
+            publisher.send(b'J EVNT {"channel": "%s", "data": "x"}' % name)
+            _, cmd, ack, _ = recv_command(publisher)
+            assert (cmd, ack["receivers"]) == ("ACKD", 1), f"round {i}: {ack}"
+        # A SUBS without a header asks for nothing and gets nothing back.
+        cell.send_multipart([b"B SUBS", bytes([1, 0]) + len(name).to_bytes(4, "little") + name])
+        cell.send(b"J PING {}")
+        assert recv_command(cell)[1] == "PONG"
+        # The peer-side half, from a libzmq client introduced as a transmitter.
+        peer = dealer(ctx, t0["command"])
+        peer.send(f'J PEER {{"id": "{os.urandom(20).hex()}", "name": "raw-peer", "mesh": "demo"}}'.encode())
+        assert recv_command(peer)[1] == "PWLC"
+        peer.send(b'J SYNC {"round": 17}')
+        assert recv_command(peer)[1:3] == ("SYND", {"round": 17})
+        assert metrics(t0["metrics"])["thynapse_transmitter_interest_sync_timeouts_total"] == 0
+    finally:
+        ctx.destroy(linger=0)
