@@ -18,7 +18,10 @@ use std::path::PathBuf;
 use clap::Parser;
 use cpu::{server_processes, tally, CpuSnapshot, CpuTally};
 use results::{median, percentile_sample, Results, Sample, System, SYSTEMS};
-use scenarios::{endpoints, latency, rooms, settle, throughput, transmitter_rss_with_cells, Setup};
+use scenarios::{
+    endpoints, latency, rooms, settle, subscribe_round_trips, throughput,
+    transmitter_rss_with_cells, Setup,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmarks Thynapse against Redis pub/sub and NATS in one run")]
@@ -61,6 +64,7 @@ struct Sizes {
     latency_secs: f64,
     latency_rates: Vec<u64>,
     room_messages: u64,
+    subscribes: u64,
 }
 
 fn report(
@@ -126,6 +130,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             latency_secs: 0.5,
             latency_rates: vec![1_000, 10_000],
             room_messages: 500,
+            subscribes: 200,
         }
     } else {
         Sizes {
@@ -136,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             // Enough that the fastest scaling run (8 transmitters on 16 cores) still measures
             // a second or so of traffic, not the start of it.
             room_messages: 20_000,
+            subscribes: 2_000,
         }
     };
     if let Some(cpu) = args.pin_servers {
@@ -303,6 +309,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             percentile_sample(&h, q, lost),
                         );
                     }
+                }
+            }
+        }
+        if !args.rooms_only && results.wants("SUBSCRIBE") {
+            for system in SYSTEMS {
+                // A subscriber on another transmitter than the bench publisher's cell: the
+                // confirmation waits for the other transmitters of the mesh.
+                let (_, subs) = endpoints(&setup, system, 1, false, "bench");
+                let h = subscribe_round_trips(&subs[0], sizes.subscribes).await?;
+                for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+                    results.add(
+                        &format!("SUBSCRIBE until confirmed (NATS: SUB + flush), {name}"),
+                        "µs",
+                        false,
+                        system,
+                        percentile_sample(&h, q, 0),
+                    );
                 }
             }
         }

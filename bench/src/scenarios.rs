@@ -174,6 +174,59 @@ pub async fn latency(
     Ok((r.latency_us, total.saturating_sub(r.messages)))
 }
 
+/// SUBSCRIBE until its confirmation, `count` times on fresh channels (each unsubscribed
+/// before the next): what a subscriber waits before a publish anywhere is sure to reach
+/// it. In the mesh the confirmation waits for every transmitter to know the subscription;
+/// for NATS the equivalent is SUB followed by a flush (the server has the interest).
+/// Returns the round trips in µs.
+pub async fn subscribe_round_trips(
+    endpoint: &Endpoint,
+    count: u64,
+) -> anyhow::Result<Histogram<u64>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut h = Histogram::<u64>::new(3)?;
+    match endpoint {
+        Endpoint::Resp(addr) => {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            let mut buf = Vec::with_capacity(256);
+            for i in 0..count {
+                let channel = format!("subrt.{i}");
+                for (verb, remaining) in [("SUBSCRIBE", ":1\r\n"), ("UNSUBSCRIBE", ":0\r\n")] {
+                    let request = format!(
+                        "*2\r\n${}\r\n{verb}\r\n${}\r\n{channel}\r\n",
+                        verb.len(),
+                        channel.len()
+                    );
+                    let start = Instant::now();
+                    s.write_all(request.as_bytes()).await?;
+                    // The one reply: [verb, channel, count]; nothing else flows here.
+                    buf.clear();
+                    while !buf.ends_with(remaining.as_bytes()) {
+                        if s.read_buf(&mut buf).await? == 0 {
+                            anyhow::bail!("{addr} closed the connection");
+                        }
+                    }
+                    if verb == "SUBSCRIBE" {
+                        h.record(start.elapsed().as_micros() as u64)?;
+                    }
+                }
+            }
+        }
+        Endpoint::Nats(url) => {
+            let client = async_nats::connect(url.as_str()).await?;
+            for i in 0..count {
+                let start = Instant::now();
+                let mut sub = client.subscribe(format!("subrt.{i}")).await?;
+                client.flush().await?;
+                h.record(start.elapsed().as_micros() as u64)?;
+                sub.unsubscribe().await?;
+            }
+        }
+    }
+    Ok(h)
+}
+
 /// What one rooms run measured.
 pub struct RoomsRun {
     pub sample: Sample,
