@@ -1050,7 +1050,7 @@ impl Client {
                     .collect(),
             ),
             "resetstat" if args.len() == 2 => Reply::Simple("OK"),
-            "set" if args.len() >= 4 && args.len() % 2 == 0 => Reply::error(format!(
+            "set" if args.len() >= 4 && args.len().is_multiple_of(2) => Reply::error(format!(
                 "ERR CONFIG SET failed (possibly related to argument '{}') - the Thynapse sidecar's settings come from its mesh",
                 String::from_utf8_lossy(&args[2])
             )),

@@ -95,7 +95,7 @@ impl InterestSync {
     }
 
     fn take_waiting(&mut self, identity: &Bytes) -> Option<Barrier> {
-        let i = self.waiting.iter().position(|b| &b.identity == identity)?;
+        let i = self.waiting.iter().position(|b| b.identity == identity)?;
         Some(self.waiting.swap_remove(i))
     }
 
