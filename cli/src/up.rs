@@ -100,9 +100,24 @@ struct Spec {
 }
 
 enum Report {
-    Ready { index: usize, pid: u32, info: Value },
-    Moved { index: usize, info: Value },
-    Exited { index: usize, status: String },
+    Ready {
+        index: usize,
+        pid: u32,
+        info: Value,
+    },
+    Moved {
+        index: usize,
+        info: Value,
+    },
+    /// A transmitter's number of peers with a ready link (`LINKED {"peers": n}`).
+    Linked {
+        index: usize,
+        peers: usize,
+    },
+    Exited {
+        index: usize,
+        status: String,
+    },
     Rooms(Vec<RoomPlacement>),
 }
 
@@ -118,6 +133,8 @@ struct RoomPlacement {
 struct State {
     pid: Option<u32>,
     info: Option<Value>,
+    /// Transmitters: peers linked, as last reported.
+    linked: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -369,6 +386,7 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
                 states[index] = State {
                     pid: Some(pid),
                     info: Some(info),
+                    linked: 0,
                 };
             }
             Ok(Some(Report::Exited { index, status })) => {
@@ -427,7 +445,15 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
                 stop_rx.clone(),
             )));
         }
-        let all_ready = states[first..].iter().all(|s| s.info.is_some()) && rooms.is_some();
+        // Up means linked too: every transmitter to every other, so that a subscription
+        // confirmed from now on is known mesh-wide (see docs/architecture.md).
+        let linked = specs
+            .iter()
+            .zip(&states)
+            .filter(|(s, _)| s.role == Role::Transmitter)
+            .all(|(_, s)| s.linked + 1 >= transmitters);
+        let all_ready =
+            states[first..].iter().all(|s| s.info.is_some()) && rooms.is_some() && linked;
         if all_ready && !announced {
             announced = true;
             print_table(
@@ -455,13 +481,14 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
                     if announced {
                         eprintln!("thynapse up: {} is ready again (pid {pid})", specs[index].name);
                     }
-                    states[index] = State { pid: Some(pid), info: Some(info) };
+                    states[index] = State { pid: Some(pid), info: Some(info), linked: 0 };
                 }
                 Some(Report::Moved { index, info }) => {
                     if let (Some(old), Some(t)) = (states[index].info.as_mut(), info.get("transmitter")) {
                         old["transmitter"] = t.clone();
                     }
                 }
+                Some(Report::Linked { index, peers }) => states[index].linked = peers,
                 Some(Report::Exited { index, status }) => {
                     eprintln!("thynapse up: {} exited ({status}); restarting it", specs[index].name);
                     states[index].pid = None;
@@ -477,7 +504,11 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
                 None => break,
             },
             _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
-                let waiting: Vec<&str> = specs.iter().zip(&states).filter(|(_, s)| s.info.is_none()).map(|(s, _)| s.name.as_str()).collect();
+                let waiting: Vec<String> = specs.iter().zip(&states).filter_map(|(spec, s)| match (&s.info, spec.role) {
+                    (None, _) => Some(spec.name.clone()),
+                    (Some(_), Role::Transmitter) if s.linked + 1 < transmitters => Some(format!("{} (linked to {} of {} peers)", spec.name, s.linked, transmitters - 1)),
+                    _ => None,
+                }).collect();
                 failure = Some(format!("not ready after {}s: {}", args.ready_timeout, waiting.join(", ")));
                 break;
             }
@@ -551,6 +582,10 @@ async fn supervise(
                         } else if let Some(json) = line.strip_prefix("MOVED ") {
                             let info: Value = serde_json::from_str(json).unwrap_or(Value::Null);
                             let _ = reports.send(Report::Moved { index, info }).await;
+                        } else if let Some(json) = line.strip_prefix("LINKED ") {
+                            let info: Value = serde_json::from_str(json).unwrap_or(Value::Null);
+                            let peers = info["peers"].as_u64().unwrap_or(0) as usize;
+                            let _ = reports.send(Report::Linked { index, peers }).await;
                         }
                     }
                     _ => break child.wait().await,

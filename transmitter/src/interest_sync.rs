@@ -55,13 +55,20 @@ impl InterestSync {
         !self.requested.is_empty()
     }
 
+    /// The last round started (0 before the first).
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
     pub fn is_idle(&self) -> bool {
         self.requested.is_empty() && self.waiting.is_empty()
     }
 
-    /// Starts a round for the requests so far, to be sent to `peers` (the linked ones,
-    /// after this turn's interest updates). Returns the round's number when there is a
-    /// peer to ask; with none, every request is answered at once into `done`.
+    /// Starts a round for the requests so far, covering `peers`: every live peer, whether
+    /// its link is ready to be asked now (after this turn's interest updates) or is still
+    /// being built (it is asked right after the snapshot that starts the link). Returns
+    /// the round's number when there is a peer to hear from; with none, every request is
+    /// answered at once into `done`.
     pub fn start_round(
         &mut self,
         peers: Vec<Asked>,

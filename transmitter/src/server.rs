@@ -97,6 +97,13 @@ struct Peer {
     left: Option<Thid>,
 }
 
+impl Peer {
+    /// Linked, being linked, or linked to us: a peer that may route to our cells.
+    fn is_live(&self) -> bool {
+        self.out.is_some() || self.connecting || self.inbound.is_some()
+    }
+}
+
 enum Event {
     PeerConnected {
         peer: PeerId,
@@ -219,6 +226,8 @@ struct Transmitter {
     announcement: watch::Sender<Announcement>,
     /// Cells waiting to hear that their interest reached every linked peer.
     interest_sync: InterestSync,
+    /// Peers with a ready link, as last printed (`LINKED`, which `thynapse up` waits on).
+    linked_reported: Option<usize>,
 }
 
 fn reply_json<T: serde::Serialize>(identity: &Bytes, command: &[u8; 4], value: &T) -> ZmqMessage {
@@ -324,6 +333,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         rooms: HashMap::new(),
         announcement: info_tx,
         interest_sync: InterestSync::default(),
+        linked_reported: None,
         args,
     };
     println!(
@@ -1683,12 +1693,20 @@ impl Transmitter {
                 .get_mut(&peer)
                 .and_then(|p| p.out.as_mut())
                 .expect("listed above");
+            // Confirmations waiting for this peer are answered by the snapshot.
+            let round = self.interest_sync.round();
+            if !self.interest_sync.is_idle() && round > 0 {
+                msgs.push(ZmqMessage::from(
+                    CommandFrame::json(cmd::SYNC, &wire::SyncRound { round }).to_bytes(),
+                ));
+            }
             for m in msgs {
                 let _ = out.sender.send(m).await;
             }
             out.synced = true;
         }
         self.sync_interest().await;
+        self.report_linked();
         if std::mem::take(&mut self.ping_peers) {
             for p in self.peers.values_mut() {
                 if let Some(out) = p.out.as_mut().filter(|o| o.synced) {
@@ -1750,8 +1768,22 @@ impl Transmitter {
         }
     }
 
+    /// Prints `LINKED {"peers": n}` when the number of peers with a ready link changes:
+    /// `thynapse up` calls the mesh up once every transmitter is linked to every other.
+    fn report_linked(&mut self) {
+        let n = self
+            .peers
+            .values()
+            .filter(|p| p.out.as_ref().is_some_and(|o| o.synced))
+            .count();
+        if self.linked_reported != Some(n) {
+            self.linked_reported = Some(n);
+            println!("LINKED {}", serde_json::json!({ "peers": n }));
+        }
+    }
+
     /// Asks every linked peer to confirm this turn's interest updates (they went out just
-    /// before), and answers the cells whose updates every peer has confirmed.
+    /// before), and answers the cells whose updates every live peer has confirmed.
     async fn sync_interest(&mut self) {
         if self.interest_sync.is_idle() {
             return;
@@ -1759,13 +1791,15 @@ impl Transmitter {
         let now = Instant::now();
         let mut done = Vec::new();
         if self.interest_sync.has_requests() {
-            let linked: Vec<(PeerId, u64)> = self
+            // Every live peer: one whose link is still being built can already route to
+            // this cell (over its own link to us) and learns the change from the snapshot.
+            let live: Vec<(PeerId, u64)> = self
                 .peers
                 .iter()
-                .filter(|(_, p)| p.out.as_ref().is_some_and(|o| o.synced))
+                .filter(|(_, p)| p.is_live())
                 .map(|(id, p)| (*id, p.generation))
                 .collect();
-            if let Some(round) = self.interest_sync.start_round(linked, now, &mut done) {
+            if let Some(round) = self.interest_sync.start_round(live, now, &mut done) {
                 let ask = ZmqMessage::from(
                     CommandFrame::json(cmd::SYNC, &wire::SyncRound { round }).to_bytes(),
                 );
@@ -1781,7 +1815,7 @@ impl Transmitter {
             |(peer, generation)| {
                 peers
                     .get(&peer)
-                    .is_some_and(|p| p.generation == generation && p.out.is_some())
+                    .is_some_and(|p| p.generation == generation && p.is_live())
             },
             now,
             self.expiry,
