@@ -53,8 +53,10 @@ pub enum Out {
     },
     /// Replies to several of the client's publishes at once: (token, cells reached).
     Acked(Vec<(u64, i64)>),
-    /// The (P|S)SUBSCRIBE whose confirmations wait in slot `token` may be answered: every
-    /// transmitter linked to the cell's knows the subscriptions (see `confirm`).
+    /// The barrier in reply slot `token` is passed: for a (P|S)SUBSCRIBE, every
+    /// transmitter linked to the cell's knows the subscriptions (see `confirm`); for an
+    /// unsubscribe, the hub has dropped them, and every message it delivered before is
+    /// ahead of this in the client's queue.
     Confirmed(u64),
 }
 
