@@ -4,7 +4,7 @@ import os
 import signal
 import subprocess
 
-from conftest import Subscriber, free_udp_query, mesh_yaml, until_routed, wait_for
+from conftest import Subscriber, free_udp_query, mesh_yaml, metrics, until_routed, wait_for
 
 SERVICES = [("s", [])]
 
@@ -109,3 +109,28 @@ def test_sigterm_to_up_stops_every_child(start_mesh):
     assert mesh.proc.wait(timeout=20) == 0
     wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=10, what="children gone")
     assert subprocess.run(["pgrep", "-P", str(mesh.proc.pid)], capture_output=True).stdout == b""
+
+
+def test_a_stopped_peer_holds_a_subscription_confirmation_one_expiry_at_most(start_mesh):
+    """A SUBSCRIBE confirmation waits for every live transmitter; one that stops answering
+    (SIGSTOP) holds it for about one expiry, not for ever, and the confirmation given
+    without its answer is counted."""
+    mesh = start_mesh(mesh_yaml(replicas=3, services=[("a", []), ("b", [])]), cells={"a": 1, "b": 1})
+    sub_cell, pub_cell = mesh.cell("a-0"), mesh.cell("b-0")
+    spare = next(t for t in mesh.endpoints["transmitters"] if t["name"] not in (sub_cell["transmitter"], pub_cell["transmitter"]))
+    home = mesh.transmitter(sub_cell["transmitter"])
+    sub = mesh.redis(sub_cell).pubsub()
+    publisher = mesh.redis(pub_cell)
+    os.kill(spare["pid"], signal.SIGSTOP)
+    try:
+        sub.subscribe("held")
+        confirmation = sub.get_message(timeout=20)
+        assert confirmation and confirmation["type"] == "subscribe", confirmation
+        m = metrics(home["metrics"])
+        gave_up = sum(m[f'thynapse_transmitter_interest_sync_gave_up_total{{reason="{r}"}}'] for r in ("timeout", "peer_lost"))
+        assert gave_up >= 1, "the confirmation went out without the stopped peer's answer: counted"
+        # The transmitters that answer knew it: a publish from the other one reaches it.
+        assert publisher.publish("held", b"x") == 1
+        assert sub.get_message(timeout=10)["data"] == b"x"
+    finally:
+        os.kill(spare["pid"], signal.SIGCONT)

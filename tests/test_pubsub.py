@@ -180,7 +180,7 @@ spec: {mesh: demo, replicas: 2}
     sub = mesh.redis(sub_cell).pubsub()
     pub = mesh.redis(pub_cell)
     missed = []
-    rounds = 1500
+    rounds = 3000
     for i in range(rounds):
         kind = ("subscribe", "psubscribe", "ssubscribe")[i % 3]
         channel = f"{{lobby}}race.{i}" if kind == "ssubscribe" else f"race.{i}"
@@ -201,4 +201,5 @@ spec: {mesh: demo, replicas: 2}
             assert reached != 1, f"a second copy: {m}"
     assert not missed, f"{len(missed)} of {rounds} publishes right after a confirmation reached no cell: {missed[:10]}"
     for t in mesh.endpoints["transmitters"]:
-        assert metrics(t["metrics"]).get("thynapse_transmitter_interest_sync_timeouts_total") == 0
+        m = metrics(t["metrics"])
+        assert [m[f'thynapse_transmitter_interest_sync_gave_up_total{{reason="{r}"}}'] for r in ("timeout", "peer_lost")] == [0, 0]

@@ -237,6 +237,7 @@ def test_subs_with_sync_is_confirmed_once_every_peer_applied_it(start_mesh):
         assert recv_command(peer)[1] == "PWLC"
         peer.send(b'J SYNC {"round": 17}')
         assert recv_command(peer)[1:3] == ("SYND", {"round": 17})
-        assert metrics(t0["metrics"])["thynapse_transmitter_interest_sync_timeouts_total"] == 0
+        m = metrics(t0["metrics"])
+        assert [m[f'thynapse_transmitter_interest_sync_gave_up_total{{reason="{r}"}}'] for r in ("timeout", "peer_lost")] == [0, 0]
     finally:
         ctx.destroy(linger=0)

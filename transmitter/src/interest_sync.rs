@@ -28,6 +28,26 @@ struct Barrier {
     round: u64,
     peers: Vec<Asked>,
     since: Instant,
+    /// A peer it waited for lost its link before answering.
+    lost: bool,
+}
+
+/// Why a confirmation went out without every peer's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GaveUp {
+    /// A peer did not answer within the bound.
+    Timeout,
+    /// A peer's link was lost before it answered (its next link starts with a snapshot).
+    PeerLost,
+}
+
+impl GaveUp {
+    pub fn label(self) -> &'static str {
+        match self {
+            GaveUp::Timeout => "timeout",
+            GaveUp::PeerLost => "peer_lost",
+        }
+    }
 }
 
 #[derive(Default)]
@@ -96,6 +116,7 @@ impl InterestSync {
                 round: self.round,
                 peers: peers.clone(),
                 since,
+                lost: false,
             });
         }
         Some(self.round)
@@ -121,30 +142,37 @@ impl InterestSync {
 
     /// Moves the barriers that are through into `done`: each peer answered the round or
     /// is no longer on the link it was asked on (`linked` says which are), or the bound
-    /// passed. Returns how many were given up on at the bound.
+    /// passed. Those that went without every answer are added to `gave_up`.
     pub fn complete(
         &mut self,
         linked: impl Fn(Asked) -> bool,
         now: Instant,
         bound: Duration,
         done: &mut Vec<(Bytes, u64)>,
-    ) -> usize {
-        let mut timed_out = 0;
+        gave_up: &mut Vec<GaveUp>,
+    ) {
         let answered = &self.answered;
         self.waiting.retain_mut(|b| {
             b.peers.retain(|&(peer, generation)| {
-                linked((peer, generation)) && answered.get(&peer).is_none_or(|&r| r < b.round)
+                if answered.get(&peer).is_some_and(|&r| r >= b.round) {
+                    return false;
+                }
+                let still = linked((peer, generation));
+                b.lost |= !still;
+                still
             });
             let late = now.duration_since(b.since) > bound;
-            if b.peers.is_empty() || late {
-                timed_out += usize::from(!b.peers.is_empty());
-                done.push((b.identity.clone(), b.sync));
-                false
-            } else {
-                true
+            if !b.peers.is_empty() && !late {
+                return true;
             }
+            if !b.peers.is_empty() {
+                gave_up.push(GaveUp::Timeout);
+            } else if b.lost {
+                gave_up.push(GaveUp::PeerLost);
+            }
+            done.push((b.identity.clone(), b.sync));
+            false
         });
-        timed_out
     }
 }
 
@@ -163,14 +191,16 @@ mod tests {
         let now = Instant::now();
         let mut s = InterestSync::default();
         let mut done = Vec::new();
+        let mut gave_up: Vec<GaveUp> = Vec::new();
         s.request(&id(1), 7);
         let round = s.start_round(vec![(1, 0), (2, 0)], now, &mut done).unwrap();
         assert!(done.is_empty());
         s.answered(1, round);
-        assert_eq!(s.complete(|_| true, now, BOUND, &mut done), 0);
+        s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
+        assert!(gave_up.is_empty());
         assert!(done.is_empty());
         s.answered(2, round);
-        s.complete(|_| true, now, BOUND, &mut done);
+        s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
         assert_eq!(done, [(id(1), 7)]);
         assert!(s.is_idle());
     }
@@ -179,6 +209,7 @@ mod tests {
     fn with_no_peer_the_answer_is_immediate() {
         let mut s = InterestSync::default();
         let mut done = Vec::new();
+        let mut gave_up: Vec<GaveUp> = Vec::new();
         s.request(&id(1), 3);
         s.request(&id(1), 4);
         assert_eq!(s.start_round(Vec::new(), Instant::now(), &mut done), None);
@@ -190,18 +221,19 @@ mod tests {
         let now = Instant::now();
         let mut s = InterestSync::default();
         let mut done = Vec::new();
+        let mut gave_up: Vec<GaveUp> = Vec::new();
         s.request(&id(1), 1);
         let first = s.start_round(vec![(1, 0)], now, &mut done).unwrap();
         s.request(&id(1), 2);
         let second = s.start_round(vec![(1, 0)], now, &mut done).unwrap();
         s.answered(1, first);
-        s.complete(|_| true, now, BOUND, &mut done);
+        s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
         assert!(
             done.is_empty(),
             "the peer has not applied the second change yet"
         );
         s.answered(1, second);
-        s.complete(|_| true, now, BOUND, &mut done);
+        s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
         assert_eq!(done, [(id(1), 2)], "one answer covers both numbers");
     }
 
@@ -210,20 +242,35 @@ mod tests {
         let t0 = Instant::now();
         let mut s = InterestSync::default();
         let mut done = Vec::new();
+        let mut gave_up: Vec<GaveUp> = Vec::new();
         s.request(&id(1), 1);
         s.request(&id(2), 1);
         s.start_round(vec![(1, 5), (2, 0)], t0, &mut done);
         s.answered(2, 1);
         // Peer 1's link was rebuilt (generation 6): it is not waited for.
-        s.complete(|(p, g)| p != 1 || g == 6, t0, BOUND, &mut done);
+        s.complete(
+            |(p, g)| p != 1 || g == 6,
+            t0,
+            BOUND,
+            &mut done,
+            &mut gave_up,
+        );
         assert_eq!(done.len(), 2);
+        assert_eq!(
+            gave_up,
+            [GaveUp::PeerLost; 2],
+            "both went without peer 1's answer"
+        );
 
         done.clear();
         s.request(&id(3), 9);
         s.start_round(vec![(1, 6)], t0, &mut done);
-        assert_eq!(s.complete(|_| true, t0 + BOUND, BOUND, &mut done), 0);
+        gave_up.clear();
+        s.complete(|_| true, t0 + BOUND, BOUND, &mut done, &mut gave_up);
+        assert!(done.is_empty() && gave_up.is_empty());
         let late = t0 + BOUND + Duration::from_millis(1);
-        assert_eq!(s.complete(|_| true, late, BOUND, &mut done), 1);
+        s.complete(|_| true, late, BOUND, &mut done, &mut gave_up);
+        assert_eq!(gave_up, [GaveUp::Timeout]);
         assert_eq!(done, [(id(3), 9)]);
     }
 
@@ -232,10 +279,11 @@ mod tests {
         let now = Instant::now();
         let mut s = InterestSync::default();
         let mut done = Vec::new();
+        let mut gave_up: Vec<GaveUp> = Vec::new();
         s.answered(1, u64::MAX);
         s.request(&id(1), 1);
         s.start_round(vec![(1, 0)], now, &mut done);
-        s.complete(|_| true, now, BOUND, &mut done);
+        s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
         assert!(done.is_empty());
     }
 }

@@ -18,7 +18,7 @@ pub struct Metrics {
     pub room_messages: IntCounterVec,
     pub rooms: IntGauge,
     pub held_bytes: IntGauge,
-    pub sync_timeouts: IntCounter,
+    pub sync_gave_up: IntCounterVec,
 }
 
 /// The per-message counters (labelled handles looked up once: a label lookup hashes and
@@ -147,13 +147,17 @@ impl Metrics {
                 "thynapse_transmitter_held_bytes",
                 "Bytes of inbound batches waiting for room on the links they go to.",
             ),
-            sync_timeouts: counter(
+            sync_gave_up: counter_vec(
                 &r,
-                "thynapse_transmitter_interest_sync_timeouts_total",
-                "Subscription confirmations (SUBD) sent before every linked peer confirmed the change: a peer slower than one expiry.",
+                "thynapse_transmitter_interest_sync_gave_up_total",
+                "Subscription confirmations (SUBD) sent without every live peer's answer: a peer slower than one expiry (timeout), or one whose link was lost first (peer_lost).",
+                "reason",
             ),
             registry: r,
         };
+        for reason in ["timeout", "peer_lost"] {
+            m.sync_gave_up.with_label_values(&[reason]);
+        }
         for reason in [
             "too_large",
             "cell_backlog",

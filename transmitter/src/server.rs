@@ -1811,7 +1811,8 @@ impl Transmitter {
             }
         }
         let peers = &self.peers;
-        let timed_out = self.interest_sync.complete(
+        let mut gave_up = Vec::new();
+        self.interest_sync.complete(
             |(peer, generation)| {
                 peers
                     .get(&peer)
@@ -1820,13 +1821,17 @@ impl Transmitter {
             now,
             self.expiry,
             &mut done,
+            &mut gave_up,
         );
-        if timed_out > 0 {
+        for why in gave_up {
             tracing::warn!(
-                timed_out,
-                "a peer did not confirm interest within one expiry"
+                reason = why.label(),
+                "subscription confirmed without every peer's answer"
             );
-            self.metrics.sync_timeouts.inc_by(timed_out as u64);
+            self.metrics
+                .sync_gave_up
+                .with_label_values(&[why.label()])
+                .inc();
         }
         for (identity, sync) in done {
             let answer = wire::SubsSync { sync: Some(sync) };
