@@ -209,7 +209,6 @@ mod tests {
     fn with_no_peer_the_answer_is_immediate() {
         let mut s = InterestSync::default();
         let mut done = Vec::new();
-        let mut gave_up: Vec<GaveUp> = Vec::new();
         s.request(&id(1), 3);
         s.request(&id(1), 4);
         assert_eq!(s.start_round(Vec::new(), Instant::now(), &mut done), None);
