@@ -21,6 +21,57 @@ pub struct Metrics {
     pub sync_gave_up: IntCounterVec,
 }
 
+/// Where a message was dropped, and why: the `reason` label of
+/// `thynapse_transmitter_drops_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Larger than `maxMessageBytes`.
+    TooLarge,
+    /// A cell's link buffer was full past the expiry.
+    CellBacklog,
+    /// A peer's link buffer was full past the expiry.
+    PeerBacklog,
+    /// Sent to a cell that left without taking it.
+    CellLost,
+    /// Sent to a peer whose link was lost before it took it.
+    PeerLost,
+    /// Published on a connection that never said HELO.
+    UnknownSender,
+    /// A shard message for a room this transmitter does not host.
+    RoomNotHosted,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::TooLarge,
+        DropReason::CellBacklog,
+        DropReason::PeerBacklog,
+        DropReason::CellLost,
+        DropReason::PeerLost,
+        DropReason::UnknownSender,
+        DropReason::RoomNotHosted,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::TooLarge => "too_large",
+            DropReason::CellBacklog => "cell_backlog",
+            DropReason::PeerBacklog => "peer_backlog",
+            DropReason::CellLost => "cell_lost",
+            DropReason::PeerLost => "peer_lost",
+            DropReason::UnknownSender => "unknown_sender",
+            DropReason::RoomNotHosted => "room_not_hosted",
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts `n` messages dropped for `reason`.
+    pub fn drop(&self, reason: DropReason, n: u64) {
+        self.drops.with_label_values(&[reason.label()]).inc_by(n);
+    }
+}
+
 /// The per-message counters (labelled handles looked up once: a label lookup hashes and
 /// locks), as local (non-atomic) counters: the transmitter counts into them and flushes
 /// them once per loop turn, not one atomic add per message.
@@ -158,16 +209,8 @@ impl Metrics {
         for reason in ["timeout", "peer_lost"] {
             m.sync_gave_up.with_label_values(&[reason]);
         }
-        for reason in [
-            "too_large",
-            "cell_backlog",
-            "peer_backlog",
-            "cell_lost",
-            "peer_lost",
-            "unknown_sender",
-            "room_not_hosted",
-        ] {
-            m.drops.with_label_values(&[reason]);
+        for reason in DropReason::ALL {
+            m.drops.with_label_values(&[reason.label()]);
         }
         m
     }

@@ -1,0 +1,293 @@
+//! Cell sessions: a cell (a sidecar's session, or any libzmq client) says HELO, changes
+//! its interest (SUBS), publishes (PUBS, EVNT), credits deliveries (CRED) and leaves
+//! (QUIT, or silence past the expiry).
+
+use std::collections::VecDeque;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use thynapse_protocol::batch::{decode_publish_records, decode_publishes, Kind};
+use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
+use thynapse_protocol::room::room_of;
+use thynapse_protocol::wire::{self, cmd, Events, Interest};
+use thynapse_protocol::Thid;
+
+use super::dispatch::{HeldBatch, Message};
+use super::{error_reply, reply_json, Transmitter};
+use crate::backpressure::{Link, Progress};
+use crate::metrics::DropReason;
+use crate::outbox::Outbox;
+use crate::routing::Location;
+
+pub(super) struct LocalCell {
+    pub(super) identity: Bytes,
+    pub(super) events: Events,
+    pub(super) outbox: Outbox,
+    pub(super) last_seen: Instant,
+    /// Highest sequence number this cell used, so EVNT numbers continue after PUBS ones.
+    pub(super) last_seq: u64,
+    /// A room session carries the shard channels of this room only.
+    pub(super) room: Option<String>,
+}
+
+/// Why a cell left (logged; only a loss is counted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Leaving {
+    /// It said QUIT: nothing it was sent is lost with it.
+    Quit,
+    /// Silent past the expiry.
+    Expired,
+    /// It said HELO under another id on the same connection.
+    Replaced,
+    /// Its connection could not be written to.
+    Unreachable,
+}
+
+impl Transmitter {
+    /// A command on our ROUTER from a connection that is not a known peer's: a cell's, or
+    /// a peer introducing itself. `more` holds the frames after the body (the further
+    /// parts of a multipart `PUBS`).
+    pub(super) fn on_cell(
+        &mut self,
+        identity: &Bytes,
+        frame: CommandFrame,
+        body: Option<Bytes>,
+        more: VecDeque<Bytes>,
+    ) -> Result<(), FrameError> {
+        match &frame.cmd {
+            cmd::HELO => return self.on_hello(identity, frame.decode_json()?),
+            cmd::PEER => return self.on_peer_hello(identity, frame.decode_json()?),
+            _ => {}
+        }
+        let Some(&id) = self.identities.get(identity) else {
+            if &frame.cmd == cmd::PUBS || &frame.cmd == cmd::EVNT {
+                self.metrics.drop(DropReason::UnknownSender, 1);
+            }
+            self.replies
+                .push(error_reply(identity, "unknown cell: send J HELO first"));
+            return Ok(());
+        };
+        if let Some(cell) = self.cells.get_mut(&id) {
+            cell.last_seen = Instant::now();
+        }
+        match &frame.cmd {
+            cmd::PING => self
+                .replies
+                .push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
+            cmd::SUBS => {
+                let body = body.ok_or_else(|| FrameError::MissingPayload("SUBS".into()))?;
+                self.on_subs(id, identity, frame.decode_json()?, body)?;
+            }
+            cmd::PUBS => {
+                let body = body.ok_or_else(|| FrameError::MissingPayload("PUBS".into()))?;
+                self.on_publishes(id, identity, body, more)?;
+            }
+            cmd::EVNT => self.on_event(id, identity, &frame, body)?,
+            cmd::CRED => {
+                let credit: wire::Credit = frame.decode_json()?;
+                if let Some(cell) = self.cells.get_mut(&id) {
+                    cell.outbox.credit(credit.batch);
+                }
+            }
+            cmd::QUIT => self.drop_cell(id, Leaving::Quit),
+            _ => return Err(FrameError::UnknownCommand(frame.cmd_str().to_string())),
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_hello(
+        &mut self,
+        identity: &Bytes,
+        hello: wire::Hello,
+    ) -> Result<(), FrameError> {
+        if self.draining.is_some() {
+            let reason = "draining".to_string();
+            self.replies
+                .push(reply_json(identity, cmd::MOVE, &wire::Reason { reason }));
+            return Ok(());
+        }
+        if let Some(room) = hello.room.as_ref().filter(|r| !self.rooms.contains_key(*r)) {
+            // Placement moved on (or this is a new instance): ask again.
+            let reason = format!("room {room:?} is not hosted here");
+            self.replies
+                .push(reply_json(identity, cmd::MOVE, &wire::Reason { reason }));
+            return Ok(());
+        }
+        if let Some(old) = self.identities.insert(identity.clone(), hello.id) {
+            if old != hello.id {
+                self.drop_cell(old, Leaving::Replaced);
+            }
+        }
+        let now = Instant::now();
+        let cell = self.cells.entry(hello.id).or_insert_with(|| LocalCell {
+            identity: identity.clone(),
+            events: hello.events,
+            outbox: Outbox::default(),
+            last_seen: now,
+            last_seq: 0,
+            room: hello.room.clone(),
+        });
+        if cell.identity != *identity {
+            // The same cell on a new connection: what was in flight on the old one is gone.
+            self.identities.remove(&cell.identity);
+            cell.identity = identity.clone();
+            cell.outbox = Outbox::default();
+        }
+        cell.events = hello.events;
+        cell.last_seen = now;
+        cell.room = hello.room.clone();
+        self.table
+            .upsert_cell(Location::Local, hello.id, &hello.service, &hello.rules);
+        self.dirty.insert(hello.id);
+        self.metrics.cells.set(self.cells.len() as i64);
+        tracing::info!(cell = %hello.id, service = %hello.service, "cell joined");
+        let welcome = wire::Welcome {
+            id: self.id,
+            name: self.args.name.clone(),
+            pub_endpoint: self.pub_endpoint.clone(),
+            max_message_bytes: self.args.max_message_bytes,
+            heartbeat_ms: self.heartbeat.as_millis() as u64,
+        };
+        self.replies.push(reply_json(identity, cmd::WLCM, &welcome));
+        Ok(())
+    }
+
+    /// Interest changes; with a sync number, answered `SUBD` once every live peer has
+    /// applied them (see `crate::interest_sync`).
+    pub(super) fn on_subs(
+        &mut self,
+        id: Thid,
+        identity: &Bytes,
+        sync: wire::SubsSync,
+        body: Bytes,
+    ) -> Result<(), FrameError> {
+        let mut changes = wire::decode_interest(body)?;
+        let room = self.cells.get(&id).and_then(|c| c.room.clone());
+        let before = changes.len();
+        changes.retain(|(_, kind, name)| {
+            *kind != Interest::ShardChannel
+                || room
+                    .as_deref()
+                    .is_some_and(|r| room_of(name) == r.as_bytes())
+        });
+        if changes.len() != before {
+            self.replies.push(error_reply(
+                identity,
+                "shard channels belong on the session of their room (HELO with \"room\")",
+            ));
+        }
+        self.table.apply(Location::Local, id, &changes);
+        self.dirty.insert(id);
+        if let Some(n) = sync.sync {
+            self.interest_sync.request(identity, n);
+        }
+        Ok(())
+    }
+
+    /// A publish batch. It may come in parts (each of whole records): all are checked
+    /// before any message is routed, and what has no room is held.
+    pub(super) fn on_publishes(
+        &mut self,
+        id: Thid,
+        identity: &Bytes,
+        body: Bytes,
+        more: VecDeque<Bytes>,
+    ) -> Result<(), FrameError> {
+        let (first, head) = decode_publishes(&body)?;
+        let mut records = vec![head];
+        for part in &more {
+            records.push(decode_publish_records(part)?);
+        }
+        let source = Link::Cell(id);
+        let mut progress = Progress::default();
+        let routed = !self.held.is_holding(source)
+            && self
+                .route_publishes(
+                    id,
+                    identity,
+                    first,
+                    records.into_iter().flatten(),
+                    &mut progress,
+                    false,
+                )
+                .is_ok();
+        if !routed {
+            let mut parts = Vec::with_capacity(1 + more.len());
+            parts.push(body);
+            parts.extend(more);
+            self.hold(source, identity, HeldBatch::Publish(parts), progress);
+        }
+        Ok(())
+    }
+
+    /// The seed protocol's single event (`J EVNT` with text, `B EVNT` with a payload
+    /// frame), acknowledged `ACKD` with its THID and the cells it reached.
+    pub(super) fn on_event(
+        &mut self,
+        id: Thid,
+        identity: &Bytes,
+        frame: &CommandFrame,
+        body: Option<Bytes>,
+    ) -> Result<(), FrameError> {
+        let event: wire::Event = frame.decode_json()?;
+        let payload = match (frame.enc, event.data, body) {
+            (Encoding::Json, Some(data), _) => Bytes::from(data),
+            (Encoding::Binary, _, Some(body)) => body,
+            (Encoding::Binary, _, None) => return Err(FrameError::MissingPayload("B EVNT".into())),
+            (Encoding::Json, None, _) => Bytes::new(),
+        };
+        let channel = Bytes::from(event.channel);
+        let seq = self.cells.get_mut(&id).map_or(0, |c| {
+            c.last_seq += 1;
+            c.last_seq
+        });
+        let mut dests = Vec::new();
+        self.table.start_batch();
+        let message = Message {
+            kind: Kind::Mesh,
+            origin: &id,
+            seq,
+            ts: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
+            channel: &channel,
+            payload: &payload,
+        };
+        let receivers = self.publish(&message, &mut dests, false).unwrap_or(0);
+        let ack = wire::EventAck {
+            thid: Thid::of_parts(&[&channel, &payload]),
+            receivers,
+        };
+        self.ack_when_clear(identity, reply_json(identity, cmd::ACKD, &ack), dests);
+        Ok(())
+    }
+
+    pub(super) fn drop_cell(&mut self, id: Thid, why: Leaving) {
+        // Its held batches go too: its sidecar sends what was not acknowledged again.
+        self.forget_held(Link::Cell(id));
+        if let Some(cell) = self.cells.remove(&id) {
+            self.identities.remove(&cell.identity);
+            let lost = cell.outbox.unconfirmed_messages();
+            if lost > 0 && why != Leaving::Quit {
+                self.metrics.drop(DropReason::CellLost, lost as u64);
+            }
+            tracing::info!(cell = %id, ?why, "cell left");
+        }
+        self.table.remove_cell(Location::Local, id);
+        self.dirty.insert(id);
+        self.metrics.cells.set(self.cells.len() as i64);
+    }
+
+    /// Cells silent for one expiry are dropped.
+    pub(super) fn expire_cells(&mut self, now: Instant) {
+        let silent: Vec<Thid> = self
+            .cells
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_seen) > self.expiry)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            self.drop_cell(id, Leaving::Expired);
+        }
+    }
+}

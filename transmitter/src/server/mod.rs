@@ -1,0 +1,424 @@
+//! The transmitter's event loop: reads the ROUTER socket, peer replies and discovery
+//! updates; routes; then flushes every pending batch at once. Messages arriving while a
+//! batch is being built join it, so frames grow under load and stay single when idle.
+//!
+//! One concern a file: `cells` (the cell sessions: HELO, SUBS, PUBS, EVNT, CRED, QUIT),
+//! `peers` (links to the other transmitters, interest sync, discovery), `dispatch`
+//! (routing a message to local cells and peers, and holding what has no room), `interest`
+//! (what peers must hear of our cells, and the confirmations of interest changes), `rooms`
+//! (hosted rooms and announcements). The back-pressure bookkeeping is pure, in
+//! `crate::backpressure`.
+
+mod cells;
+mod dispatch;
+mod interest;
+mod peers;
+mod rooms;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
+// names; SipHash was a visible share of the hot path).
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use futures::FutureExt;
+use thynapse_protocol::discovery::TransmitterInfo;
+use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
+use thynapse_protocol::wire::{self, cmd};
+use thynapse_protocol::Thid;
+use tokio::sync::{mpsc, watch};
+use zeromq::{PubSocket, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::backpressure::{DeferredAcks, HeldBatches};
+use crate::interest_sync::InterestSync;
+use crate::metrics::{Hot, Metrics};
+use crate::routing::{Dispatch, PeerId, Table};
+use crate::Args;
+use cells::{Leaving, LocalCell};
+use dispatch::HeldBatch;
+use peers::{Peer, Report};
+use rooms::{Announcement, HostedRoom};
+
+/// Most inbound messages (and bytes) handled before a flush, so one busy sender cannot
+/// delay batches for everyone, and publishers get their acknowledgements while the rest
+/// of a backlog is routed.
+const MAX_BURST: usize = 256;
+const MAX_BURST_BYTES: usize = 64 * 1024;
+/// Batched bytes beyond which a flush sends its replies before its batches.
+const REPLIES_FIRST_BYTES: usize = 64 * 1024;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(args))
+}
+
+struct Transmitter {
+    args: Args,
+    id: Thid,
+    pub_endpoint: String,
+    router: RouterSendHalf,
+    publisher: PubSocket,
+    table: Table,
+    cells: HashMap<Thid, LocalCell>,
+    identities: HashMap<Bytes, Thid>,
+    peers: HashMap<PeerId, Peer>,
+    peer_ids: HashMap<String, PeerId>,
+    peer_identities: HashMap<Bytes, PeerId>,
+    next_peer: PeerId,
+    /// Local cells whose interest changed since the last flush (CELL / CGON to peers).
+    dirty: HashSet<Thid>,
+    replies: Vec<ZmqMessage>,
+    /// Acknowledgements waiting for congested links to drain.
+    deferred: DeferredAcks<ZmqMessage>,
+    /// Inbound batches waiting for room on the links they go to.
+    held: HeldBatches<HeldBatch>,
+    reports_tx: mpsc::Sender<Report>,
+    metrics: Metrics,
+    /// The per-message counters, flushed to `metrics` once per loop turn.
+    hot: Hot,
+    draining: Option<Instant>,
+    expiry: Duration,
+    heartbeat: Duration,
+    dispatch: Dispatch,
+    scratch: Vec<Thid>,
+    ping_peers: bool,
+    routed: u64,
+    rate: f64,
+    rooms: HashMap<String, HostedRoom>,
+    announcement: watch::Sender<Announcement>,
+    /// Cells waiting to hear that their interest reached every linked peer.
+    interest_sync: InterestSync,
+    /// Peers with a ready link, as last printed (`LINKED`, which `thynapse up` waits on).
+    linked_reported: Option<usize>,
+}
+
+fn reply_json<T: serde::Serialize>(identity: &Bytes, command: &[u8; 4], value: &T) -> ZmqMessage {
+    let mut m = ZmqMessage::from(identity.clone());
+    m.push_back(CommandFrame::json(command, value).to_bytes());
+    m
+}
+
+fn error_reply(identity: &Bytes, error: &str) -> ZmqMessage {
+    reply_json(
+        identity,
+        cmd::ERRR,
+        &wire::ErrorReply {
+            error: error.to_string(),
+        },
+    )
+}
+
+fn endpoint_port(endpoint: &zeromq::Endpoint) -> anyhow::Result<u16> {
+    match endpoint {
+        zeromq::Endpoint::Tcp(_, port) => Ok(*port),
+        other => anyhow::bail!("unsupported endpoint {other}"),
+    }
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let mut router = RouterSocket::new();
+    let command_ep = router
+        .bind(&args.command_bind)
+        .await
+        .with_context(|| format!("binding the command socket to {}", args.command_bind))?;
+    let mut publisher = PubSocket::new();
+    let event_ep = publisher
+        .bind(&args.event_bind)
+        .await
+        .with_context(|| format!("binding the event socket to {}", args.event_bind))?;
+    let command = format!(
+        "tcp://{}:{}",
+        args.advertise_host,
+        endpoint_port(&command_ep)?
+    );
+    let event = format!(
+        "tcp://{}:{}",
+        args.advertise_host,
+        endpoint_port(&event_ep)?
+    );
+    let metrics_addr =
+        thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
+    let metrics_url = format!("http://{metrics_addr}/metrics");
+    let id = Thid::random();
+
+    let info = TransmitterInfo {
+        name: args.name.clone(),
+        id,
+        command: command.clone(),
+        event: event.clone(),
+        metrics: metrics_url.clone(),
+        cells: 0,
+        rate: 0.0,
+        draining: false,
+        rooms: 0,
+    };
+    let (info_tx, info_rx) = watch::channel(Announcement {
+        info,
+        rooms: Vec::new(),
+    });
+    let (reports_tx, mut reports_rx) = mpsc::channel(4096);
+    tokio::spawn(rooms::announce(args.clone(), info_rx, reports_tx.clone()));
+
+    let (router_tx, mut router_rx) = router.split();
+    let heartbeat = Duration::from_millis(args.announce_interval_ms);
+    let expiry = heartbeat * args.expiry_multiplier;
+    let mut t = Transmitter {
+        id,
+        pub_endpoint: event.clone(),
+        router: router_tx,
+        publisher,
+        table: Table::default(),
+        cells: HashMap::new(),
+        identities: HashMap::new(),
+        peers: HashMap::new(),
+        peer_ids: HashMap::new(),
+        peer_identities: HashMap::new(),
+        next_peer: 1,
+        dirty: HashSet::new(),
+        replies: Vec::new(),
+        deferred: DeferredAcks::default(),
+        held: HeldBatches::default(),
+        reports_tx,
+        hot: Hot::new(&metrics),
+        metrics,
+        draining: None,
+        expiry,
+        heartbeat,
+        dispatch: Dispatch::default(),
+        scratch: Vec::new(),
+        ping_peers: false,
+        routed: 0,
+        rate: 0.0,
+        rooms: HashMap::new(),
+        announcement: info_tx,
+        interest_sync: InterestSync::default(),
+        linked_reported: None,
+        args,
+    };
+    println!(
+        "READY {}",
+        serde_json::json!({"name": t.args.name, "id": id, "command": command, "event": event, "metrics": metrics_url})
+    );
+    tracing::info!(name = %t.args.name, %command, %event, "transmitter ready");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(heartbeat / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = Instant::now();
+
+    loop {
+        let mut more_waiting = false;
+        tokio::select! {
+            biased;
+            msg = router_rx.recv() => {
+                let msg = msg.context("command socket closed")?;
+                let mut bytes = t.on_router(msg);
+                let mut n = 1;
+                while n < MAX_BURST && bytes < MAX_BURST_BYTES {
+                    match router_rx.recv().now_or_never() {
+                        Some(Ok(msg)) => { bytes += t.on_router(msg); n += 1; }
+                        _ => break,
+                    }
+                }
+                more_waiting = n == MAX_BURST || bytes >= MAX_BURST_BYTES;
+                while let Ok(report) = reports_rx.try_recv() {
+                    t.on_report(report);
+                }
+            }
+            Some(report) = reports_rx.recv() => {
+                t.on_report(report);
+                while let Ok(report) = reports_rx.try_recv() {
+                    t.on_report(report);
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let dt = now.duration_since(last_tick).as_secs_f64().max(1e-3);
+                last_tick = now;
+                t.rate = 0.7 * t.rate + 0.3 * (t.routed as f64 / dt);
+                t.routed = 0;
+                t.housekeeping(now);
+                t.update_announcement();
+                if t.drained(now) {
+                    t.flush().await;
+                    t.leave().await;
+                    tracing::info!("drained; exiting");
+                    return Ok(());
+                }
+            }
+            _ = sigterm.recv() => t.start_drain(),
+            _ = sigint.recv() => t.start_drain(),
+        }
+        t.flush().await;
+        if more_waiting {
+            // The zeromq crate writes from its own tasks on this thread: let them put
+            // what was just flushed (the acknowledgements publishers wait on) on the wire
+            // before the next burst.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl Transmitter {
+    fn high_water(&self) -> usize {
+        self.args.link_buffer_bytes / 4
+    }
+
+    /// Handles one message from the ROUTER socket; returns its size for burst accounting.
+    fn on_router(&mut self, msg: ZmqMessage) -> usize {
+        let mut frames = msg.into_vecdeque();
+        let Some(identity) = frames.pop_front() else {
+            return 0;
+        };
+        let size: usize = frames.iter().map(|f| f.len()).sum();
+        let Some(first) = frames.pop_front() else {
+            self.malformed(&identity, FrameError::Empty);
+            return size;
+        };
+        let frame = match CommandFrame::parse(&first) {
+            Ok(f) => f,
+            Err(e) => {
+                self.malformed(&identity, e);
+                return size;
+            }
+        };
+        // Anything but data may make room for held batches (credits, receivers leaving,
+        // interest changes); trying them again is cheap next to routing.
+        if ![cmd::PUBS, cmd::FWRD, cmd::EVNT].contains(&&frame.cmd) {
+            self.held.room_freed();
+        }
+        let body = frames.pop_front();
+        let result = if let Some(&peer) = self.peer_identities.get(&identity) {
+            self.on_peer_inbound(peer, &identity, frame, body)
+        } else {
+            self.on_cell(&identity, frame, body, frames)
+        };
+        if let Err(e) = result {
+            self.malformed(&identity, e);
+        }
+        size
+    }
+
+    fn malformed(&mut self, identity: &Bytes, e: FrameError) {
+        self.metrics.malformed.inc();
+        tracing::debug!("malformed frame: {e}");
+        self.replies.push(error_reply(identity, &e.to_string()));
+    }
+
+    /// Once per half heartbeat: liveness of cells and peers, credits owed, acknowledgements
+    /// that waited long enough, heartbeats, and MOVE again to cells that have not left a
+    /// draining transmitter.
+    fn housekeeping(&mut self, now: Instant) {
+        self.expire_cells(now);
+        self.peer_housekeeping(now);
+        // Acknowledgements cannot wait for ever: past the expiry a congested link is
+        // left to its drop limit.
+        self.deferred.expire(now, self.expiry, &mut self.replies);
+        if self.draining.is_some() {
+            self.ask_cells_to_move();
+        }
+    }
+
+    fn ask_cells_to_move(&mut self) {
+        for cell in self.cells.values() {
+            self.replies.push(reply_json(
+                &cell.identity,
+                cmd::MOVE,
+                &wire::Reason {
+                    reason: "draining".into(),
+                },
+            ));
+        }
+    }
+
+    fn start_drain(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
+        tracing::info!(
+            cells = self.cells.len(),
+            "draining: moving cells to other transmitters"
+        );
+        self.draining = Some(Instant::now());
+        self.update_announcement();
+        self.ask_cells_to_move();
+    }
+
+    /// Done draining: every cell moved, everything sent was taken (or time is up).
+    fn drained(&self, now: Instant) -> bool {
+        let Some(since) = self.draining else {
+            return false;
+        };
+        if now.duration_since(since) > self.expiry * 4 {
+            tracing::warn!(cells = self.cells.len(), "drain timed out");
+            return true;
+        }
+        self.cells.is_empty()
+            && self.deferred.is_empty()
+            && self.held.is_empty()
+            && self
+                .peers
+                .values()
+                .all(|p| p.out.is_none() || p.outbox.idle())
+    }
+
+    /// Sends everything that accumulated: interest changes, batches, replies.
+    async fn flush(&mut self) {
+        self.resume_held(None);
+        self.metrics.held_bytes.set(self.held.bytes() as i64);
+        self.hot.flush();
+        // Interest first, so a peer knows a cell before messages for it could arrive.
+        self.send_interest().await;
+        // Acknowledgements are what publishers wait on: behind large batches they would
+        // wait for those to be written, so under load they go first. Light batches go
+        // first, as delivering them is then what a message waits on.
+        let batched: usize = self
+            .cells
+            .values()
+            .map(|c| c.outbox.writer.byte_len())
+            .chain(self.peers.values().map(|p| p.outbox.writer.byte_len()))
+            .sum();
+        let replies_first = batched > REPLIES_FIRST_BYTES;
+        if replies_first {
+            self.send_replies().await;
+        }
+        // Batches to cells.
+        let mut failed = Vec::new();
+        for (id, cell) in self.cells.iter_mut() {
+            if let Some((_, frame, _)) = cell.outbox.take_batch() {
+                let mut m = ZmqMessage::from(cell.identity.clone());
+                m.push_back(
+                    CommandFrame::new(Encoding::Binary, cmd::DLVR, Bytes::new()).to_bytes(),
+                );
+                m.push_back(frame);
+                if self.router.send(m).await.is_err() {
+                    failed.push(*id);
+                }
+            }
+        }
+        for id in failed {
+            self.drop_cell(id, Leaving::Unreachable);
+        }
+        self.send_peer_batches().await;
+        if !replies_first {
+            self.send_replies().await;
+        }
+    }
+
+    /// Acknowledgements whose links have room again, then all replies, in order.
+    async fn send_replies(&mut self) {
+        let mut deferred = std::mem::take(&mut self.deferred);
+        let mut released = Vec::new();
+        deferred.release(|dests| self.any_congested(dests), &mut released);
+        self.deferred = deferred;
+        self.replies.extend(released);
+        for m in std::mem::take(&mut self.replies) {
+            let _ = self.router.send(m).await;
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! Links to the other transmitters. Each transmitter connects one DEALER to every peer it
+//! discovers, introduces itself (`PEER`), sends its cells' interest (`CELL`, `CGON`),
+//! pings, and confirms interest changes (`SYNC`/`SYND`, see `crate::interest_sync`); what
+//! a peer sends us arrives on our ROUTER from its own DEALER.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use thynapse_protocol::batch::decode_envelopes;
+use thynapse_protocol::credit::Credit;
+use thynapse_protocol::discovery::{Placement, TransmitterInfo};
+use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
+use thynapse_protocol::wire::{self, cmd};
+use thynapse_protocol::Thid;
+use tokio::sync::mpsc;
+use zeromq::{
+    DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage,
+};
+
+use super::dispatch::{Forwarded, HeldBatch};
+use super::{error_reply, reply_json, Transmitter};
+use crate::backpressure::{Link, Progress};
+use crate::metrics::DropReason;
+use crate::outbox::Outbox;
+use crate::routing::{Location, PeerId};
+
+/// Our DEALER to a peer.
+pub(super) struct PeerOut {
+    pub(super) sender: DealerSendHalf,
+    pub(super) last_heard: Instant,
+    /// Introduced and sent the interest snapshot: ready for updates and batches.
+    pub(super) synced: bool,
+}
+
+pub(super) struct Peer {
+    pub(super) name: String,
+    /// Instance id of the peer as last announced or introduced.
+    pub(super) instance: Option<Thid>,
+    pub(super) command: Option<String>,
+    /// Messages for the peer; kept while a link is (re)built, sent once it is synced.
+    pub(super) outbox: Outbox,
+    pub(super) out: Option<PeerOut>,
+    /// Which link is current: reports from an older one are ignored.
+    pub(super) generation: u64,
+    pub(super) connecting: bool,
+    /// Their DEALER on our ROUTER, and when we last heard from it.
+    pub(super) inbound: Option<(Bytes, Instant)>,
+    /// FWRD batches taken on that connection and not yet acknowledged (FACK).
+    pub(super) fack: Credit,
+    /// They said LEAV; ignore announcements of this instance.
+    pub(super) left: Option<Thid>,
+}
+
+impl Peer {
+    pub(super) fn new(name: &str) -> Self {
+        Peer {
+            name: name.to_string(),
+            instance: None,
+            command: None,
+            outbox: Outbox::default(),
+            out: None,
+            generation: 0,
+            connecting: false,
+            inbound: None,
+            fack: Credit::default(),
+            left: None,
+        }
+    }
+
+    /// Drops our link to the peer; the next discovery builds a new one (the zeromq crate's
+    /// DEALER never reconnects by itself).
+    pub(super) fn drop_link(&mut self) {
+        self.out = None;
+        self.generation += 1;
+        self.connecting = false;
+    }
+
+    /// Ready for interest updates and batches.
+    pub(super) fn synced_out(&mut self) -> Option<&mut PeerOut> {
+        self.out.as_mut().filter(|o| o.synced)
+    }
+
+    /// Linked, being linked, or linked to us: a peer that may route to our cells.
+    pub(super) fn is_live(&self) -> bool {
+        self.out.is_some() || self.connecting || self.inbound.is_some()
+    }
+}
+
+/// What the background tasks (peer links, discovery) report to the event loop.
+pub(super) enum Report {
+    PeerConnected {
+        peer: PeerId,
+        generation: u64,
+        sender: DealerSendHalf,
+    },
+    PeerConnectFailed {
+        peer: PeerId,
+        generation: u64,
+    },
+    PeerReply {
+        peer: PeerId,
+        generation: u64,
+        msg: ZmqMessage,
+    },
+    PeerClosed {
+        peer: PeerId,
+        generation: u64,
+    },
+    Discovered(Vec<TransmitterInfo>),
+    Hosting(Vec<Placement>),
+}
+
+impl Transmitter {
+    /// The `FWRD` batches each linked peer is owed.
+    pub(super) async fn send_peer_batches(&mut self) {
+        for p in self.peers.values_mut() {
+            if !p.out.as_ref().is_some_and(|o| o.synced) {
+                continue;
+            }
+            let Some((_, frame, _)) = p.outbox.take_batch() else {
+                continue;
+            };
+            let out = p.out.as_mut().expect("checked above");
+            let mut m = ZmqMessage::from(
+                CommandFrame::new(Encoding::Binary, cmd::FWRD, Bytes::new()).to_bytes(),
+            );
+            m.push_back(frame);
+            if out.sender.send(m).await.is_err() {
+                tracing::info!(peer = %p.name, "send to peer failed; dropping the link");
+                p.drop_link();
+            }
+        }
+    }
+
+    /// Peer liveness and what peers are owed, once per half heartbeat.
+    pub(super) fn peer_housekeeping(&mut self, now: Instant) {
+        // Credit owed on their links to us.
+        for p in self.peers.values_mut() {
+            if let (Some((identity, _)), Some(batch)) = (&p.inbound, p.fack.take(true)) {
+                self.replies
+                    .push(reply_json(identity, cmd::FACK, &wire::Credit { batch }));
+            }
+        }
+        // Peers whose DEALER to us went silent: their cells are unreachable.
+        let silent: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.inbound
+                    .as_ref()
+                    .is_some_and(|(_, heard)| now.duration_since(*heard) > self.expiry)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in silent {
+            tracing::info!(peer = %self.peers[&peer].name, "peer silent; forgetting its cells");
+            self.forget_peer(peer, false);
+        }
+        // Our links to peers that stopped answering get rebuilt by the next discovery.
+        for p in self.peers.values_mut() {
+            if p.out
+                .as_ref()
+                .is_some_and(|o| now.duration_since(o.last_heard) > self.expiry)
+            {
+                tracing::info!(peer = %p.name, "peer not answering; dropping the link");
+                self.metrics.peer_reconnects.inc();
+                p.drop_link();
+            }
+        }
+        // Heartbeats, sent at the next flush.
+        self.ping_peers = true;
+        self.update_peer_gauge();
+    }
+
+    /// Messages from a peer's DEALER, on our ROUTER.
+    pub(super) fn on_peer_inbound(
+        &mut self,
+        peer: PeerId,
+        identity: &Bytes,
+        frame: CommandFrame,
+        body: Option<Bytes>,
+    ) -> Result<(), FrameError> {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if let Some((_, heard)) = p.inbound.as_mut() {
+                *heard = Instant::now();
+            }
+        }
+        let at = Location::Peer(peer);
+        match &frame.cmd {
+            cmd::PING => self
+                .replies
+                .push(reply_json(identity, cmd::PONG, &serde_json::json!({}))),
+            cmd::CELL => {
+                let info: wire::CellInfo = frame.decode_json()?;
+                let body = body.ok_or_else(|| FrameError::MissingPayload("CELL".into()))?;
+                let subs = wire::decode_interest(body)?;
+                self.table
+                    .replace(at, info.id, &info.service, &info.rules, &subs);
+            }
+            cmd::CGON => {
+                let gone: wire::CellGone = frame.decode_json()?;
+                self.table.remove_cell(at, gone.id);
+            }
+            cmd::SYNC => {
+                // Everything before it on this connection has been applied.
+                let round: wire::SyncRound = frame.decode_json()?;
+                self.replies.push(reply_json(identity, cmd::SYND, &round));
+            }
+            cmd::FWRD => {
+                let body = body.ok_or_else(|| FrameError::MissingPayload("FWRD".into()))?;
+                let (batch, envelopes) = decode_envelopes(&body)?;
+                let source = Link::Peer(peer);
+                let mut progress = Progress::default();
+                let forwarded = Forwarded {
+                    batch,
+                    size: body.len(),
+                    envelopes,
+                };
+                let routed = !self.held.is_holding(source)
+                    && self
+                        .route_forwards(peer, identity, forwarded, &mut progress, false)
+                        .is_ok();
+                if !routed {
+                    self.hold(source, identity, HeldBatch::Forward(body), progress);
+                }
+            }
+            cmd::LEAV => {
+                tracing::info!(peer = %self.peers[&peer].name, "peer left");
+                self.forget_peer(peer, true);
+            }
+            cmd::PEER => {
+                // A re-introduction on the same connection: handled like a new one.
+                self.peer_identities.remove(identity);
+                return self.on_peer_hello(identity, frame.decode_json()?);
+            }
+            _ => return Err(FrameError::UnknownCommand(frame.cmd_str().to_string())),
+        }
+        Ok(())
+    }
+
+    /// A transmitter introduces itself on our ROUTER (its DEALER to us).
+    pub(super) fn on_peer_hello(
+        &mut self,
+        identity: &Bytes,
+        hello: wire::PeerHello,
+    ) -> Result<(), FrameError> {
+        if hello.mesh != self.args.mesh {
+            let error = format!("this transmitter is in mesh {:?}", self.args.mesh);
+            self.replies.push(error_reply(identity, &error));
+            return Ok(());
+        }
+        let peer = self.peer_id(&hello.name);
+        let p = self.peers.get_mut(&peer).expect("peer_id creates");
+        if p.instance.is_some_and(|i| i != hello.id) {
+            // A restarted peer: what we knew of its cells is stale.
+            self.table.remove_location(Location::Peer(peer));
+        }
+        p.instance = Some(hello.id);
+        p.left = None;
+        if let Some((old, _)) = p.inbound.replace((identity.clone(), Instant::now())) {
+            self.peer_identities.remove(&old);
+        }
+        p.fack = Credit::default();
+        self.peer_identities.insert(identity.clone(), peer);
+        self.replies
+            .push(reply_json(identity, cmd::PWLC, &self.peer_hello()));
+        Ok(())
+    }
+
+    pub(super) fn peer_id(&mut self, name: &str) -> PeerId {
+        if let Some(&id) = self.peer_ids.get(name) {
+            return id;
+        }
+        let id = self.next_peer;
+        self.next_peer += 1;
+        self.peer_ids.insert(name.to_string(), id);
+        self.peers.insert(id, Peer::new(name));
+        id
+    }
+
+    /// Drops everything about a peer: its cells, our link to it. With `left`, the same
+    /// instance is not reconnected even while the rendezvous still lists it.
+    pub(super) fn forget_peer(&mut self, peer: PeerId, left: bool) {
+        self.forget_held(Link::Peer(peer));
+        let removed = self.table.remove_location(Location::Peer(peer));
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.drop_link();
+        let lost = p.outbox.unconfirmed_messages();
+        p.outbox = Outbox::default();
+        if lost > 0 {
+            self.metrics.drop(DropReason::PeerLost, lost as u64);
+        }
+        if let Some((identity, _)) = p.inbound.take() {
+            self.peer_identities.remove(&identity);
+        }
+        p.fack = Credit::default();
+        self.interest_sync.forget(peer);
+        if left {
+            p.left = p.instance;
+        }
+        tracing::debug!(peer = %p.name, removed, "peer forgotten");
+        self.update_peer_gauge();
+    }
+
+    pub(super) fn update_peer_gauge(&self) {
+        let n = self.peers.values().filter(|p| p.out.is_some()).count();
+        self.metrics.peers.set(n as i64);
+    }
+
+    pub(super) fn on_report(&mut self, report: Report) {
+        // Peers' credits (FACK) and links coming and going arrive here: any may make
+        // room for held batches.
+        self.held.room_freed();
+        match report {
+            Report::Discovered(list) => self.on_discovered(list),
+            Report::Hosting(rooms) => self.on_hosting(rooms),
+            Report::PeerConnected {
+                peer,
+                generation,
+                sender,
+            } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if p.generation != generation {
+                    return;
+                }
+                p.connecting = false;
+                let lost = p.outbox.reset_inflight();
+                self.metrics
+                    .drops
+                    .with_label_values(&["peer_lost"])
+                    .inc_by(lost as u64);
+                p.out = Some(PeerOut {
+                    sender,
+                    last_heard: Instant::now(),
+                    synced: false,
+                });
+                self.update_peer_gauge();
+            }
+            Report::PeerConnectFailed { peer, generation } => {
+                if let Some(p) = self
+                    .peers
+                    .get_mut(&peer)
+                    .filter(|p| p.generation == generation)
+                {
+                    p.connecting = false;
+                }
+            }
+            Report::PeerClosed { peer, generation } => {
+                if let Some(p) = self
+                    .peers
+                    .get_mut(&peer)
+                    .filter(|p| p.generation == generation)
+                {
+                    tracing::info!(peer = %p.name, "link to peer closed");
+                    p.drop_link();
+                    self.update_peer_gauge();
+                }
+            }
+            Report::PeerReply {
+                peer,
+                generation,
+                msg,
+            } => {
+                let Some(p) = self
+                    .peers
+                    .get_mut(&peer)
+                    .filter(|p| p.generation == generation)
+                else {
+                    return;
+                };
+                let Some(out) = p.out.as_mut() else { return };
+                out.last_heard = Instant::now();
+                let Some(frame) = msg.get(0).and_then(|f| CommandFrame::parse(f).ok()) else {
+                    self.metrics.malformed.inc();
+                    return;
+                };
+                match &frame.cmd {
+                    cmd::FACK => {
+                        if let Ok(credit) = frame.decode_json::<wire::Credit>() {
+                            p.outbox.credit(credit.batch);
+                        }
+                    }
+                    cmd::PWLC => {
+                        if let Ok(hello) = frame.decode_json::<wire::PeerHello>() {
+                            p.instance.get_or_insert(hello.id);
+                        }
+                    }
+                    cmd::SYND => {
+                        if let Ok(r) = frame.decode_json::<wire::SyncRound>() {
+                            self.interest_sync.answered(peer, r.round);
+                        }
+                    }
+                    cmd::PONG => {}
+                    cmd::ERRR => {
+                        tracing::warn!(peer = %p.name, "peer error: {}", String::from_utf8_lossy(&frame.payload))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_discovered(&mut self, list: Vec<TransmitterInfo>) {
+        for info in list {
+            if info.name == self.args.name {
+                continue;
+            }
+            let peer = self.peer_id(&info.name);
+            let p = self.peers.get_mut(&peer).expect("peer_id creates");
+            if p.left == Some(info.id) {
+                continue;
+            }
+            if p.out.is_some() && p.instance.is_some_and(|i| i != info.id) {
+                // Restarted since we connected: the old link is dead even if it says nothing.
+                tracing::info!(peer = %p.name, "peer restarted; reconnecting");
+                self.metrics.peer_reconnects.inc();
+                p.drop_link();
+            }
+            p.instance = Some(info.id);
+            p.command = Some(info.command.clone());
+            if p.out.is_none() && !p.connecting {
+                p.connecting = true;
+                let generation = p.generation;
+                let events = self.reports_tx.clone();
+                tokio::spawn(connect_peer(peer, generation, info.command, events));
+            }
+        }
+        self.update_peer_gauge();
+    }
+
+    pub(super) async fn leave(&mut self) {
+        for p in self.peers.values_mut() {
+            if let Some(out) = p.out.as_mut() {
+                let leav = ZmqMessage::from(
+                    CommandFrame::json(cmd::LEAV, &serde_json::json!({})).to_bytes(),
+                );
+                let _ = out.sender.send(leav).await;
+            }
+        }
+        // The zeromq crate writes from background tasks and has no linger option: give
+        // them a moment to put LEAV on the wire before the process exits.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    pub(super) fn peer_hello(&self) -> wire::PeerHello {
+        wire::PeerHello {
+            id: self.id,
+            name: self.args.name.clone(),
+            mesh: self.args.mesh.clone(),
+        }
+    }
+}
+
+/// Connects a DEALER to a peer's command socket and relays what it answers to the loop.
+/// A zeromq-crate DEALER never reconnects after its peer restarts, so a lost link ends
+/// this task and the next discovery builds a new socket.
+async fn connect_peer(
+    peer: PeerId,
+    generation: u64,
+    endpoint: String,
+    events: mpsc::Sender<Report>,
+) {
+    let mut options = SocketOptions::default();
+    options.connect_timeout(Duration::from_secs(2));
+    let mut socket = DealerSocket::with_options(options);
+    if let Err(e) = socket.connect(&endpoint).await {
+        tracing::debug!(%endpoint, "connecting to peer failed: {e}");
+        let _ = events
+            .send(Report::PeerConnectFailed { peer, generation })
+            .await;
+        return;
+    }
+    let (sender, mut receiver) = socket.split();
+    if events
+        .send(Report::PeerConnected {
+            peer,
+            generation,
+            sender,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        match receiver.recv().await {
+            Ok(msg) => {
+                if events
+                    .send(Report::PeerReply {
+                        peer,
+                        generation,
+                        msg,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(_) => {
+                let _ = events.send(Report::PeerClosed { peer, generation }).await;
+                return;
+            }
+        }
+    }
+}

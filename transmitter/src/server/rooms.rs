@@ -1,0 +1,163 @@
+//! Rooms this transmitter hosts (placed by the rendezvous), and the announcements that
+//! tell the rendezvous about this transmitter.
+
+use std::time::Duration;
+
+use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
+use thynapse_protocol::room::room_of;
+use tokio::sync::{mpsc, watch};
+
+use super::peers::Report;
+use super::Transmitter;
+use crate::Args;
+
+/// A room this transmitter hosts.
+pub(super) struct HostedRoom {
+    /// Every host of the room, this one included.
+    pub(super) hosts: Vec<String>,
+    pub(super) messages: prometheus::IntCounter,
+}
+
+/// What the announce task says of this transmitter.
+#[derive(Clone)]
+pub(super) struct Announcement {
+    pub(super) info: TransmitterInfo,
+    pub(super) rooms: Vec<String>,
+}
+
+/// Announces this transmitter to every rendezvous at the configured rate and passes what
+/// they answer (live transmitters, rooms to host) to the event loop. A change worth
+/// telling at once (a room taken, draining) is announced without waiting for the next
+/// interval, so that the rendezvous can hand a new room out quickly.
+pub(super) async fn announce(
+    args: Args,
+    mut info: watch::Receiver<Announcement>,
+    events: mpsc::Sender<Report>,
+) {
+    let socket = match thynapse_rendezvous::bind_udp("0.0.0.0:0".parse().expect("valid address")) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot open a UDP socket for discovery: {e}");
+            return;
+        }
+    };
+    let targets: Vec<String> = args
+        .rendezvous
+        .iter()
+        .map(|r| r.trim_start_matches("udp://").to_string())
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(args.announce_interval_ms));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = info.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            got = socket.recv_from(&mut buf) => {
+                let Ok((n, _)) = got else { continue };
+                let event = match Datagram::parse(&buf[..n]) {
+                    Ok(Datagram::Peers { transmitters, .. }) => Report::Discovered(transmitters),
+                    Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting(rooms),
+                    Ok(Datagram::Error { error }) => {
+                        tracing::warn!("rendezvous: {error}");
+                        continue;
+                    }
+                    _ => {
+                        tracing::warn!("unexpected datagram from the rendezvous");
+                        continue;
+                    }
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let datagram = {
+            let a = info.borrow_and_update();
+            Datagram::Announce {
+                mesh: args.mesh.clone(),
+                interval_ms: args.announce_interval_ms,
+                multiplier: args.expiry_multiplier,
+                transmitter: a.info.clone(),
+                rooms: a.rooms.clone(),
+            }
+            .to_bytes()
+        };
+        for target in &targets {
+            if let Err(e) = socket.send_to(&datagram, target.as_str()).await {
+                tracing::debug!(%target, "announce failed: {e}");
+            }
+        }
+    }
+}
+
+impl Transmitter {
+    /// Room messages routed here, by room.
+    pub(super) fn count_room_message(&self, channel: &[u8]) {
+        let room = room_of(channel);
+        match std::str::from_utf8(room)
+            .ok()
+            .and_then(|r| self.rooms.get(r))
+        {
+            Some(hosted) => hosted.messages.inc(),
+            None => self
+                .metrics
+                .room_messages
+                .with_label_values(&[&*String::from_utf8_lossy(room)])
+                .inc(),
+        }
+    }
+
+    /// The rendezvous says which rooms to host (and with whom). Rooms are only ever added
+    /// here: a host gives its rooms up by draining or stopping, when its cells move.
+    pub(super) fn on_hosting(&mut self, placements: Vec<Placement>) {
+        if self.draining.is_some() {
+            return;
+        }
+        let mut added = false;
+        for p in placements {
+            match self.rooms.get_mut(&p.room) {
+                Some(hosted) => hosted.hosts = p.hosts,
+                None => {
+                    tracing::info!(room = %p.room, hosts = ?p.hosts, "hosting room");
+                    let messages = self.metrics.room_messages.with_label_values(&[&p.room]);
+                    self.rooms.insert(
+                        p.room,
+                        HostedRoom {
+                            hosts: p.hosts,
+                            messages,
+                        },
+                    );
+                    added = true;
+                }
+            }
+        }
+        if added {
+            self.metrics.rooms.set(self.rooms.len() as i64);
+            self.update_announcement();
+        }
+    }
+
+    /// What the next announcement says. Rooms and draining are sent at once; the rest
+    /// goes with the next interval.
+    pub(super) fn update_announcement(&self) {
+        let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        rooms.sort();
+        let cells = self.cells.len() as u32;
+        let draining = self.draining.is_some();
+        let rate = self.rate;
+        self.announcement.send_if_modified(|a| {
+            let urgent = a.rooms != rooms || a.info.draining != draining;
+            a.info.cells = cells;
+            a.info.rate = rate;
+            a.info.draining = draining;
+            a.info.rooms = rooms.len() as u32;
+            a.rooms = rooms;
+            urgent
+        });
+    }
+}
