@@ -374,3 +374,51 @@ def test_pushes_follow_a_protocol_switch_mid_stream(start_mesh):
     at = kinds.index(b"hello")
     assert set(kinds[:at]) == {b">"} and set(kinds[at + 1 :]) == {b"*"}, "a push in the wrong version"
     s.close()
+
+
+def test_no_message_comes_before_its_subscription_confirmation(start_mesh):
+    """As in Redis, a client reads its SUBSCRIBE confirmation before any message of that
+    subscription, while messages stream to the cell (for another client of it, and from a
+    publisher on another transmitter)."""
+    mesh = start_mesh(mesh_yaml(replicas=2, services=[("a", []), ("b", [])]), cells={"a": 1, "b": 1})
+    sub_cell, pub_cell = mesh.cell("a-0"), mesh.cell("b-0")
+    held = Subscriber(mesh.redis(sub_cell), channels=["flood"])  # the cell already receives them
+    until_routed(mesh.redis(pub_cell), "flood", 1)
+    stop = threading.Event()
+
+    def flood():
+        r = mesh.redis(pub_cell)
+        while not stop.is_set():
+            r.publish("flood", b"x")
+
+    publisher = threading.Thread(target=flood)
+    publisher.start()
+    port = int(sub_cell["resp"].rsplit(":", 1)[1])
+    try:
+        for i in range(100):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                names = ["flood", f"fresh.{i}"] if i % 2 else ["flood"]
+                s.sendall(encode("SUBSCRIBE", *names))
+                reader = RespReader(s)
+                for n, name in enumerate(names, 1):
+                    assert reader.next() == (b"*", [b"subscribe", name.encode(), b"%d" % n])
+                assert reader.next()[1][0] == b"message"
+            finally:
+                s.close()
+    finally:
+        stop.set()
+        publisher.join()
+    held.poll()
+    assert held.data(b"x"), "the other client of the cell got the stream throughout"
+
+
+def test_auth_takes_the_default_user_as_redis_without_a_password(start_mesh):
+    mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])]), cells={"s": 1})
+    cell = mesh.cell("s-0")
+    host, port = cell["resp"].rsplit(":", 1)
+    # A client configured with redis://default:secret@… connects, as to a Redis without one.
+    assert redis.Redis(host=host, port=int(port), username="default", password="secret").ping()
+    assert redis.Redis(host=host, port=int(port), username="default", password="x", protocol=3).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=host, port=int(port), username="alice", password="x").ping()

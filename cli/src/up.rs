@@ -492,6 +492,8 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
                 Some(Report::Exited { index, status }) => {
                     eprintln!("thynapse up: {} exited ({status}); restarting it", specs[index].name);
                     states[index].pid = None;
+                    // Its links went with it: not up again until it is linked again.
+                    states[index].linked = 0;
                 }
                 Some(Report::Rooms(placed)) => {
                     if announced && rooms.as_ref() != Some(&placed) {

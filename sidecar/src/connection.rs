@@ -29,7 +29,8 @@ pub struct Shared {
     pub mesh: String,
     pub service: String,
     pub cell: String,
-    pub port: u16,
+    /// Where the sidecar serves its clients.
+    pub bind: SocketAddr,
     pub started: Instant,
     pub started_unix: u64,
     /// Every connected client as CLIENT LIST shows it, updated after each command that is
@@ -406,6 +407,9 @@ const COMMANDS: &[(&str, i64, &[&str])] = &[
     ("readwrite", 1, &["loading", "stale", "fast"]),
 ];
 
+/// Redis' answer to credentials of a user other than `default`, the only one here.
+const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+
 /// Redis' answer, without cluster mode, to the commands only Redis Cluster serves.
 const NO_CLUSTER: &str = "ERR This instance has cluster support disabled";
 
@@ -493,6 +497,9 @@ impl Client {
                 if let Some(slot @ Pending::Barrier) = self.slot(token) {
                     *slot = Pending::Passed;
                 }
+                // The confirmations go out now: pushes handed over after this (the first
+                // messages of the new subscriptions) are written behind them.
+                self.flush_ready();
             }
         }
     }
@@ -547,12 +554,9 @@ impl Client {
                     | "reset"
             )
         {
-            let full = match (name.as_str(), args.get(1)) {
-                ("pubsub" | "client" | "command", Some(sub)) => format!("{name}|{}", lower(sub)),
-                _ => name.clone(),
-            };
             self.reply(Reply::error(format!(
-                "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                self.info.last_command
             )));
             return;
         }
@@ -696,13 +700,15 @@ impl Client {
                 Reply::Array(vec![]),
             ])),
             // The sidecar has no password (it serves its own pod on loopback): Redis'
-            // answers when none is set.
+            // answers when none is set, where the `default` user takes any password.
             "auth" if args.len() == 2 => self.reply(Reply::error(
                 "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
             )),
-            "auth" if args.len() == 3 => self.reply(Reply::error(
-                "WRONGPASS invalid username-password pair or user is disabled.",
-            )),
+            "auth" if args.len() == 3 => self.reply(if args[1][..] == *b"default" {
+                Reply::Simple("OK")
+            } else {
+                Reply::error(WRONGPASS)
+            }),
             "auth" => self.reply(Reply::error("ERR syntax error")),
             "cluster" | "readonly" | "readwrite" => self.reply(Reply::error(NO_CLUSTER)),
             _ => self.reply(unknown_command(&args)),
@@ -881,7 +887,13 @@ impl Client {
         }
         while i < args.len() {
             match lower(&args[i]).as_str() {
-                "auth" if i + 2 < args.len() => i += 3,
+                "auth" if i + 2 < args.len() => {
+                    if args[i + 1][..] != *b"default" {
+                        self.reply(Reply::error(WRONGPASS));
+                        return;
+                    }
+                    i += 3;
+                }
                 "setname" if i + 1 < args.len() => {
                     self.info.name = Some(args[i + 1].clone());
                     i += 2;
@@ -935,7 +947,7 @@ impl Client {
             ("id", 2) => Reply::Int(self.id as i64),
             ("info", 2) => {
                 self.publish_summary(shared);
-                Reply::Bulk(format!("{}\n", self.info.line(Instant::now())).into())
+                Reply::Verbatim(format!("{}\n", self.info.line(Instant::now())).into())
             }
             ("list", _) => self.client_list(&args[2..], shared),
             // Eviction and LRU touches concern keys; there are none here.
@@ -1010,7 +1022,7 @@ impl Client {
             .collect();
         listed.sort_by_key(|c| c.id);
         let text: String = listed.iter().map(|c| c.line(now) + "\n").collect();
-        Reply::Bulk(text.into())
+        Reply::Verbatim(text.into())
     }
 
     async fn info_command(&mut self, args: &[Bytes], shared: &Shared) {
@@ -1022,7 +1034,7 @@ impl Client {
         };
         let facts = ServerFacts {
             run_id: hub.run_id,
-            port: shared.port,
+            port: shared.bind.port(),
             uptime: shared.started.elapsed(),
             connected_clients: lock(&shared.clients).len(),
             total_connections: shared.total_connections.load(Ordering::Relaxed),
@@ -1044,7 +1056,7 @@ impl Client {
         let sub = lower(&args[1]);
         let reply = match sub.as_str() {
             "get" if args.len() >= 3 => Reply::Map(
-                introspection::config_get(shared.port, &args[2..], shared.client_output_buffer_bytes)
+                introspection::config_get(shared.bind, &args[2..], shared.client_output_buffer_bytes)
                     .into_iter()
                     .map(|(k, v)| (Reply::bulk(k), Reply::bulk(v)))
                     .collect(),

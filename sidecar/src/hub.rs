@@ -228,6 +228,12 @@ pub struct Hub {
     metrics: Metrics,
     clients: HashMap<ClientId, ClientHandle>,
     subs: Subscriptions,
+    /// Subscriptions not confirmed yet, by client, kind and name (how many of that
+    /// client's confirmations are pending for it): messages for them are not written
+    /// before their confirmation, as Redis never does.
+    joining: HashMap<(ClientId, SubKind, Bytes), u32>,
+    /// The subscriptions each pending confirmation (client, reply slot) covers.
+    joins: HashMap<(ClientId, u64), (SubKind, Vec<Bytes>)>,
     sessions: HashMap<SessionKey, Session>,
     unacked: usize,
     unacked_bytes: usize,
@@ -304,6 +310,8 @@ impl Hub {
             metrics,
             clients: HashMap::new(),
             subs: Subscriptions::default(),
+            joining: HashMap::new(),
+            joins: HashMap::new(),
             sessions,
             unacked: 0,
             unacked_bytes: 0,
@@ -426,23 +434,32 @@ impl Hub {
                 names,
                 token,
             } => {
-                let Some(first) = names.first() else { return };
+                let Some(first) = names.first() else {
+                    self.send_to(client, Out::Confirmed(token));
+                    return;
+                };
                 let key = key_of(kind, first);
-                for name in names {
+                for name in &names {
                     let (map, interest) = self.subs.of(kind);
                     let set = map.entry(name.clone()).or_default();
                     let first = set.is_empty();
                     set.insert(client);
                     if first {
                         let s = self.session(&key);
-                        s.interest.push((Op::Add, interest, name));
+                        s.interest.push((Op::Add, interest, name.clone()));
                     }
+                    *self
+                        .joining
+                        .entry((client, kind, name.clone()))
+                        .or_default() += 1;
                 }
+                self.joins.insert((client, token), (kind, names));
                 self.update_subscription_gauge();
                 let s = self.session(&key);
-                let pending = !s.interest.is_empty();
+                // With no link, the next one's snapshot is what makes them known.
+                let pending = !s.interest.is_empty() || s.link.is_none();
                 if s.confirm.wait(client, token, pending, Instant::now()) {
-                    self.send_to(client, Out::Confirmed(token));
+                    self.confirmed(client, token);
                 }
             }
             HubCmd::Unsubscribe {
@@ -513,6 +530,23 @@ impl Hub {
         }
     }
 
+    /// A client's subscriptions in slot `token` are known mesh-wide (or given up on):
+    /// its confirmations go out, and from then on its messages.
+    fn confirmed(&mut self, client: ClientId, token: u64) {
+        if let Some((kind, names)) = self.joins.remove(&(client, token)) {
+            for name in names {
+                let key = (client, kind, name);
+                if let Some(n) = self.joining.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.joining.remove(&key);
+                    }
+                }
+            }
+        }
+        self.send_to(client, Out::Confirmed(token));
+    }
+
     fn unsubscribe(&mut self, client: ClientId, kind: SubKind, name: &Bytes) {
         let (map, interest) = self.subs.of(kind);
         if let Some(set) = map.get_mut(name) {
@@ -537,6 +571,8 @@ impl Hub {
         if self.clients.remove(&id).is_none() {
             return;
         }
+        self.joins.retain(|(client, _), _| *client != id);
+        self.joining.retain(|(client, _, _), _| *client != id);
         for kind in [SubKind::Channel, SubKind::Pattern, SubKind::Shard] {
             let names: Vec<Bytes> = self
                 .subs
@@ -680,7 +716,7 @@ impl Hub {
                 let mut released = Vec::new();
                 s.confirm.release_all(&mut released);
                 for (client, token) in released {
-                    self.send_to(client, Out::Confirmed(token));
+                    self.confirmed(client, token);
                 }
                 let (replies, messages, bytes) = s.abandon();
                 self.unacked -= messages;
@@ -843,7 +879,7 @@ impl Hub {
                     let mut released = Vec::new();
                     s.confirm.confirm(n, &mut released);
                     for (client, token) in released {
-                        self.send_to(client, Out::Confirmed(token));
+                        self.confirmed(client, token);
                     }
                 }
             }
@@ -907,6 +943,17 @@ impl Hub {
                 routed_for = Some((e.kind, e.channel));
                 targets.clear();
                 self.subs.targets_of(e.kind, e.channel, &mut targets);
+                if !self.joining.is_empty() {
+                    let joining = &self.joining;
+                    targets.retain(|(client, target)| {
+                        let (kind, name) = match target {
+                            Target::Channel => (SubKind::Channel, e.channel),
+                            Target::Shard => (SubKind::Shard, e.channel),
+                            Target::Pattern(p) => (SubKind::Pattern, &p[..]),
+                        };
+                        !joining.contains_key(&(*client, kind, Bytes::copy_from_slice(name)))
+                    });
+                }
             }
             for (client, target) in &targets {
                 let i = match index.get(client) {
@@ -999,6 +1046,7 @@ impl Hub {
             if let Some(room) = key {
                 let unused = s.settled()
                     && s.waiting.is_empty()
+                    && !s.confirm.any_waiting()
                     && !self.subs.shard.keys().any(|c| room_of(c) == &room[..]);
                 if unused && now.duration_since(s.last_used) > ROOM_IDLE {
                     idle.push(key.clone());
@@ -1010,7 +1058,7 @@ impl Hub {
             }
         }
         for (client, token) in released {
-            self.send_to(client, Out::Confirmed(token));
+            self.confirmed(client, token);
         }
         for key in idle {
             if let Some(mut s) = self.sessions.remove(&key) {

@@ -202,10 +202,10 @@ fn section_lines(f: &ServerFacts, section: &str) -> Vec<(&'static str, String)> 
 
 /// The settings CONFIG GET answers, as an empty standalone Redis 7.0 reports them where
 /// they mean the same here.
-fn config(port: u16) -> Vec<(&'static str, String)> {
+fn config(bind: SocketAddr) -> Vec<(&'static str, String)> {
     vec![
         ("appendonly", "no".into()),
-        ("bind", "127.0.0.1".into()),
+        ("bind", bind.ip().to_string()),
         ("client-output-buffer-limit", String::new()),
         ("cluster-enabled", "no".into()),
         ("databases", "16".into()),
@@ -213,7 +213,7 @@ fn config(port: u16) -> Vec<(&'static str, String)> {
         ("maxmemory", "0".into()),
         ("maxmemory-policy", "noeviction".into()),
         ("notify-keyspace-events", String::new()),
-        ("port", port.to_string()),
+        ("port", bind.port().to_string()),
         ("protected-mode", "yes".into()),
         ("replica-read-only", "yes".into()),
         ("save", String::new()),
@@ -224,8 +224,12 @@ fn config(port: u16) -> Vec<(&'static str, String)> {
 
 /// CONFIG GET: the settings matching any of the patterns (Redis globs), each once, as
 /// (name, value) in the order the table holds them.
-pub fn config_get(port: u16, patterns: &[Bytes], output_buffer: usize) -> Vec<(String, String)> {
-    let mut table = config(port);
+pub fn config_get(
+    bind: SocketAddr,
+    patterns: &[Bytes],
+    output_buffer: usize,
+) -> Vec<(String, String)> {
+    let mut table = config(bind);
     for (k, v) in table.iter_mut() {
         if *k == "client-output-buffer-limit" {
             // The sidecar's one buffer limit applies to pub/sub clients, hard, no soft limit.
@@ -449,20 +453,24 @@ mod tests {
         assert_eq!(two, "# Cluster\r\ncluster_enabled:0\r\n\r\n# Keyspace\r\n");
     }
 
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     #[test]
     fn config_get_matches_globs_once_each() {
         let p = |s: &str| Bytes::copy_from_slice(s.as_bytes());
         assert_eq!(
-            config_get(7000, &[p("port")], 1),
+            config_get(addr(7000), &[p("port")], 1),
             [("port".to_string(), "7000".to_string())]
         );
-        let max = config_get(1, &[p("maxmemory*"), p("MAXMEMORY")], 1);
+        let max = config_get(addr(1), &[p("maxmemory*"), p("MAXMEMORY")], 1);
         assert_eq!(
             max.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
             ["maxmemory", "maxmemory-policy"]
         );
-        assert!(config_get(1, &[p("nosuch")], 1).is_empty());
-        let limit = config_get(1, &[p("client-output-buffer-limit")], 33554432);
+        assert!(config_get(addr(1), &[p("nosuch")], 1).is_empty());
+        let limit = config_get(addr(1), &[p("client-output-buffer-limit")], 33554432);
         assert_eq!(limit[0].1, "normal 0 0 0 slave 0 0 0 pubsub 33554432 0 0");
     }
 

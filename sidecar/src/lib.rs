@@ -112,7 +112,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         mesh: args.mesh.clone(),
         service: args.service.clone(),
         cell: args.name.clone(),
-        port: resp.port(),
+        bind: resp,
         started: std::time::Instant::now(),
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

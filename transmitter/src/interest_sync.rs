@@ -4,9 +4,10 @@
 //!
 //! After the interest updates of a loop turn go out, one `SYNC` round is sent to every
 //! linked peer; a peer answers `SYND` once it has handled everything before it on that
-//! connection (it reads it in order). A peer whose link is lost no longer counts (it
-//! cannot route to the cell through that link; its next link starts with a snapshot),
-//! and a peer slower than the bound is given up on and counted.
+//! connection (it reads it in order). Every live peer is waited for, one whose link is
+//! being (re)built too: it is asked right after the snapshot that starts the link. A peer
+//! that is forgotten (silent past the expiry) no longer counts, and one slower than the
+//! bound is given up on; both are counted.
 //!
 //! Pure bookkeeping: the event loop sends the rounds and the answers.
 
@@ -17,18 +18,15 @@ use foldhash::HashMap;
 
 use crate::routing::PeerId;
 
-/// A peer asked in a round, with the generation of the link it was asked on.
-pub type Asked = (PeerId, u64);
-
 /// A cell waiting for its confirmation: its connection, the highest number it asked for,
 /// the round that covers it and the peers still to answer.
 struct Barrier {
     identity: Bytes,
     sync: u64,
     round: u64,
-    peers: Vec<Asked>,
+    peers: Vec<PeerId>,
     since: Instant,
-    /// A peer it waited for lost its link before answering.
+    /// A peer it waited for was forgotten before answering.
     lost: bool,
 }
 
@@ -37,7 +35,7 @@ struct Barrier {
 pub enum GaveUp {
     /// A peer did not answer within the bound.
     Timeout,
-    /// A peer's link was lost before it answered (its next link starts with a snapshot).
+    /// A peer was forgotten (silent past the expiry) before it answered.
     PeerLost,
 }
 
@@ -55,8 +53,9 @@ pub struct InterestSync {
     round: u64,
     /// Asked since the last round was sent: (connection, number), one per connection.
     requested: Vec<(Bytes, u64)>,
-    /// At most one per connection: a later request supersedes an earlier one (answering
-    /// the later number confirms both).
+    /// One per connection and round, oldest first; each is answered as its round
+    /// completes (a later number confirms the earlier ones too, so the order of the
+    /// answers does not matter).
     waiting: Vec<Barrier>,
     /// The highest round each peer answered.
     answered: HashMap<PeerId, u64>,
@@ -91,40 +90,28 @@ impl InterestSync {
     /// answered at once into `done`.
     pub fn start_round(
         &mut self,
-        peers: Vec<Asked>,
+        peers: Vec<PeerId>,
         now: Instant,
         done: &mut Vec<(Bytes, u64)>,
     ) -> Option<u64> {
         let requested = std::mem::take(&mut self.requested);
         if peers.is_empty() {
-            for (identity, sync) in requested {
-                // Anything that waited is covered too: the interest reached nobody else.
-                let older = self.take_waiting(&identity).map_or(0, |b| b.sync);
-                done.push((identity, sync.max(older)));
-            }
+            // The interest reached nobody else: known wherever it can be.
+            done.extend(requested);
             return None;
         }
         self.round += 1;
         for (identity, sync) in requested {
-            let (sync, since) = match self.take_waiting(&identity) {
-                Some(b) => (sync.max(b.sync), b.since),
-                None => (sync, now),
-            };
             self.waiting.push(Barrier {
                 identity,
                 sync,
                 round: self.round,
                 peers: peers.clone(),
-                since,
+                since: now,
                 lost: false,
             });
         }
         Some(self.round)
-    }
-
-    fn take_waiting(&mut self, identity: &Bytes) -> Option<Barrier> {
-        let i = self.waiting.iter().position(|b| b.identity == identity)?;
-        Some(self.waiting.swap_remove(i))
     }
 
     /// A peer answered `round` (and so every round before it).
@@ -141,11 +128,11 @@ impl InterestSync {
     }
 
     /// Moves the barriers that are through into `done`: each peer answered the round or
-    /// is no longer on the link it was asked on (`linked` says which are), or the bound
-    /// passed. Those that went without every answer are added to `gave_up`.
+    /// is no longer live (`live` says which are), or the bound passed. Those that went
+    /// without every answer are added to `gave_up`.
     pub fn complete(
         &mut self,
-        linked: impl Fn(Asked) -> bool,
+        live: impl Fn(PeerId) -> bool,
         now: Instant,
         bound: Duration,
         done: &mut Vec<(Bytes, u64)>,
@@ -153,11 +140,11 @@ impl InterestSync {
     ) {
         let answered = &self.answered;
         self.waiting.retain_mut(|b| {
-            b.peers.retain(|&(peer, generation)| {
+            b.peers.retain(|&peer| {
                 if answered.get(&peer).is_some_and(|&r| r >= b.round) {
                     return false;
                 }
-                let still = linked((peer, generation));
+                let still = live(peer);
                 b.lost |= !still;
                 still
             });
@@ -193,7 +180,7 @@ mod tests {
         let mut done = Vec::new();
         let mut gave_up: Vec<GaveUp> = Vec::new();
         s.request(&id(1), 7);
-        let round = s.start_round(vec![(1, 0), (2, 0)], now, &mut done).unwrap();
+        let round = s.start_round(vec![1, 2], now, &mut done).unwrap();
         assert!(done.is_empty());
         s.answered(1, round);
         s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
@@ -212,48 +199,43 @@ mod tests {
         s.request(&id(1), 3);
         s.request(&id(1), 4);
         assert_eq!(s.start_round(Vec::new(), Instant::now(), &mut done), None);
-        assert_eq!(done, [(id(1), 4)]);
+        assert_eq!(done, [(id(1), 4)], "requests of one turn are one");
     }
 
     #[test]
-    fn an_earlier_round_does_not_answer_a_later_request() {
+    fn each_round_is_answered_as_it_completes() {
         let now = Instant::now();
         let mut s = InterestSync::default();
         let mut done = Vec::new();
         let mut gave_up: Vec<GaveUp> = Vec::new();
         s.request(&id(1), 1);
-        let first = s.start_round(vec![(1, 0)], now, &mut done).unwrap();
+        let first = s.start_round(vec![1], now, &mut done).unwrap();
         s.request(&id(1), 2);
-        let second = s.start_round(vec![(1, 0)], now, &mut done).unwrap();
+        let second = s.start_round(vec![1], now, &mut done).unwrap();
         s.answered(1, first);
         s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
-        assert!(
-            done.is_empty(),
-            "the peer has not applied the second change yet"
+        assert_eq!(
+            done,
+            [(id(1), 1)],
+            "the first change is answered on its own"
         );
         s.answered(1, second);
         s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
-        assert_eq!(done, [(id(1), 2)], "one answer covers both numbers");
+        assert_eq!(done, [(id(1), 1), (id(1), 2)]);
     }
 
     #[test]
-    fn a_lost_link_no_longer_counts_and_a_slow_peer_is_bounded() {
+    fn a_forgotten_peer_no_longer_counts_and_a_slow_one_is_bounded() {
         let t0 = Instant::now();
         let mut s = InterestSync::default();
         let mut done = Vec::new();
         let mut gave_up: Vec<GaveUp> = Vec::new();
         s.request(&id(1), 1);
         s.request(&id(2), 1);
-        s.start_round(vec![(1, 5), (2, 0)], t0, &mut done);
+        s.start_round(vec![1, 2], t0, &mut done);
         s.answered(2, 1);
-        // Peer 1's link was rebuilt (generation 6): it is not waited for.
-        s.complete(
-            |(p, g)| p != 1 || g == 6,
-            t0,
-            BOUND,
-            &mut done,
-            &mut gave_up,
-        );
+        // Peer 1 was forgotten: it is not waited for.
+        s.complete(|p| p != 1, t0, BOUND, &mut done, &mut gave_up);
         assert_eq!(done.len(), 2);
         assert_eq!(
             gave_up,
@@ -263,7 +245,7 @@ mod tests {
 
         done.clear();
         s.request(&id(3), 9);
-        s.start_round(vec![(1, 6)], t0, &mut done);
+        s.start_round(vec![1], t0, &mut done);
         gave_up.clear();
         s.complete(|_| true, t0 + BOUND, BOUND, &mut done, &mut gave_up);
         assert!(done.is_empty() && gave_up.is_empty());
@@ -281,7 +263,7 @@ mod tests {
         let mut gave_up: Vec<GaveUp> = Vec::new();
         s.answered(1, u64::MAX);
         s.request(&id(1), 1);
-        s.start_round(vec![(1, 0)], now, &mut done);
+        s.start_round(vec![1], now, &mut done);
         s.complete(|_| true, now, BOUND, &mut done, &mut gave_up);
         assert!(done.is_empty());
     }

@@ -123,11 +123,11 @@ impl Transmitter {
         if self.interest_sync.has_requests() {
             // Every live peer: one whose link is still being built can already route to
             // this cell (over its own link to us) and learns the change from the snapshot.
-            let live: Vec<(PeerId, u64)> = self
+            let live: Vec<PeerId> = self
                 .peers
                 .iter()
                 .filter(|(_, p)| p.is_live())
-                .map(|(id, p)| (*id, p.generation))
+                .map(|(id, _)| *id)
                 .collect();
             if let Some(round) = self.interest_sync.start_round(live, now, &mut done) {
                 let ask = ZmqMessage::from(
@@ -143,11 +143,7 @@ impl Transmitter {
         let peers = &self.peers;
         let mut gave_up = Vec::new();
         self.interest_sync.complete(
-            |(peer, generation)| {
-                peers
-                    .get(&peer)
-                    .is_some_and(|p| p.generation == generation && p.is_live())
-            },
+            |peer| peers.get(&peer).is_some_and(|p| p.is_live()),
             now,
             self.expiry,
             &mut done,
