@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::hub::ClientId;
+use crate::api::ClientId;
 
 /// A confirmation waiting: the client, its reply slot, the `SUBS` number that covers it.
 #[derive(Debug)]

@@ -3,7 +3,7 @@
 //! Replies keep request order: a (S)PUBLISH's reply (the number of cells reached) comes
 //! back from the transmitter, so later replies wait behind it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -12,13 +12,13 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use thynapse_protocol::batch::{put_publish, Kind};
-use thynapse_protocol::room::room_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, Notify};
 
-use crate::hub::{now_us, ClientHandle, ClientId, HubCmd, Out, Publishes, SubKind};
-use crate::introspection::{self, ClientSummary, ServerFacts, REDIS_VERSION};
+use crate::api::{now_us, ClientHandle, ClientId, HubCmd, Out, Publishes};
+use crate::cmd::{arity_error, lower, COMMANDS};
+use crate::introspection::ClientSummary;
 use crate::resp::{parse_request, retype_pushes, Reply, Request};
 
 pub struct Shared {
@@ -40,7 +40,7 @@ pub struct Shared {
     pub total_commands: AtomicU64,
 }
 
-enum Pending {
+pub(crate) enum Pending {
     Ready(Reply),
     /// A (S)PUBLISH waiting for its acknowledgement; its token is its number in
     /// `pending` (see `pending_base`).
@@ -52,30 +52,30 @@ enum Pending {
     Passed,
 }
 
-struct Client {
-    id: ClientId,
-    resp3: bool,
+pub(crate) struct Client {
+    pub(crate) id: ClientId,
+    pub(crate) resp3: bool,
     /// The version the hub was last told (it writes this client's pushes).
-    hub_resp3: bool,
+    pub(crate) hub_resp3: bool,
     /// What CLIENT INFO / LIST say of this client (its name among them).
-    info: ClientSummary,
-    channels: BTreeSet<Bytes>,
-    patterns: BTreeSet<Bytes>,
-    shard: BTreeSet<Bytes>,
+    pub(crate) info: ClientSummary,
+    pub(crate) channels: BTreeSet<Bytes>,
+    pub(crate) patterns: BTreeSet<Bytes>,
+    pub(crate) shard: BTreeSet<Bytes>,
     /// Replies in request order. Every entry is numbered (`pending_base` is the number of
     /// the front one), so an acknowledgement finds its (S)PUBLISH's slot by subtraction.
-    pending: VecDeque<Pending>,
-    pending_base: u64,
+    pub(crate) pending: VecDeque<Pending>,
+    pub(crate) pending_base: u64,
     /// (S)PUBLISHes read but not yet handed to the hub, encoded as `PUBS` records: one
     /// hand-over per read, not per message.
-    batch: BytesMut,
-    publishes: Publishes,
+    pub(crate) batch: BytesMut,
+    pub(crate) publishes: Publishes,
     /// When the publishes of the batch were taken (their `ts`).
-    batch_ts: u64,
-    out: BytesMut,
+    pub(crate) batch_ts: u64,
+    pub(crate) out: BytesMut,
     /// What goes out before `out`, in order: earlier replies and the hub's pushes.
-    chunks: VecDeque<Bytes>,
-    close: bool,
+    pub(crate) chunks: VecDeque<Bytes>,
+    pub(crate) close: bool,
 }
 
 /// Largest request buffered; beyond it the client gets an error and is disconnected, as
@@ -242,7 +242,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
 
 /// The client registry's lock; a panic while it was held leaves nothing half-written
 /// worth refusing (each entry is replaced whole).
-fn lock(
+pub(crate) fn lock(
     m: &Mutex<HashMap<ClientId, ClientSummary>>,
 ) -> std::sync::MutexGuard<'_, HashMap<ClientId, ClientSummary>> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -270,200 +270,19 @@ async fn write_chunks(socket: &mut TcpStream, chunks: &mut VecDeque<Bytes>) -> s
     Ok(())
 }
 
-fn sub_kind(command: &str) -> SubKind {
-    match command {
-        "subscribe" | "unsubscribe" => SubKind::Channel,
-        "psubscribe" | "punsubscribe" => SubKind::Pattern,
-        _ => SubKind::Shard,
-    }
-}
-
-fn arity_error(name: &str) -> Reply {
-    Reply::error(format!(
-        "ERR wrong number of arguments for '{name}' command"
-    ))
-}
-
-fn lower(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).to_ascii_lowercase()
-}
-
-/// Redis 7's reply to an unknown command, argument list included.
-fn unknown_command(args: &[Bytes]) -> Reply {
-    let mut msg = format!(
-        "ERR unknown command '{}', with args beginning with: ",
-        String::from_utf8_lossy(&args[0])
-    );
-    for a in &args[1..] {
-        if msg.len() >= 128 {
-            break;
-        }
-        msg.push_str(&format!("'{}' ", String::from_utf8_lossy(a)));
-    }
-    Reply::error(msg)
-}
-
-fn unknown_subcommand(cmd: &str, sub: &[u8]) -> Reply {
-    Reply::error(format!(
-        "ERR unknown subcommand '{}'. Try {} HELP.",
-        String::from_utf8_lossy(sub),
-        cmd.to_ascii_uppercase()
-    ))
-}
-
-/// Commands this sidecar serves, for COMMAND: name, arity, flags.
-const COMMANDS: &[(&str, i64, &[&str])] = &[
-    ("ping", -1, &["fast", "pubsub"]),
-    ("echo", 2, &["fast"]),
-    (
-        "hello",
-        -1,
-        &[
-            "noscript",
-            "loading",
-            "stale",
-            "fast",
-            "no_auth",
-            "allow_busy",
-        ],
-    ),
-    ("client", -2, &[]),
-    ("select", 2, &["loading", "stale", "fast"]),
-    (
-        "quit",
-        -1,
-        &[
-            "noscript",
-            "loading",
-            "stale",
-            "fast",
-            "no_auth",
-            "allow_busy",
-        ],
-    ),
-    (
-        "reset",
-        1,
-        &[
-            "noscript",
-            "loading",
-            "stale",
-            "fast",
-            "no_auth",
-            "allow_busy",
-        ],
-    ),
-    ("command", -1, &["loading", "stale"]),
-    ("subscribe", -2, &["pubsub", "noscript", "loading", "stale"]),
-    (
-        "unsubscribe",
-        -1,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
-    (
-        "psubscribe",
-        -2,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
-    (
-        "punsubscribe",
-        -1,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
-    ("publish", 3, &["pubsub", "loading", "stale", "fast"]),
-    (
-        "ssubscribe",
-        -2,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
-    (
-        "sunsubscribe",
-        -1,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
-    ("spublish", 3, &["pubsub", "loading", "stale", "fast"]),
-    ("pubsub", -2, &[]),
-    // Asked by clients and tools on their own (see `introspection`).
-    ("info", -1, &["loading", "stale"]),
-    ("config", -2, &[]),
-    ("time", 1, &["loading", "stale", "fast"]),
-    ("dbsize", 1, &["readonly", "fast"]),
-    ("lastsave", 1, &["loading", "stale", "fast"]),
-    ("role", 1, &["noscript", "loading", "stale", "fast"]),
-    (
-        "auth",
-        -2,
-        &[
-            "noscript",
-            "loading",
-            "stale",
-            "fast",
-            "no_auth",
-            "allow_busy",
-        ],
-    ),
-    ("cluster", -2, &[]),
-    ("readonly", 1, &["loading", "stale", "fast"]),
-    ("readwrite", 1, &["loading", "stale", "fast"]),
-];
-
-/// Redis' answer to credentials of a user other than `default`, the only one here.
-const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
-
-/// Redis' answer, without cluster mode, to the commands only Redis Cluster serves.
-const NO_CLUSTER: &str = "ERR This instance has cluster support disabled";
-
-fn command_info(name: &str, arity: i64, flags: &[&'static str]) -> Reply {
-    Reply::Array(vec![
-        Reply::bulk(name.to_string()),
-        Reply::Int(arity),
-        Reply::Array(flags.iter().map(|f| Reply::Simple(f)).collect()),
-        Reply::Int(0),
-        Reply::Int(0),
-        Reply::Int(0),
-        Reply::Array(vec![]),
-        Reply::Array(vec![]),
-        Reply::Array(vec![]),
-        Reply::Array(vec![]),
-    ])
-}
-
 impl Client {
-    fn reply(&mut self, r: Reply) {
+    pub(crate) fn reply(&mut self, r: Reply) {
         self.pending.push_back(Pending::Ready(r));
     }
 
     /// Refreshes this client's entry in the registry CLIENT LIST reads.
-    fn publish_summary(&mut self, shared: &Shared) {
+    pub(crate) fn publish_summary(&mut self, shared: &Shared) {
         self.info.resp = if self.resp3 { 3 } else { 2 };
         self.info.sub = self.channels.len();
         self.info.psub = self.patterns.len();
         self.info.ssub = self.shard.len();
         self.info.last_active = Instant::now();
         lock(&shared.clients).insert(self.id, self.info.clone());
-    }
-
-    fn set_of(&mut self, kind: SubKind) -> &mut BTreeSet<Bytes> {
-        match kind {
-            SubKind::Channel => &mut self.channels,
-            SubKind::Pattern => &mut self.patterns,
-            SubKind::Shard => &mut self.shard,
-        }
-    }
-
-    fn subscribed(&self) -> bool {
-        !self.channels.is_empty() || !self.patterns.is_empty() || !self.shard.is_empty()
-    }
-
-    /// The count in a (un)subscribe reply, as Redis 7 gives it: shard channels are counted
-    /// apart from channels and patterns.
-    fn subscription_count(&self, kind: SubKind) -> i64 {
-        match kind {
-            SubKind::Channel | SubKind::Pattern => {
-                (self.channels.len() + self.patterns.len()) as i64
-            }
-            SubKind::Shard => self.shard.len() as i64,
-        }
     }
 
     fn on_out(&mut self, out: Out) {
@@ -568,111 +387,9 @@ impl Client {
             }
         }
         match name.as_str() {
-            "ping" => {
-                let reply = match (args.len(), self.subscribed() && !self.resp3) {
-                    (1, false) => Reply::Simple("PONG"),
-                    (2, false) => Reply::Bulk(args[1].clone()),
-                    (1, true) => Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]),
-                    (2, true) => {
-                        Reply::Array(vec![Reply::bulk("pong"), Reply::Bulk(args[1].clone())])
-                    }
-                    _ => arity_error("ping"),
-                };
-                self.reply(reply);
-            }
-            "echo" => self.reply(Reply::Bulk(args[1].clone())),
-            "hello" => self.hello(&args),
-            "client" => self.client_command(&args, shared),
-            // Pub/sub ignores databases in Redis; accept the 16 a default Redis has.
-            "select" => self.reply(
-                match std::str::from_utf8(&args[1])
-                    .ok()
-                    .and_then(|s| s.parse::<i64>().ok())
-                {
-                    Some(0..=15) => Reply::Simple("OK"),
-                    Some(_) => Reply::error("ERR DB index is out of range"),
-                    None => Reply::error("ERR value is not an integer or out of range"),
-                },
-            ),
-            "quit" => {
-                self.reply(Reply::Simple("OK"));
-                self.close = true;
-            }
-            "reset" => {
-                for kind in [SubKind::Channel, SubKind::Pattern, SubKind::Shard] {
-                    self.unsubscribe_all(kind, shared, false).await;
-                }
-                self.resp3 = false;
-                self.info.name = None;
-                self.reply(Reply::Simple("RESET"));
-            }
-            "command" => self.command_command(&args),
-            "subscribe" | "psubscribe" | "ssubscribe" => {
-                let kind = sub_kind(&name);
-                let names: Vec<Bytes> = args[1..].to_vec();
-                let refused = if kind == SubKind::Shard {
-                    self.admit_rooms(&names, shared).await
-                } else {
-                    BTreeMap::new()
-                };
-                // Subscriptions new to this client, by session (the mesh, or each room):
-                // the confirmations wait behind one barrier per session.
-                let mut new: BTreeMap<Option<&[u8]>, Vec<Bytes>> = BTreeMap::new();
-                let mut replies = Vec::new();
-                for n in &names {
-                    if let Some(error) = refused.get(room_of(n)) {
-                        replies.push(Reply::error(format!("ERR {error}")));
-                        continue;
-                    }
-                    if self.set_of(kind).insert(n.clone()) {
-                        let session = (kind == SubKind::Shard).then(|| room_of(n));
-                        new.entry(session).or_default().push(n.clone());
-                    }
-                    let count = self.subscription_count(kind);
-                    replies.push(Reply::Push(vec![
-                        Reply::bulk(name.clone()),
-                        Reply::Bulk(n.clone()),
-                        Reply::Int(count),
-                    ]));
-                }
-                for names in new.into_values() {
-                    let token = self.pending_base + self.pending.len() as u64;
-                    self.pending.push_back(Pending::Barrier);
-                    let cmd = HubCmd::Subscribe {
-                        client: self.id,
-                        kind,
-                        names,
-                        token,
-                    };
-                    let _ = shared.hub.send(cmd).await;
-                }
-                for r in replies {
-                    self.reply(r);
-                }
-            }
+            "subscribe" | "psubscribe" | "ssubscribe" => self.subscribe(&name, &args, shared).await,
             "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
-                let kind = sub_kind(&name);
-                if args.len() == 1 {
-                    self.unsubscribe_all(kind, shared, true).await;
-                } else {
-                    let mut gone = Vec::new();
-                    let mut replies = Vec::new();
-                    for n in &args[1..] {
-                        if self.set_of(kind).remove(n) {
-                            gone.push(n.clone());
-                        }
-                        let count = self.subscription_count(kind);
-                        replies.push(Reply::Push(vec![
-                            Reply::bulk(name.clone()),
-                            Reply::Bulk(n.clone()),
-                            Reply::Int(count),
-                        ]));
-                    }
-                    self.unsubscribe_in_hub(kind, gone, shared).await;
-                    for r in replies {
-                        self.reply(r);
-                    }
-                }
+                self.unsubscribe(&name, &args, shared).await
             }
             "publish" | "spublish" => match <[Bytes; 3]>::try_from(args) {
                 Ok([_, channel, payload]) => {
@@ -682,36 +399,9 @@ impl Client {
                 Err(_) => self.reply(arity_error(&name)),
             },
             "pubsub" => self.pubsub(&args, shared).await,
-            "info" => self.info_command(&args, shared).await,
-            "config" => self.config_command(&args, shared),
-            "time" => {
-                let (secs, micros) = introspection::time();
-                self.reply(Reply::Array(vec![
-                    Reply::bulk(secs.to_string()),
-                    Reply::bulk(micros.to_string()),
-                ]));
-            }
-            // No keys live here: an empty server's answers.
-            "dbsize" => self.reply(Reply::Int(0)),
-            "lastsave" => self.reply(Reply::Int(shared.started_unix as i64)),
-            "role" => self.reply(Reply::Array(vec![
-                Reply::bulk("master"),
-                Reply::Int(0),
-                Reply::Array(vec![]),
-            ])),
-            // The sidecar has no password (it serves its own pod on loopback): Redis'
-            // answers when none is set, where the `default` user takes any password.
-            "auth" if args.len() == 2 => self.reply(Reply::error(
-                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-            )),
-            "auth" if args.len() == 3 => self.reply(if args[1][..] == *b"default" {
-                Reply::Simple("OK")
-            } else {
-                Reply::error(WRONGPASS)
-            }),
-            "auth" => self.reply(Reply::error("ERR syntax error")),
-            "cluster" | "readonly" | "readwrite" => self.reply(Reply::error(NO_CLUSTER)),
-            _ => self.reply(unknown_command(&args)),
+            "info" | "config" | "time" | "dbsize" | "lastsave" | "role" | "cluster"
+            | "readonly" | "readwrite" => self.introspect(&name, &args, shared).await,
+            _ => self.server_command(&name, &args, shared).await,
         }
     }
 
@@ -784,370 +474,6 @@ impl Client {
             let mut p = std::mem::take(&mut self.publishes);
             p.records = self.batch.split().freeze();
             let _ = shared.hub.send(HubCmd::Publish(self.id, p)).await;
-        }
-    }
-
-    /// Asks the hub whether each room of `channels` may be used (placing new rooms);
-    /// returns the refused rooms with the reason.
-    async fn admit_rooms(
-        &mut self,
-        channels: &[Bytes],
-        shared: &Shared,
-    ) -> BTreeMap<Bytes, String> {
-        let rooms: BTreeSet<Bytes> = channels
-            .iter()
-            .filter(|c| !self.shard.contains(*c))
-            .map(|c| Bytes::copy_from_slice(room_of(c)))
-            .collect();
-        let mut asks = Vec::new();
-        for room in rooms {
-            let (tx, rx) = oneshot::channel();
-            let _ = shared.hub.send(HubCmd::Admit(room.clone(), tx)).await;
-            asks.push(async move { (room, rx.await) });
-        }
-        futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .filter_map(|(room, verdict)| match verdict {
-                Ok(Err(e)) => Some((room, e)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Drops subscriptions in the hub. The replies that follow wait until it has: a
-    /// message the hub delivered before then is written first, and none comes after the
-    /// confirmation, as in Redis.
-    async fn unsubscribe_in_hub(&mut self, kind: SubKind, names: Vec<Bytes>, shared: &Shared) {
-        if names.is_empty() {
-            return;
-        }
-        let token = self.pending_base + self.pending.len() as u64;
-        self.pending.push_back(Pending::Barrier);
-        let cmd = HubCmd::Unsubscribe {
-            client: self.id,
-            kind,
-            names,
-            token,
-        };
-        let _ = shared.hub.send(cmd).await;
-    }
-
-    async fn unsubscribe_all(&mut self, kind: SubKind, shared: &Shared, reply: bool) {
-        let set = std::mem::take(self.set_of(kind));
-        let verb = match kind {
-            SubKind::Channel => "unsubscribe",
-            SubKind::Pattern => "punsubscribe",
-            SubKind::Shard => "sunsubscribe",
-        };
-        self.unsubscribe_in_hub(kind, set.iter().cloned().collect(), shared)
-            .await;
-        if reply {
-            if set.is_empty() {
-                let count = self.subscription_count(kind);
-                self.reply(Reply::Push(vec![
-                    Reply::bulk(verb),
-                    Reply::Null,
-                    Reply::Int(count),
-                ]));
-            }
-            let mut remaining = self.subscription_count(kind) + set.len() as i64;
-            for n in &set {
-                remaining -= 1;
-                self.reply(Reply::Push(vec![
-                    Reply::bulk(verb),
-                    Reply::Bulk(n.clone()),
-                    Reply::Int(remaining),
-                ]));
-            }
-        }
-    }
-
-    fn hello(&mut self, args: &[Bytes]) {
-        let mut i = 1;
-        if args.len() > 1 {
-            match std::str::from_utf8(&args[1])
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-            {
-                Some(2) => self.resp3 = false,
-                Some(3) => self.resp3 = true,
-                Some(_) => {
-                    self.reply(Reply::error("NOPROTO unsupported protocol version"));
-                    return;
-                }
-                None => {
-                    self.reply(Reply::error(
-                        "ERR Protocol version is not an integer or out of range",
-                    ));
-                    return;
-                }
-            }
-            i = 2;
-        }
-        while i < args.len() {
-            match lower(&args[i]).as_str() {
-                "auth" if i + 2 < args.len() => {
-                    if args[i + 1][..] != *b"default" {
-                        self.reply(Reply::error(WRONGPASS));
-                        return;
-                    }
-                    i += 3;
-                }
-                "setname" if i + 1 < args.len() => {
-                    self.info.name = Some(args[i + 1].clone());
-                    i += 2;
-                }
-                _ => {
-                    self.reply(Reply::error(format!(
-                        "ERR Syntax error in HELLO option '{}'",
-                        String::from_utf8_lossy(&args[i])
-                    )));
-                    return;
-                }
-            }
-        }
-        self.reply(Reply::Map(vec![
-            (Reply::bulk("server"), Reply::bulk("redis")),
-            (Reply::bulk("version"), Reply::bulk(REDIS_VERSION)),
-            (
-                Reply::bulk("proto"),
-                Reply::Int(if self.resp3 { 3 } else { 2 }),
-            ),
-            (Reply::bulk("id"), Reply::Int(self.id as i64)),
-            (Reply::bulk("mode"), Reply::bulk("standalone")),
-            (Reply::bulk("role"), Reply::bulk("master")),
-            (Reply::bulk("modules"), Reply::Array(vec![])),
-        ]));
-    }
-
-    fn client_command(&mut self, args: &[Bytes], shared: &Shared) {
-        let sub = lower(&args[1]);
-        let reply = match (sub.as_str(), args.len()) {
-            ("setname", 3) => {
-                if args[2].iter().any(|b| *b <= b' ' || *b > b'~') {
-                    Reply::error(
-                        "ERR Client names cannot contain spaces, newlines or special characters.",
-                    )
-                } else {
-                    self.info.name = (!args[2].is_empty()).then(|| args[2].clone());
-                    Reply::Simple("OK")
-                }
-            }
-            ("getname", 2) => self.info.name.clone().map_or(Reply::Null, Reply::Bulk),
-            ("setinfo", 4) => {
-                let value = (!args[3].is_empty()).then(|| args[3].clone());
-                match lower(&args[2]).as_str() {
-                    "lib-name" => self.info.lib_name = value,
-                    "lib-ver" => self.info.lib_ver = value,
-                    _ => {}
-                }
-                Reply::Simple("OK")
-            }
-            ("id", 2) => Reply::Int(self.id as i64),
-            ("info", 2) => {
-                self.publish_summary(shared);
-                Reply::Verbatim(format!("{}\n", self.info.line(Instant::now())).into())
-            }
-            ("list", _) => self.client_list(&args[2..], shared),
-            // Eviction and LRU touches concern keys; there are none here.
-            ("no-evict" | "no-touch", 3) => match lower(&args[2]).as_str() {
-                "on" | "off" => Reply::Simple("OK"),
-                _ => Reply::error("ERR syntax error"),
-            },
-            ("getredir", 2) => Reply::Int(-1),
-            (
-                "setname" | "getname" | "setinfo" | "id" | "info" | "no-evict" | "no-touch"
-                | "getredir",
-                _,
-            ) => Reply::error(format!(
-                "ERR wrong number of arguments for 'client|{sub}' command"
-            )),
-            _ => unknown_subcommand("client", &args[1]),
-        };
-        self.reply(reply);
-    }
-
-    /// CLIENT LIST [TYPE normal|pubsub] [ID id …], as Redis 7 filters it.
-    fn client_list(&mut self, filters: &[Bytes], shared: &Shared) -> Reply {
-        self.publish_summary(shared);
-        let mut kind = None;
-        let mut ids: Option<Vec<u64>> = None;
-        let mut i = 0;
-        while i < filters.len() {
-            match (lower(&filters[i]).as_str(), filters.get(i + 1)) {
-                ("type", Some(t)) => {
-                    let t = lower(t);
-                    if !matches!(
-                        t.as_str(),
-                        "normal" | "pubsub" | "master" | "replica" | "slave"
-                    ) {
-                        return Reply::error(format!("ERR Unknown client type '{t}'"));
-                    }
-                    kind = Some(t);
-                    i += 2;
-                }
-                ("id", Some(_)) => {
-                    let mut list = Vec::new();
-                    i += 1;
-                    while let Some(id) = filters.get(i) {
-                        match std::str::from_utf8(id)
-                            .ok()
-                            .and_then(|s| s.parse::<u64>().ok())
-                        {
-                            Some(id) => list.push(id),
-                            None => return Reply::error("ERR Invalid client ID"),
-                        }
-                        i += 1;
-                    }
-                    ids = Some(list);
-                }
-                _ => return Reply::error("ERR syntax error"),
-            }
-        }
-        let now = Instant::now();
-        let clients = lock(&shared.clients);
-        let mut listed: Vec<&ClientSummary> = clients
-            .values()
-            .filter(|c| ids.as_ref().is_none_or(|ids| ids.contains(&c.id)))
-            .filter(|c| {
-                let pubsub = c.sub + c.psub + c.ssub > 0;
-                match kind.as_deref() {
-                    None => true,
-                    Some("normal") => !pubsub,
-                    Some("pubsub") => pubsub,
-                    Some(_) => false,
-                }
-            })
-            .collect();
-        listed.sort_by_key(|c| c.id);
-        let text: String = listed.iter().map(|c| c.line(now) + "\n").collect();
-        Reply::Verbatim(text.into())
-    }
-
-    async fn info_command(&mut self, args: &[Bytes], shared: &Shared) {
-        let (tx, rx) = oneshot::channel();
-        let _ = shared.hub.send(HubCmd::Info(tx)).await;
-        let Ok(hub) = rx.await else {
-            self.reply(Reply::error("ERR the sidecar is shutting down"));
-            return;
-        };
-        let facts = ServerFacts {
-            run_id: hub.run_id,
-            port: shared.bind.port(),
-            uptime: shared.started.elapsed(),
-            connected_clients: lock(&shared.clients).len(),
-            total_connections: shared.total_connections.load(Ordering::Relaxed),
-            total_commands: shared.total_commands.load(Ordering::Relaxed),
-            pubsub_channels: hub.channels,
-            pubsub_patterns: hub.patterns,
-            pubsub_shard_channels: hub.shard_channels,
-            mesh: shared.mesh.clone(),
-            service: shared.service.clone(),
-            cell: shared.cell.clone(),
-            transmitter: hub.transmitter,
-            started_unix: shared.started_unix,
-        };
-        let text = introspection::info(&facts, &introspection::info_sections(&args[1..]));
-        self.reply(Reply::Verbatim(text.into()));
-    }
-
-    fn config_command(&mut self, args: &[Bytes], shared: &Shared) {
-        let sub = lower(&args[1]);
-        let reply = match sub.as_str() {
-            "get" if args.len() >= 3 => Reply::Map(
-                introspection::config_get(shared.bind, &args[2..], shared.client_output_buffer_bytes)
-                    .into_iter()
-                    .map(|(k, v)| (Reply::bulk(k), Reply::bulk(v)))
-                    .collect(),
-            ),
-            "resetstat" if args.len() == 2 => Reply::Simple("OK"),
-            "set" if args.len() >= 4 && args.len().is_multiple_of(2) => Reply::error(format!(
-                "ERR CONFIG SET failed (possibly related to argument '{}') - the Thynapse sidecar's settings come from its mesh",
-                String::from_utf8_lossy(&args[2])
-            )),
-            "get" | "set" | "resetstat" => Reply::error(format!(
-                "ERR wrong number of arguments for 'config|{sub}' command"
-            )),
-            _ => unknown_subcommand("config", &args[1]),
-        };
-        self.reply(reply);
-    }
-
-    fn command_command(&mut self, args: &[Bytes]) {
-        let reply = match args.get(1).map(|a| lower(a)).as_deref() {
-            None => Reply::Array(
-                COMMANDS
-                    .iter()
-                    .map(|(n, a, f)| command_info(n, *a, f))
-                    .collect(),
-            ),
-            Some("count") => Reply::Int(COMMANDS.len() as i64),
-            Some("info") => Reply::Array(
-                args[2..]
-                    .iter()
-                    .map(|n| {
-                        let n = lower(n);
-                        COMMANDS
-                            .iter()
-                            .find(|(c, _, _)| *c == n)
-                            .map_or(Reply::Null, |(c, a, f)| command_info(c, *a, f))
-                    })
-                    .collect(),
-            ),
-            // Clients ask for docs to show hints; there are none to give.
-            Some("docs") => Reply::Map(vec![]),
-            Some(_) => unknown_subcommand("command", &args[1]),
-        };
-        self.reply(reply);
-    }
-
-    async fn pubsub(&mut self, args: &[Bytes], shared: &Shared) {
-        let sub = lower(&args[1]);
-        match sub.as_str() {
-            "channels" | "shardchannels" if args.len() <= 3 => {
-                let kind = if sub == "channels" {
-                    SubKind::Channel
-                } else {
-                    SubKind::Shard
-                };
-                let (tx, rx) = oneshot::channel();
-                let _ = shared
-                    .hub
-                    .send(HubCmd::Channels(kind, args.get(2).cloned(), tx))
-                    .await;
-                let names = rx.await.unwrap_or_default();
-                self.reply(Reply::Array(names.into_iter().map(Reply::Bulk).collect()));
-            }
-            "numsub" | "shardnumsub" => {
-                let kind = if sub == "numsub" {
-                    SubKind::Channel
-                } else {
-                    SubKind::Shard
-                };
-                let names: Vec<Bytes> = args[2..].to_vec();
-                let (tx, rx) = oneshot::channel();
-                let _ = shared
-                    .hub
-                    .send(HubCmd::NumSub(kind, names.clone(), tx))
-                    .await;
-                let counts = rx.await.unwrap_or_default();
-                let mut out = Vec::new();
-                for (n, c) in names.into_iter().zip(counts) {
-                    out.push(Reply::Bulk(n));
-                    out.push(Reply::Int(c));
-                }
-                self.reply(Reply::Array(out));
-            }
-            "numpat" if args.len() == 2 => {
-                let (tx, rx) = oneshot::channel();
-                let _ = shared.hub.send(HubCmd::NumPat(tx)).await;
-                self.reply(Reply::Int(rx.await.unwrap_or(0)));
-            }
-            "channels" | "numpat" | "shardchannels" => self.reply(Reply::error(format!(
-                "ERR wrong number of arguments for 'pubsub|{sub}' command"
-            ))),
-            _ => self.reply(unknown_subcommand("pubsub", &args[1])),
         }
     }
 }

@@ -9,6 +9,8 @@
 //! `resp` is the wire codec, `connection` one client, `hub` the cell's state, `session`
 //! one stream (mesh or room) and its link.
 
+pub mod api;
+pub mod cmd;
 pub mod confirm;
 pub mod connection;
 pub mod hub;

@@ -19,8 +19,8 @@ use thynapse_protocol::Thid;
 use tokio::sync::{mpsc, oneshot};
 use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, ZmqMessage};
 
+use crate::api::ClientId;
 use crate::confirm::Confirmations;
-use crate::hub::ClientId;
 
 /// Which session: the mesh (`None`) or a room.
 pub type SessionKey = Option<Bytes>;

@@ -1,0 +1,452 @@
+//! The hub: one task per sidecar that owns the cell's sessions (see `session`), its
+//! subscriptions (reference-counted over its Redis clients) and delivery to the clients.
+//! Client connections talk to it through a bounded channel, so a flood of PUBLISHes
+//! pushes back on the clients' sockets instead of growing memory.
+//!
+//! Publishing: every message gets the next sequence number of its session; the batches
+//! (`PUBS`, kept as sent) wait until the transmitter acknowledges them (with the number of
+//! cells each message reached, the PUBLISH reply). When a session moves to another
+//! transmitter, what was not acknowledged is sent again; receivers drop the copies by
+//! (origin, sequence).
+//!
+//! Delivering: the messages of a `DLVR` frame are written as RESP pushes here, into one
+//! buffer per client, which its connection writes as it is (`delivery`). The sessions'
+//! links are `links`; what clients and the hub say to each other is `crate::api`.
+
+mod delivery;
+mod links;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+// foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
+// names; SipHash was a visible share of the hot path).
+use foldhash::{HashMap, HashMapExt};
+use thynapse_protocol::batch::{decode_publish_records, Kind};
+use thynapse_protocol::dedup::SeqWindow;
+use thynapse_protocol::frame::{CommandFrame, Encoding};
+use thynapse_protocol::room::room_of;
+use thynapse_protocol::wire::{cmd, Op};
+use thynapse_protocol::{glob, DeliveryRule, Thid};
+use tokio::sync::{mpsc, Notify};
+use zeromq::{SocketSend, ZmqMessage};
+
+pub use crate::api::{ClientHandle, ClientId, HubCmd, HubInfo, Out, Publishes, SubKind};
+use crate::metrics::Metrics;
+use crate::session::{LinkEvent, Session, SessionKey};
+use delivery::{Pushes, Subscriptions};
+
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub mesh: String,
+    pub service: String,
+    pub name: String,
+    pub rules: Vec<DeliveryRule>,
+    pub rendezvous: Vec<String>,
+    pub prefer: Option<String>,
+    pub heartbeat: Duration,
+    pub expiry: Duration,
+    pub client_output_buffer_bytes: usize,
+    pub resp: SocketAddr,
+    pub metrics_url: String,
+}
+
+/// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
+const MAX_UNACKED: usize = 16_384;
+const MAX_UNACKED_BYTES: usize = 4 << 20;
+/// Commands taken from the clients between two flushes at most.
+const MAX_COMMANDS_PER_TURN: usize = 1024;
+/// A subscription confirmation waits at most this many expiries for the mesh to know it
+/// (the transmitter's own bound on a slow peer is one expiry).
+pub(super) const CONFIRM_BOUND_EXPIRIES: u32 = 2;
+/// A room session with no subscription and nothing to acknowledge closes after this long.
+pub(super) const ROOM_IDLE: Duration = Duration::from_secs(30);
+
+/// The session a subscription or publish of `kind` on `name` belongs to.
+fn key_of(kind: SubKind, name: &[u8]) -> SessionKey {
+    match kind {
+        SubKind::Shard => Some(Bytes::copy_from_slice(room_of(name))),
+        SubKind::Channel | SubKind::Pattern => None,
+    }
+}
+
+pub struct Hub {
+    cfg: HubConfig,
+    id: Thid,
+    metrics: Metrics,
+    clients: HashMap<ClientId, ClientHandle>,
+    subs: Subscriptions,
+    /// Subscriptions not confirmed yet, by client, kind and name (how many of that
+    /// client's confirmations are pending for it): messages for them are not written
+    /// before their confirmation, as Redis never does.
+    joining: HashMap<(ClientId, SubKind, Bytes), u32>,
+    /// The subscriptions each pending confirmation (client, reply slot) covers.
+    joins: HashMap<(ClientId, u64), (SubKind, Vec<Bytes>)>,
+    sessions: HashMap<SessionKey, Session>,
+    unacked: usize,
+    unacked_bytes: usize,
+    generation: u64,
+    link_tx: mpsc::Sender<LinkEvent>,
+    link_rx: mpsc::Receiver<LinkEvent>,
+    seen: HashMap<Thid, SeqWindow>,
+    /// The latency histogram, observed without atomics and flushed once per frame.
+    latency: prometheus::local::LocalHistogram,
+    /// Reused by every delivery: the pushes being written, and which is whose.
+    pushes: Vec<Pushes>,
+    push_index: HashMap<ClientId, usize>,
+    ready_printed: bool,
+    started: Instant,
+}
+
+pub(super) fn json_frame<T: serde::Serialize>(command: &[u8; 4], value: &T) -> ZmqMessage {
+    ZmqMessage::from(CommandFrame::json(command, value).to_bytes())
+}
+
+pub(super) fn binary_frame(command: &[u8; 4], body: Bytes) -> ZmqMessage {
+    let mut m =
+        ZmqMessage::from(CommandFrame::new(Encoding::Binary, command, Bytes::new()).to_bytes());
+    m.push_back(body);
+    m
+}
+
+/// A binary command with a JSON header in its command frame.
+pub(super) fn binary_frame_with<T: serde::Serialize>(
+    command: &[u8; 4],
+    header: &T,
+    body: Bytes,
+) -> ZmqMessage {
+    let header = serde_json::to_vec(header).expect("protocol headers always serialise");
+    let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, command, header).to_bytes());
+    m.push_back(body);
+    m
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig, metrics: Metrics) -> Self {
+        let (link_tx, link_rx) = mpsc::channel(1024);
+        let id = Thid::random();
+        let mut sessions = HashMap::new();
+        sessions.insert(None, Session::new(id, None));
+        Hub {
+            cfg,
+            id,
+            latency: metrics.latency.local(),
+            pushes: Vec::new(),
+            push_index: HashMap::new(),
+            metrics,
+            clients: HashMap::new(),
+            subs: Subscriptions::default(),
+            joining: HashMap::new(),
+            joins: HashMap::new(),
+            sessions,
+            unacked: 0,
+            unacked_bytes: 0,
+            generation: 0,
+            link_tx,
+            link_rx,
+            seen: HashMap::new(),
+            ready_printed: false,
+            started: Instant::now(),
+        }
+    }
+
+    fn window_full(&self) -> bool {
+        self.unacked >= MAX_UNACKED || self.unacked_bytes >= MAX_UNACKED_BYTES
+    }
+
+    pub async fn run(mut self, mut cmds: mpsc::Receiver<HubCmd>, shutdown: Arc<Notify>) {
+        let mut tick = tokio::time::interval(self.cfg.heartbeat / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                Some(ev) = self.link_rx.recv() => {
+                    self.on_link(ev);
+                    while let Ok(ev) = self.link_rx.try_recv() {
+                        self.on_link(ev);
+                    }
+                }
+                Some(c) = cmds.recv(), if !self.window_full() => {
+                    self.on_cmd(c);
+                    let mut n = 1;
+                    while n < MAX_COMMANDS_PER_TURN && !self.window_full() {
+                        match cmds.try_recv() {
+                            Ok(c) => { self.on_cmd(c); n += 1; }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => self.housekeeping().await,
+                _ = shutdown.notified() => {
+                    for s in self.sessions.values_mut() {
+                        if let Some(link) = s.link.as_mut() {
+                            let _ = link.sender.send(json_frame(cmd::QUIT, &serde_json::json!({}))).await;
+                        }
+                    }
+                    return;
+                }
+            }
+            self.flush().await;
+        }
+    }
+
+    /// Queues publishes that include SPUBLISHes: each to its session (runs of one room,
+    /// or of the mesh, with one session lookup).
+    fn queue_each(&mut self, client: ClientId, p: &Publishes) {
+        let messages = match decode_publish_records(&p.records) {
+            Ok(m) => m,
+            Err(e) => {
+                // Written by this sidecar's own connection code: cannot happen.
+                tracing::error!("unreadable publish records: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut tokens = p.tokens.iter().flat_map(|(t, n)| *t..*t + u64::from(*n));
+        let mut current: Option<(SessionKey, &mut Session)> = None;
+        for m in messages {
+            let Some(token) = tokens.next() else { break };
+            let room = (m.kind == Kind::Shard).then(|| room_of(m.channel));
+            let same = current
+                .as_ref()
+                .is_some_and(|(key, _)| key.as_deref() == room);
+            if !same {
+                let key = room.map(Bytes::copy_from_slice);
+                // The session is looked up again only when the run changes.
+                self.session(&key);
+                let s = self.sessions.get_mut(&key).expect("opened above");
+                s.last_used = now;
+                current = Some((key, s));
+            }
+            let (_, s) = current.as_mut().expect("set above");
+            self.unacked_bytes += s.queue(client, token, &m);
+        }
+    }
+
+    /// The session for `key`, opened (and its link sought) when it is new.
+    fn session(&mut self, key: &SessionKey) -> &mut Session {
+        if !self.sessions.contains_key(key) {
+            let room = key
+                .as_ref()
+                .map(|r| String::from_utf8_lossy(r).into_owned());
+            tracing::debug!(?room, "opening a room session");
+            self.sessions
+                .insert(key.clone(), Session::new(Thid::random(), room));
+            self.metrics.rooms.set(self.sessions.len() as i64 - 1);
+            self.start_connect(key.clone());
+        }
+        self.sessions.get_mut(key).expect("inserted above")
+    }
+
+    fn on_cmd(&mut self, c: HubCmd) {
+        match c {
+            HubCmd::Register(id, handle) => {
+                self.clients.insert(id, handle);
+                self.metrics.clients.set(self.clients.len() as i64);
+            }
+            HubCmd::Unregister(id) => self.remove_client(id),
+            HubCmd::Admit(room, reply) => {
+                let s = self.session(&Some(room));
+                s.last_used = Instant::now();
+                if s.admitted {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    s.waiting.push(reply);
+                }
+            }
+            HubCmd::Subscribe {
+                client,
+                kind,
+                names,
+                token,
+            } => {
+                let Some(first) = names.first() else {
+                    self.send_to(client, Out::Confirmed(token));
+                    return;
+                };
+                let key = key_of(kind, first);
+                for name in &names {
+                    let (map, interest) = self.subs.of(kind);
+                    let set = map.entry(name.clone()).or_default();
+                    let first = set.is_empty();
+                    set.insert(client);
+                    if first {
+                        let s = self.session(&key);
+                        s.interest.push((Op::Add, interest, name.clone()));
+                    }
+                    *self
+                        .joining
+                        .entry((client, kind, name.clone()))
+                        .or_default() += 1;
+                }
+                self.joins.insert((client, token), (kind, names));
+                self.update_subscription_gauge();
+                let s = self.session(&key);
+                // With no link, the next one's snapshot is what makes them known.
+                let pending = !s.interest.is_empty() || s.link.is_none();
+                if s.confirm.wait(client, token, pending, Instant::now()) {
+                    self.confirmed(client, token);
+                }
+            }
+            HubCmd::Unsubscribe {
+                client,
+                kind,
+                names,
+                token,
+            } => {
+                for name in names {
+                    self.unsubscribe(client, kind, &name);
+                }
+                self.update_subscription_gauge();
+                self.send_to(client, Out::Confirmed(token));
+            }
+            HubCmd::Publish(client, p) => {
+                let now = Instant::now();
+                if p.shard {
+                    self.queue_each(client, &p);
+                } else {
+                    // All for the mesh session: one copy of all the records.
+                    let s = self.session(&None);
+                    s.last_used = now;
+                    s.queue_records(client, &p.records, p.count, &p.tokens);
+                    self.unacked_bytes += p.records.len();
+                }
+                self.unacked += p.count;
+                self.metrics.messages_in.inc_by(p.count as u64);
+                self.metrics.bytes_in.inc_by(p.payload_bytes as u64);
+            }
+            HubCmd::Channels(kind, pattern, reply) => {
+                let mut names: Vec<Bytes> = self
+                    .subs
+                    .of(kind)
+                    .0
+                    .keys()
+                    .filter(|c| pattern.as_ref().is_none_or(|p| glob::matches(p, c)))
+                    .cloned()
+                    .collect();
+                names.sort();
+                let _ = reply.send(names);
+            }
+            HubCmd::NumSub(kind, names, reply) => {
+                let map = self.subs.of(kind).0;
+                let counts = names
+                    .iter()
+                    .map(|n| map.get(n).map_or(0, |s| s.len() as i64))
+                    .collect();
+                let _ = reply.send(counts);
+            }
+            HubCmd::NumPat(reply) => {
+                let _ = reply.send(self.subs.patterns.values().map(|s| s.len() as i64).sum());
+            }
+            HubCmd::Info(reply) => {
+                let mesh = self.sessions.get(&None).and_then(|s| s.link.as_ref());
+                let _ = reply.send(HubInfo {
+                    run_id: self.id.to_string(),
+                    transmitter: mesh.map(|l| l.name.clone()),
+                    channels: self.subs.channels.len(),
+                    patterns: self.subs.patterns.len(),
+                    shard_channels: self.subs.shard.len(),
+                });
+            }
+            HubCmd::Protocol(client, resp3) => {
+                if let Some(h) = self.clients.get_mut(&client) {
+                    h.resp3 = resp3;
+                }
+            }
+        }
+    }
+
+    /// A client's subscriptions in slot `token` are known mesh-wide (or given up on):
+    /// its confirmations go out, and from then on its messages.
+    fn confirmed(&mut self, client: ClientId, token: u64) {
+        if let Some((kind, names)) = self.joins.remove(&(client, token)) {
+            for name in names {
+                let key = (client, kind, name);
+                if let Some(n) = self.joining.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.joining.remove(&key);
+                    }
+                }
+            }
+        }
+        self.send_to(client, Out::Confirmed(token));
+    }
+
+    fn unsubscribe(&mut self, client: ClientId, kind: SubKind, name: &Bytes) {
+        let (map, interest) = self.subs.of(kind);
+        if let Some(set) = map.get_mut(name) {
+            if set.remove(&client) && set.is_empty() {
+                map.remove(name);
+                if let Some(s) = self.sessions.get_mut(&key_of(kind, name)) {
+                    s.interest.push((Op::Remove, interest, name.clone()));
+                    s.last_used = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn update_subscription_gauge(&self) {
+        let s = &self.subs;
+        self.metrics
+            .subscriptions
+            .set((s.channels.len() + s.patterns.len() + s.shard.len()) as i64);
+    }
+
+    fn remove_client(&mut self, id: ClientId) {
+        if self.clients.remove(&id).is_none() {
+            return;
+        }
+        self.joins.retain(|(client, _), _| *client != id);
+        self.joining.retain(|(client, _, _), _| *client != id);
+        for kind in [SubKind::Channel, SubKind::Pattern, SubKind::Shard] {
+            let names: Vec<Bytes> = self
+                .subs
+                .of(kind)
+                .0
+                .iter()
+                .filter(|(_, s)| s.contains(&id))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in names {
+                self.unsubscribe(id, kind, &name);
+            }
+        }
+        self.metrics.clients.set(self.clients.len() as i64);
+        self.update_subscription_gauge();
+    }
+
+    /// Queues `out` for a client, or disconnects it when its queue is over the limit
+    /// (Redis' `client-output-buffer-limit pubsub` policy): a slow subscriber loses its
+    /// connection, never the other clients their messages.
+    fn send_to(&mut self, client: ClientId, out: Out) -> bool {
+        let Some(h) = self.clients.get(&client) else {
+            return false;
+        };
+        let size = out.size();
+        if h.queued.load(Ordering::Relaxed) + size > self.cfg.client_output_buffer_bytes {
+            self.metrics
+                .drops
+                .with_label_values(&["slow_subscriber"])
+                .inc();
+            self.metrics
+                .disconnects
+                .with_label_values(&["slow_subscriber"])
+                .inc();
+            tracing::warn!(
+                client,
+                "client output buffer over {} bytes: disconnecting it",
+                self.cfg.client_output_buffer_bytes
+            );
+            h.killed.store(true, Ordering::Relaxed);
+            h.kill.notify_one();
+            self.remove_client(client);
+            return false;
+        }
+        h.queued.fetch_add(size, Ordering::Relaxed);
+        h.tx.send(out).is_ok()
+    }
+}
