@@ -85,6 +85,15 @@ impl<'de> serde::Deserialize<'de> for Thid {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_event_thid_is_the_sha1_of_its_length_prefixed_parts() {
+        // Known answer, from Python: sha1(pack('<Q', 10) + b'jobs.build' + pack('<Q', 5) + b'hello').
+        assert_eq!(
+            Thid::of_parts(&[b"jobs.build", b"hello"]).to_hex(),
+            "9c99cfcbb4299b5944426f2ca4630ecdfb696019"
+        );
+    }
+
     use super::*;
 
     #[test]
