@@ -6,6 +6,8 @@
 //! Children report on stdout with one line each: `READY {json}` when serving, and
 //! `MOVED {json}` when a cell changes transmitter. Their logs go to stderr.
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -416,8 +418,7 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
         )));
     }
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut stop_signals = thynapse_telemetry::StopSignals::new()?;
     let mut announced = false;
     let mut failure: Option<String> = None;
     let mut rooms: Option<Vec<RoomPlacement>> = None;
@@ -514,8 +515,7 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
                 failure = Some(format!("not ready after {}s: {}", args.ready_timeout, waiting.join(", ")));
                 break;
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = stop_signals.recv() => break,
         }
     }
     eprintln!("thynapse up: stopping");
@@ -550,11 +550,12 @@ async fn supervise(
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to send SIGTERM to
-        // this child if `up` itself dies, so no process outlives a killed `up`.
+        // SAFETY: pre_exec runs between fork and exec, where only async-signal-safe calls
+        // may be made; prctl is one. It asks the kernel to send SIGTERM to this child if
+        // `up` itself dies, so no process outlives a killed `up`.
         unsafe {
             cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                nix::sys::prctl::set_pdeathsig(Some(Signal::SIGTERM))?;
                 Ok(())
             });
         }
@@ -621,10 +622,7 @@ async fn stop_child(child: &mut tokio::process::Child, role: Role) {
     };
     tokio::time::sleep(Duration::from_millis(delay)).await;
     if let Some(pid) = child.id() {
-        // SAFETY: sending a signal to our own child process by pid.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGTERM);
-        }
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
     }
     if tokio::time::timeout(Duration::from_secs(5), child.wait())
         .await

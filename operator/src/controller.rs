@@ -198,7 +198,7 @@ fn random_token() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 24];
     rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// TransmitterMesh → its StatefulSet, Services, rendezvous points, config, Secret,

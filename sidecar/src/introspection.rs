@@ -348,14 +348,13 @@ impl Memory {
 
 /// CPU seconds used by the process, (system, user).
 fn cpu_seconds() -> (f64, f64) {
-    // SAFETY: getrusage writes a plain C struct that we own; RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
+    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::time::TimeValLike;
+    let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) else {
+        return (0.0, 0.0);
     };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (secs(usage.ru_stime), secs(usage.ru_utime))
+    let secs = |t: nix::sys::time::TimeVal| t.num_microseconds() as f64 / 1e6;
+    (secs(usage.system_time()), secs(usage.user_time()))
 }
 
 /// Bytes as Redis' `*_human` fields write them (`1.50M`).

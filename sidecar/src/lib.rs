@@ -126,8 +126,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!(%resp, service = %args.service, "sidecar listening");
 
     let next_id = AtomicU64::new(1);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut stop_signals = thynapse_telemetry::StopSignals::new()?;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -135,8 +134,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(connection::serve(socket, id, shared.clone()));
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = stop_signals.recv() => break,
         }
     }
     shutdown.notify_one();

@@ -1,11 +1,37 @@
-//! What every Thynapse process shares at its edge: tracing to stderr, and a Prometheus
-//! `/metrics` endpoint served over HTTP from a registry the process fills.
+//! What every Thynapse process shares at its edge: tracing to stderr, a Prometheus
+//! `/metrics` endpoint served over HTTP from a registry the process fills, and the
+//! signals that ask it to stop.
 
 use std::net::SocketAddr;
 
 use axum::{routing::get, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
+
+/// SIGTERM and SIGINT, the two ways a process here is asked to stop (Kubernetes, and
+/// Ctrl-C or `thynapse up`).
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`). Stdout stays free for the
 /// machine-readable `READY` line that `thynapse up` reads.

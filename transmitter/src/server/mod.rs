@@ -205,8 +205,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     );
     tracing::info!(name = %t.args.name, %command, %event, "transmitter ready");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut stop_signals = thynapse_telemetry::StopSignals::new()?;
     let mut tick = tokio::time::interval(heartbeat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_tick = Instant::now();
@@ -251,8 +250,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
-            _ = sigterm.recv() => t.start_drain(),
-            _ = sigint.recv() => t.start_drain(),
+            _ = stop_signals.recv() => t.start_drain(),
         }
         t.flush().await;
         if more_waiting {
