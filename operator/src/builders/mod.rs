@@ -2,23 +2,24 @@
 //! (and the few facts the caller fetched: its rooms, its token). Pure: no I/O, so each
 //! object is tested field by field; the controller only applies what this returns.
 
+mod config;
+mod network_policy;
+mod rendezvous;
+mod transmitters;
+
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, Secret, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    ConfigMap, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Probe, Secret, Service,
+    ServicePort, TCPSocketAction,
 };
-use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
-    NetworkPolicySpec,
-};
-use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
-use thynapse_resources::{flags, TransmitterMesh};
+use thynapse_resources::TransmitterMesh;
 
 /// Ports inside the pods.
 pub const COMMAND_PORT: i32 = 7000;
@@ -174,272 +175,23 @@ pub fn image(mesh: &TransmitterMesh, inputs: &Inputs) -> String {
         .unwrap_or_else(|| inputs.default_image.clone())
 }
 
-/// Everything the mesh owns, from the mesh alone.
+/// Everything the mesh owns, from the mesh alone; one builder per object.
 pub fn desired(mesh: &TransmitterMesh, inputs: &Inputs) -> Desired {
-    let name = mesh.name_any();
-    let spec = &mesh.spec;
-    let image = image(mesh, inputs);
-    let rendezvous = rendezvous_addresses(mesh);
-
-    let config = ConfigMap {
-        metadata: meta(mesh, format!("{name}-config"), "config"),
-        data: Some(BTreeMap::from([(
-            "mesh.yaml".to_string(),
-            serde_yaml::to_string(&spec).expect("specs serialise"),
-        )])),
-        ..ConfigMap::default()
-    };
-
-    let secret = Secret {
-        metadata: meta(mesh, secret_name(&name), "token"),
-        data: Some(BTreeMap::from([(
-            "token".to_string(),
-            ByteString(inputs.token.clone().into_bytes()),
-        )])),
-        type_: Some("Opaque".into()),
-        ..Secret::default()
-    };
-
-    let mut transmitter_args = vec![
-        "transmitter".to_string(),
-        "--mesh".into(),
-        name.clone(),
-        "--name".into(),
-        "$(POD_NAME)".into(),
-        "--command-bind".into(),
-        format!("tcp://0.0.0.0:{COMMAND_PORT}"),
-        "--event-bind".into(),
-        format!("tcp://0.0.0.0:{EVENT_PORT}"),
-        "--advertise-host".into(),
-        "$(POD_IP)".into(),
-        "--metrics-bind".into(),
-        format!("0.0.0.0:{METRICS_PORT}"),
-    ];
-    transmitter_args.extend(flags::transmitter(spec));
-    transmitter_args.extend(flags::rendezvous_points(&rendezvous));
-    let transmitter_labels = labels(&name, "transmitter");
-    let transmitters = StatefulSet {
-        metadata: meta(mesh, transmitter_name(&name), "transmitter"),
-        spec: StatefulSetSpec {
-            replicas: Some(spec.replicas as i32),
-            service_name: Some(transmitter_name(&name)),
-            // Transmitters are peers: start and stop them all at once, not one by one.
-            pod_management_policy: Some("Parallel".into()),
-            selector: LabelSelector {
-                match_labels: Some(selector(&name, "transmitter")),
-                ..LabelSelector::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(transmitter_labels),
-                    annotations: Some(prometheus_annotations(METRICS_PORT)),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    // A drain moves cells away within a few expiries (see docs).
-                    termination_grace_period_seconds: Some(
-                        (spec.rendezvous.expiry_ms() * 5 / 1000 + 5) as i64,
-                    ),
-                    containers: vec![Container {
-                        name: "transmitter".into(),
-                        image: Some(image.clone()),
-                        command: Some(vec!["thynapse".into()]),
-                        args: Some(transmitter_args),
-                        env: Some(vec![
-                            field_env("POD_NAME", "metadata.name"),
-                            field_env("POD_IP", "status.podIP"),
-                        ]),
-                        ports: Some(vec![
-                            port("command", COMMAND_PORT, "TCP"),
-                            port("event", EVENT_PORT, "TCP"),
-                            port("metrics", METRICS_PORT, "TCP"),
-                        ]),
-                        readiness_probe: Some(tcp_probe(COMMAND_PORT, 5)),
-                        liveness_probe: Some(tcp_probe(COMMAND_PORT, 10)),
-                        resources: spec.resources.clone(),
-                        ..Container::default()
-                    }],
-                    ..PodSpec::default()
-                }),
-            },
-            ..StatefulSetSpec::default()
-        },
-        ..StatefulSet::default()
-    };
-
-    let headless = Service {
-        metadata: meta(mesh, transmitter_name(&name), "transmitter"),
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("None".into()),
-            // Peers must find each other before they are ready.
-            publish_not_ready_addresses: Some(true),
-            selector: Some(selector(&name, "transmitter")),
-            ports: Some(vec![
-                service_port("command", COMMAND_PORT, "TCP"),
-                service_port("event", EVENT_PORT, "TCP"),
-                service_port("metrics", METRICS_PORT, "TCP"),
-            ]),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    };
-
-    // One Deployment and Service per rendezvous point: UDP announcements must all reach
-    // the same point, which a load-balanced Service over several pods would not do.
-    let rendezvous_points = (0..spec.rendezvous.replicas)
-        .map(|i| {
-            let point = rendezvous_name(&name, i);
-            let component = "rendezvous";
-            let mut pod_labels = labels(&name, component);
-            pod_labels.insert("thynapse.io/rendezvous".into(), point.clone());
-            let mut select = selector(&name, component);
-            select.insert("thynapse.io/rendezvous".into(), point.clone());
-            let mut args = vec![
-                "rendezvous".to_string(),
-                "--mesh".into(),
-                name.clone(),
-                "--bind".into(),
-                format!("0.0.0.0:{RENDEZVOUS_PORT}"),
-            ];
-            let rooms = inputs.rooms.iter().map(|(r, n)| (r.as_str(), Some(*n)));
-            args.extend(flags::rendezvous(spec, rooms));
-            let deployment = Deployment {
-                metadata: meta(mesh, point.clone(), component),
-                spec: DeploymentSpec {
-                    replicas: Some(1),
-                    selector: LabelSelector {
-                        match_labels: Some(select.clone()),
-                        ..LabelSelector::default()
-                    },
-                    template: PodTemplateSpec {
-                        metadata: Some(ObjectMeta {
-                            labels: Some(pod_labels),
-                            ..ObjectMeta::default()
-                        }),
-                        spec: Some(PodSpec {
-                            containers: vec![Container {
-                                name: "rendezvous".into(),
-                                image: Some(image.clone()),
-                                command: Some(vec!["thynapse".into()]),
-                                args: Some(args),
-                                ports: Some(vec![port("discovery", RENDEZVOUS_PORT, "UDP")]),
-                                ..Container::default()
-                            }],
-                            ..PodSpec::default()
-                        }),
-                    },
-                    ..DeploymentSpec::default()
-                },
-                ..Deployment::default()
-            };
-            let service = Service {
-                metadata: meta(mesh, point, component),
-                spec: Some(ServiceSpec {
-                    selector: Some(select),
-                    ports: Some(vec![service_port("discovery", RENDEZVOUS_PORT, "UDP")]),
-                    ..ServiceSpec::default()
-                }),
-                ..Service::default()
-            };
-            (deployment, service)
-        })
-        .collect();
-
-    let mesh_pods = |extra: Option<(&str, &str)>| {
-        let mut labels = BTreeMap::from([(MESH_LABEL.to_string(), name.clone())]);
-        if let Some((k, v)) = extra {
-            labels.insert(k.into(), v.into());
-        }
-        labels
-    };
-    let network_policy = NetworkPolicy {
-        metadata: meta(mesh, name.clone(), "network-policy"),
-        spec: Some(NetworkPolicySpec {
-            // The mesh's own pods: transmitters and rendezvous points.
-            pod_selector: Some(LabelSelector {
-                match_expressions: Some(vec![
-                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
-                        key: COMPONENT_LABEL.into(),
-                        operator: "In".into(),
-                        values: Some(vec!["transmitter".into(), "rendezvous".into()]),
-                    },
-                ]),
-                match_labels: Some(mesh_pods(None)),
-            }),
-            policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![
-                // Cells (labelled by the webhook) and the mesh's own pods, in this namespace.
-                NetworkPolicyIngressRule {
-                    from: Some(vec![NetworkPolicyPeer {
-                        pod_selector: Some(LabelSelector {
-                            match_labels: Some(mesh_pods(None)),
-                            ..LabelSelector::default()
-                        }),
-                        ..NetworkPolicyPeer::default()
-                    }]),
-                    ..NetworkPolicyIngressRule::default()
-                },
-                // The operator asks the rendezvous where rooms live.
-                NetworkPolicyIngressRule {
-                    from: Some(vec![NetworkPolicyPeer {
-                        namespace_selector: Some(LabelSelector::default()),
-                        pod_selector: Some(LabelSelector {
-                            match_labels: Some(BTreeMap::from([(
-                                "app.kubernetes.io/name".to_string(),
-                                "thynapse-operator".to_string(),
-                            )])),
-                            ..LabelSelector::default()
-                        }),
-                        ..NetworkPolicyPeer::default()
-                    }]),
-                    ports: Some(vec![NetworkPolicyPort {
-                        port: Some(IntOrString::Int(RENDEZVOUS_PORT)),
-                        protocol: Some("UDP".into()),
-                        ..NetworkPolicyPort::default()
-                    }]),
-                },
-                // Prometheus, from anywhere, on the metrics port only.
-                NetworkPolicyIngressRule {
-                    ports: Some(vec![NetworkPolicyPort {
-                        port: Some(IntOrString::Int(METRICS_PORT)),
-                        protocol: Some("TCP".into()),
-                        ..NetworkPolicyPort::default()
-                    }]),
-                    ..NetworkPolicyIngressRule::default()
-                },
-            ]),
-            ..NetworkPolicySpec::default()
-        }),
-    };
-
-    let pdb = PodDisruptionBudget {
-        metadata: meta(mesh, transmitter_name(&name), "transmitter"),
-        spec: Some(PodDisruptionBudgetSpec {
-            // One transmitter drains at a time; its cells move to the others.
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector(&name, "transmitter")),
-                ..LabelSelector::default()
-            }),
-            ..PodDisruptionBudgetSpec::default()
-        }),
-        ..PodDisruptionBudget::default()
-    };
-
     Desired {
-        config,
-        secret,
-        transmitters,
-        headless,
-        rendezvous: rendezvous_points,
-        network_policy,
-        pdb,
+        config: config::config(mesh),
+        secret: config::secret(mesh, inputs),
+        transmitters: transmitters::stateful_set(mesh, inputs),
+        headless: transmitters::headless(mesh),
+        rendezvous: rendezvous::rendezvous_points(mesh, inputs),
+        network_policy: network_policy::network_policy(mesh),
+        pdb: transmitters::disruption_budget(mesh),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::ByteString;
     use thynapse_resources::TransmitterMeshSpec;
 
     pub(crate) fn mesh(yaml_spec: &str) -> TransmitterMesh {

@@ -1,0 +1,80 @@
+//! The rendezvous points: one Deployment and Service each.
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec, Service, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::ResourceExt;
+use thynapse_resources::{flags, TransmitterMesh};
+
+use super::{
+    image, labels, meta, port, rendezvous_name, selector, service_port, Inputs, RENDEZVOUS_PORT,
+};
+
+/// One Deployment and Service per rendezvous point: UDP announcements must all reach
+/// the same point, which a load-balanced Service over several pods would not do.
+pub(super) fn rendezvous_points(
+    mesh: &TransmitterMesh,
+    inputs: &Inputs,
+) -> Vec<(Deployment, Service)> {
+    let name = mesh.name_any();
+    let spec = &mesh.spec;
+    let image = image(mesh, inputs);
+    (0..spec.rendezvous.replicas)
+        .map(|i| {
+            let point = rendezvous_name(&name, i);
+            let component = "rendezvous";
+            let mut pod_labels = labels(&name, component);
+            pod_labels.insert("thynapse.io/rendezvous".into(), point.clone());
+            let mut select = selector(&name, component);
+            select.insert("thynapse.io/rendezvous".into(), point.clone());
+            let mut args = vec![
+                "rendezvous".to_string(),
+                "--mesh".into(),
+                name.clone(),
+                "--bind".into(),
+                format!("0.0.0.0:{RENDEZVOUS_PORT}"),
+            ];
+            let rooms = inputs.rooms.iter().map(|(r, n)| (r.as_str(), Some(*n)));
+            args.extend(flags::rendezvous(spec, rooms));
+            let deployment = Deployment {
+                metadata: meta(mesh, point.clone(), component),
+                spec: DeploymentSpec {
+                    replicas: Some(1),
+                    selector: LabelSelector {
+                        match_labels: Some(select.clone()),
+                        ..LabelSelector::default()
+                    },
+                    template: PodTemplateSpec {
+                        metadata: Some(ObjectMeta {
+                            labels: Some(pod_labels),
+                            ..ObjectMeta::default()
+                        }),
+                        spec: Some(PodSpec {
+                            containers: vec![Container {
+                                name: "rendezvous".into(),
+                                image: Some(image.clone()),
+                                command: Some(vec!["thynapse".into()]),
+                                args: Some(args),
+                                ports: Some(vec![port("discovery", RENDEZVOUS_PORT, "UDP")]),
+                                ..Container::default()
+                            }],
+                            ..PodSpec::default()
+                        }),
+                    },
+                    ..DeploymentSpec::default()
+                },
+                ..Deployment::default()
+            };
+            let service = Service {
+                metadata: meta(mesh, point, component),
+                spec: Some(ServiceSpec {
+                    selector: Some(select),
+                    ports: Some(vec![service_port("discovery", RENDEZVOUS_PORT, "UDP")]),
+                    ..ServiceSpec::default()
+                }),
+                ..Service::default()
+            };
+            (deployment, service)
+        })
+        .collect()
+}
