@@ -1,0 +1,236 @@
+//! What `up` tells its user: where declared rooms were placed (asked of the rendezvous),
+//! the endpoints table, and the same as JSON.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use super::{Report, Role, Spec, State};
+
+/// Where a declared room lives, as the rendezvous says.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(super) struct RoomPlacement {
+    pub(super) name: String,
+    pub(super) replicas: u32,
+    pub(super) transmitters: Vec<String>,
+}
+
+/// Places the declared rooms (in name order, once the rendezvous knows all `transmitters`)
+/// and then reports where they live every second, so the endpoints follow failovers.
+pub(super) async fn follow_rooms(
+    mesh: String,
+    rendezvous: Vec<String>,
+    mut names: Vec<String>,
+    transmitters: usize,
+    reports: mpsc::Sender<Report>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use thynapse_protocol::discovery::Datagram;
+    names.sort();
+    let ask = |d: Datagram| {
+        let rendezvous = &rendezvous;
+        async move { thynapse_rendezvous::ask(rendezvous, &d, Duration::from_millis(500)).await }
+    };
+    let pause = Duration::from_millis(20);
+    // Wait until every transmitter has announced itself.
+    loop {
+        if let Some(Datagram::Peers {
+            transmitters: live, ..
+        }) = ask(Datagram::Query { mesh: mesh.clone() }).await
+        {
+            if live.len() >= transmitters {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return,
+        }
+    }
+    let mut settled = false;
+    loop {
+        let mut placed = Vec::new();
+        for name in &names {
+            loop {
+                let answer = ask(Datagram::Locate {
+                    mesh: mesh.clone(),
+                    room: name.clone(),
+                })
+                .await;
+                match answer {
+                    Some(Datagram::Room {
+                        replicas,
+                        transmitters,
+                        ..
+                    }) if !transmitters.is_empty() || settled => {
+                        placed.push(RoomPlacement {
+                            name: name.clone(),
+                            replicas,
+                            transmitters: transmitters.into_iter().map(|t| t.name).collect(),
+                        });
+                        break;
+                    }
+                    Some(Datagram::Error { error }) => {
+                        eprintln!("thynapse up: room {name}: {error}");
+                        break;
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+        settled = true;
+        if reports.send(Report::Rooms(placed)).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct Endpoints {
+    mesh: String,
+    rendezvous: Vec<Value>,
+    transmitters: Vec<Value>,
+    cells: Vec<Value>,
+    rooms: Vec<RoomPlacement>,
+}
+
+pub(super) fn endpoints(
+    mesh: &str,
+    specs: &[Spec],
+    states: &[State],
+    rooms: &[RoomPlacement],
+) -> Endpoints {
+    let mut e = Endpoints {
+        mesh: mesh.to_string(),
+        rendezvous: vec![],
+        transmitters: vec![],
+        cells: vec![],
+        rooms: rooms.to_vec(),
+    };
+    for (spec, state) in specs.iter().zip(states) {
+        let info = state.info.clone().unwrap_or(Value::Null);
+        let s = |k: &str| info.get(k).cloned().unwrap_or(Value::Null);
+        let pid = state.pid.map_or(Value::Null, Value::from);
+        match spec.role {
+            Role::Rendezvous => e.rendezvous.push(serde_json::json!({"name": spec.name, "address": s("address"), "pid": pid})),
+            Role::Transmitter => e.transmitters.push(serde_json::json!({
+                "name": spec.name, "command": s("command"), "event": s("event"), "metrics": s("metrics"), "id": s("id"), "pid": pid,
+            })),
+            Role::Cell => e.cells.push(serde_json::json!({
+                "service": spec.service, "name": spec.name, "resp": s("resp"), "metrics": s("metrics"),
+                "transmitter": s("transmitter"), "id": s("id"), "pid": pid,
+            })),
+        }
+    }
+    e
+}
+
+/// Writes the endpoints JSON atomically: a reader sees the old file or the new one.
+pub(super) fn write_endpoints(
+    path: &PathBuf,
+    mesh: &str,
+    specs: &[Spec],
+    states: &[State],
+    rooms: &[RoomPlacement],
+) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(&endpoints(mesh, specs, states, rooms))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+pub(super) fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &[RoomPlacement]) {
+    let mut rows: BTreeMap<(Role, usize), [String; 6]> = BTreeMap::new();
+    for (i, (spec, state)) in specs.iter().zip(states).enumerate() {
+        let info = state.info.clone().unwrap_or(Value::Null);
+        let s = |k: &str| {
+            info.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("-")
+                .to_string()
+        };
+        let (kind, endpoint, extra) = match spec.role {
+            Role::Rendezvous => ("rendezvous", s("address"), "-".to_string()),
+            Role::Transmitter => ("transmitter", s("command"), format!("event {}", s("event"))),
+            Role::Cell => (
+                "cell",
+                format!("redis://{}", s("resp")),
+                format!(
+                    "{} on {}",
+                    spec.service.as_deref().unwrap_or("-"),
+                    s("transmitter")
+                ),
+            ),
+        };
+        let pid = state.pid.map_or("-".into(), |p| p.to_string());
+        rows.insert(
+            (spec.role, i),
+            [
+                kind.into(),
+                spec.name.clone(),
+                endpoint,
+                s("metrics"),
+                extra,
+                pid,
+            ],
+        );
+    }
+    let mut rows: Vec<[String; 6]> = rows.into_values().collect();
+    for r in rooms {
+        rows.push([
+            "room".into(),
+            r.name.clone(),
+            format!("{{{}}}*", r.name),
+            "-".into(),
+            format!("on {}", r.transmitters.join(", ")),
+            "-".into(),
+        ]);
+    }
+    let headers = ["KIND", "NAME", "ENDPOINT", "METRICS", "DETAIL", "PID"];
+    let mut widths = headers.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cols: [&str; 6]| {
+        let mut out = String::new();
+        for (c, w) in cols.iter().zip(widths) {
+            out.push_str(&format!("{c:<w$}  "));
+        }
+        println!("{}", out.trim_end());
+    };
+    println!("mesh {mesh} is up");
+    line(headers);
+    for r in &rows {
+        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+    }
+    if let Some(cell) = specs.iter().zip(states).find(|(s, _)| s.role == Role::Cell) {
+        if let Some(resp) = cell
+            .1
+            .info
+            .as_ref()
+            .and_then(|i| i.get("resp"))
+            .and_then(Value::as_str)
+        {
+            let (host, port) = resp.rsplit_once(':').unwrap_or((resp, "6379"));
+            println!(
+                "try: redis-cli -h {host} -p {port} publish hello world    (Ctrl-C stops the mesh)"
+            );
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! `thynapse up`: local mode. Reads manifests, starts the rendezvous, the transmitters and
+//! the cells as child processes of this one, waits until every cell is connected, prints
+//! the endpoints (and writes them as JSON), restarts a child that dies as Kubernetes
+//! would, and stops them all on SIGINT or SIGTERM.
+//!
+//! Children report on stdout with one line each: `READY {json}` when serving, `MOVED
+//! {json}` when a cell changes transmitter, `LINKED {"peers": n}` when a transmitter's
+//! links change (the mesh is up once every transmitter is linked to every other). Their
+//! logs go to stderr. `plan` says what to start, `children` runs each, `endpoints`
+//! reports where everything is.
+
+mod children;
+mod endpoints;
+mod plan;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+use thynapse_resources::{load_path, MeshConfig};
+use tokio::sync::{mpsc, watch};
+
+use children::supervise;
+use endpoints::{follow_rooms, print_table, write_endpoints, RoomPlacement};
+use plan::rendezvous_args;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A manifest file or a folder of them (as for `kubectl apply -f`).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Cells to run per Service, `SERVICE=N` (default 1 each; repeat the flag).
+    #[arg(long = "cells", value_parser = parse_cells)]
+    pub cells: Vec<(String, u32)>,
+    /// Write the endpoints as JSON to this file once everything is connected.
+    #[arg(long)]
+    pub endpoints: Option<PathBuf>,
+    /// Which TransmitterMesh to run when the manifests hold several.
+    #[arg(long)]
+    pub mesh: Option<String>,
+    /// Seconds to wait for every cell to connect.
+    #[arg(long, default_value_t = 60)]
+    pub ready_timeout: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ValidateArgs {
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    #[arg(long)]
+    pub mesh: Option<String>,
+}
+
+fn parse_cells(s: &str) -> Result<(String, u32), String> {
+    let (service, n) = s.split_once('=').ok_or("expected SERVICE=N")?;
+    let n: u32 = n
+        .parse()
+        .map_err(|_| format!("{n:?} is not a number of cells"))?;
+    if n > 1000 {
+        return Err("at most 1000 cells per Service".into());
+    }
+    Ok((service.to_string(), n))
+}
+
+fn load(file: &std::path::Path, mesh: Option<&str>) -> anyhow::Result<MeshConfig> {
+    let docs = load_path(file)?;
+    Ok(MeshConfig::from_documents(&docs, mesh)?)
+}
+
+pub fn validate(args: ValidateArgs) -> anyhow::Result<()> {
+    let cfg = load(&args.file, args.mesh.as_deref())?;
+    println!(
+        "mesh {}: {} transmitters, {} rendezvous, services: [{}], rooms: [{}]",
+        cfg.name,
+        cfg.spec.replicas,
+        cfg.spec.rendezvous.replicas,
+        cfg.services
+            .iter()
+            .map(|s| s.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.rooms
+            .iter()
+            .map(|r| r.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Rendezvous,
+    Transmitter,
+    Cell,
+}
+
+/// One child process as `up` supervises it.
+#[derive(Clone, Debug)]
+struct Spec {
+    role: Role,
+    name: String,
+    service: Option<String>,
+    args: Vec<String>,
+}
+
+enum Report {
+    Ready {
+        index: usize,
+        pid: u32,
+        info: Value,
+    },
+    Moved {
+        index: usize,
+        info: Value,
+    },
+    /// A transmitter's number of peers with a ready link (`LINKED {"peers": n}`).
+    Linked {
+        index: usize,
+        peers: usize,
+    },
+    Exited {
+        index: usize,
+        status: String,
+    },
+    Rooms(Vec<RoomPlacement>),
+}
+
+#[derive(Clone, Default)]
+struct State {
+    pid: Option<u32>,
+    info: Option<Value>,
+    /// Transmitters: peers linked, as last reported.
+    linked: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = load(&args.file, args.mesh.as_deref())?;
+    for (service, _) in &args.cells {
+        if !cfg.services.iter().any(|(s, _)| s == service) {
+            bail!(
+                "--cells {service}=…: no Service {service:?} in mesh {:?}",
+                cfg.name
+            );
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(up(args, cfg))
+}
+
+async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the thynapse executable")?;
+    let (reports_tx, mut reports) = mpsc::channel::<Report>(256);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut specs: Vec<Spec> = Vec::new();
+    let mut states: Vec<State> = Vec::new();
+
+    // Rendezvous first: everyone else needs its address.
+    for i in 0..cfg.spec.rendezvous.replicas {
+        specs.push(Spec {
+            role: Role::Rendezvous,
+            name: format!("{}-rendezvous-{i}", cfg.name),
+            service: None,
+            args: rendezvous_args(&cfg),
+        });
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout);
+    for (index, spec) in specs.iter().enumerate() {
+        states.push(State::default());
+        tasks.push(tokio::spawn(supervise(
+            exe.clone(),
+            index,
+            spec.clone(),
+            reports_tx.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let mut rendezvous = Vec::new();
+    while rendezvous.len() < specs.len() {
+        match tokio::time::timeout_at(deadline, reports.recv()).await {
+            Ok(Some(Report::Ready { index, pid, info })) => {
+                rendezvous.push(info["address"].as_str().unwrap_or_default().to_string());
+                states[index] = State {
+                    pid: Some(pid),
+                    info: Some(info),
+                    linked: 0,
+                };
+            }
+            Ok(Some(Report::Exited { index, status })) => {
+                let _ = stop_tx.send(true);
+                bail!(
+                    "{} exited before it was ready ({status})",
+                    specs[index].name
+                );
+            }
+            _ => {
+                let _ = stop_tx.send(true);
+                bail!("the rendezvous did not start in time");
+            }
+        }
+    }
+    let first = specs.len();
+    for spec in plan::plan(&cfg, &args.cells, &rendezvous) {
+        let index = specs.len();
+        specs.push(spec.clone());
+        states.push(State::default());
+        tasks.push(tokio::spawn(supervise(
+            exe.clone(),
+            index,
+            spec,
+            reports_tx.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let mut stop_signals = thynapse_telemetry::StopSignals::new()?;
+    let mut announced = false;
+    let mut failure: Option<String> = None;
+    let mut rooms: Option<Vec<RoomPlacement>> = None;
+    let mut placing = false;
+    let transmitters = cfg.spec.replicas as usize;
+    loop {
+        let ready = |role: Role| {
+            specs
+                .iter()
+                .zip(&states)
+                .filter(|(s, _)| s.role == role)
+                .all(|(_, s)| s.info.is_some())
+        };
+        if !placing && ready(Role::Transmitter) {
+            // Declared rooms are placed once every transmitter is live, so they spread
+            // over all of them; then their placement is followed for the endpoints.
+            placing = true;
+            let names = cfg.rooms.iter().map(|(n, _)| n.clone()).collect();
+            tasks.push(tokio::spawn(follow_rooms(
+                cfg.name.clone(),
+                rendezvous.clone(),
+                names,
+                transmitters,
+                reports_tx.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        // Up means linked too: every transmitter to every other, so that a subscription
+        // confirmed from now on is known mesh-wide (see docs/architecture.md).
+        let linked = specs
+            .iter()
+            .zip(&states)
+            .filter(|(s, _)| s.role == Role::Transmitter)
+            .all(|(_, s)| s.linked + 1 >= transmitters);
+        let all_ready =
+            states[first..].iter().all(|s| s.info.is_some()) && rooms.is_some() && linked;
+        if all_ready && !announced {
+            announced = true;
+            print_table(
+                &cfg.name,
+                &specs,
+                &states,
+                rooms.as_deref().unwrap_or_default(),
+            );
+        }
+        if announced {
+            if let Some(path) = &args.endpoints {
+                write_endpoints(
+                    path,
+                    &cfg.name,
+                    &specs,
+                    &states,
+                    rooms.as_deref().unwrap_or_default(),
+                )?;
+            }
+        }
+        let timeout = if announced { None } else { Some(deadline) };
+        tokio::select! {
+            report = reports.recv() => match report {
+                Some(Report::Ready { index, pid, info }) => {
+                    if announced {
+                        eprintln!("thynapse up: {} is ready again (pid {pid})", specs[index].name);
+                    }
+                    states[index] = State { pid: Some(pid), info: Some(info), linked: 0 };
+                }
+                Some(Report::Moved { index, info }) => {
+                    if let (Some(old), Some(t)) = (states[index].info.as_mut(), info.get("transmitter")) {
+                        old["transmitter"] = t.clone();
+                    }
+                }
+                Some(Report::Linked { index, peers }) => states[index].linked = peers,
+                Some(Report::Exited { index, status }) => {
+                    eprintln!("thynapse up: {} exited ({status}); restarting it", specs[index].name);
+                    states[index].pid = None;
+                    // Its links went with it: not up again until it is linked again.
+                    states[index].linked = 0;
+                }
+                Some(Report::Rooms(placed)) => {
+                    if announced && rooms.as_ref() != Some(&placed) {
+                        for r in &placed {
+                            eprintln!("thynapse up: room {} is on {}", r.name, r.transmitters.join(", "));
+                        }
+                    }
+                    rooms = Some(placed);
+                }
+                None => break,
+            },
+            _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                let waiting: Vec<String> = specs.iter().zip(&states).filter_map(|(spec, s)| match (&s.info, spec.role) {
+                    (None, _) => Some(spec.name.clone()),
+                    (Some(_), Role::Transmitter) if s.linked + 1 < transmitters => Some(format!("{} (linked to {} of {} peers)", spec.name, s.linked, transmitters - 1)),
+                    _ => None,
+                }).collect();
+                failure = Some(format!("not ready after {}s: {}", args.ready_timeout, waiting.join(", ")));
+                break;
+            }
+            _ = stop_signals.recv() => break,
+        }
+    }
+    eprintln!("thynapse up: stopping");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    match failure {
+        Some(f) => bail!(f),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan::{pin_ports, plan};
+    use super::*;
+
+    #[test]
+    fn cells_flag() {
+        assert_eq!(parse_cells("orders=4").unwrap(), ("orders".to_string(), 4));
+        assert!(parse_cells("orders").is_err());
+        assert!(parse_cells("orders=x").is_err());
+    }
+
+    #[test]
+    fn plan_spreads_cells_over_transmitters() {
+        let docs = thynapse_resources::parse_manifests(
+            "apiVersion: thynapse.io/v1alpha1\nkind: TransmitterMesh\nmetadata: {name: m}\nspec: {replicas: 2}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {name: s}\nspec: {mesh: m}\n",
+            "t",
+        )
+        .unwrap();
+        let cfg = MeshConfig::from_documents(&docs, None).unwrap();
+        let p = plan(&cfg, &[("s".into(), 3)], &["udp://127.0.0.1:1".into()]);
+        assert_eq!(p.iter().filter(|s| s.role == Role::Transmitter).count(), 2);
+        let prefs: Vec<&String> = p
+            .iter()
+            .filter(|s| s.role == Role::Cell)
+            .map(|s| {
+                &s.args[s
+                    .args
+                    .iter()
+                    .position(|a| a == "--prefer-transmitter")
+                    .unwrap()
+                    + 1]
+            })
+            .collect();
+        assert_eq!(prefs, ["m-0", "m-1", "m-0"]);
+    }
+
+    #[test]
+    fn pinning_ports_keeps_endpoints_across_restarts() {
+        let mut spec = Spec {
+            role: Role::Transmitter,
+            name: "t".into(),
+            service: None,
+            args: vec!["transmitter".into()],
+        };
+        pin_ports(
+            &mut spec,
+            &serde_json::json!({"command": "tcp://127.0.0.1:5", "event": "tcp://127.0.0.1:6", "metrics": "http://127.0.0.1:7/metrics"}),
+        );
+        assert_eq!(
+            spec.args,
+            [
+                "transmitter",
+                "--command-bind",
+                "tcp://127.0.0.1:5",
+                "--event-bind",
+                "tcp://127.0.0.1:6",
+                "--metrics-bind",
+                "127.0.0.1:7"
+            ]
+        );
+    }
+}
