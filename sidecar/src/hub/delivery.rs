@@ -77,6 +77,41 @@ pub(super) struct Pushes {
     pub(super) payload_bytes: u64,
 }
 
+impl Pushes {
+    /// Writes one message as the push `target` calls for.
+    fn write(&mut self, target: &Target, channel: &[u8], payload: &[u8]) {
+        match target {
+            Target::Channel => {
+                write_push(&mut self.bytes, self.resp3, &[b"message", channel, payload])
+            }
+            Target::Shard => write_push(
+                &mut self.bytes,
+                self.resp3,
+                &[b"smessage", channel, payload],
+            ),
+            Target::Pattern(pattern) => write_push(
+                &mut self.bytes,
+                self.resp3,
+                &[b"pmessage", pattern, channel, payload],
+            ),
+        }
+        self.messages += 1;
+        self.payload_bytes += payload.len() as u64;
+    }
+
+    /// Hands the pushes to their client (or disconnects it, past its output limit).
+    pub(super) fn send(self, hub: &mut Hub) {
+        let out = Out::Pushes {
+            resp3: self.resp3,
+            bytes: self.bytes.freeze(),
+        };
+        if hub.send_to(self.client, out) {
+            hub.metrics.messages_out.inc_by(self.messages);
+            hub.metrics.bytes_out.inc_by(self.payload_bytes);
+        }
+    }
+}
+
 impl Hub {
     /// Hands the messages of one DLVR frame to the clients subscribed to them, written
     /// straight from the frame into each client's pushes.
@@ -90,6 +125,8 @@ impl Hub {
         let mut index = std::mem::take(&mut self.push_index);
         let mut last: Option<(Thid, &mut SeqWindow)> = None;
         let mut targets: Vec<(ClientId, Target)> = Vec::new();
+        // Whether each target's subscription is still waiting for its confirmation.
+        let mut held: Vec<bool> = Vec::new();
         let mut routed_for: Option<(Kind, &[u8])> = None;
         for e in envelopes {
             // Frames mostly carry runs from one origin: look its window up once per run.
@@ -110,19 +147,35 @@ impl Hub {
                 routed_for = Some((e.kind, e.channel));
                 targets.clear();
                 self.subs.targets_of(e.kind, e.channel, &mut targets);
-                if !self.joining.is_empty() {
-                    let joining = &self.joining;
-                    targets.retain(|(client, target)| {
-                        let (kind, name) = match target {
-                            Target::Channel => (SubKind::Channel, e.channel),
-                            Target::Shard => (SubKind::Shard, e.channel),
-                            Target::Pattern(p) => (SubKind::Pattern, &p[..]),
-                        };
-                        !joining.contains_key(&(*client, kind, Bytes::copy_from_slice(name)))
-                    });
-                }
+                // Messages of a subscription not confirmed yet wait for the confirmation.
+                held.clear();
+                held.extend(targets.iter().map(|(client, target)| {
+                    let (kind, name) = match target {
+                        Target::Channel => (SubKind::Channel, e.channel),
+                        Target::Shard => (SubKind::Shard, e.channel),
+                        Target::Pattern(p) => (SubKind::Pattern, &p[..]),
+                    };
+                    !self.joining.is_empty()
+                        && self
+                            .joining
+                            .contains_key(&(*client, kind, Bytes::copy_from_slice(name)))
+                }));
             }
-            for (client, target) in &targets {
+            for ((client, target), held) in targets.iter().zip(&held) {
+                if *held {
+                    let Some(h) = self.clients.get(client) else {
+                        continue;
+                    };
+                    let p = self.held_pushes.entry(*client).or_insert_with(|| Pushes {
+                        client: *client,
+                        resp3: h.resp3,
+                        bytes: BytesMut::new(),
+                        messages: 0,
+                        payload_bytes: 0,
+                    });
+                    p.write(target, e.channel, e.payload);
+                    continue;
+                }
                 let i = match index.get(client) {
                     Some(&i) => i,
                     None => {
@@ -141,37 +194,28 @@ impl Hub {
                         pushes.len() - 1
                     }
                 };
-                let p = &mut pushes[i];
-                match target {
-                    Target::Channel => {
-                        write_push(&mut p.bytes, p.resp3, &[b"message", e.channel, e.payload])
-                    }
-                    Target::Shard => {
-                        write_push(&mut p.bytes, p.resp3, &[b"smessage", e.channel, e.payload])
-                    }
-                    Target::Pattern(pattern) => write_push(
-                        &mut p.bytes,
-                        p.resp3,
-                        &[b"pmessage", pattern, e.channel, e.payload],
-                    ),
-                }
-                p.messages += 1;
-                p.payload_bytes += e.payload.len() as u64;
+                pushes[i].write(target, e.channel, e.payload);
             }
         }
         self.latency.flush();
         index.clear();
         self.push_index = index;
         for p in pushes.drain(..) {
-            let out = Out::Pushes {
-                resp3: p.resp3,
-                bytes: p.bytes.freeze(),
-            };
-            if self.send_to(p.client, out) {
-                self.metrics.messages_out.inc_by(p.messages);
-                self.metrics.bytes_out.inc_by(p.payload_bytes);
-            }
+            p.send(self);
         }
         self.pushes = pushes;
+        // Held messages count against the output limit like queued ones.
+        let limit = self.cfg.client_output_buffer_bytes;
+        let over: Vec<ClientId> = self
+            .held_pushes
+            .iter()
+            .filter(|(_, p)| p.bytes.len() > limit)
+            .map(|(c, _)| *c)
+            .collect();
+        for client in over {
+            if let Some(p) = self.held_pushes.remove(&client) {
+                p.send(self);
+            }
+        }
     }
 }

@@ -80,11 +80,14 @@ pub struct Hub {
     clients: HashMap<ClientId, ClientHandle>,
     subs: Subscriptions,
     /// Subscriptions not confirmed yet, by client, kind and name (how many of that
-    /// client's confirmations are pending for it): messages for them are not written
-    /// before their confirmation, as Redis never does.
+    /// client's confirmations are pending for it): messages for them are written after
+    /// their confirmation, as Redis does.
     joining: HashMap<(ClientId, SubKind, Bytes), u32>,
     /// The subscriptions each pending confirmation (client, reply slot) covers.
     joins: HashMap<(ClientId, u64), (SubKind, Vec<Bytes>)>,
+    /// Messages of joining subscriptions, per client: written once its confirmations are,
+    /// so a message the mesh counted as delivered is not lost for being early.
+    held_pushes: HashMap<ClientId, Pushes>,
     sessions: HashMap<SessionKey, Session>,
     unacked: usize,
     unacked_bytes: usize,
@@ -141,6 +144,7 @@ impl Hub {
             subs: Subscriptions::default(),
             joining: HashMap::new(),
             joins: HashMap::new(),
+            held_pushes: HashMap::new(),
             sessions,
             unacked: 0,
             unacked_bytes: 0,
@@ -374,6 +378,11 @@ impl Hub {
             }
         }
         self.send_to(client, Out::Confirmed(token));
+        if !self.joining.keys().any(|(c, _, _)| *c == client) {
+            if let Some(p) = self.held_pushes.remove(&client) {
+                p.send(self);
+            }
+        }
     }
 
     fn unsubscribe(&mut self, client: ClientId, kind: SubKind, name: &Bytes) {
@@ -402,6 +411,7 @@ impl Hub {
         }
         self.joins.retain(|(client, _), _| *client != id);
         self.joining.retain(|(client, _, _), _| *client != id);
+        self.held_pushes.remove(&id);
         for kind in [SubKind::Channel, SubKind::Pattern, SubKind::Shard] {
             let names: Vec<Bytes> = self
                 .subs
