@@ -40,6 +40,21 @@ def converse(port, commands):
     return replies
 
 
+def redis_server_replies(commands):
+    """The raw replies of a fresh Debian redis-server (7.0) to `commands`, on one connection."""
+    port = _free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(redis.Redis(port=port).ping, what="redis-server")
+        return converse(port, commands)
+    finally:
+        server.terminate()
+        server.wait()
+
+
 SESSION = [
     ("PING",),
     ("PING", "hi"),
@@ -118,17 +133,7 @@ SESSION = [
 def test_replies_are_byte_compatible_with_redis(start_mesh):
     """The same session against Debian's redis-server (7.0) and a sidecar. CLIENT SETINFO
     is left out: it arrived in Redis 7.2, and the sidecar answers it as 7.2 does (+OK)."""
-    port = _free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(redis.Redis(port=port).ping, what="redis-server")
-        expected = converse(port, SESSION)
-    finally:
-        server.terminate()
-        server.wait()
+    expected = redis_server_replies(SESSION)
     mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])]), cells={"s": 1})
     got = converse(int(mesh.cell("s-0")["resp"].rsplit(":", 1)[1]), SESSION)
     diffs = [f"{cmd}: redis {want!r}, sidecar {have!r}" for cmd, want, have in zip(SESSION, expected, got) if want != have]
@@ -140,17 +145,7 @@ def test_info_reads_like_redis_and_tells_the_truth(start_mesh):
     """INFO has Redis 7.0's sections and key names (a client's parser finds what it looks
     for under the same names), plus the sidecar's own `thynapse_*` keys, and its figures
     follow the cell: clients, subscriptions, the transmitter it is linked to."""
-    port = _free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(redis.Redis(port=port).ping, what="redis-server")
-        redis_text = _bulk_text(converse(port, [("INFO", "everything")])[0])
-    finally:
-        server.terminate()
-        server.wait()
+    redis_text = _bulk_text(redis_server_replies([("INFO", "everything")])[0])
     mesh = start_mesh(mesh_yaml(replicas=1, services=[("s", [])]), cells={"s": 1})
     cell = mesh.cell("s-0")
     client = mesh.redis(cell)

@@ -52,76 +52,35 @@ pub(crate) fn unknown_subcommand(cmd: &str, sub: &[u8]) -> Reply {
     ))
 }
 
+/// Redis' flags of the connection commands (HELLO, QUIT, RESET, AUTH).
+const CONNECTION_FLAGS: &[&str] = &[
+    "noscript",
+    "loading",
+    "stale",
+    "fast",
+    "no_auth",
+    "allow_busy",
+];
+/// Redis' flags of the (un)subscribe commands.
+const SUBSCRIBE_FLAGS: &[&str] = &["pubsub", "noscript", "loading", "stale"];
+
 /// Commands this sidecar serves, for COMMAND: name, arity, flags.
 pub(crate) const COMMANDS: &[(&str, i64, &[&str])] = &[
     ("ping", -1, &["fast", "pubsub"]),
     ("echo", 2, &["fast"]),
-    (
-        "hello",
-        -1,
-        &[
-            "noscript",
-            "loading",
-            "stale",
-            "fast",
-            "no_auth",
-            "allow_busy",
-        ],
-    ),
+    ("hello", -1, CONNECTION_FLAGS),
     ("client", -2, &[]),
     ("select", 2, &["loading", "stale", "fast"]),
-    (
-        "quit",
-        -1,
-        &[
-            "noscript",
-            "loading",
-            "stale",
-            "fast",
-            "no_auth",
-            "allow_busy",
-        ],
-    ),
-    (
-        "reset",
-        1,
-        &[
-            "noscript",
-            "loading",
-            "stale",
-            "fast",
-            "no_auth",
-            "allow_busy",
-        ],
-    ),
+    ("quit", -1, CONNECTION_FLAGS),
+    ("reset", 1, CONNECTION_FLAGS),
     ("command", -1, &["loading", "stale"]),
-    ("subscribe", -2, &["pubsub", "noscript", "loading", "stale"]),
-    (
-        "unsubscribe",
-        -1,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
-    (
-        "psubscribe",
-        -2,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
-    (
-        "punsubscribe",
-        -1,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
+    ("subscribe", -2, SUBSCRIBE_FLAGS),
+    ("unsubscribe", -1, SUBSCRIBE_FLAGS),
+    ("psubscribe", -2, SUBSCRIBE_FLAGS),
+    ("punsubscribe", -1, SUBSCRIBE_FLAGS),
     ("publish", 3, &["pubsub", "loading", "stale", "fast"]),
-    (
-        "ssubscribe",
-        -2,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
-    (
-        "sunsubscribe",
-        -1,
-        &["pubsub", "noscript", "loading", "stale"],
-    ),
+    ("ssubscribe", -2, SUBSCRIBE_FLAGS),
+    ("sunsubscribe", -1, SUBSCRIBE_FLAGS),
     ("spublish", 3, &["pubsub", "loading", "stale", "fast"]),
     ("pubsub", -2, &[]),
     // Asked by clients and tools on their own (see `introspection`).
@@ -131,18 +90,7 @@ pub(crate) const COMMANDS: &[(&str, i64, &[&str])] = &[
     ("dbsize", 1, &["readonly", "fast"]),
     ("lastsave", 1, &["loading", "stale", "fast"]),
     ("role", 1, &["noscript", "loading", "stale", "fast"]),
-    (
-        "auth",
-        -2,
-        &[
-            "noscript",
-            "loading",
-            "stale",
-            "fast",
-            "no_auth",
-            "allow_busy",
-        ],
-    ),
+    ("auth", -2, CONNECTION_FLAGS),
     ("cluster", -2, &[]),
     ("readonly", 1, &["loading", "stale", "fast"]),
     ("readwrite", 1, &["loading", "stale", "fast"]),

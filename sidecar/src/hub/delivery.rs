@@ -78,6 +78,16 @@ pub(super) struct Pushes {
 }
 
 impl Pushes {
+    fn new(client: ClientId, resp3: bool, capacity: usize) -> Self {
+        Pushes {
+            client,
+            resp3,
+            bytes: BytesMut::with_capacity(capacity),
+            messages: 0,
+            payload_bytes: 0,
+        }
+    }
+
     /// Writes one message as the push `target` calls for.
     fn write(&mut self, target: &Target, channel: &[u8], payload: &[u8]) {
         match target {
@@ -166,13 +176,10 @@ impl Hub {
                     let Some(h) = self.clients.get(client) else {
                         continue;
                     };
-                    let p = self.held_pushes.entry(*client).or_insert_with(|| Pushes {
-                        client: *client,
-                        resp3: h.resp3,
-                        bytes: BytesMut::new(),
-                        messages: 0,
-                        payload_bytes: 0,
-                    });
+                    let p = self
+                        .held_pushes
+                        .entry(*client)
+                        .or_insert_with(|| Pushes::new(*client, h.resp3, 0));
                     p.write(target, e.channel, e.payload);
                     continue;
                 }
@@ -183,14 +190,8 @@ impl Hub {
                             continue;
                         };
                         index.insert(*client, pushes.len());
-                        pushes.push(Pushes {
-                            client: *client,
-                            resp3: h.resp3,
-                            // Pushes take about as much room as the frame's records.
-                            bytes: BytesMut::with_capacity(frame_len),
-                            messages: 0,
-                            payload_bytes: 0,
-                        });
+                        // Pushes take about as much room as the frame's records.
+                        pushes.push(Pushes::new(*client, h.resp3, frame_len));
                         pushes.len() - 1
                     }
                 };
