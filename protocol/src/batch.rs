@@ -168,7 +168,7 @@ impl PublishBatchWriter {
 
 /// Decodes a `PUBS` batch into its first sequence number and messages. The whole frame is
 /// checked first, so a malformed batch is refused before any of it is used.
-pub fn decode_publishes(frame: &[u8]) -> Result<(u64, Publishes<'_>), FrameError> {
+pub fn decode_publishes(frame: &[u8]) -> Result<(u64, PublishRecords<'_>), FrameError> {
     let mut r = Reader { buf: frame };
     let first = r.u64()?;
     Ok((first, decode_publish_records(r.buf)?))
@@ -176,14 +176,14 @@ pub fn decode_publishes(frame: &[u8]) -> Result<(u64, Publishes<'_>), FrameError
 
 /// Decodes records written by `put_publish` (a `PUBS` batch without its `first_seq`),
 /// checking them all first.
-pub fn decode_publish_records(records: &[u8]) -> Result<Publishes<'_>, FrameError> {
+pub fn decode_publish_records(records: &[u8]) -> Result<PublishRecords<'_>, FrameError> {
     let mut r = Reader { buf: records };
     let mut count = 0;
     while !r.done() {
         read_publish(&mut r)?;
         count += 1;
     }
-    Ok(Publishes {
+    Ok(PublishRecords {
         r: Reader { buf: records },
         count,
     })
@@ -199,12 +199,12 @@ fn read_publish<'a>(r: &mut Reader<'a>) -> Result<Publish<'a>, FrameError> {
 }
 
 /// The messages of a checked `PUBS` batch, in order, without allocating.
-pub struct Publishes<'a> {
+pub struct PublishRecords<'a> {
     r: Reader<'a>,
     count: usize,
 }
 
-impl<'a> Iterator for Publishes<'a> {
+impl<'a> Iterator for PublishRecords<'a> {
     type Item = Publish<'a>;
     fn next(&mut self) -> Option<Publish<'a>> {
         if self.r.done() {
@@ -218,7 +218,7 @@ impl<'a> Iterator for Publishes<'a> {
     }
 }
 
-impl ExactSizeIterator for Publishes<'_> {}
+impl ExactSizeIterator for PublishRecords<'_> {}
 
 pub fn encode_acks(first_seq: u64, receivers: &[u32]) -> Bytes {
     let mut buf = BytesMut::with_capacity(12 + 4 * receivers.len());

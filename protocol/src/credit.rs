@@ -12,13 +12,13 @@ pub const CREDIT_BATCHES: u32 = 16;
 
 /// What a receiver owes one link.
 #[derive(Debug, Default)]
-pub struct Credit {
+pub struct CreditOwed {
     batch: Option<u64>,
     bytes: usize,
     batches: u32,
 }
 
-impl Credit {
+impl CreditOwed {
     pub fn received(&mut self, batch: u64, bytes: usize) {
         self.batch = Some(batch);
         self.bytes += bytes;
@@ -43,7 +43,7 @@ mod tests {
 
     #[test]
     fn credit_is_sent_once_enough_is_owed_or_when_asked() {
-        let mut c = Credit::default();
+        let mut c = CreditOwed::default();
         assert_eq!(c.take(true), None, "nothing owed");
         for b in 1..CREDIT_BATCHES as u64 {
             c.received(b, 100);

@@ -63,7 +63,7 @@ pub enum SubKind {
 /// The (S)PUBLISHes a client sent in one read, already encoded as `PUBS` records
 /// (`put_publish`), so the hub queues them with one copy.
 #[derive(Debug, Default)]
-pub struct Publishes {
+pub struct ClientPublishes {
     pub records: Bytes,
     pub count: usize,
     /// The tokens (reply slots on the client's connection) of the messages, in order, as
@@ -95,7 +95,7 @@ pub enum HubCmd {
         token: u64,
     },
     /// The (S)PUBLISHes a client sent in one read, in order.
-    Publish(ClientId, Publishes),
+    Publish(ClientId, ClientPublishes),
     Channels(SubKind, Option<Bytes>, oneshot::Sender<Vec<Bytes>>),
     NumSub(SubKind, Vec<Bytes>, oneshot::Sender<Vec<i64>>),
     NumPat(oneshot::Sender<i64>),

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
-use crate::api::{now_us, ClientHandle, ClientId, HubCmd, Out, Publishes};
+use crate::api::{now_us, ClientHandle, ClientId, ClientPublishes, HubCmd, Out};
 use crate::cmd::{arity_error, lower, COMMANDS};
 use crate::introspection::ClientSummary;
 use crate::resp::{parse_request, retype_pushes, Reply, Request};
@@ -69,7 +69,7 @@ pub(crate) struct Client {
     /// (S)PUBLISHes read but not yet handed to the hub, encoded as `PUBS` records: one
     /// hand-over per read, not per message.
     pub(crate) batch: BytesMut,
-    pub(crate) publishes: Publishes,
+    pub(crate) publishes: ClientPublishes,
     /// When the publishes of the batch were taken (their `ts`).
     pub(crate) batch_ts: u64,
     pub(crate) out: BytesMut,
@@ -130,7 +130,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         pending: VecDeque::new(),
         pending_base: 0,
         batch: BytesMut::with_capacity(16 * 1024),
-        publishes: Publishes::default(),
+        publishes: ClientPublishes::default(),
         batch_ts: 0,
         out: BytesMut::with_capacity(16 * 1024),
         chunks: VecDeque::new(),

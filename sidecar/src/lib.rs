@@ -13,6 +13,7 @@ pub mod api;
 pub mod cmd;
 pub mod confirm;
 pub mod connection;
+pub mod frames;
 pub mod hub;
 pub mod introspection;
 pub mod metrics;

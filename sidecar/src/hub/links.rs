@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures::FutureExt;
 use thynapse_protocol::batch::{decode_acks, decode_envelopes};
 use thynapse_protocol::frame::CommandFrame;
@@ -13,9 +12,10 @@ use thynapse_protocol::wire::{self, cmd, Interest, Op};
 use thynapse_protocol::Thid;
 use zeromq::{SocketSend, ZmqMessage};
 
-use super::{binary_frame, binary_frame_with, json_frame, Hub, CONFIRM_BOUND_EXPIRIES, ROOM_IDLE};
+use super::{Hub, CONFIRM_BOUND_EXPIRIES, ROOM_IDLE};
 use crate::api::Out;
-use crate::session::{self, ConnectPlan, Link, LinkEvent, SessionKey};
+use crate::frames::{bare_frame, json_frame};
+use crate::session::{self, ConnectPlan, LinkEvent, SessionKey, Via};
 
 impl Hub {
     /// Starts a task that finds a transmitter for the session and links to it.
@@ -26,10 +26,9 @@ impl Hub {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        if s.connecting.is_some() {
+        let Some(avoid) = s.begin_connect(generation) else {
             return;
-        }
-        s.connecting = Some(generation);
+        };
         let plan = ConnectPlan {
             key: key.clone(),
             generation,
@@ -37,7 +36,7 @@ impl Hub {
             rendezvous: self.cfg.rendezvous.clone(),
             heartbeat: self.cfg.heartbeat,
             expiry: self.cfg.expiry,
-            avoid: s.avoid.clone(),
+            avoid,
             prefer: if key.is_none() {
                 self.cfg.prefer.clone()
             } else {
@@ -56,9 +55,7 @@ impl Hub {
         match ev {
             LinkEvent::Admitted(key, generation) => {
                 if let Some(s) = self.sessions.get_mut(&key) {
-                    if s.connecting == Some(generation) {
-                        s.admit(Ok(()));
-                    }
+                    s.placed(generation);
                 }
             }
             LinkEvent::Failed {
@@ -77,10 +74,8 @@ impl Hub {
                 let Some(s) = self.sessions.get_mut(&key) else {
                     return;
                 };
-                if s.link.as_ref().is_some_and(|l| l.generation == generation) {
-                    let name = s.link.take().map(|l| l.name).unwrap_or_default();
+                if let Some(name) = s.link_closed(generation) {
                     tracing::warn!(transmitter = %name, room = ?s.room, "link to transmitter closed");
-                    s.avoid = vec![name];
                     self.start_connect(key);
                 }
             }
@@ -98,12 +93,8 @@ impl Hub {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        if s.connecting != Some(generation) {
+        if !s.connect_failed(generation, avoid) {
             return;
-        }
-        s.connecting = None;
-        if let Some(name) = avoid {
-            s.avoid = vec![name];
         }
         match refused {
             Some(error) if key.is_some() => {
@@ -144,10 +135,6 @@ impl Hub {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        if s.connecting != Some(generation) {
-            return;
-        }
-        s.connecting = None;
         let hello = wire::Hello {
             id: s.id,
             service: self.cfg.service.clone(),
@@ -156,8 +143,7 @@ impl Hub {
             token: None,
             room: s.room.clone(),
         };
-        let mut msgs = vec![json_frame(cmd::HELO, &hello)];
-        let subs: Vec<(Op, Interest, &[u8])> = match &key {
+        let snapshot: Vec<(Op, Interest, &[u8])> = match &key {
             None => self
                 .subs
                 .channels
@@ -178,48 +164,22 @@ impl Hub {
                 .map(|c| (Op::Add, Interest::ShardChannel, &c[..]))
                 .collect(),
         };
-        // The snapshot confirms every subscription held so far on this new link.
-        if !subs.is_empty() || s.confirm.any_waiting() {
-            let sync = wire::SubsSync {
-                sync: Some(s.confirm.next_number()),
-            };
-            msgs.push(binary_frame_with(
-                cmd::SUBS,
-                &sync,
-                wire::encode_interest(subs),
-            ));
-        }
-        // Changes queued for the old link are part of the snapshot just sent.
-        s.interest.clear();
-        s.unsent_from = 0;
-        if key.is_none() && self.ready_printed {
+        let hello = json_frame(cmd::HELO, &hello);
+        if s.linked(generation, name, sender, hello, snapshot)
+            && key.is_none()
+            && self.ready_printed
+        {
             self.metrics.reconnects.inc();
         }
-        s.link = Some(Link {
-            generation,
-            name,
-            sender,
-            last_heard: Instant::now(),
-            credit: Default::default(),
-            greeting: msgs,
-        });
     }
 
     pub(super) fn on_message(&mut self, key: SessionKey, generation: u64, msg: ZmqMessage) {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        let is_current = s.link.as_ref().is_some_and(|l| l.generation == generation);
-        let link = if is_current {
-            s.link.as_mut()
-        } else {
-            s.old_link
-                .as_mut()
-                .filter(|(l, _)| l.generation == generation)
-                .map(|(l, _)| l)
+        let Some(via) = s.heard(generation, Instant::now()) else {
+            return;
         };
-        let Some(link) = link else { return };
-        link.last_heard = Instant::now();
         let Some(frame) = msg.get(0).and_then(|f| CommandFrame::parse(f).ok()) else {
             tracing::warn!("unreadable frame from the transmitter");
             return;
@@ -231,7 +191,7 @@ impl Hub {
                 };
                 match decode_envelopes(&body) {
                     Ok((batch, envelopes)) => {
-                        link.credit.received(batch, body.len());
+                        s.received(via, batch, body.len());
                         self.deliver(envelopes, body.len());
                     }
                     Err(e) => tracing::warn!("bad DLVR batch: {e}"),
@@ -261,17 +221,12 @@ impl Hub {
                     }
                 }
             }
-            cmd::MOVE if is_current => {
+            cmd::MOVE if via == Via::Current => {
                 tracing::info!(room = ?s.room, "transmitter asks this session to move");
-                if let Some(link) = s.link.take() {
-                    s.avoid = vec![link.name.clone()];
-                    // Keep reading the old link for one expiry: peers learn where this
-                    // session went before the old transmitter stops delivering to it.
-                    s.old_link = Some((link, Instant::now() + self.cfg.expiry));
-                }
+                s.move_away(Instant::now() + self.cfg.expiry);
                 self.start_connect(key);
             }
-            cmd::SUBD if is_current => {
+            cmd::SUBD if via == Via::Current => {
                 if let Ok(wire::SubsSync { sync: Some(n) }) = frame.decode_json() {
                     let mut released = Vec::new();
                     s.confirm.confirm(n, &mut released);
@@ -321,26 +276,20 @@ impl Hub {
                 tracing::warn!(room = ?s.room, expired, "subscriptions confirmed before the mesh knew them (transmitter unreachable or slow)");
                 self.metrics.confirm_timeouts.inc_by(expired as u64);
             }
-            if let Some((old, until)) = s.old_link.as_mut() {
-                if now >= *until {
-                    let _ = old
-                        .sender
-                        .send(json_frame(cmd::QUIT, &serde_json::json!({})))
-                        .await;
-                    s.old_link = None;
-                }
+            let tick = s.tick(now, self.cfg.expiry);
+            if let Some(mut previous) = tick.farewell {
+                let _ = previous.send(bare_frame(cmd::QUIT)).await;
             }
-            if let Some(link) = s.link.as_mut() {
-                if now.duration_since(link.last_heard) > self.cfg.expiry {
-                    tracing::warn!(transmitter = %link.name, room = ?s.room, "transmitter silent; moving");
-                    s.avoid = vec![link.name.clone()];
-                    s.link = None;
-                } else {
-                    credit(link, true).await;
-                    let _ = link
-                        .sender
-                        .send(json_frame(cmd::PING, &serde_json::json!({})))
-                        .now_or_never();
+            if let Some(name) = tick.silent {
+                tracing::warn!(transmitter = %name, room = ?s.room, "transmitter silent; moving");
+            }
+            if let Some(link) = s.sender(Via::Current) {
+                if let Some(credit) = tick.credit {
+                    let _ = link.send(credit).await;
+                }
+                if let Some(ping) = tick.ping {
+                    // Never wait on a full link for a ping: silence is what it tests.
+                    let _ = link.send(ping).now_or_never();
                 }
             }
             if let Some(room) = key {
@@ -353,7 +302,7 @@ impl Hub {
                     continue;
                 }
             }
-            if s.link.is_none() && s.connecting.is_none() {
+            if s.needs_link() {
                 reconnect.push(key.clone());
             }
         }
@@ -363,11 +312,8 @@ impl Hub {
         for key in idle {
             if let Some(mut s) = self.sessions.remove(&key) {
                 tracing::debug!(room = ?s.room, "closing an idle room session");
-                if let Some(link) = s.link.as_mut() {
-                    let _ = link
-                        .sender
-                        .send(json_frame(cmd::QUIT, &serde_json::json!({})))
-                        .await;
+                if let Some(link) = s.sender(Via::Current) {
+                    let _ = link.send(bare_frame(cmd::QUIT)).await;
                 }
             }
             self.metrics.rooms.set(self.sessions.len() as i64 - 1);
@@ -378,56 +324,15 @@ impl Hub {
     }
 
     pub(super) async fn flush(&mut self) {
+        let mut out = std::mem::take(&mut self.outbox);
         for s in self.sessions.values_mut() {
-            if let Some((old, _)) = s.old_link.as_mut() {
-                credit(old, true).await;
-            }
-            if s.link.is_some() {
-                s.close();
-            }
-            let Some(link) = s.link.as_mut() else {
-                continue;
-            };
-            for m in std::mem::take(&mut link.greeting) {
-                let _ = link.sender.send(m).await;
-            }
-            if !s.interest.is_empty() {
-                let body =
-                    wire::encode_interest(s.interest.iter().map(|(op, k, n)| (*op, *k, &n[..])));
-                s.interest.clear();
-                let sync = wire::SubsSync {
-                    sync: Some(s.confirm.next_number()),
-                };
-                let _ = link
-                    .sender
-                    .send(binary_frame_with(cmd::SUBS, &sync, body))
-                    .await;
-            }
-            while s.unsent_from < s.unacked.len() {
-                let batch = &s.unacked[s.unsent_from];
-                let mut m = binary_frame(
-                    cmd::PUBS,
-                    Bytes::copy_from_slice(&batch.first_seq.to_le_bytes()),
-                );
-                for part in &batch.parts {
-                    m.push_back(part.clone());
+            s.outgoing(&mut out);
+            for (via, m) in out.drain(..) {
+                if let Some(link) = s.sender(via) {
+                    let _ = link.send(m).await;
                 }
-                if link.sender.send(m).await.is_err() {
-                    break;
-                }
-                s.unsent_from += 1;
             }
-            credit(link, false).await;
         }
-    }
-}
-
-/// Sends the credit owed on `link` if enough is (or anything is, when `all`).
-async fn credit(link: &mut Link, all: bool) {
-    if let Some(batch) = link.credit.take(all) {
-        let _ = link
-            .sender
-            .send(json_frame(cmd::CRED, &wire::Credit { batch }))
-            .await;
+        self.outbox = out;
     }
 }

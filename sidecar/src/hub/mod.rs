@@ -27,16 +27,16 @@ use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt};
 use thynapse_protocol::batch::{decode_publish_records, Kind};
 use thynapse_protocol::dedup::SeqWindow;
-use thynapse_protocol::frame::{CommandFrame, Encoding};
 use thynapse_protocol::room::room_of;
 use thynapse_protocol::wire::{cmd, Op};
 use thynapse_protocol::{glob, DeliveryRule, Thid};
 use tokio::sync::{mpsc, Notify};
 use zeromq::{SocketSend, ZmqMessage};
 
-pub use crate::api::{ClientHandle, ClientId, HubCmd, HubInfo, Out, Publishes, SubKind};
+pub use crate::api::{ClientHandle, ClientId, ClientPublishes, HubCmd, HubInfo, Out, SubKind};
+use crate::frames::bare_frame;
 use crate::metrics::Metrics;
-use crate::session::{LinkEvent, Session, SessionKey};
+use crate::session::{LinkEvent, Session, SessionKey, Via};
 use delivery::{Pushes, Subscriptions};
 
 #[derive(Clone, Debug)]
@@ -102,29 +102,8 @@ pub struct Hub {
     push_index: HashMap<ClientId, usize>,
     ready_printed: bool,
     started: Instant,
-}
-
-pub(super) fn json_frame<T: serde::Serialize>(command: &[u8; 4], value: &T) -> ZmqMessage {
-    ZmqMessage::from(CommandFrame::json(command, value).to_bytes())
-}
-
-pub(super) fn binary_frame(command: &[u8; 4], body: Bytes) -> ZmqMessage {
-    let mut m =
-        ZmqMessage::from(CommandFrame::new(Encoding::Binary, command, Bytes::new()).to_bytes());
-    m.push_back(body);
-    m
-}
-
-/// A binary command with a JSON header in its command frame.
-pub(super) fn binary_frame_with<T: serde::Serialize>(
-    command: &[u8; 4],
-    header: &T,
-    body: Bytes,
-) -> ZmqMessage {
-    let header = serde_json::to_vec(header).expect("protocol headers always serialise");
-    let mut m = ZmqMessage::from(CommandFrame::new(Encoding::Binary, command, header).to_bytes());
-    m.push_back(body);
-    m
+    /// Reused by every flush: what the sessions send, and on which link.
+    outbox: Vec<(Via, ZmqMessage)>,
 }
 
 impl Hub {
@@ -154,6 +133,7 @@ impl Hub {
             seen: HashMap::new(),
             ready_printed: false,
             started: Instant::now(),
+            outbox: Vec::new(),
         }
     }
 
@@ -186,8 +166,8 @@ impl Hub {
                 _ = tick.tick() => self.housekeeping().await,
                 _ = shutdown.notified() => {
                     for s in self.sessions.values_mut() {
-                        if let Some(link) = s.link.as_mut() {
-                            let _ = link.sender.send(json_frame(cmd::QUIT, &serde_json::json!({}))).await;
+                        if let Some(link) = s.sender(Via::Current) {
+                            let _ = link.send(bare_frame(cmd::QUIT)).await;
                         }
                     }
                     return;
@@ -199,7 +179,7 @@ impl Hub {
 
     /// Queues publishes that include SPUBLISHes: each to its session (runs of one room,
     /// or of the mesh, with one session lookup).
-    fn queue_each(&mut self, client: ClientId, p: &Publishes) {
+    fn queue_each(&mut self, client: ClientId, p: &ClientPublishes) {
         let messages = match decode_publish_records(&p.records) {
             Ok(m) => m,
             Err(e) => {
@@ -279,7 +259,7 @@ impl Hub {
                     set.insert(client);
                     if first {
                         let s = self.session(&key);
-                        s.interest.push((Op::Add, interest, name.clone()));
+                        s.change_interest(Op::Add, interest, name.clone());
                     }
                     *self
                         .joining
@@ -290,7 +270,7 @@ impl Hub {
                 self.update_subscription_gauge();
                 let s = self.session(&key);
                 // With no link, the next one's snapshot is what makes them known.
-                let pending = !s.interest.is_empty() || s.link.is_none();
+                let pending = s.interest_unsent();
                 if s.confirm.wait(client, token, pending, Instant::now()) {
                     self.confirmed(client, token);
                 }
@@ -346,10 +326,10 @@ impl Hub {
                 let _ = reply.send(self.subs.patterns.values().map(|s| s.len() as i64).sum());
             }
             HubCmd::Info(reply) => {
-                let mesh = self.sessions.get(&None).and_then(|s| s.link.as_ref());
+                let mesh = self.sessions.get(&None).and_then(|s| s.transmitter());
                 let _ = reply.send(HubInfo {
                     run_id: self.id.to_string(),
-                    transmitter: mesh.map(|l| l.name.clone()),
+                    transmitter: mesh.map(str::to_owned),
                     channels: self.subs.channels.len(),
                     patterns: self.subs.patterns.len(),
                     shard_channels: self.subs.shard.len(),
@@ -391,7 +371,7 @@ impl Hub {
             if set.remove(&client) && set.is_empty() {
                 map.remove(name);
                 if let Some(s) = self.sessions.get_mut(&key_of(kind, name)) {
-                    s.interest.push((Op::Remove, interest, name.clone()));
+                    s.change_interest(Op::Remove, interest, name.clone());
                     s.last_used = Instant::now();
                 }
             }

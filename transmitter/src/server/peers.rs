@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use thynapse_protocol::batch::decode_envelopes;
-use thynapse_protocol::credit::Credit;
+use thynapse_protocol::credit::CreditOwed;
 use thynapse_protocol::discovery::{Placement, TransmitterInfo};
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::wire::{self, cmd};
@@ -46,7 +46,7 @@ pub(super) struct Peer {
     /// Their DEALER on our ROUTER, and when we last heard from it.
     pub(super) inbound: Option<(Bytes, Instant)>,
     /// FWRD batches taken on that connection and not yet acknowledged (FACK).
-    pub(super) fack: Credit,
+    pub(super) fack: CreditOwed,
     /// They said LEAV; ignore announcements of this instance.
     pub(super) left: Option<Thid>,
 }
@@ -62,7 +62,7 @@ impl Peer {
             generation: 0,
             connecting: false,
             inbound: None,
-            fack: Credit::default(),
+            fack: CreditOwed::default(),
             left: None,
         }
     }
@@ -260,7 +260,7 @@ impl Transmitter {
         if let Some((old, _)) = p.inbound.replace((identity.clone(), Instant::now())) {
             self.peer_identities.remove(&old);
         }
-        p.fack = Credit::default();
+        p.fack = CreditOwed::default();
         self.peer_identities.insert(identity.clone(), peer);
         self.replies
             .push(reply_json(identity, cmd::PWLC, &self.peer_hello()));
@@ -295,7 +295,7 @@ impl Transmitter {
         if let Some((identity, _)) = p.inbound.take() {
             self.peer_identities.remove(&identity);
         }
-        p.fack = Credit::default();
+        p.fack = CreditOwed::default();
         self.interest_sync.forget(peer);
         if left {
             p.left = p.instance;

@@ -1,0 +1,209 @@
+//! Finding and opening a session's link, in a task of its own (a rendezvous round trip,
+//! perhaps a room placement, a TCP connect), so the hub keeps delivering meanwhile. The
+//! task reports back as a [`LinkEvent`]; the reader it starts relays every message.
+
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
+use tokio::sync::mpsc;
+use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, ZmqMessage};
+
+use super::SessionKey;
+
+/// What link tasks tell the hub.
+pub enum LinkEvent {
+    /// The rendezvous placed the room (hosts confirmed); a connect follows.
+    Admitted(SessionKey, u64),
+    Connected {
+        key: SessionKey,
+        generation: u64,
+        name: String,
+        sender: DealerSendHalf,
+    },
+    /// No link this time. `refused` is the rendezvous' reason when it will not place the
+    /// room; `avoid` a transmitter that did not answer.
+    Failed {
+        key: SessionKey,
+        generation: u64,
+        refused: Option<String>,
+        avoid: Option<String>,
+    },
+    Message(SessionKey, u64, ZmqMessage),
+    Closed(SessionKey, u64),
+}
+
+/// Everything a connect task needs, copied out of the hub.
+pub struct ConnectPlan {
+    pub key: SessionKey,
+    pub generation: u64,
+    pub mesh: String,
+    pub rendezvous: Vec<String>,
+    pub heartbeat: Duration,
+    pub expiry: Duration,
+    pub avoid: Vec<String>,
+    /// Mesh session only: the transmitter to join, and whether to wait for it.
+    pub prefer: Option<String>,
+    pub wait_for_preferred: bool,
+    /// Spreads the cells of a room over its hosts.
+    pub spread: u64,
+}
+
+/// Finds a transmitter for the session and opens a DEALER to it; the reader it starts
+/// relays every message to the hub until the link closes.
+pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
+    let key = plan.key.clone();
+    let generation = plan.generation;
+    let target = match &plan.key {
+        None => choose_for_mesh(&plan).await,
+        Some(room) => choose_for_room(&plan, room, &events).await,
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(refused) => {
+            let _ = events
+                .send(LinkEvent::Failed {
+                    key,
+                    generation,
+                    refused,
+                    avoid: None,
+                })
+                .await;
+            return;
+        }
+    };
+    let mut options = SocketOptions::default();
+    options.connect_timeout(plan.heartbeat);
+    let mut socket = DealerSocket::with_options(options);
+    if let Err(e) = socket.connect(&target.command).await {
+        tracing::warn!(transmitter = %target.name, "connect failed: {e}");
+        let _ = events
+            .send(LinkEvent::Failed {
+                key,
+                generation,
+                refused: None,
+                avoid: Some(target.name),
+            })
+            .await;
+        return;
+    }
+    let (sender, mut receiver) = socket.split();
+    let reader_events = events.clone();
+    let reader_key = key.clone();
+    tokio::spawn(async move {
+        loop {
+            match receiver.recv().await {
+                Ok(m) => {
+                    let ev = LinkEvent::Message(reader_key.clone(), generation, m);
+                    if reader_events.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = reader_events
+                        .send(LinkEvent::Closed(reader_key, generation))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+    let _ = events
+        .send(LinkEvent::Connected {
+            key,
+            generation,
+            name: target.name,
+            sender,
+        })
+        .await;
+}
+
+/// The mesh session joins the preferred transmitter when it is live, else the one with
+/// the fewest cells, avoiding the one it just left when it can.
+async fn choose_for_mesh(plan: &ConnectPlan) -> Result<TransmitterInfo, Option<String>> {
+    let Some(Datagram::Peers { transmitters, .. }) = ask_rendezvous(
+        plan,
+        &Datagram::Query {
+            mesh: plan.mesh.clone(),
+        },
+    )
+    .await
+    else {
+        return Err(None);
+    };
+    if let Some(prefer) = &plan.prefer {
+        // At start-up, give the preferred transmitter one expiry to show up, so cells
+        // spread as planned instead of all joining the first one announced.
+        if plan.wait_for_preferred && !transmitters.iter().any(|t| &t.name == prefer) {
+            return Err(None);
+        }
+    }
+    let candidates: Vec<&TransmitterInfo> = transmitters.iter().filter(|t| !t.draining).collect();
+    let fresh: Vec<&TransmitterInfo> = candidates
+        .iter()
+        .copied()
+        .filter(|t| !plan.avoid.contains(&t.name))
+        .collect();
+    let pool = if fresh.is_empty() { candidates } else { fresh };
+    plan.prefer
+        .as_ref()
+        .and_then(|p| pool.iter().find(|t| &t.name == p))
+        .or_else(|| pool.iter().min_by_key(|t| (t.cells, t.name.clone())))
+        .map(|t| (*t).clone())
+        .ok_or(None)
+}
+
+/// A room session asks the rendezvous where the room lives (placing it when new), waits
+/// for confirmed hosts, and picks one of them by this cell's spread value.
+async fn choose_for_room(
+    plan: &ConnectPlan,
+    room: &Bytes,
+    events: &mpsc::Sender<LinkEvent>,
+) -> Result<TransmitterInfo, Option<String>> {
+    let Ok(room) = std::str::from_utf8(room) else {
+        return Err(Some("room names must be UTF-8".into()));
+    };
+    let locate = Datagram::Locate {
+        mesh: plan.mesh.clone(),
+        room: room.to_string(),
+    };
+    let deadline = Instant::now() + plan.expiry * 2;
+    let mut pauses = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(5))
+        .with_max_delay(plan.heartbeat / 2)
+        .without_max_times()
+        .build();
+    loop {
+        match ask_rendezvous(plan, &locate).await {
+            Some(Datagram::Room { transmitters, .. }) if !transmitters.is_empty() => {
+                let _ = events
+                    .send(LinkEvent::Admitted(plan.key.clone(), plan.generation))
+                    .await;
+                let fresh: Vec<&TransmitterInfo> = transmitters
+                    .iter()
+                    .filter(|t| !plan.avoid.contains(&t.name))
+                    .collect();
+                let pool: Vec<&TransmitterInfo> = if fresh.is_empty() {
+                    transmitters.iter().collect()
+                } else {
+                    fresh
+                };
+                let pick = pool[(plan.spread % pool.len() as u64) as usize];
+                return Ok(pick.clone());
+            }
+            Some(Datagram::Error { error }) => return Err(Some(error)),
+            // Being placed: the chosen hosts have not confirmed yet.
+            _ => {}
+        }
+        let pause = pauses.next().unwrap_or(plan.heartbeat / 2);
+        if Instant::now() + pause > deadline {
+            return Err(None);
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagram> {
+    thynapse_rendezvous::ask(&plan.rendezvous, request, plan.heartbeat).await
+}
