@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
+use thynapse_process::ToArgs;
 use thynapse_resources::{flags, Service, TransmitterMesh};
 
 use crate::builders::{self, Inputs, MESH_LABEL};
@@ -58,30 +59,21 @@ pub fn already_injected(pod: &Pod) -> bool {
 /// The sidecar container for a cell of `service` in `mesh`.
 pub fn sidecar(mesh: &TransmitterMesh, service: &Service, inputs: &Inputs) -> Container {
     let spec = &mesh.spec;
-    let mut args = vec![
-        "sidecar".to_string(),
-        "--mesh".into(),
-        mesh.name_any(),
-        "--service".into(),
-        service.name_any(),
-        "--name".into(),
-        "$(POD_NAME)".into(),
-        "--rules".into(),
-        serde_json::to_string(&service.spec.delivery).expect("rules serialise"),
-        "--resp-bind".into(),
-        format!("127.0.0.1:{}", spec.sidecar.port),
-        "--metrics-bind".into(),
-        format!("0.0.0.0:{SIDECAR_METRICS_PORT}"),
-    ];
-    args.extend(flags::sidecar(spec));
-    args.extend(flags::rendezvous_points(&builders::rendezvous_addresses(
-        mesh,
-    )));
+    let mut args = flags::sidecar(
+        &mesh.name_any(),
+        &service.name_any(),
+        "$(POD_NAME)",
+        &service.spec.delivery,
+        spec,
+        &builders::rendezvous_addresses(mesh),
+    );
+    args.resp_bind = std::net::SocketAddr::from(([127, 0, 0, 1], spec.sidecar.port));
+    args.metrics_bind = builders::any_interface(SIDECAR_METRICS_PORT);
     Container {
         name: SIDECAR.into(),
         image: Some(builders::image(mesh, inputs)),
         command: Some(vec!["thynapse".into()]),
-        args: Some(args),
+        args: Some(args.to_args()),
         // A native sidecar: starts before the app's containers and lives as long as they do.
         restart_policy: Some("Always".into()),
         env: Some(vec![EnvVar {

@@ -15,6 +15,9 @@ use thynapse_protocol::discovery::{Datagram, TransmitterInfo, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
 
 use crate::placement::{RoomPolicy, Rooms};
+/// The rendezvous point's flags (the contract every launcher fills: `thynapse_process`).
+pub use thynapse_process::RendezvousArgs as Args;
+use thynapse_process::{Ready, RendezvousReady, Status};
 
 /// The live transmitters of one mesh, and where each announces from. Pure: time is
 /// passed in.
@@ -47,38 +50,6 @@ impl Directory {
     pub fn address(&self, name: &str) -> Option<SocketAddr> {
         self.entries.get(name).map(|(_, _, a)| *a)
     }
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct Args {
-    /// Mesh served; datagrams for other meshes get an error.
-    #[arg(long)]
-    pub mesh: String,
-    /// UDP address to bind (loopback by default; port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub bind: SocketAddr,
-    /// A declared room and its replicas, `NAME=REPLICAS` (repeat for each Room).
-    #[arg(long = "room", value_parser = parse_room)]
-    pub rooms: Vec<(String, u32)>,
-    /// Replicas of a room created on demand (spec.rooms.defaultReplicas).
-    #[arg(long, default_value_t = 2)]
-    pub default_replicas: u32,
-    /// Refuse rooms that are not declared (spec.rooms.allowUndeclared: false).
-    #[arg(long)]
-    pub forbid_undeclared: bool,
-}
-
-fn parse_room(s: &str) -> Result<(String, u32), String> {
-    let (name, replicas) = s
-        .rsplit_once('=')
-        .ok_or_else(|| format!("expected NAME=REPLICAS, got {s:?}"))?;
-    let replicas: u32 = replicas
-        .parse()
-        .map_err(|_| format!("replicas of room {name:?} must be a positive integer"))?;
-    if name.is_empty() || replicas == 0 {
-        return Err(format!("bad room {s:?}: a name and at least 1 replica"));
-    }
-    Ok((name.to_string(), replicas))
 }
 
 /// A UDP socket through socket2, so a restarted rendezvous can take its port back at once.
@@ -231,10 +202,10 @@ impl Server {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let socket = bind_udp(args.bind)?;
     let local = socket.local_addr()?;
-    println!(
-        "READY {}",
-        serde_json::json!({ "address": format!("udp://{local}") })
-    );
+    Status::Ready(Ready::Rendezvous(RendezvousReady {
+        address: format!("udp://{local}"),
+    }))
+    .print();
     tracing::info!(mesh = %args.mesh, %local, rooms = args.rooms.len(), "rendezvous listening");
     let policy = RoomPolicy {
         declared: args.rooms.iter().cloned().collect(),
@@ -279,15 +250,6 @@ mod tests {
             draining: false,
             rooms: 0,
         }
-    }
-
-    #[test]
-    fn room_flags_parse() {
-        assert_eq!(parse_room("lobby=3"), Ok(("lobby".to_string(), 3)));
-        assert_eq!(parse_room("a=b=1"), Ok(("a=b".to_string(), 1)));
-        assert!(parse_room("lobby").is_err());
-        assert!(parse_room("lobby=0").is_err());
-        assert!(parse_room("=2").is_err());
     }
 
     #[test]

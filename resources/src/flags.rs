@@ -1,64 +1,66 @@
-//! The command-line flags each process of a mesh gets from its spec: one place, used by
-//! `thynapse up` and by the operator's builders, so that local mode and a cluster run the
-//! same configuration.
+//! Each process of a mesh as its spec configures it: one place, used by `thynapse up` and
+//! by the operator's builders, so that local mode and a cluster run the same
+//! configuration. Launchers then set what only they know (addresses, pod fields).
+
+use thynapse_process::{DeliveryRules, RendezvousArgs, SidecarArgs, TransmitterArgs};
+use thynapse_protocol::DeliveryRule;
 
 use crate::spec::TransmitterMeshSpec;
 
-fn discovery(spec: &TransmitterMeshSpec) -> Vec<String> {
-    vec![
-        "--announce-interval-ms".into(),
-        spec.rendezvous.announce_interval_ms.to_string(),
-        "--expiry-multiplier".into(),
-        spec.rendezvous.expiry_multiplier.to_string(),
-        "--max-message-bytes".into(),
-        spec.limits.max_message_bytes.to_string(),
-    ]
+fn size(bytes: u64) -> usize {
+    usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
-/// Flags of `thynapse transmitter` (besides its name and addresses).
-pub fn transmitter(spec: &TransmitterMeshSpec) -> Vec<String> {
-    let mut args = discovery(spec);
-    args.push("--link-buffer-bytes".into());
-    args.push(spec.limits.link_buffer_bytes.to_string());
-    args
+/// Transmitter `name` of `mesh`.
+pub fn transmitter(
+    mesh: &str,
+    name: &str,
+    spec: &TransmitterMeshSpec,
+    rendezvous: &[String],
+) -> TransmitterArgs {
+    let mut a = TransmitterArgs::new(mesh, name, rendezvous);
+    a.announce_interval_ms = spec.rendezvous.announce_interval_ms;
+    a.expiry_multiplier = spec.rendezvous.expiry_multiplier;
+    a.max_message_bytes = size(spec.limits.max_message_bytes);
+    a.link_buffer_bytes = size(spec.limits.link_buffer_bytes);
+    a
 }
 
-/// Flags of `thynapse sidecar` (besides its Service, name and addresses).
-pub fn sidecar(spec: &TransmitterMeshSpec) -> Vec<String> {
-    let mut args = discovery(spec);
-    args.push("--client-output-buffer-bytes".into());
-    args.push(spec.limits.client_output_buffer_bytes.to_string());
-    args
+/// The sidecar of cell `name`, of a Service with delivery `rules`.
+pub fn sidecar(
+    mesh: &str,
+    service: &str,
+    name: &str,
+    rules: &[DeliveryRule],
+    spec: &TransmitterMeshSpec,
+    rendezvous: &[String],
+) -> SidecarArgs {
+    let mut a = SidecarArgs::new(mesh, service, name, rendezvous);
+    a.rules = DeliveryRules(rules.to_vec());
+    a.announce_interval_ms = spec.rendezvous.announce_interval_ms;
+    a.expiry_multiplier = spec.rendezvous.expiry_multiplier;
+    a.max_message_bytes = size(spec.limits.max_message_bytes);
+    a.client_output_buffer_bytes = size(spec.limits.client_output_buffer_bytes);
+    a
 }
 
-/// Flags of `thynapse rendezvous`: the room policy and the declared rooms.
+/// A rendezvous point: the room policy and the declared rooms (replicas, or the default).
 pub fn rendezvous<'a>(
+    mesh: &str,
     spec: &TransmitterMeshSpec,
     rooms: impl IntoIterator<Item = (&'a str, Option<u32>)>,
-) -> Vec<String> {
-    let mut args = vec![
-        "--default-replicas".to_string(),
-        spec.rooms.default_replicas.to_string(),
-    ];
-    if !spec.rooms.allow_undeclared {
-        args.push("--forbid-undeclared".into());
-    }
-    for (name, replicas) in rooms {
-        args.push("--room".into());
-        args.push(format!(
-            "{name}={}",
-            replicas.unwrap_or(spec.rooms.default_replicas)
-        ));
-    }
-    args
-}
-
-/// `--rendezvous ADDRESS` for each rendezvous point.
-pub fn rendezvous_points<'a>(addresses: impl IntoIterator<Item = &'a String>) -> Vec<String> {
-    addresses
+) -> RendezvousArgs {
+    let mut a = RendezvousArgs::new(mesh);
+    a.default_replicas = spec.rooms.default_replicas;
+    a.forbid_undeclared = !spec.rooms.allow_undeclared;
+    a.rooms = rooms
         .into_iter()
-        .flat_map(|a| ["--rendezvous".to_string(), a.clone()])
-        .collect()
+        .map(|(name, replicas)| {
+            let replicas = replicas.unwrap_or(spec.rooms.default_replicas);
+            (name.to_string(), replicas)
+        })
+        .collect();
+    a
 }
 
 #[cfg(test)]
@@ -71,38 +73,24 @@ mod tests {
             "replicas: 1\nrendezvous: {announceIntervalMs: 250}\nrooms: {allowUndeclared: false, defaultReplicas: 3}\nlimits: {linkBufferBytes: 65536}",
         )
         .unwrap();
+        let points = ["udp://a:1".to_string()];
+        let t = transmitter("m", "m-0", &spec, &points);
         assert_eq!(
-            transmitter(&spec),
-            [
-                "--announce-interval-ms",
-                "250",
-                "--expiry-multiplier",
-                "3",
-                "--max-message-bytes",
-                "1048576",
-                "--link-buffer-bytes",
-                "65536"
-            ]
+            (
+                t.announce_interval_ms,
+                t.expiry_multiplier,
+                t.max_message_bytes
+            ),
+            (250, 3, 1048576)
         );
-        assert_eq!(
-            sidecar(&spec)[6..],
-            ["--client-output-buffer-bytes", "33554432"]
-        );
-        assert_eq!(
-            rendezvous(&spec, [("lobby", None), ("game", Some(1))]),
-            [
-                "--default-replicas",
-                "3",
-                "--forbid-undeclared",
-                "--room",
-                "lobby=3",
-                "--room",
-                "game=1"
-            ]
-        );
-        assert_eq!(
-            rendezvous_points(&["udp://a:1".to_string()]),
-            ["--rendezvous", "udp://a:1"]
-        );
+        assert_eq!(t.link_buffer_bytes, 65536);
+        assert_eq!(t.rendezvous, points);
+        let s = sidecar("m", "orders", "orders-0", &[], &spec, &points);
+        assert_eq!(s.client_output_buffer_bytes, 33554432);
+        assert_eq!(s.announce_interval_ms, 250);
+        let r = rendezvous("m", &spec, [("lobby", None), ("game", Some(1))]);
+        assert!(r.forbid_undeclared);
+        assert_eq!(r.default_replicas, 3);
+        assert_eq!(r.rooms, [("lobby".to_string(), 3), ("game".to_string(), 1)]);
     }
 }

@@ -20,53 +20,18 @@ pub mod metrics;
 pub mod resp;
 pub mod session;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use thynapse_protocol::DeliveryRule;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 
 use crate::connection::Shared;
 use crate::hub::{Hub, HubConfig};
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct Args {
-    #[arg(long)]
-    pub mesh: String,
-    /// The Service this cell belongs to.
-    #[arg(long)]
-    pub service: String,
-    /// This cell's name (the pod name in a cluster).
-    #[arg(long)]
-    pub name: String,
-    /// The Service's delivery rules as JSON: `[{"pattern": "jobs.*", "mode": "anycatch"}]`.
-    #[arg(long, default_value = "[]")]
-    pub rules: String,
-    /// Rendezvous points, `udp://host:port` (repeat for several).
-    #[arg(long = "rendezvous", required = true)]
-    pub rendezvous: Vec<String>,
-    /// Redis endpoint for the cell's applications; must be a loopback address.
-    #[arg(long, default_value = "127.0.0.1:6379")]
-    pub resp_bind: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub metrics_bind: SocketAddr,
-    /// Transmitter to join first when it is live (local mode spreads cells this way).
-    #[arg(long)]
-    pub prefer_transmitter: Option<String>,
-    #[arg(long, default_value_t = 500)]
-    pub announce_interval_ms: u64,
-    #[arg(long, default_value_t = 3)]
-    pub expiry_multiplier: u32,
-    #[arg(long, default_value_t = thynapse_protocol::DEFAULT_MAX_MESSAGE_BYTES)]
-    pub max_message_bytes: usize,
-    /// Bytes queued for one Redis client beyond which it is disconnected.
-    #[arg(long, default_value_t = 32 << 20)]
-    pub client_output_buffer_bytes: usize,
-}
+/// The sidecar's flags (the contract every launcher fills: `thynapse_process`).
+pub use thynapse_process::SidecarArgs as Args;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -82,8 +47,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             args.resp_bind
         );
     }
-    let rules: Vec<DeliveryRule> = serde_json::from_str(&args.rules)
-        .context("--rules is not a JSON list of {pattern, mode}")?;
     let metrics = metrics::Metrics::new();
     let listener = TcpListener::bind(args.resp_bind)
         .await
@@ -96,7 +59,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         mesh: args.mesh.clone(),
         service: args.service.clone(),
         name: args.name.clone(),
-        rules,
+        rules: args.rules.0.clone(),
         rendezvous: args.rendezvous.clone(),
         prefer: args.prefer_transmitter.clone(),
         heartbeat,

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use serde_json::Value;
+use thynapse_process::Status;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
@@ -26,10 +27,15 @@ pub(super) async fn supervise(
     reports: mpsc::Sender<Report>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(500);
+    // 0.5 s, 1 s, 2 s … 10 s between restarts; back to the start once it is up again.
+    let restarts = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(10))
+        .without_max_times();
+    let mut backoff = restarts.build();
     loop {
         let mut cmd = Command::new(&exe);
-        cmd.args(&spec.args)
+        cmd.args(spec.args.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -64,19 +70,17 @@ pub(super) async fn supervise(
             tokio::select! {
                 line = lines.next_line() => match line {
                     Ok(Some(line)) => {
-                        if let Some(json) = line.strip_prefix("READY ") {
-                            let info: Value = serde_json::from_str(json).unwrap_or(Value::Null);
-                            pin_ports(&mut spec, &info);
-                            backoff = Duration::from_millis(500);
-                            let _ = reports.send(Report::Ready { index, pid, info }).await;
-                        } else if let Some(json) = line.strip_prefix("MOVED ") {
-                            let info: Value = serde_json::from_str(json).unwrap_or(Value::Null);
-                            let _ = reports.send(Report::Moved { index, info }).await;
-                        } else if let Some(json) = line.strip_prefix("LINKED ") {
-                            let info: Value = serde_json::from_str(json).unwrap_or(Value::Null);
-                            let peers = info["peers"].as_u64().unwrap_or(0) as usize;
-                            let _ = reports.send(Report::Linked { index, peers }).await;
-                        }
+                        let report = match Status::parse(&line) {
+                            Some(Status::Ready(info)) => {
+                                pin_ports(&mut spec, &info);
+                                backoff = restarts.build();
+                                Report::Ready { index, pid, info }
+                            }
+                            Some(Status::Moved(info)) => Report::Moved { index, info },
+                            Some(Status::Linked(l)) => Report::Linked { index, peers: l.peers },
+                            None => continue,
+                        };
+                        let _ = reports.send(report).await;
                     }
                     _ => break child.wait().await,
                 },
@@ -93,10 +97,9 @@ pub(super) async fn supervise(
         let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
         let _ = reports.send(Report::Exited { index, status }).await;
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(10))) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::Value;
+use thynapse_process::Ready;
 use tokio::sync::{mpsc, watch};
 
 use super::{Report, Role, Spec, State};
@@ -121,18 +122,36 @@ pub(super) fn endpoints(
         rooms: rooms.to_vec(),
     };
     for (spec, state) in specs.iter().zip(states) {
-        let info = state.info.clone().unwrap_or(Value::Null);
-        let s = |k: &str| info.get(k).cloned().unwrap_or(Value::Null);
-        let pid = state.pid.map_or(Value::Null, Value::from);
-        match spec.role {
-            Role::Rendezvous => e.rendezvous.push(serde_json::json!({"name": spec.name, "address": s("address"), "pid": pid})),
-            Role::Transmitter => e.transmitters.push(serde_json::json!({
-                "name": spec.name, "command": s("command"), "event": s("event"), "metrics": s("metrics"), "id": s("id"), "pid": pid,
-            })),
-            Role::Cell => e.cells.push(serde_json::json!({
-                "service": spec.service, "name": spec.name, "resp": s("resp"), "metrics": s("metrics"),
-                "transmitter": s("transmitter"), "id": s("id"), "pid": pid,
-            })),
+        let pid = state.pid;
+        match (spec.role, &state.info) {
+            (Role::Rendezvous, info) => {
+                let address = match info {
+                    Some(Ready::Rendezvous(r)) => Some(&r.address),
+                    _ => None,
+                };
+                e.rendezvous
+                    .push(serde_json::json!({"name": spec.name, "address": address, "pid": pid}));
+            }
+            (Role::Transmitter, info) => {
+                let t = match info {
+                    Some(Ready::Transmitter(t)) => Some(t),
+                    _ => None,
+                };
+                e.transmitters.push(serde_json::json!({
+                    "name": spec.name, "command": t.map(|t| &t.command), "event": t.map(|t| &t.event),
+                    "metrics": t.map(|t| &t.metrics), "id": t.map(|t| t.id), "pid": pid,
+                }));
+            }
+            (Role::Cell, info) => {
+                let c = match info {
+                    Some(Ready::Sidecar(c)) => Some(c),
+                    _ => None,
+                };
+                e.cells.push(serde_json::json!({
+                    "service": spec.service, "name": spec.name, "resp": c.map(|c| &c.resp), "metrics": c.map(|c| &c.metrics),
+                    "transmitter": c.map(|c| &c.transmitter), "id": c.map(|c| c.id), "pid": pid,
+                }));
+            }
         }
     }
     e
@@ -156,25 +175,35 @@ pub(super) fn write_endpoints(
 pub(super) fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &[RoomPlacement]) {
     let mut rows: BTreeMap<(Role, usize), [String; 6]> = BTreeMap::new();
     for (i, (spec, state)) in specs.iter().zip(states).enumerate() {
-        let info = state.info.clone().unwrap_or(Value::Null);
-        let s = |k: &str| {
-            info.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or("-")
-                .to_string()
-        };
-        let (kind, endpoint, extra) = match spec.role {
-            Role::Rendezvous => ("rendezvous", s("address"), "-".to_string()),
-            Role::Transmitter => ("transmitter", s("command"), format!("event {}", s("event"))),
-            Role::Cell => (
-                "cell",
-                format!("redis://{}", s("resp")),
-                format!(
-                    "{} on {}",
-                    spec.service.as_deref().unwrap_or("-"),
-                    s("transmitter")
-                ),
+        let dash = || "-".to_string();
+        let (kind, endpoint, metrics, extra) = match (spec.role, &state.info) {
+            (Role::Rendezvous, Some(Ready::Rendezvous(r))) => {
+                ("rendezvous", r.address.clone(), dash(), dash())
+            }
+            (Role::Rendezvous, _) => ("rendezvous", dash(), dash(), dash()),
+            (Role::Transmitter, Some(Ready::Transmitter(t))) => (
+                "transmitter",
+                t.command.clone(),
+                t.metrics.clone(),
+                format!("event {}", t.event),
             ),
+            (Role::Transmitter, _) => ("transmitter", dash(), dash(), "event -".into()),
+            (Role::Cell, info) => {
+                let c = match info {
+                    Some(Ready::Sidecar(c)) => Some(c),
+                    _ => None,
+                };
+                (
+                    "cell",
+                    format!("redis://{}", c.map_or("-", |c| &c.resp)),
+                    c.map_or_else(dash, |c| c.metrics.clone()),
+                    format!(
+                        "{} on {}",
+                        spec.service.as_deref().unwrap_or("-"),
+                        c.map_or("-", |c| &c.transmitter)
+                    ),
+                )
+            }
         };
         let pid = state.pid.map_or("-".into(), |p| p.to_string());
         rows.insert(
@@ -183,7 +212,7 @@ pub(super) fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &
                 kind.into(),
                 spec.name.clone(),
                 endpoint,
-                s("metrics"),
+                metrics,
                 extra,
                 pid,
             ],
@@ -220,13 +249,8 @@ pub(super) fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &
         line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
     }
     if let Some(cell) = specs.iter().zip(states).find(|(s, _)| s.role == Role::Cell) {
-        if let Some(resp) = cell
-            .1
-            .info
-            .as_ref()
-            .and_then(|i| i.get("resp"))
-            .and_then(Value::as_str)
-        {
+        if let Some(Ready::Sidecar(c)) = &cell.1.info {
+            let resp = &c.resp;
             let (host, port) = resp.rsplit_once(':').unwrap_or((resp, "6379"));
             println!(
                 "try: redis-cli -h {host} -p {port} publish hello world    (Ctrl-C stops the mesh)"

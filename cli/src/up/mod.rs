@@ -17,13 +17,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use serde_json::Value;
+use thynapse_process::{Ready, SidecarReady};
 use thynapse_resources::{load_path, MeshConfig};
 use tokio::sync::{mpsc, watch};
 
 use children::supervise;
 use endpoints::{follow_rooms, print_table, write_endpoints, RoomPlacement};
-use plan::rendezvous_args;
+use plan::Launch;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -102,18 +102,18 @@ struct Spec {
     role: Role,
     name: String,
     service: Option<String>,
-    args: Vec<String>,
+    args: Launch,
 }
 
 enum Report {
     Ready {
         index: usize,
         pid: u32,
-        info: Value,
+        info: Ready,
     },
     Moved {
         index: usize,
-        info: Value,
+        info: SidecarReady,
     },
     /// A transmitter's number of peers with a ready link (`LINKED {"peers": n}`).
     Linked {
@@ -130,7 +130,7 @@ enum Report {
 #[derive(Clone, Default)]
 struct State {
     pid: Option<u32>,
-    info: Option<Value>,
+    info: Option<Ready>,
     /// Transmitters: peers linked, as last reported.
     linked: usize,
 }
@@ -166,7 +166,7 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
             role: Role::Rendezvous,
             name: format!("{}-rendezvous-{i}", cfg.name),
             service: None,
-            args: rendezvous_args(&cfg),
+            args: plan::rendezvous(&cfg),
         });
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout);
@@ -184,7 +184,9 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
     while rendezvous.len() < specs.len() {
         match tokio::time::timeout_at(deadline, reports.recv()).await {
             Ok(Some(Report::Ready { index, pid, info })) => {
-                rendezvous.push(info["address"].as_str().unwrap_or_default().to_string());
+                if let Ready::Rendezvous(r) = &info {
+                    rendezvous.push(r.address.clone());
+                }
                 states[index] = State {
                     pid: Some(pid),
                     info: Some(info),
@@ -285,8 +287,8 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
                     states[index] = State { pid: Some(pid), info: Some(info), linked: 0 };
                 }
                 Some(Report::Moved { index, info }) => {
-                    if let (Some(old), Some(t)) = (states[index].info.as_mut(), info.get("transmitter")) {
-                        old["transmitter"] = t.clone();
+                    if let Some(Ready::Sidecar(old)) = states[index].info.as_mut() {
+                        old.transmitter = info.transmitter;
                     }
                 }
                 Some(Report::Linked { index, peers }) => states[index].linked = peers,
@@ -351,16 +353,11 @@ mod tests {
         let cfg = MeshConfig::from_documents(&docs, None).unwrap();
         let p = plan(&cfg, &[("s".into(), 3)], &["udp://127.0.0.1:1".into()]);
         assert_eq!(p.iter().filter(|s| s.role == Role::Transmitter).count(), 2);
-        let prefs: Vec<&String> = p
+        let prefs: Vec<&str> = p
             .iter()
-            .filter(|s| s.role == Role::Cell)
-            .map(|s| {
-                &s.args[s
-                    .args
-                    .iter()
-                    .position(|a| a == "--prefer-transmitter")
-                    .unwrap()
-                    + 1]
+            .filter_map(|s| match &s.args {
+                Launch::Cell(a) => a.prefer_transmitter.as_deref(),
+                _ => None,
             })
             .collect();
         assert_eq!(prefs, ["m-0", "m-1", "m-0"]);
@@ -370,25 +367,29 @@ mod tests {
     fn pinning_ports_keeps_endpoints_across_restarts() {
         let mut spec = Spec {
             role: Role::Transmitter,
-            name: "t".into(),
+            name: "m-0".into(),
             service: None,
-            args: vec!["transmitter".into()],
+            args: Launch::Transmitter(thynapse_process::TransmitterArgs::new(
+                "m",
+                "m-0",
+                &["udp://127.0.0.1:1".into()],
+            )),
         };
-        pin_ports(
-            &mut spec,
-            &serde_json::json!({"command": "tcp://127.0.0.1:5", "event": "tcp://127.0.0.1:6", "metrics": "http://127.0.0.1:7/metrics"}),
-        );
+        let ready: Ready = serde_json::from_str(
+            r#"{"name": "m-0", "id": "0000000000000000000000000000000000000000", "command": "tcp://127.0.0.1:5", "event": "tcp://127.0.0.1:6", "metrics": "http://127.0.0.1:7/metrics"}"#,
+        )
+        .unwrap();
+        pin_ports(&mut spec, &ready);
+        let Launch::Transmitter(a) = &spec.args else {
+            unreachable!()
+        };
         assert_eq!(
-            spec.args,
-            [
-                "transmitter",
-                "--command-bind",
-                "tcp://127.0.0.1:5",
-                "--event-bind",
-                "tcp://127.0.0.1:6",
-                "--metrics-bind",
-                "127.0.0.1:7"
-            ]
+            (
+                &a.command_bind[..],
+                &a.event_bind[..],
+                a.metrics_bind.port()
+            ),
+            ("tcp://127.0.0.1:5", "tcp://127.0.0.1:6", 7)
         );
     }
 }

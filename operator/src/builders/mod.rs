@@ -68,6 +68,12 @@ pub fn secret_name(mesh: &str) -> String {
 }
 
 /// Addresses of the mesh's rendezvous points, as transmitters and sidecars are given them.
+/// `0.0.0.0:port`: a pod's component listens on every interface.
+pub fn any_interface(port: i32) -> std::net::SocketAddr {
+    let port = u16::try_from(port).expect("ports are 16 bits");
+    std::net::SocketAddr::from(([0, 0, 0, 0], port))
+}
+
 pub fn rendezvous_addresses(mesh: &TransmitterMesh) -> Vec<String> {
     let ns = mesh.namespace().unwrap_or_else(|| "default".into());
     (0..mesh.spec.rendezvous.replicas)

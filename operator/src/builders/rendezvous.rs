@@ -4,10 +4,12 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec, Service, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::ResourceExt;
+use thynapse_process::ToArgs;
 use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
-    image, labels, meta, port, rendezvous_name, selector, service_port, Inputs, RENDEZVOUS_PORT,
+    any_interface, image, labels, meta, port, rendezvous_name, selector, service_port, Inputs,
+    RENDEZVOUS_PORT,
 };
 
 /// One Deployment and Service per rendezvous point: UDP announcements must all reach
@@ -27,15 +29,9 @@ pub(super) fn rendezvous_points(
             pod_labels.insert("thynapse.io/rendezvous".into(), point.clone());
             let mut select = selector(&name, component);
             select.insert("thynapse.io/rendezvous".into(), point.clone());
-            let mut args = vec![
-                "rendezvous".to_string(),
-                "--mesh".into(),
-                name.clone(),
-                "--bind".into(),
-                format!("0.0.0.0:{RENDEZVOUS_PORT}"),
-            ];
             let rooms = inputs.rooms.iter().map(|(r, n)| (r.as_str(), Some(*n)));
-            args.extend(flags::rendezvous(spec, rooms));
+            let mut args = flags::rendezvous(&name, spec, rooms);
+            args.bind = any_interface(RENDEZVOUS_PORT);
             let deployment = Deployment {
                 metadata: meta(mesh, point.clone(), component),
                 spec: DeploymentSpec {
@@ -54,7 +50,7 @@ pub(super) fn rendezvous_points(
                                 name: "rendezvous".into(),
                                 image: Some(image.clone()),
                                 command: Some(vec!["thynapse".into()]),
-                                args: Some(args),
+                                args: Some(args.to_args()),
                                 ports: Some(vec![port("discovery", RENDEZVOUS_PORT, "UDP")]),
                                 ..Container::default()
                             }],

@@ -7,11 +7,13 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
+use thynapse_process::ToArgs;
 use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
-    field_env, image, labels, meta, port, prometheus_annotations, rendezvous_addresses, selector,
-    service_port, tcp_probe, transmitter_name, Inputs, COMMAND_PORT, EVENT_PORT, METRICS_PORT,
+    any_interface, field_env, image, labels, meta, port, prometheus_annotations,
+    rendezvous_addresses, selector, service_port, tcp_probe, transmitter_name, Inputs,
+    COMMAND_PORT, EVENT_PORT, METRICS_PORT,
 };
 
 /// The transmitters: a StatefulSet of peers, started and stopped all at once.
@@ -20,23 +22,11 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
     let spec = &mesh.spec;
     let image = image(mesh, inputs);
     let rendezvous = rendezvous_addresses(mesh);
-    let mut transmitter_args = vec![
-        "transmitter".to_string(),
-        "--mesh".into(),
-        name.clone(),
-        "--name".into(),
-        "$(POD_NAME)".into(),
-        "--command-bind".into(),
-        format!("tcp://0.0.0.0:{COMMAND_PORT}"),
-        "--event-bind".into(),
-        format!("tcp://0.0.0.0:{EVENT_PORT}"),
-        "--advertise-host".into(),
-        "$(POD_IP)".into(),
-        "--metrics-bind".into(),
-        format!("0.0.0.0:{METRICS_PORT}"),
-    ];
-    transmitter_args.extend(flags::transmitter(spec));
-    transmitter_args.extend(flags::rendezvous_points(&rendezvous));
+    let mut transmitter_args = flags::transmitter(&name, "$(POD_NAME)", spec, &rendezvous);
+    transmitter_args.command_bind = format!("tcp://0.0.0.0:{COMMAND_PORT}");
+    transmitter_args.event_bind = format!("tcp://0.0.0.0:{EVENT_PORT}");
+    transmitter_args.advertise_host = "$(POD_IP)".into();
+    transmitter_args.metrics_bind = any_interface(METRICS_PORT);
     let transmitter_labels = labels(&name, "transmitter");
     StatefulSet {
         metadata: meta(mesh, transmitter_name(&name), "transmitter"),
@@ -64,7 +54,7 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
                         name: "transmitter".into(),
                         image: Some(image.clone()),
                         command: Some(vec!["thynapse".into()]),
-                        args: Some(transmitter_args),
+                        args: Some(transmitter_args.to_args()),
                         env: Some(vec![
                             field_env("POD_NAME", "metadata.name"),
                             field_env("POD_IP", "status.podIP"),

@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use futures::FutureExt;
+use thynapse_process::{Ready, SidecarReady, Status};
 use thynapse_protocol::batch::{decode_acks, decode_envelopes};
 use thynapse_protocol::frame::CommandFrame;
 use thynapse_protocol::room::room_of;
@@ -212,12 +213,17 @@ impl Hub {
                         return;
                     }
                     tracing::info!(transmitter = %w.name, "connected to transmitter");
-                    let info = serde_json::json!({"transmitter": w.name, "resp": self.cfg.resp.to_string(), "metrics": self.cfg.metrics_url, "id": self.id});
+                    let info = SidecarReady {
+                        transmitter: w.name,
+                        resp: self.cfg.resp.to_string(),
+                        metrics: self.cfg.metrics_url.clone(),
+                        id: self.id,
+                    };
                     if !self.ready_printed {
                         self.ready_printed = true;
-                        println!("READY {info}");
+                        Status::Ready(Ready::Sidecar(info)).print();
                     } else {
-                        println!("MOVED {info}");
+                        Status::Moved(info).print();
                     }
                 }
             }

@@ -108,7 +108,7 @@ impl Transmitter {
             .count();
         if self.linked_reported != Some(n) {
             self.linked_reported = Some(n);
-            println!("LINKED {}", serde_json::json!({ "peers": n }));
+            thynapse_process::Status::Linked(thynapse_process::Linked { peers: n }).print();
         }
     }
 

@@ -39,6 +39,7 @@ use cells::{Leaving, LocalCell};
 use dispatch::HeldBatch;
 use peers::{Peer, Report};
 use rooms::{Announcement, HostedRoom};
+use thynapse_process::{Ready, Status, TransmitterReady};
 
 /// Most inbound messages (and bytes) handled before a flush, so one busy sender cannot
 /// delay batches for everyone, and publishers get their acknowledgements while the rest
@@ -199,10 +200,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         linked_reported: None,
         args,
     };
-    println!(
-        "READY {}",
-        serde_json::json!({"name": t.args.name, "id": id, "command": command, "event": event, "metrics": metrics_url})
-    );
+    Status::Ready(Ready::Transmitter(TransmitterReady {
+        name: t.args.name.clone(),
+        id,
+        command: command.clone(),
+        event: event.clone(),
+        metrics: metrics_url.clone(),
+    }))
+    .print();
     tracing::info!(name = %t.args.name, %command, %event, "transmitter ready");
 
     let mut stop_signals = thynapse_telemetry::StopSignals::new()?;
