@@ -10,8 +10,10 @@ pub struct MeshObservation {
     pub generation: Option<i64>,
     pub desired: i32,
     pub ready: i32,
-    /// The last apply failed with this message.
+    /// The last apply failed with this message (or the spec was refused, see `invalid`).
     pub error: Option<String>,
+    /// The spec was refused before anything was applied.
+    pub invalid: bool,
 }
 
 fn condition(
@@ -35,8 +37,13 @@ fn condition(
 pub fn mesh_conditions(o: &MeshObservation, now: Timestamp) -> Vec<Condition> {
     let ready = o.error.is_none() && o.ready >= o.desired;
     let progressing = o.error.is_none() && o.ready < o.desired;
+    let failed = if o.invalid {
+        "InvalidSpec"
+    } else {
+        "ApplyFailed"
+    };
     let (ready_reason, ready_msg) = match &o.error {
-        Some(e) => ("ApplyFailed", e.clone()),
+        Some(e) => (failed, e.clone()),
         None if ready => (
             "AllTransmittersReady",
             format!("{}/{} transmitters ready", o.ready, o.desired),
@@ -60,7 +67,7 @@ pub fn mesh_conditions(o: &MeshObservation, now: Timestamp) -> Vec<Condition> {
             "Degraded",
             o.error.is_some(),
             if o.error.is_some() {
-                "ApplyFailed"
+                failed
             } else {
                 "AsExpected"
             },
@@ -112,6 +119,7 @@ mod tests {
             desired: 3,
             ready: 1,
             error: None,
+            invalid: false,
         };
         let cs = mesh_conditions(&o, now);
         assert_eq!(
@@ -147,6 +155,7 @@ mod tests {
             desired: 1,
             ready: 1,
             error: None,
+            invalid: false,
         };
         let first = mesh_conditions(&o, t0);
         let again = merge(&first, mesh_conditions(&o, t1));
