@@ -13,6 +13,7 @@ pub mod delivery;
 pub mod discovery;
 pub mod frame;
 pub mod glob;
+pub mod limits;
 pub mod room;
 pub mod thid;
 pub mod wire;

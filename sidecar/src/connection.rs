@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::api::{now_us, ClientHandle, ClientId, ClientPublishes, HubCmd, Out};
+use thynapse_protocol::limits::MAX_NAME_BYTES;
+
 use crate::cmd::{arity_error, lower, COMMANDS};
 use crate::introspection::ClientSummary;
 use crate::resp::{parse_request, retype_pushes, Reply, Request};
@@ -24,6 +26,9 @@ use crate::resp::{parse_request, retype_pushes, Reply, Request};
 pub struct Shared {
     pub hub: mpsc::Sender<HubCmd>,
     pub max_message_bytes: usize,
+    /// `thynapse_sidecar_refused_total` and `_drops_total`, counted where a command is refused.
+    pub refused: prometheus::IntCounterVec,
+    pub drops: prometheus::IntCounterVec,
     pub client_output_buffer_bytes: usize,
     /// Who this sidecar is, for INFO.
     pub mesh: String,
@@ -76,6 +81,16 @@ pub(crate) struct Client {
     /// What goes out before `out`, in order: earlier replies and the hub's pushes.
     pub(crate) chunks: VecDeque<Bytes>,
     pub(crate) close: bool,
+}
+
+/// The error for a channel, pattern or room name over `MAX_NAME_BYTES`, if it is.
+pub(crate) fn name_too_long(name: &[u8]) -> Option<String> {
+    (name.len() > MAX_NAME_BYTES).then(|| {
+        format!(
+            "ERR channel name of {} bytes exceeds the limit of {MAX_NAME_BYTES} bytes",
+            name.len()
+        )
+    })
 }
 
 /// Largest request buffered; beyond it the client gets an error and is disconnected, as
@@ -186,7 +201,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
                     }
                     // (S)PUBLISH is most of the traffic: queued without the generic
                     // command lookup or a Vec of arguments.
-                    match c.try_publish(&chunk, &args, shared.max_message_bytes) {
+                    match c.try_publish(&chunk, &args, &shared) {
                         Some(false) => continue,
                         Some(true) => {
                             c.hand_over(&shared).await;
@@ -406,7 +421,7 @@ impl Client {
     }
 
     async fn publish(&mut self, channel: &[u8], payload: &[u8], shard: bool, shared: &Shared) {
-        if self.queue_publish(channel, payload, shard, shared.max_message_bytes) {
+        if self.queue_publish(channel, payload, shard, shared) {
             self.hand_over(shared).await;
         }
     }
@@ -414,12 +429,7 @@ impl Client {
     /// The (S)PUBLISH fast path, taken before `handle` (whose future is large, as it
     /// serves every command): queues the publish for the hub; true when the batch is full
     /// and should be handed over now.
-    fn try_publish(
-        &mut self,
-        chunk: &[u8],
-        request: &Request,
-        max_message_bytes: usize,
-    ) -> Option<bool> {
+    fn try_publish(&mut self, chunk: &[u8], request: &Request, shared: &Shared) -> Option<bool> {
         // RESP2 clients in subscribed mode may not publish (handle() answers them).
         if request.len() != 3 || (!self.resp3 && self.subscribed()) {
             return None;
@@ -431,23 +441,34 @@ impl Client {
         }
         let channel = &chunk[request[1].clone()];
         let payload = &chunk[request[2].clone()];
-        Some(self.queue_publish(channel, payload, shard, max_message_bytes))
+        Some(self.queue_publish(channel, payload, shard, shared))
     }
 
-    /// Queues one (S)PUBLISH (or refuses an oversized one); true when the batch is full.
+    /// Queues one (S)PUBLISH (or refuses one over a limit, counted); true when the batch
+    /// is full.
     fn queue_publish(
         &mut self,
         channel: &[u8],
         payload: &[u8],
         shard: bool,
-        max_message_bytes: usize,
+        shared: &Shared,
     ) -> bool {
-        if payload.len() > max_message_bytes {
-            self.reply(Reply::error(format!(
-                "ERR message of {} bytes exceeds the mesh limit of {} bytes (maxMessageBytes)",
-                payload.len(),
-                max_message_bytes
-            )));
+        let refused = if payload.len() > shared.max_message_bytes {
+            Some((
+                "message_size",
+                format!(
+                    "ERR message of {} bytes exceeds the mesh limit of {} bytes (maxMessageBytes)",
+                    payload.len(),
+                    shared.max_message_bytes
+                ),
+            ))
+        } else {
+            name_too_long(channel).map(|e| ("name_length", e))
+        };
+        if let Some((limit, error)) = refused {
+            shared.refused.with_label_values(&[limit]).inc();
+            shared.drops.with_label_values(&["too_large"]).inc();
+            self.reply(Reply::error(error));
             return false;
         }
         let token = self.pending_base + self.pending.len() as u64;

@@ -65,15 +65,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         heartbeat,
         expiry: heartbeat * args.expiry_multiplier,
         client_output_buffer_bytes: args.client_output_buffer_bytes,
+        max_message_bytes: args.max_message_bytes,
         resp,
         metrics_url: format!("http://{metrics_addr}/metrics"),
     };
     let (hub_tx, hub_rx) = mpsc::channel(1024);
     let shutdown = Arc::new(Notify::new());
-    let hub = tokio::spawn(Hub::new(cfg, metrics).run(hub_rx, shutdown.clone()));
+    let hub = tokio::spawn(Hub::new(cfg, metrics.clone()).run(hub_rx, shutdown.clone()));
     let shared = Arc::new(Shared {
         hub: hub_tx,
         max_message_bytes: args.max_message_bytes,
+        refused: metrics.refused.clone(),
+        drops: metrics.drops.clone(),
         client_output_buffer_bytes: args.client_output_buffer_bytes,
         mesh: args.mesh.clone(),
         service: args.service.clone(),

@@ -12,6 +12,7 @@ pub struct Metrics {
     pub messages_out: IntCounter,
     pub bytes_out: IntCounter,
     pub drops: IntCounterVec,
+    pub refused: IntCounterVec,
     pub duplicates: IntCounter,
     pub clients: IntGauge,
     pub subscriptions: IntGauge,
@@ -62,6 +63,12 @@ impl Metrics {
                 "Messages dropped, by reason.",
                 "reason",
             ),
+            refused: counter_vec(
+                &r,
+                "thynapse_sidecar_refused_total",
+                "Commands refused with an error for going over a limit, by limit.",
+                "limit",
+            ),
             duplicates: counter(
                 &r,
                 "thynapse_sidecar_duplicates_suppressed_total",
@@ -101,6 +108,9 @@ impl Metrics {
             m.drops.with_label_values(&[reason]);
         }
         m.disconnects.with_label_values(&["slow_subscriber"]);
+        for limit in ["message_size", "name_length"] {
+            m.refused.with_label_values(&[limit]);
+        }
         m
     }
 }

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub rooms: IntGauge,
     pub held_bytes: IntGauge,
     pub sync_gave_up: IntCounterVec,
+    pub refused: IntCounterVec,
 }
 
 /// Where a message was dropped, and why: the `reason` label of
@@ -162,6 +163,12 @@ impl Metrics {
                 "Messages dropped, by reason.",
                 "reason",
             ),
+            refused: counter_vec(
+                &r,
+                "thynapse_transmitter_refused_total",
+                "Requests refused for going over a limit (the sender gets an ERRR), by limit.",
+                "limit",
+            ),
             malformed: counter(
                 &r,
                 "thynapse_transmitter_malformed_frames_total",
@@ -206,6 +213,7 @@ impl Metrics {
             ),
             registry: r,
         };
+        m.refused.with_label_values(&["interest_bytes"]);
         for reason in ["timeout", "peer_lost"] {
             m.sync_gave_up.with_label_values(&[reason]);
         }

@@ -7,10 +7,17 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
 use thynapse_protocol::batch::EnvelopeBatchWriter;
+use thynapse_protocol::limits::BATCH_BYTES;
 
 pub struct Outbox {
-    pub writer: EnvelopeBatchWriter,
+    writer: EnvelopeBatchWriter,
+    /// Batches closed because they were full, not sent yet (oldest first), and their
+    /// bytes and messages.
+    ready: VecDeque<(u64, Bytes, usize)>,
+    ready_bytes: usize,
+    ready_messages: usize,
     inflight: VecDeque<(u64, usize, usize)>,
     inflight_bytes: usize,
     inflight_messages: usize,
@@ -24,6 +31,9 @@ impl Default for Outbox {
     fn default() -> Self {
         Self {
             writer: EnvelopeBatchWriter::default(),
+            ready: VecDeque::new(),
+            ready_bytes: 0,
+            ready_messages: 0,
             inflight: VecDeque::new(),
             inflight_bytes: 0,
             inflight_messages: 0,
@@ -35,24 +45,55 @@ impl Default for Outbox {
 impl Outbox {
     /// Whether one more message of `size` bytes fits under `limit`.
     pub fn has_room(&self, size: usize, limit: usize) -> bool {
-        self.inflight.len() < MAX_FRAMES_IN_FLIGHT
-            && self.inflight_bytes + self.writer.byte_len() + size <= limit
+        self.inflight.len() + self.ready.len() < MAX_FRAMES_IN_FLIGHT
+            && self.pending_bytes() + size <= limit
     }
 
     pub fn congested(&self, high_water: usize) -> bool {
-        self.inflight_bytes + self.writer.byte_len() > high_water
-            || self.inflight.len() > MAX_FRAMES_IN_FLIGHT / 2
+        self.pending_bytes() > high_water || self.inflight.len() > MAX_FRAMES_IN_FLIGHT / 2
     }
 
-    /// Closes the pending batch, if any: its bytes and batch number.
-    pub fn take_batch(&mut self) -> Option<(u64, bytes::Bytes, usize)> {
-        if self.writer.is_empty() {
-            return None;
+    /// Bytes sent and not credited, or waiting to be sent.
+    fn pending_bytes(&self) -> usize {
+        self.inflight_bytes + self.ready_bytes + self.writer.byte_len()
+    }
+
+    /// Bytes waiting to be sent at the next flush.
+    pub fn unsent_bytes(&self) -> usize {
+        self.ready_bytes + self.writer.byte_len()
+    }
+
+    /// The batch to write the next message into: a new one once the current holds
+    /// `BATCH_BYTES`, so that no frame is over the peers' message size limit.
+    pub fn open(&mut self) -> &mut EnvelopeBatchWriter {
+        if self.writer.byte_len() >= BATCH_BYTES {
+            let (batch, frame, messages) = self.close();
+            self.ready_bytes += frame.len();
+            self.ready_messages += messages;
+            self.ready.push_back((batch, frame, messages));
         }
+        &mut self.writer
+    }
+
+    fn close(&mut self) -> (u64, Bytes, usize) {
         let batch = self.next_batch;
         self.next_batch += 1;
         let messages = self.writer.len();
-        let frame = self.writer.finish(batch);
+        (batch, self.writer.finish(batch), messages)
+    }
+
+    /// The next batch to send, oldest first (the one being written last), if any: its
+    /// number, bytes and messages. From now on it is in flight until credited.
+    pub fn take_batch(&mut self) -> Option<(u64, Bytes, usize)> {
+        let (batch, frame, messages) = match self.ready.pop_front() {
+            Some(ready) => {
+                self.ready_bytes -= ready.1.len();
+                self.ready_messages -= ready.2;
+                ready
+            }
+            None if self.writer.is_empty() => return None,
+            None => self.close(),
+        };
         self.inflight.push_back((batch, frame.len(), messages));
         self.inflight_bytes += frame.len();
         self.inflight_messages += messages;
@@ -72,7 +113,7 @@ impl Outbox {
     }
 
     pub fn idle(&self) -> bool {
-        self.inflight.is_empty() && self.writer.is_empty()
+        self.inflight.is_empty() && self.ready.is_empty() && self.writer.is_empty()
     }
 
     /// Forgets what was sent on a link that is gone (it will never be credited); what is
@@ -87,7 +128,7 @@ impl Outbox {
 
     /// Messages sent or pending but never credited (lost when the link is).
     pub fn unconfirmed_messages(&self) -> usize {
-        self.inflight_messages + self.writer.len()
+        self.inflight_messages + self.ready_messages + self.writer.len()
     }
 }
 
@@ -101,12 +142,12 @@ mod tests {
     fn credits_free_room() {
         let mut o = Outbox::default();
         let id = Thid::random();
-        o.writer.push(Kind::Mesh, &id, 1, 0, b"c", &[0; 100], &[]);
+        o.open().push(Kind::Mesh, &id, 1, 0, b"c", &[0; 100], &[]);
         let (b1, _, n) = o.take_batch().unwrap();
         assert_eq!((b1, n), (1, 1));
         assert!(o.congested(50));
         assert!(!o.has_room(1000, 1000));
-        o.writer.push(Kind::Mesh, &id, 2, 0, b"c", &[0; 100], &[]);
+        o.open().push(Kind::Mesh, &id, 2, 0, b"c", &[0; 100], &[]);
         let (b2, _, _) = o.take_batch().unwrap();
         o.credit(b1);
         assert_eq!(o.unconfirmed_messages(), 1);
@@ -114,5 +155,25 @@ mod tests {
         assert!(o.idle());
         assert!(o.has_room(900, 1000));
         assert!(o.take_batch().is_none());
+    }
+
+    #[test]
+    fn a_full_batch_is_closed_and_batches_go_out_in_order() {
+        let mut o = Outbox::default();
+        let id = Thid::random();
+        let payload = vec![7u8; 64 * 1024];
+        for seq in 1..=6 {
+            o.open().push(Kind::Mesh, &id, seq, 0, b"c", &payload, &[]);
+        }
+        assert_eq!(o.unconfirmed_messages(), 6);
+        let mut sent = Vec::new();
+        while let Some((batch, frame, messages)) = o.take_batch() {
+            assert!(frame.len() <= BATCH_BYTES + payload.len() + 128);
+            sent.push((batch, messages));
+        }
+        assert_eq!(sent, [(1, 4), (2, 2)], "closed at BATCH_BYTES, in order");
+        // A lost link forgets what was sent; nothing was waiting.
+        assert_eq!(o.reset_inflight(), 6);
+        assert!(o.idle());
     }
 }

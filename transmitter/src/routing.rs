@@ -42,6 +42,8 @@ struct Cell {
     patterns: HashSet<Bytes>,
     /// Shard channels (room messages): their own namespace, without patterns, as in Redis.
     shard: HashSet<Bytes>,
+    /// The size of all of them as the wire carries them (name and 6 bytes each).
+    bytes: usize,
 }
 
 /// Where a message on one channel goes, before anycatch picks.
@@ -216,36 +218,45 @@ impl Table {
 
     /// Applies subscription changes to a known cell; false when the cell is unknown.
     pub fn apply(&mut self, at: Location, id: Thid, changes: &[(Op, Interest, Bytes)]) -> bool {
+        self.apply_within(at, id, changes, usize::MAX).is_some()
+    }
+
+    /// As `apply`, but refuses additions that would take the cell's subscriptions past
+    /// `max_bytes` (each name and 6 bytes, as the wire carries them): how many were
+    /// refused, or `None` for an unknown cell.
+    pub fn apply_within(
+        &mut self,
+        at: Location,
+        id: Thid,
+        changes: &[(Op, Interest, Bytes)],
+        max_bytes: usize,
+    ) -> Option<usize> {
         let key = (at, id);
-        let Some(cell) = self.cells.get_mut(&key) else {
-            return false;
-        };
+        let cell = self.cells.get_mut(&key)?;
+        let mut refused = 0;
         for (op, kind, name) in changes {
-            match (op, kind) {
-                (Op::Add, Interest::Channel) => {
-                    if cell.channels.insert(name.clone()) {
-                        self.by_channel.entry(name.clone()).or_default().insert(key);
+            let cost = name.len() + 6;
+            let (set, index) = match kind {
+                Interest::Channel => (&mut cell.channels, Some(&mut self.by_channel)),
+                Interest::Pattern => (&mut cell.patterns, None),
+                Interest::ShardChannel => (&mut cell.shard, Some(&mut self.by_shard)),
+            };
+            match op {
+                Op::Add if set.contains(name) => {}
+                Op::Add if cell.bytes + cost > max_bytes => refused += 1,
+                Op::Add => {
+                    set.insert(name.clone());
+                    cell.bytes += cost;
+                    if let Some(index) = index {
+                        index.entry(name.clone()).or_default().insert(key);
                     }
                 }
-                (Op::Remove, Interest::Channel) => {
-                    if cell.channels.remove(name) {
-                        remove_index(&mut self.by_channel, name, &key);
-                    }
-                }
-                (Op::Add, Interest::Pattern) => {
-                    cell.patterns.insert(name.clone());
-                }
-                (Op::Remove, Interest::Pattern) => {
-                    cell.patterns.remove(name);
-                }
-                (Op::Add, Interest::ShardChannel) => {
-                    if cell.shard.insert(name.clone()) {
-                        self.by_shard.entry(name.clone()).or_default().insert(key);
-                    }
-                }
-                (Op::Remove, Interest::ShardChannel) => {
-                    if cell.shard.remove(name) {
-                        remove_index(&mut self.by_shard, name, &key);
+                Op::Remove => {
+                    if set.remove(name) {
+                        cell.bytes -= cost;
+                        if let Some(index) = index {
+                            remove_index(index, name, &key);
+                        }
                     }
                 }
             }
@@ -256,7 +267,7 @@ impl Table {
             self.with_patterns.insert(key);
         }
         self.invalidate();
-        true
+        Some(refused)
     }
 
     /// Replaces everything known of a cell's subscriptions.
@@ -523,6 +534,44 @@ mod tests {
         };
         assert!(t.apply(at, id, &[(Op::Add, kind, ch(channel))]));
         id
+    }
+
+    #[test]
+    fn a_cell_subscribes_to_at_most_its_budget() {
+        let mut t = Table::default();
+        let id = Thid::random();
+        t.upsert_cell(Location::Local, id, "s", &[]);
+        let adds = |names: &[&str]| -> Vec<(Op, Interest, Bytes)> {
+            names
+                .iter()
+                .map(|n| (Op::Add, Interest::Channel, ch(n)))
+                .collect()
+        };
+        // 3 names of 4 bytes cost 30 bytes: a budget of 25 takes two.
+        assert_eq!(
+            t.apply_within(Location::Local, id, &adds(&["aaaa", "bbbb", "cccc"]), 25),
+            Some(1)
+        );
+        let mut d = Dispatch::default();
+        t.dispatch(Kind::Mesh, &ch("cccc"), &mut d);
+        assert!(d.local.is_empty(), "the refused one is not routed");
+        // Again the same ones: nothing new, nothing refused; a removal frees room.
+        assert_eq!(
+            t.apply_within(Location::Local, id, &adds(&["aaaa", "bbbb"]), 25),
+            Some(0)
+        );
+        let remove = [(Op::Remove, Interest::Channel, ch("aaaa"))];
+        assert_eq!(t.apply_within(Location::Local, id, &remove, 25), Some(0));
+        assert_eq!(
+            t.apply_within(Location::Local, id, &adds(&["cccc"]), 25),
+            Some(0)
+        );
+        t.dispatch(Kind::Mesh, &ch("cccc"), &mut d);
+        assert_eq!(d.local, [id]);
+        assert_eq!(
+            t.apply_within(Location::Local, Thid::random(), &remove, 25),
+            None
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use super::{lower, sub_kind, unknown_subcommand};
 use crate::api::{HubCmd, SubKind};
-use crate::connection::{Client, Pending, Shared};
+use crate::connection::{name_too_long, Client, Pending, Shared};
 use crate::resp::Reply;
 
 impl Client {
@@ -42,7 +42,13 @@ impl Client {
         let kind = sub_kind(name);
         let names: Vec<Bytes> = args[1..].to_vec();
         let refused = if kind == SubKind::Shard {
-            self.admit_rooms(&names, shared).await
+            // A name over the limit is refused below, without asking for its room.
+            let admissible: Vec<Bytes> = names
+                .iter()
+                .filter(|n| name_too_long(n).is_none())
+                .cloned()
+                .collect();
+            self.admit_rooms(&admissible, shared).await
         } else {
             BTreeMap::new()
         };
@@ -53,6 +59,11 @@ impl Client {
         for n in &names {
             if let Some(error) = refused.get(room_of(n)) {
                 replies.push(Reply::error(format!("ERR {error}")));
+                continue;
+            }
+            if let Some(error) = name_too_long(n) {
+                shared.refused.with_label_values(&["name_length"]).inc();
+                replies.push(Reply::error(error));
                 continue;
             }
             if self.set_of(kind).insert(n.clone()) {

@@ -44,6 +44,7 @@ impl Hub {
                 None
             },
             wait_for_preferred,
+            max_message_bytes: self.cfg.max_message_bytes,
             spread: {
                 let mix = Thid::of_parts(&[&self.id.0, key.as_deref().unwrap_or_default()]);
                 u64::from_le_bytes(mix.0[..8].try_into().expect("8 bytes"))

@@ -50,6 +50,7 @@ pub struct HubConfig {
     pub heartbeat: Duration,
     pub expiry: Duration,
     pub client_output_buffer_bytes: usize,
+    pub max_message_bytes: usize,
     pub resp: SocketAddr,
     pub metrics_url: String,
 }

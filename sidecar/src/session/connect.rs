@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
+use thynapse_protocol::limits::wire_limit;
 use tokio::sync::mpsc;
 use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, ZmqMessage};
 
@@ -48,6 +49,7 @@ pub struct ConnectPlan {
     pub wait_for_preferred: bool,
     /// Spreads the cells of a room over its hosts.
     pub spread: u64,
+    pub max_message_bytes: usize,
 }
 
 /// Finds a transmitter for the session and opens a DEALER to it; the reader it starts
@@ -75,6 +77,9 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
     };
     let mut options = SocketOptions::default();
     options.connect_timeout(plan.heartbeat);
+    // A transmitter (or anything posing as one) sending more is disconnected before
+    // anything is reserved for it (vendor/zeromq/PATCHED.md).
+    options.max_message_size(wire_limit(plan.max_message_bytes));
     let mut socket = DealerSocket::with_options(options);
     if let Err(e) = socket.connect(&target.command).await {
         tracing::warn!(transmitter = %target.name, "connect failed: {e}");

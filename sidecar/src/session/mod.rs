@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use thynapse_protocol::batch::{put_publish, Publish};
 use thynapse_protocol::credit::CreditOwed;
+use thynapse_protocol::limits::BATCH_BYTES;
 use thynapse_protocol::wire::{self, cmd, Interest, Op};
 use thynapse_protocol::Thid;
 use tokio::sync::oneshot;
@@ -83,7 +84,8 @@ struct Unacked {
     acked: bool,
 }
 
-/// Frames beyond this many messages are closed and a new one started.
+/// Batches beyond this many messages, or `BATCH_BYTES`, are closed and a new one
+/// started: the transmitter refuses a message over `limits::wire_limit`.
 const MAX_PUBS_BATCH: usize = 1024;
 
 /// Which of a session's links a message came by, or goes on.
@@ -172,7 +174,7 @@ impl<S> Session<S> {
         if self
             .open
             .as_ref()
-            .is_some_and(|o| o.count >= MAX_PUBS_BATCH)
+            .is_some_and(|o| o.count >= MAX_PUBS_BATCH || o.bytes >= BATCH_BYTES)
         {
             self.close();
         }
@@ -359,14 +361,8 @@ impl<S> Session<S> {
         self.connecting = None;
         let mut greeting = vec![hello];
         if !snapshot.is_empty() || self.confirm.any_waiting() {
-            let sync = wire::SubsSync {
-                sync: Some(self.confirm.next_number()),
-            };
-            greeting.push(binary_frame_with(
-                cmd::SUBS,
-                &sync,
-                wire::encode_interest(snapshot),
-            ));
+            let sync = self.confirm.next_number();
+            interest_frames(snapshot, sync, &mut greeting);
         }
         // Changes queued for the old link are part of the snapshot.
         self.interest.clear();
@@ -467,13 +463,11 @@ impl<S> Session<S> {
         let link = self.link.as_mut().expect("checked above");
         out.extend(link.greeting.drain(..).map(|m| (Via::Current, m)));
         if !self.interest.is_empty() {
-            let body =
-                wire::encode_interest(self.interest.iter().map(|(op, k, n)| (*op, *k, &n[..])));
+            let changes = self.interest.iter().map(|(op, k, n)| (*op, *k, &n[..]));
+            let mut frames = Vec::new();
+            interest_frames(changes, self.confirm.next_number(), &mut frames);
             self.interest.clear();
-            let sync = wire::SubsSync {
-                sync: Some(self.confirm.next_number()),
-            };
-            out.push((Via::Current, binary_frame_with(cmd::SUBS, &sync, body)));
+            out.extend(frames.into_iter().map(|m| (Via::Current, m)));
         }
         for batch in self.unacked.range(self.unsent_from..) {
             let mut m = binary_frame(
@@ -499,6 +493,40 @@ impl<S> Session<S> {
             Via::Current => self.link.as_mut(),
             Via::Previous => self.previous.as_mut().map(|(l, _)| l),
         }
+    }
+}
+
+/// Subscription changes as `SUBS` frames of about `BATCH_BYTES` at most, in order; the
+/// last carries the confirmation number `sync` (the transmitter reads them in order, so
+/// its barrier covers them all).
+fn interest_frames<'a>(
+    entries: impl IntoIterator<Item = (Op, Interest, &'a [u8])>,
+    sync: u64,
+    out: &mut Vec<ZmqMessage>,
+) {
+    let mut chunks = vec![Vec::new()];
+    let mut bytes = 0;
+    for (op, kind, name) in entries {
+        if bytes >= BATCH_BYTES {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += name.len() + 6;
+        chunks
+            .last_mut()
+            .expect("one at least")
+            .push((op, kind, name));
+    }
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let header = wire::SubsSync {
+            sync: (i == last).then_some(sync),
+        };
+        out.push(binary_frame_with(
+            cmd::SUBS,
+            &header,
+            wire::encode_interest(chunk),
+        ));
     }
 }
 
@@ -740,6 +768,30 @@ mod tests {
         assert!(tick.ping.is_none());
         assert!(s.needs_link());
         assert_eq!(s.begin_connect(2), Some(vec!["t1".to_string()]));
+    }
+
+    #[test]
+    fn many_subscriptions_go_in_several_subs_frames_the_last_confirming_them() {
+        let names: Vec<Vec<u8>> = (0..100)
+            .map(|i| vec![b'a' + (i % 26) as u8; 10_000])
+            .collect();
+        let entries = names.iter().map(|n| (Op::Add, Interest::Channel, &n[..]));
+        let mut frames = Vec::new();
+        interest_frames(entries, 7, &mut frames);
+        assert!(frames.len() >= 4, "{} frames", frames.len());
+        let mut total = 0;
+        for (i, m) in frames.iter().enumerate() {
+            let body = m.get(1).unwrap();
+            assert!(body.len() <= BATCH_BYTES + 10_006);
+            total += wire::decode_interest(body.clone()).unwrap().len();
+            let header: wire::SubsSync = CommandFrame::parse(m.get(0).unwrap())
+                .unwrap()
+                .decode_json()
+                .unwrap();
+            let last = i == frames.len() - 1;
+            assert_eq!(header.sync, last.then_some(7));
+        }
+        assert_eq!(total, 100);
     }
 
     const CREDIT_BATCHES_FOR_TEST: u64 = thynapse_protocol::credit::CREDIT_BATCHES as u64;

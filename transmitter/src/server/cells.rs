@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use thynapse_protocol::batch::{decode_publish_records, decode_publishes, Kind};
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
+use thynapse_protocol::limits::MAX_INTEREST_BYTES;
 use thynapse_protocol::room::room_of;
 use thynapse_protocol::wire::{self, cmd, Events, Interest};
 use thynapse_protocol::Thid;
@@ -176,7 +177,22 @@ impl Transmitter {
                 "shard channels belong on the session of their room (HELO with \"room\")",
             ));
         }
-        self.table.apply(Location::Local, id, &changes);
+        let refused = self
+            .table
+            .apply_within(Location::Local, id, &changes, MAX_INTEREST_BYTES)
+            .unwrap_or(0);
+        if refused > 0 {
+            self.metrics
+                .refused
+                .with_label_values(&["interest_bytes"])
+                .inc_by(refused as u64);
+            self.replies.push(error_reply(
+                identity,
+                &format!(
+                    "{refused} subscriptions refused: a cell subscribes to at most {MAX_INTEREST_BYTES} bytes of names"
+                ),
+            ));
+        }
         self.dirty.insert(id);
         if let Some(n) = sync.sync {
             self.interest_sync.request(identity, n);

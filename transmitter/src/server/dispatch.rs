@@ -338,7 +338,7 @@ impl Transmitter {
             return;
         }
         cell.outbox
-            .writer
+            .open()
             .push(m.kind, m.origin, m.seq, m.ts, m.channel, m.payload, &[]);
         self.hot.out_cell.inc();
         self.hot.bytes_out_cell.inc_by(m.payload.len() as u64);
@@ -364,7 +364,7 @@ impl Transmitter {
             return;
         }
         p.outbox
-            .writer
+            .open()
             .push(m.kind, m.origin, m.seq, m.ts, m.channel, m.payload, targets);
         self.hot.out_peer.inc();
         self.hot.bytes_out_peer.inc_by(m.payload.len() as u64);

@@ -25,10 +25,14 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::FutureExt;
 use thynapse_protocol::discovery::TransmitterInfo;
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
+use thynapse_protocol::limits;
 use thynapse_protocol::wire::{self, cmd};
 use thynapse_protocol::Thid;
 use tokio::sync::{mpsc, watch};
-use zeromq::{PubSocket, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{
+    PubSocket, RouterSendHalf, RouterSocket, Socket, SocketOptions, SocketRecv, SocketSend,
+    ZmqMessage,
+};
 
 use crate::backpressure::{DeferredAcks, HeldBatches};
 use crate::interest_sync::InterestSync;
@@ -119,14 +123,22 @@ fn endpoint_port(endpoint: &zeromq::Endpoint) -> anyhow::Result<u16> {
     }
 }
 
+/// Options of every socket of the transmitter: a peer that sends a message over the wire
+/// limit is disconnected before anything is reserved for it (vendor/zeromq/PATCHED.md).
+pub(super) fn socket_options(max_message_bytes: usize) -> SocketOptions {
+    let mut options = SocketOptions::default();
+    options.max_message_size(limits::wire_limit(max_message_bytes));
+    options
+}
+
 async fn serve(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let mut router = RouterSocket::new();
+    let mut router = RouterSocket::with_options(socket_options(args.max_message_bytes));
     let command_ep = router
         .bind(&args.command_bind)
         .await
         .with_context(|| format!("binding the command socket to {}", args.command_bind))?;
-    let mut publisher = PubSocket::new();
+    let mut publisher = PubSocket::with_options(socket_options(args.max_message_bytes));
     let event_ep = publisher
         .bind(&args.event_bind)
         .await
@@ -383,8 +395,8 @@ impl Transmitter {
         let batched: usize = self
             .cells
             .values()
-            .map(|c| c.outbox.writer.byte_len())
-            .chain(self.peers.values().map(|p| p.outbox.writer.byte_len()))
+            .map(|c| c.outbox.unsent_bytes())
+            .chain(self.peers.values().map(|p| p.outbox.unsent_bytes()))
             .sum();
         let replies_first = batched > REPLIES_FIRST_BYTES;
         if replies_first {
@@ -393,7 +405,7 @@ impl Transmitter {
         // Batches to cells.
         let mut failed = Vec::new();
         for (id, cell) in self.cells.iter_mut() {
-            if let Some((_, frame, _)) = cell.outbox.take_batch() {
+            while let Some((_, frame, _)) = cell.outbox.take_batch() {
                 let mut m = ZmqMessage::from(cell.identity.clone());
                 m.push_back(
                     CommandFrame::new(Encoding::Binary, cmd::DLVR, Bytes::new()).to_bytes(),
@@ -401,6 +413,7 @@ impl Transmitter {
                 m.push_back(frame);
                 if self.router.send(m).await.is_err() {
                     failed.push(*id);
+                    break;
                 }
             }
         }

@@ -117,17 +117,17 @@ impl Transmitter {
             if !p.out.as_ref().is_some_and(|o| o.synced) {
                 continue;
             }
-            let Some((_, frame, _)) = p.outbox.take_batch() else {
-                continue;
-            };
-            let out = p.out.as_mut().expect("checked above");
-            let mut m = ZmqMessage::from(
-                CommandFrame::new(Encoding::Binary, cmd::FWRD, Bytes::new()).to_bytes(),
-            );
-            m.push_back(frame);
-            if out.sender.send(m).await.is_err() {
-                tracing::info!(peer = %p.name, "send to peer failed; dropping the link");
-                p.drop_link();
+            while let Some((_, frame, _)) = p.outbox.take_batch() {
+                let out = p.out.as_mut().expect("checked above");
+                let mut m = ZmqMessage::from(
+                    CommandFrame::new(Encoding::Binary, cmd::FWRD, Bytes::new()).to_bytes(),
+                );
+                m.push_back(frame);
+                if out.sender.send(m).await.is_err() {
+                    tracing::info!(peer = %p.name, "send to peer failed; dropping the link");
+                    p.drop_link();
+                    break;
+                }
             }
         }
     }
@@ -426,7 +426,14 @@ impl Transmitter {
                 p.connecting = true;
                 let generation = p.generation;
                 let events = self.reports_tx.clone();
-                tokio::spawn(connect_peer(peer, generation, info.command, events));
+                let options = super::socket_options(self.args.max_message_bytes);
+                tokio::spawn(connect_peer(
+                    peer,
+                    generation,
+                    info.command,
+                    options,
+                    events,
+                ));
             }
         }
         self.update_peer_gauge();
@@ -462,9 +469,9 @@ async fn connect_peer(
     peer: PeerId,
     generation: u64,
     endpoint: String,
+    mut options: SocketOptions,
     events: mpsc::Sender<Report>,
 ) {
-    let mut options = SocketOptions::default();
     options.connect_timeout(Duration::from_secs(2));
     let mut socket = DealerSocket::with_options(options);
     if let Err(e) = socket.connect(&endpoint).await {

@@ -1,0 +1,195 @@
+"""Hostile and oversized input on the wire: a ZeroMQ peer that declares a frame over the
+mesh's limit is disconnected before anything is reserved for it, and the process goes on
+serving everyone else (vendor/zeromq/PATCHED.md, docs/architecture.md "Limits")."""
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import redis
+
+from conftest import BINARY, Subscriber, mesh_yaml, metrics, until_routed, wait_for
+
+# ZMTP 3.0 greeting: signature, version 3.0, mechanism NULL, as-server 0, filler.
+GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+# One long frame header declaring 2^40 bytes: before the fix, the reader reserved that.
+HUGE_FRAME = b"\x02" + struct.pack(">Q", 1 << 40)
+
+
+def hostile_bytes():
+    assert len(GREETING) == 64
+    return GREETING + HUGE_FRAME
+
+
+def host_port(endpoint):
+    host, port = endpoint.replace("tcp://", "").rsplit(":", 1)
+    return host, int(port)
+
+
+def closed_by_peer(sock, timeout=10):
+    """Reads until the peer closes the connection; True if it did within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_a_frame_declared_over_the_limit_does_not_kill_a_transmitter(start_mesh):
+    m = start_mesh(mesh_yaml(name="hostile", replicas=2, services=[("s", [])]), cells={"s": 2})
+    target = m.endpoints["transmitters"][0]
+    pid = target["pid"]
+    attacker = socket.create_connection(host_port(target["command"]))
+    attacker.sendall(hostile_bytes())
+    assert closed_by_peer(attacker), "the transmitter keeps a peer that declared 1 TiB"
+    attacker.close()
+    # Alive, and still carrying messages between its cells and its peer.
+    os.kill(pid, 0)
+    assert metrics(target["metrics"])["thynapse_transmitter_cells"] >= 1
+    a, b = m.cells("s")
+    pub = m.redis(a)
+    sub = Subscriber(m.redis(b), channels=["after"])
+    until_routed(pub, "after", 1)
+    pub.publish("after", b"still here")
+    sub.wait_count(1, prefix=b"still")
+    m.refresh()
+    assert m.transmitter(target["name"])["pid"] == pid, "restarted: it had died"
+
+
+def test_a_legal_large_message_still_crosses_the_mesh(start_mesh):
+    """The limit leaves room for the largest message the mesh allows, in a full batch."""
+    extra = "  limits: {maxMessageBytes: 2097152}\n"
+    m = start_mesh(mesh_yaml(name="large", replicas=2, services=[("s", [])], extra=extra), cells={"s": 2})
+    a, b = m.cells("s")
+    assert a["transmitter"] != b["transmitter"]
+    pub = m.redis(a)
+    sub = Subscriber(m.redis(b), channels=["big"])
+    until_routed(pub, "big", 1)
+    payload = b"x" * (2 * 1024 * 1024)
+    # A burst of small ones, then the largest, so that it lands in a batch already full.
+    pipe = pub.pipeline(transaction=False)
+    for i in range(300):
+        pipe.publish("big", b"small-%d" % i + b"." * 1000)
+    pipe.publish("big", payload)
+    assert all(n == 1 for n in pipe.execute())
+    sub.wait_count(300, prefix=b"small-")
+    sub.wait_count(1, prefix=b"xxxx")
+    assert sub.data(b"xxxx") == [payload]
+    # One over the limit is refused with an error, and counted.
+    try:
+        pub.publish("big", payload + b"y")
+        raise AssertionError("accepted a message over maxMessageBytes")
+    except redis.ResponseError as e:
+        assert "maxMessageBytes" in str(e)
+    page = metrics(a["metrics"])
+    assert page['thynapse_sidecar_refused_total{limit="message_size"}'] == 1
+
+
+def test_channel_names_over_the_limit_are_refused_and_counted(start_mesh):
+    m = start_mesh(mesh_yaml(name="names", replicas=1, services=[("s", [])]), cells={"s": 1})
+    cell = m.cells("s")[0]
+    r = m.redis(cell)
+    long_name = "c" * (16 * 1024 + 1)
+    try:
+        r.publish(long_name, b"x")
+        raise AssertionError("accepted a channel name over the limit")
+    except redis.ResponseError as e:
+        assert "16384" in str(e)
+    # SUBSCRIBE of an allowed and a refused name: a confirmation, then an error.
+    host, port = cell["resp"].rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)))
+    raw.sendall(b"*3\r\n$9\r\nSUBSCRIBE\r\n$2\r\nok\r\n$%d\r\n%s\r\n" % (len(long_name), long_name.encode()))
+    got = b""
+    raw.settimeout(10)
+    while b"-ERR" not in got or not got.endswith(b"\r\n"):
+        got += raw.recv(65536)
+    assert got.startswith(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nok\r\n:1\r\n"), got
+    assert b"-ERR channel name of 16385 bytes exceeds the limit of 16384 bytes" in got, got
+    raw.close()
+    # The longest name allowed works end to end.
+    longest = "d" * (16 * 1024)
+    sub = Subscriber(m.redis(cell), channels=[longest])
+    until_routed(r, longest, 1)
+    page = metrics(cell["metrics"])
+    assert page['thynapse_sidecar_refused_total{limit="name_length"}'] == 2
+    sub.pubsub.close()
+
+
+class FakeTransmitter:
+    """A TCP server posing as a transmitter: greets every connection with ZMTP and one
+    frame header declaring 1 TiB, and counts the connections."""
+
+    def __init__(self):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self.stop = False
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while not self.stop:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            try:
+                conn.sendall(hostile_bytes())
+                closed_by_peer(conn, timeout=5)
+            except OSError:
+                pass
+            conn.close()
+
+
+def test_a_sidecar_survives_a_transmitter_that_declares_a_huge_frame():
+    tmp = Path(tempfile.mkdtemp(prefix="thynapse-hostile-"))
+    rendezvous = subprocess.Popen(
+        [str(BINARY), "rendezvous", "--mesh", "m"], stdout=subprocess.PIPE, stderr=open(tmp / "rv.log", "w"), text=True
+    )
+    sidecar = None
+    fake = FakeTransmitter()
+    try:
+        line = rendezvous.stdout.readline()
+        address = json.loads(line.split(" ", 1)[1])["address"]
+        host, port = address.replace("udp://", "").rsplit(":", 1)
+        announce = {
+            "type": "announce",
+            "mesh": "m",
+            "interval_ms": 250,
+            "multiplier": 40,
+            "transmitter": {
+                "name": "fake",
+                "id": "ab" * 20,
+                "command": f"tcp://127.0.0.1:{fake.port}",
+                "event": "tcp://127.0.0.1:1",
+            },
+        }
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(json.dumps(announce).encode(), (host, int(port)))
+        s.close()
+        sidecar = subprocess.Popen(
+            [str(BINARY), "sidecar", "--mesh", "m", "--service", "s", "--name", "c", "--rendezvous", address,
+             "--resp-bind", "127.0.0.1:0", "--announce-interval-ms", "250"],
+            stdout=open(tmp / "sidecar.out", "w"), stderr=open(tmp / "sidecar.log", "w"),
+        )
+        # It connects, is refused a frame, and tries again: alive all along.
+        wait_for(lambda: fake.connections >= 2, timeout=20, what="the sidecar's second connection")
+        assert sidecar.poll() is None, (tmp / "sidecar.log").read_text()
+    finally:
+        fake.stop = True
+        fake.server.close()
+        for p in (sidecar, rendezvous):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=10)
