@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from conftest import BINARY, Subscriber, mesh_yaml, metrics, until_routed, wait_for
+from conftest import BINARY, Subscriber, free_udp_query, mesh_yaml, metrics, until_routed, wait_for
 
 # ZMTP 3.0 greeting: signature, version 3.0, mechanism NULL, as-server 0, filler.
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
@@ -167,7 +167,7 @@ def test_a_sidecar_survives_a_transmitter_that_declares_a_huge_frame():
             "type": "announce",
             "mesh": "m",
             "interval_ms": 250,
-            "multiplier": 40,
+            "multiplier": 20,
             "transmitter": {
                 "name": "fake",
                 "id": "ab" * 20,
@@ -193,3 +193,95 @@ def test_a_sidecar_survives_a_transmitter_that_declares_a_huge_frame():
             if p is not None:
                 p.terminate()
                 p.wait(timeout=10)
+
+
+def test_one_poisoned_announcement_does_not_stop_discovery(start_mesh):
+    """The measured attack: an announcement of ~59.7 KB (one long field) asking to be kept
+    for ever used to make every `peers` answer too large to read; after a kill -9 of its
+    transmitter, a cell then never joined another one."""
+    m = start_mesh(mesh_yaml(name="poison", replicas=2, services=[("s", [])]), cells={"s": 2})
+    address = m.endpoints["rendezvous"][0]["address"]
+    host, port = address.replace("udp://", "").rsplit(":", 1)
+    poison = {
+        "type": "announce",
+        "mesh": "poison",
+        "interval_ms": 10**12,
+        "multiplier": 1000,
+        "transmitter": {
+            "name": "poison",
+            "id": "cd" * 20,
+            "command": "tcp://127.0.0.1:1",
+            "event": "tcp://127.0.0.1:2",
+            "metrics": "x" * 59_500,
+        },
+    }
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.sendto(json.dumps(poison).encode(), (host, int(port)))
+    answer = json.loads(s.recvfrom(65536)[0])
+    s.close()
+    assert answer["type"] == "error", answer
+    # Answers stay readable, and list only the real transmitters.
+    live = wait_for(lambda: free_udp_query(address, "poison"), what="a readable answer")
+    assert sorted(t["name"] for t in live["transmitters"]) == ["poison-0", "poison-1"]
+    # A transmitter dies hard: its cell joins again and publishes.
+    cell = m.cells("s")[0]
+    victim = m.transmitter(cell["transmitter"])
+    os.kill(victim["pid"], 9)
+    r = m.redis(cell)
+    wait_for(lambda: r.publish("after-kill", b"x") >= 0, timeout=30, what="a publish after the kill")
+
+
+def test_a_rendezvous_answers_a_thousand_transmitters_in_pages():
+    """The CRD allows 1,000 transmitters: every one of them reaches whoever asks, each
+    datagram within the 60,000 bytes receivers read."""
+    tmp = Path(tempfile.mkdtemp(prefix="thynapse-pages-"))
+    rendezvous = subprocess.Popen(
+        [str(BINARY), "rendezvous", "--mesh", "big"], stdout=subprocess.PIPE, stderr=open(tmp / "rv.log", "w"), text=True
+    )
+    announcer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        address = json.loads(rendezvous.stdout.readline().split(" ", 1)[1])["address"]
+        host, port = address.replace("udp://", "").rsplit(":", 1)
+        target = (host, int(port))
+        wanted = {f"big-{i:04}" for i in range(1000)}
+
+        def announce(i):
+            ip = f"10.0.{i // 250}.{i % 250}"
+            announcer.sendto(json.dumps({
+                "type": "announce", "mesh": "big", "interval_ms": 60000, "multiplier": 20,
+                "transmitter": {
+                    "name": f"big-{i:04}", "id": "%040x" % i, "command": f"tcp://{ip}:7000",
+                    "event": f"tcp://{ip}:7001", "metrics": f"http://{ip}:9090/metrics",
+                },
+            }).encode(), target)
+
+        def known():
+            """One query, read page by page until every name came (or none comes for a
+            while); announces again whatever the rendezvous lacks (UDP may drop)."""
+            q = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            q.settimeout(1)
+            q.sendto(json.dumps({"type": "query", "mesh": "big"}).encode(), target)
+            names = []
+            try:
+                while set(names) != wanted:
+                    data = q.recvfrom(65536)[0]
+                    assert len(data) <= 60_000, len(data)
+                    page = json.loads(data)
+                    assert page["type"] == "peers", page
+                    names += [t["name"] for t in page["transmitters"]]
+            except socket.timeout:
+                pass
+            finally:
+                q.close()
+            for name in wanted - set(names):
+                announce(int(name[4:]))
+            return sorted(names) == sorted(wanted) and len(names) == len(wanted)
+
+        for i in range(1000):
+            announce(i)
+        wait_for(known, timeout=60, interval=0.1, what="all 1,000 transmitters in the answer")
+    finally:
+        announcer.close()
+        rendezvous.terminate()
+        rendezvous.wait(timeout=10)

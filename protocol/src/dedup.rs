@@ -4,8 +4,10 @@
 //! its old transmitter had not acknowledged); the window drops the second copy even when
 //! the two paths reorder messages.
 
-/// How many sequence numbers behind the highest one seen are still remembered.
-pub const WINDOW: u64 = 4096;
+/// How many sequence numbers behind the highest one seen are still remembered: as many
+/// as a sidecar keeps unacknowledged (and may resend after a move), so a resend from the
+/// far end of its window is still told apart from a copy (2 KiB per origin).
+pub const WINDOW: u64 = 16_384;
 const WORDS: usize = (WINDOW / 64) as usize;
 
 #[derive(Clone, Debug)]
@@ -115,5 +117,19 @@ mod tests {
         assert!(!w.accept(1));
         assert!(w.accept(2 + WINDOW * 3));
         assert!(w.accept(WINDOW * 3)); // within the window, unseen
+    }
+
+    #[test]
+    fn a_resend_from_the_far_end_of_a_sidecars_window_is_delivered_once() {
+        // A sidecar holds up to WINDOW unacknowledged publishes; after a move it resends
+        // them all. The receiver saw the newest on the new path, never the oldest.
+        let mut w = SeqWindow::default();
+        assert!(w.accept(WINDOW));
+        assert!(
+            w.accept(1),
+            "the oldest resend is new here, not too old to judge"
+        );
+        assert!(!w.accept(1), "and its copy is one");
+        assert_eq!(WINDOW, 16_384);
     }
 }

@@ -26,16 +26,28 @@ pub struct Directory {
     entries: HashMap<String, (TransmitterInfo, Instant, SocketAddr)>,
 }
 
+/// Transmitters a rendezvous keeps at most (the CRD allows 1,000 per mesh): a flood of
+/// announcements under made-up names cannot grow it further.
+pub const MAX_TRANSMITTERS: usize = 2_000;
+
 impl Directory {
+    /// Keeps (or renews) an announcement; false when the directory is full of others.
     pub fn announce(
         &mut self,
         info: TransmitterInfo,
         from: SocketAddr,
         now: Instant,
         ttl: Duration,
-    ) {
+    ) -> bool {
+        if self.entries.len() >= MAX_TRANSMITTERS && !self.entries.contains_key(&info.name) {
+            self.entries.retain(|_, (_, expires, _)| *expires > now);
+            if self.entries.len() >= MAX_TRANSMITTERS {
+                return false;
+            }
+        }
         self.entries
             .insert(info.name.clone(), (info, now + ttl, from));
+        true
     }
 
     /// Live transmitters by name, forgetting expired ones.
@@ -71,18 +83,92 @@ pub async fn ask(addresses: &[String], request: &Datagram, wait: Duration) -> Op
     let mut buf = vec![0u8; MAX_DATAGRAM];
     for address in addresses {
         let target = address.trim_start_matches("udp://");
+        let Some(target) = tokio::net::lookup_host(target)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+        else {
+            continue;
+        };
         if socket.send_to(&bytes, target).await.is_err() {
             continue;
         }
-        if let Ok(Ok((n, _))) = tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
+        let deadline = tokio::time::Instant::now() + wait;
+        // Only the point asked answers: a datagram from anywhere else (a late answer of
+        // another point, or anyone guessing the port) is not read as one.
+        while let Ok(Ok((n, from))) =
+            tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await
+        {
+            if from != target {
+                continue;
+            }
             match Datagram::parse(&buf[..n]) {
                 Ok(Datagram::Peers { transmitters, .. }) if transmitters.is_empty() => {}
                 Ok(answer) => return Some(answer),
                 Err(e) => tracing::warn!(rendezvous = %address, "unreadable answer: {e}"),
             }
+            break;
         }
     }
     None
+}
+
+/// The longest name, endpoint or URL a transmitter may announce: a `peers` answer carries
+/// every live transmitter's, so no field may crowd out the others.
+pub const MAX_FIELD_BYTES: usize = 256;
+
+/// The announcement intervals and expiry multipliers a mesh may have (the CRD's ranges):
+/// an announcement cannot ask to be kept longer than 20 minutes.
+const INTERVAL_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
+const MULTIPLIER: std::ops::RangeInclusive<u32> = 2..=20;
+
+/// How long an announcement lives, or why it is refused.
+pub fn check_announce(
+    interval_ms: u64,
+    multiplier: u32,
+    t: &TransmitterInfo,
+) -> Result<Duration, String> {
+    if !INTERVAL_MS.contains(&interval_ms) || !MULTIPLIER.contains(&multiplier) {
+        return Err(format!(
+            "announce: interval_ms must be in {INTERVAL_MS:?} and multiplier in {MULTIPLIER:?}"
+        ));
+    }
+    let fields = [&t.name, &t.command, &t.event, &t.metrics];
+    if t.name.is_empty() || fields.iter().any(|f| f.len() > MAX_FIELD_BYTES) {
+        return Err(format!(
+            "announce: name, command, event and metrics must be at most {MAX_FIELD_BYTES} bytes (and a name given)"
+        ));
+    }
+    Ok(Duration::from_millis(interval_ms * u64::from(multiplier)))
+}
+
+/// The live transmitters of `mesh` as `peers` datagrams that each fit in [`MAX_DATAGRAM`]
+/// (one for a mesh of up to about 150 transmitters; receivers add up the pages).
+pub fn peers_pages(mesh: &str, live: Vec<TransmitterInfo>) -> Vec<Datagram> {
+    // Room for the envelope and the mesh name, which the rendezvous checked.
+    let budget = MAX_DATAGRAM - 1024 - mesh.len();
+    let mut pages = Vec::new();
+    let mut page = Vec::new();
+    let mut used = 0;
+    for t in live {
+        let size = serde_json::to_vec(&t).map_or(usize::MAX, |b| b.len() + 1);
+        if used + size > budget && !page.is_empty() {
+            pages.push(std::mem::take(&mut page));
+            used = 0;
+        }
+        used += size;
+        page.push(t);
+    }
+    if !page.is_empty() || pages.is_empty() {
+        pages.push(page);
+    }
+    pages
+        .into_iter()
+        .map(|transmitters| Datagram::Peers {
+            mesh: mesh.to_string(),
+            transmitters,
+        })
+        .collect()
 }
 
 struct Server {
@@ -117,18 +203,31 @@ impl Server {
                 transmitter,
                 rooms,
             }) if mesh == self.mesh => {
-                let ttl = Duration::from_millis(interval_ms.max(1) * multiplier.max(1) as u64);
+                let ttl = match check_announce(interval_ms, multiplier, &transmitter) {
+                    Ok(ttl) => ttl,
+                    Err(error) => {
+                        tracing::warn!(%from, "{error}");
+                        let refused = Datagram::Error { error };
+                        let _ = self.socket.send_to(&refused.to_bytes(), from).await;
+                        return;
+                    }
+                };
                 if self.dir.address(&transmitter.name).is_none() {
                     tracing::info!(name = %transmitter.name, command = %transmitter.command, "transmitter joined");
                 }
                 let name = transmitter.name.clone();
+                if !self.dir.announce(transmitter.clone(), from, now, ttl) {
+                    let error = format!(
+                        "announce: this rendezvous keeps at most {MAX_TRANSMITTERS} transmitters"
+                    );
+                    tracing::warn!(%from, %name, "{error}");
+                    let refused = Datagram::Error { error };
+                    let _ = self.socket.send_to(&refused.to_bytes(), from).await;
+                    return;
+                }
                 self.rooms.announced(&transmitter, &rooms);
-                self.dir.announce(transmitter, from, now, ttl);
                 let hosting = self.rooms.hosting(&name);
-                let mut replies = vec![Datagram::Peers {
-                    mesh: mesh.clone(),
-                    transmitters: self.dir.live(now),
-                }];
+                let mut replies = peers_pages(&mesh, self.dir.live(now));
                 if !hosting.is_empty() || !rooms.is_empty() {
                     replies.push(Datagram::Hosting {
                         mesh,
@@ -137,10 +236,13 @@ impl Server {
                 }
                 replies
             }
-            Ok(Datagram::Query { mesh }) if mesh == self.mesh => vec![Datagram::Peers {
-                mesh,
-                transmitters: self.dir.live(now),
-            }],
+            Ok(Datagram::Query { mesh }) if mesh == self.mesh => {
+                // The least busy first: one who reads only the first page (a cell
+                // choosing where to join) finds the best candidates there.
+                let mut live = self.dir.live(now);
+                live.sort_by_key(|t| (t.draining, t.cells));
+                peers_pages(&mesh, live)
+            }
             Ok(Datagram::Locate { mesh, room }) if mesh == self.mesh => {
                 let live = self.dir.live(now);
                 match self.rooms.locate(&room, &live) {
@@ -265,5 +367,68 @@ mod tests {
         d.announce(info("a"), from, t0 + Duration::from_millis(1000), ttl);
         assert_eq!(names(d.live(t0 + Duration::from_millis(2000))), ["a"]);
         assert!(d.live(t0 + Duration::from_millis(3000)).is_empty());
+    }
+
+    #[test]
+    fn announcements_with_long_fields_or_long_lives_are_refused() {
+        let ok = info("t-0");
+        assert_eq!(check_announce(500, 3, &ok), Ok(Duration::from_millis(1500)));
+        assert!(check_announce(u64::MAX, 3, &ok).is_err(), "kept for ever");
+        assert!(check_announce(500, u32::MAX, &ok).is_err());
+        assert!(check_announce(10, 3, &ok).is_err());
+        let mut long = info("t-1");
+        long.metrics = "x".repeat(59_000);
+        assert!(check_announce(500, 3, &long)
+            .unwrap_err()
+            .contains("256 bytes"));
+        assert!(check_announce(500, 3, &info("")).is_err());
+    }
+
+    #[test]
+    fn a_large_mesh_is_answered_in_pages_that_each_fit_a_datagram() {
+        let mut longest = info(&"n".repeat(MAX_FIELD_BYTES));
+        longest.command = "c".repeat(MAX_FIELD_BYTES);
+        longest.event = "e".repeat(MAX_FIELD_BYTES);
+        longest.metrics = "m".repeat(MAX_FIELD_BYTES);
+        let live: Vec<TransmitterInfo> = (0..1000)
+            .map(|i| TransmitterInfo {
+                name: format!("{i:0>256}"),
+                ..longest.clone()
+            })
+            .collect();
+        let pages = peers_pages("mesh", live);
+        assert!(pages.len() > 1);
+        let mut names = Vec::new();
+        for page in pages {
+            let bytes = page.to_bytes();
+            assert!(bytes.len() <= MAX_DATAGRAM, "{} bytes", bytes.len());
+            match Datagram::parse(&bytes).unwrap() {
+                Datagram::Peers { transmitters, .. } => {
+                    names.extend(transmitters.into_iter().map(|t| t.name))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(names.len(), 1000, "every transmitter, once");
+        assert_eq!(
+            peers_pages("mesh", vec![]).len(),
+            1,
+            "an empty answer is still one"
+        );
+    }
+
+    #[test]
+    fn the_directory_keeps_at_most_its_bound_of_names() {
+        let mut d = Directory::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for i in 0..MAX_TRANSMITTERS {
+            assert!(d.announce(info(&format!("t-{i}")), from, t0, ttl));
+        }
+        assert!(!d.announce(info("one-more"), from, t0, ttl));
+        assert!(d.announce(info("t-7"), from, t0, ttl), "renewals go on");
+        // Once the others expired, a new name is taken.
+        assert!(d.announce(info("one-more"), from, t0 + ttl * 2, ttl));
     }
 }

@@ -16,6 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 use thynapse_protocol::discovery::{Placement, TransmitterInfo, MAX_HOSTING_BYTES, MAX_ROOM_NAME};
 use thynapse_protocol::Thid;
 
+/// Rooms a mesh has at most (declared or on demand): locating a new one past it is
+/// refused, so made-up room names cannot grow the rendezvous' state without bound.
+pub const MAX_ROOMS: usize = 10_000;
+
 /// Messages per second that weigh as much as hosting one more room.
 pub const RATE_PER_ROOM: f64 = 1000.0;
 
@@ -57,6 +61,8 @@ pub enum PlaceError {
     Undeclared(String, String),
     #[error("room name must be 1 to {MAX_ROOM_NAME} bytes of UTF-8")]
     BadName,
+    #[error("mesh {0:?} has {MAX_ROOMS} rooms, the most a mesh may have")]
+    Full(String),
 }
 
 /// The answer to a `locate`.
@@ -101,16 +107,20 @@ impl Rooms {
         live: &[TransmitterInfo],
     ) -> Result<(Located, Vec<String>), PlaceError> {
         let replicas = self.replicas_for(room)?;
+        if self.rooms.len() >= MAX_ROOMS && !self.rooms.contains_key(room) {
+            return Err(PlaceError::Full(self.mesh.clone()));
+        }
         self.rooms.entry(room.to_string()).or_insert_with(|| Room {
             replicas,
             hosts: Vec::new(),
         });
-        let assigned = self.top_up(room, live);
+        let mut view = View::of(live);
+        let assigned = self.top_up(room, &mut view);
         let r = &self.rooms[room];
         let hosts = r
             .hosts
             .iter()
-            .filter(|h| h.confirmed && is_serving(h, live))
+            .filter(|h| h.confirmed && view.serving(h))
             .map(|h| h.name.clone())
             .collect();
         Ok((
@@ -139,6 +149,9 @@ impl Rooms {
                 // A room it hosts but the policy no longer allows: its cells will move.
                 Err(_) => continue,
             };
+            if self.rooms.len() >= MAX_ROOMS && !self.rooms.contains_key(room) {
+                continue;
+            }
             let r = self.rooms.entry(room.clone()).or_insert_with(|| Room {
                 replicas,
                 hosts: Vec::new(),
@@ -164,15 +177,23 @@ impl Rooms {
 
     /// Forgets hosts that are gone and tops every room up to its replicas. Returns the
     /// transmitters whose placements changed: new rooms, or new co-hosts.
+    /// O(rooms × replicas) when nothing changed: the live transmitters and every host's
+    /// load are indexed once per pass.
     pub fn reconcile(&mut self, live: &[TransmitterInfo]) -> Vec<String> {
         let mut touched = Vec::new();
+        let mut view = View::of(live);
+        let mut lost_any = Vec::new();
+        for (name, r) in self.rooms.iter_mut() {
+            let before = r.hosts.len();
+            r.hosts.retain(|h| view.live(h));
+            if r.hosts.len() != before {
+                lost_any.push(name.clone());
+            }
+        }
         let names: Vec<String> = self.rooms.keys().cloned().collect();
         for name in names {
-            let r = self.rooms.get_mut(&name).expect("listed");
-            let before = r.hosts.len();
-            r.hosts.retain(|h| is_live(h, live));
-            let lost = r.hosts.len() != before;
-            let assigned = self.top_up(&name, live);
+            let lost = lost_any.binary_search(&name).is_ok();
+            let assigned = self.top_up(&name, &mut view);
             if lost || !assigned.is_empty() {
                 touched.extend(self.rooms[&name].hosts.iter().map(|h| h.name.clone()));
             }
@@ -184,30 +205,25 @@ impl Rooms {
 
     /// Adds hosts to `room` until it has its replicas of serving transmitters, least busy
     /// first. Returns the names of the new hosts.
-    fn top_up(&mut self, room: &str, live: &[TransmitterInfo]) -> Vec<String> {
+    fn top_up(&mut self, room: &str, view: &mut View) -> Vec<String> {
         let r = &self.rooms[room];
-        let serving = r.hosts.iter().filter(|h| is_serving(h, live)).count() as u32;
+        let serving = r.hosts.iter().filter(|h| view.serving(h)).count() as u32;
         if serving >= r.replicas {
             return Vec::new();
         }
         let mut need = r.replicas - serving;
-        let mut load: HashMap<&str, (u32, usize)> = HashMap::new();
-        for (name, room) in &self.rooms {
-            for h in &room.hosts {
-                let e = load.entry(h.name.as_str()).or_default();
-                e.0 += 1;
-                e.1 += hosting_bytes(name, room.replicas);
-            }
-        }
-        let mut candidates: Vec<(f64, &TransmitterInfo)> = live
+        let cost = hosting_bytes(room, r.replicas);
+        view.count(&self.rooms);
+        let mut candidates: Vec<(f64, &TransmitterInfo)> = view
+            .transmitters
             .iter()
             .filter(|t| !t.draining && !r.hosts.iter().any(|h| h.name == t.name))
             .filter(|t| {
-                let bytes = load.get(t.name.as_str()).map_or(0, |l| l.1);
-                bytes + hosting_bytes(room, r.replicas) <= MAX_HOSTING_BYTES
+                let bytes = view.load.get(t.name.as_str()).map_or(0, |l| l.1);
+                bytes + cost <= MAX_HOSTING_BYTES
             })
             .map(|t| {
-                let rooms = load.get(t.name.as_str()).map_or(0, |l| l.0);
+                let rooms = view.load.get(t.name.as_str()).map_or(0, |l| l.0);
                 (rooms as f64 + t.rate.max(0.0) / RATE_PER_ROOM, t)
             })
             .collect();
@@ -223,6 +239,9 @@ impl Rooms {
             .collect();
         let r = self.rooms.get_mut(room).expect("exists");
         for (name, instance) in &chosen {
+            let load = view.load.entry(name.clone()).or_default();
+            load.0 += 1;
+            load.1 += cost;
             r.hosts.push(Host {
                 name: name.clone(),
                 instance: *instance,
@@ -265,14 +284,53 @@ fn hosting_bytes(room: &str, replicas: u32) -> usize {
     room.len() + 16 + replicas as usize * 40
 }
 
-fn is_live(h: &Host, live: &[TransmitterInfo]) -> bool {
-    live.iter().any(|t| t.name == h.name && t.id == h.instance)
+/// The live transmitters indexed by name, and the rooms (and hosting bytes) each hosts:
+/// built once per placement pass, kept up to date as it assigns.
+struct View<'a> {
+    transmitters: &'a [TransmitterInfo],
+    by_name: HashMap<&'a str, &'a TransmitterInfo>,
+    load: HashMap<String, (u32, usize)>,
+    counted: bool,
 }
 
-/// Live and not draining: a host that counts toward the room's replicas.
-fn is_serving(h: &Host, live: &[TransmitterInfo]) -> bool {
-    live.iter()
-        .any(|t| t.name == h.name && t.id == h.instance && !t.draining)
+impl<'a> View<'a> {
+    fn of(live: &'a [TransmitterInfo]) -> Self {
+        View {
+            transmitters: live,
+            by_name: live.iter().map(|t| (t.name.as_str(), t)).collect(),
+            load: HashMap::new(),
+            counted: false,
+        }
+    }
+
+    /// Counts every host's rooms and hosting bytes, once per view (a pass over the rooms:
+    /// only when one needs hosts).
+    fn count(&mut self, rooms: &BTreeMap<String, Room>) {
+        if self.counted {
+            return;
+        }
+        self.counted = true;
+        for (name, room) in rooms {
+            for h in &room.hosts {
+                let e = self.load.entry(h.name.clone()).or_default();
+                e.0 += 1;
+                e.1 += hosting_bytes(name, room.replicas);
+            }
+        }
+    }
+
+    fn live(&self, h: &Host) -> bool {
+        self.by_name
+            .get(h.name.as_str())
+            .is_some_and(|t| t.id == h.instance)
+    }
+
+    /// Live and not draining: a host that counts toward the room's replicas.
+    fn serving(&self, h: &Host) -> bool {
+        self.by_name
+            .get(h.name.as_str())
+            .is_some_and(|t| t.id == h.instance && !t.draining)
+    }
 }
 
 #[cfg(test)]
@@ -310,6 +368,33 @@ mod tests {
             default_replicas: 2,
             allow_undeclared: allow,
         }
+    }
+
+    #[test]
+    fn a_mesh_has_at_most_max_rooms() {
+        let live: Vec<_> = ["a"].map(t).to_vec();
+        let one = RoomPolicy {
+            default_replicas: 1,
+            ..RoomPolicy::default()
+        };
+        let mut rooms = Rooms::new("m", one);
+        for i in 0..MAX_ROOMS {
+            rooms.locate(&format!("r{i}"), &live).unwrap();
+        }
+        assert!(matches!(
+            rooms.locate("one-more", &live),
+            Err(PlaceError::Full(_))
+        ));
+        assert!(
+            rooms.locate("r7", &live).is_ok(),
+            "known rooms are still located"
+        );
+        // A pass over all of them with nothing to do stays cheap and changes nothing.
+        confirm_all(&mut rooms, &live);
+        assert!(rooms.reconcile(&live).is_empty());
+        // Nor can an announcement add rooms past the bound.
+        rooms.announced(&live[0], &["adopted".to_string()]);
+        assert!(rooms.hosting_of("adopted").is_none());
     }
 
     #[test]

@@ -155,11 +155,15 @@ impl<B> HeldBatches<B> {
         }
     }
 
-    /// Forgets the batches held from `source` (its connection is gone).
-    pub fn forget(&mut self, source: Link) {
-        self.queue.retain(|h| h.source != source);
+    /// Forgets the batches held from `source` (its connection is gone), and returns them.
+    pub fn forget(&mut self, source: Link) -> VecDeque<Held<B>> {
+        let (gone, kept) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|h| h.source == source);
+        self.queue = kept;
         self.by_source.remove(&source);
         self.room_freed = true;
+        gone
     }
 }
 

@@ -34,6 +34,9 @@ pub enum DropReason {
     PeerBacklog,
     /// Sent to a cell that left without taking it.
     CellLost,
+    /// Sent to a cell that said QUIT before taking it: after a move, most of these are
+    /// copies it got through its new transmitter (counted apart from `CellLost`).
+    CellQuit,
     /// Sent to a peer whose link was lost before it took it.
     PeerLost,
     /// Published on a connection that never said HELO.
@@ -43,11 +46,12 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::TooLarge,
         DropReason::CellBacklog,
         DropReason::PeerBacklog,
         DropReason::CellLost,
+        DropReason::CellQuit,
         DropReason::PeerLost,
         DropReason::UnknownSender,
         DropReason::RoomNotHosted,
@@ -59,6 +63,7 @@ impl DropReason {
             DropReason::CellBacklog => "cell_backlog",
             DropReason::PeerBacklog => "peer_backlog",
             DropReason::CellLost => "cell_lost",
+            DropReason::CellQuit => "cell_quit",
             DropReason::PeerLost => "peer_lost",
             DropReason::UnknownSender => "unknown_sender",
             DropReason::RoomNotHosted => "room_not_hosted",

@@ -56,7 +56,9 @@ pub struct HubConfig {
 }
 
 /// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
-const MAX_UNACKED: usize = 16_384;
+/// At most the receivers' duplicate window: a resend from further back would be dropped
+/// there as a copy.
+const MAX_UNACKED: usize = thynapse_protocol::dedup::WINDOW as usize;
 const MAX_UNACKED_BYTES: usize = 4 << 20;
 /// Commands taken from the clients between two flushes at most.
 const MAX_COMMANDS_PER_TURN: usize = 1024;

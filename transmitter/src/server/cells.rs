@@ -214,6 +214,11 @@ impl Transmitter {
         for part in &more {
             records.push(decode_publish_records(part)?);
         }
+        // Sequence numbers are the sender's: every one of the batch must be a u64.
+        let count: usize = records.iter().map(ExactSizeIterator::len).sum();
+        if first.checked_add(count as u64).is_none() {
+            return Err(FrameError::BadBatch("sequence numbers past 2^64"));
+        }
         let source = Link::Cell(id);
         let mut progress = Progress::default();
         let routed = !self.held.is_holding(source)
@@ -283,9 +288,13 @@ impl Transmitter {
         self.forget_held(Link::Cell(id));
         if let Some(cell) = self.cells.remove(&id) {
             self.identities.remove(&cell.identity);
-            let lost = cell.outbox.unconfirmed_messages();
-            if lost > 0 && why != Leaving::Quit {
-                self.metrics.drop(DropReason::CellLost, lost as u64);
+            let lost = cell.outbox.unconfirmed_messages() as u64;
+            if lost > 0 {
+                let reason = match why {
+                    Leaving::Quit => DropReason::CellQuit,
+                    _ => DropReason::CellLost,
+                };
+                self.metrics.drop(reason, lost);
             }
             tracing::info!(cell = %id, ?why, "cell left");
         }

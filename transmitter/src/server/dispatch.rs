@@ -189,8 +189,20 @@ impl Transmitter {
     }
 
     /// Forgets the batches held from `source` (its connection is gone).
+    /// Drops the batches held from a source that is gone. A cell's sidecar sends its
+    /// publishes again (they were not acknowledged); a peer's forwarded messages are
+    /// lost here, and counted.
     pub(super) fn forget_held(&mut self, source: Link) {
-        self.held.forget(source);
+        let mut lost = 0;
+        for h in self.held.forget(source) {
+            if let HeldBatch::Forward(body) = &h.batch {
+                let total = decode_envelopes(&body[..]).map_or(0, |(_, e)| e.count());
+                lost += total.saturating_sub(h.progress.done);
+            }
+        }
+        if lost > 0 {
+            self.metrics.drop(DropReason::PeerLost, lost as u64);
+        }
     }
 
     /// Routes the rest of a held batch (see `route_publishes`, `route_forwards`).
