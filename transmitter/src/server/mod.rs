@@ -93,6 +93,8 @@ struct Transmitter {
     routed: u64,
     rate: f64,
     rooms: HashMap<String, HostedRoom>,
+    /// Rooms not hosted here that got their own `room` label so far (bounded).
+    unhosted_labels: HashSet<String>,
     announcement: watch::Sender<Announcement>,
     /// Cells waiting to hear that their interest reached every linked peer.
     interest_sync: InterestSync,
@@ -207,6 +209,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         routed: 0,
         rate: 0.0,
         rooms: HashMap::new(),
+        unhosted_labels: HashSet::new(),
         announcement: info_tx,
         interest_sync: InterestSync::default(),
         linked_reported: None,

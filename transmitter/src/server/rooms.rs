@@ -95,21 +95,30 @@ pub(super) async fn announce(
     }
 }
 
+/// Rooms not hosted here that are counted under their own name, at most; the rest under
+/// `OTHER_ROOMS` (with parentheses and a space, an unlikely room name).
+const MAX_UNHOSTED_ROOM_LABELS: usize = 256;
+const OTHER_ROOMS: &str = "(other rooms)";
+
 impl Transmitter {
-    /// Room messages routed here, by room.
-    pub(super) fn count_room_message(&self, channel: &[u8]) {
+    /// Room messages routed here, by room. A room not hosted here (a peer forwarded its
+    /// message) gets its own label only while fewer than `MAX_UNHOSTED_ROOM_LABELS` have:
+    /// a peer cannot grow the metric's series without bound.
+    pub(super) fn count_room_message(&mut self, channel: &[u8]) {
         let room = room_of(channel);
-        match std::str::from_utf8(room)
+        if let Some(hosted) = std::str::from_utf8(room)
             .ok()
             .and_then(|r| self.rooms.get(r))
         {
-            Some(hosted) => hosted.messages.inc(),
-            None => self
-                .metrics
-                .room_messages
-                .with_label_values(&[&*String::from_utf8_lossy(room)])
-                .inc(),
+            hosted.messages.inc();
+            return;
         }
+        let room = String::from_utf8_lossy(room);
+        let labelled = self.unhosted_labels.contains(&*room)
+            || (self.unhosted_labels.len() < MAX_UNHOSTED_ROOM_LABELS
+                && self.unhosted_labels.insert(room.to_string()));
+        let label = if labelled { &*room } else { OTHER_ROOMS };
+        self.metrics.room_messages.with_label_values(&[label]).inc();
     }
 
     /// The rendezvous says which rooms to host (and with whom). Rooms are only ever added
