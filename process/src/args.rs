@@ -176,6 +176,10 @@ pub struct SidecarArgs {
     /// Bytes queued for one Redis client beyond which it is disconnected.
     #[arg(long, default_value_t = 32 << 20)]
     pub client_output_buffer_bytes: usize,
+    /// On SIGTERM, how long to wait for the mesh to acknowledge the publishes taken so
+    /// far before exiting (under Kubernetes' default grace period of 30 s).
+    #[arg(long, default_value_t = 25)]
+    pub drain_seconds: u64,
 }
 
 impl SidecarArgs {
@@ -203,7 +207,8 @@ impl ToArgs for SidecarArgs {
             .flag(
                 "client-output-buffer-bytes",
                 self.client_output_buffer_bytes,
-            );
+            )
+            .flag("drain-seconds", self.drain_seconds);
         a.0
     }
 }

@@ -66,6 +66,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         expiry: heartbeat * args.expiry_multiplier,
         client_output_buffer_bytes: args.client_output_buffer_bytes,
         max_message_bytes: args.max_message_bytes,
+        drain: Duration::from_secs(args.drain_seconds),
         resp,
         metrics_url: format!("http://{metrics_addr}/metrics"),
     };
@@ -105,6 +106,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         }
     }
     shutdown.notify_one();
-    let _ = tokio::time::timeout(Duration::from_secs(1), hub).await;
+    // The hub drains (bounded by --drain-seconds) while the connections write its replies.
+    let drain = Duration::from_secs(args.drain_seconds);
+    let _ = tokio::time::timeout(drain + Duration::from_secs(1), hub).await;
     Ok(())
 }

@@ -51,6 +51,8 @@ pub struct HubConfig {
     pub expiry: Duration,
     pub client_output_buffer_bytes: usize,
     pub max_message_bytes: usize,
+    /// How long SIGTERM waits for the publishes taken to be acknowledged.
+    pub drain: Duration,
     pub resp: SocketAddr,
     pub metrics_url: String,
 }
@@ -144,9 +146,12 @@ impl Hub {
         self.unacked >= MAX_UNACKED || self.unacked_bytes >= MAX_UNACKED_BYTES
     }
 
+    /// Runs until `shutdown`, then drains: takes no more commands, and returns once every
+    /// publish taken is acknowledged (their clients get their replies) or `drain` passed.
     pub async fn run(mut self, mut cmds: mpsc::Receiver<HubCmd>, shutdown: Arc<Notify>) {
         let mut tick = tokio::time::interval(self.cfg.heartbeat / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drain_until: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -156,7 +161,7 @@ impl Hub {
                         self.on_link(ev);
                     }
                 }
-                Some(c) = cmds.recv(), if !self.window_full() => {
+                Some(c) = cmds.recv(), if drain_until.is_none() && !self.window_full() => {
                     self.on_cmd(c);
                     let mut n = 1;
                     while n < MAX_COMMANDS_PER_TURN && !self.window_full() {
@@ -167,7 +172,21 @@ impl Hub {
                     }
                 }
                 _ = tick.tick() => self.housekeeping().await,
-                _ = shutdown.notified() => {
+                _ = shutdown.notified(), if drain_until.is_none() => {
+                    tracing::info!(unacknowledged = self.unacked, "stopping: draining publishes");
+                    drain_until = Some(Instant::now() + self.cfg.drain);
+                }
+            }
+            self.flush().await;
+            if let Some(until) = drain_until {
+                let drained = self.unacked == 0;
+                if drained || Instant::now() >= until {
+                    if !drained {
+                        tracing::warn!(
+                            unacknowledged = self.unacked,
+                            "stopping with publishes not acknowledged (their clients get no reply)"
+                        );
+                    }
                     for s in self.sessions.values_mut() {
                         if let Some(link) = s.sender(Via::Current) {
                             let _ = link.send(bare_frame(cmd::QUIT)).await;
@@ -176,7 +195,6 @@ impl Hub {
                     return;
                 }
             }
-            self.flush().await;
         }
     }
 
