@@ -285,3 +285,50 @@ def test_a_rendezvous_answers_a_thousand_transmitters_in_pages():
         announcer.close()
         rendezvous.terminate()
         rendezvous.wait(timeout=10)
+
+
+def test_a_full_transmitter_sends_new_cells_elsewhere():
+    """Cells per transmitter are bounded (--max-cells): a HELO past the bound is answered
+    MOVE, counted, and the cells already there keep their place."""
+    import zmq
+
+    tmp = Path(tempfile.mkdtemp(prefix="thynapse-full-"))
+    procs = []
+    ctx = zmq.Context()
+    try:
+        rendezvous = subprocess.Popen([str(BINARY), "rendezvous", "--mesh", "m"], stdout=subprocess.PIPE, stderr=open(tmp / "rv.log", "w"), text=True)
+        procs.append(rendezvous)
+        address = json.loads(rendezvous.stdout.readline().split(" ", 1)[1])["address"]
+        transmitter = subprocess.Popen(
+            [str(BINARY), "transmitter", "--mesh", "m", "--name", "m-0", "--rendezvous", address, "--max-cells", "2"],
+            stdout=subprocess.PIPE, stderr=open(tmp / "t.log", "w"), text=True,
+        )
+        procs.append(transmitter)
+        ready = json.loads(transmitter.stdout.readline().split(" ", 1)[1])
+
+        def hello(cell_id):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVTIMEO, 5000)
+            s.connect(ready["command"])
+            s.send(f'J HELO {{"id": "{cell_id}", "service": "s"}}'.encode())
+            return s, s.recv_multipart()[0].decode()
+
+        ids = [os.urandom(20).hex() for _ in range(3)]
+        first, reply = hello(ids[0])
+        assert reply.startswith("J WLCM"), reply
+        _, reply = hello(ids[1])
+        assert reply.startswith("J WLCM"), reply
+        _, reply = hello(ids[2])
+        assert reply.startswith("J MOVE") and "transmitter full" in reply, reply
+        # A cell already there says HELO again (a new link): still welcome.
+        _, reply = hello(ids[0])
+        assert reply.startswith("J WLCM"), reply
+        page = metrics(ready["metrics"])
+        assert page['thynapse_transmitter_refused_total{limit="cells"}'] == 1
+        assert page["thynapse_transmitter_cells"] == 2
+    finally:
+        ctx.destroy(linger=0)
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)

@@ -94,6 +94,9 @@ pub struct TransmitterArgs {
     /// Bytes in flight per cell or peer link beyond which its messages are dropped.
     #[arg(long, default_value_t = 32 << 20)]
     pub link_buffer_bytes: usize,
+    /// Cells (sidecar sessions) served at most; a HELO past it is answered `MOVE`.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_cells: usize,
 }
 
 impl TransmitterArgs {
@@ -117,7 +120,8 @@ impl ToArgs for TransmitterArgs {
             .flag("announce-interval-ms", self.announce_interval_ms)
             .flag("expiry-multiplier", self.expiry_multiplier)
             .flag("max-message-bytes", self.max_message_bytes)
-            .flag("link-buffer-bytes", self.link_buffer_bytes);
+            .flag("link-buffer-bytes", self.link_buffer_bytes)
+            .flag("max-cells", self.max_cells);
         a.0
     }
 }

@@ -218,7 +218,9 @@ impl Metrics {
             ),
             registry: r,
         };
-        m.refused.with_label_values(&["interest_bytes"]);
+        for limit in ["interest_bytes", "cells"] {
+            m.refused.with_label_values(&[limit]);
+        }
         for reason in ["timeout", "peer_lost"] {
             m.sync_gave_up.with_label_values(&[reason]);
         }

@@ -114,6 +114,13 @@ impl Transmitter {
                 .push(reply_json(identity, cmd::MOVE, &wire::Reason { reason }));
             return Ok(());
         }
+        if !self.cells.contains_key(&hello.id) && self.cells.len() >= self.args.max_cells {
+            self.metrics.refused.with_label_values(&["cells"]).inc();
+            let reason = format!("transmitter full ({} cells)", self.args.max_cells);
+            self.replies
+                .push(reply_json(identity, cmd::MOVE, &wire::Reason { reason }));
+            return Ok(());
+        }
         if let Some(old) = self.identities.insert(identity.clone(), hello.id) {
             if old != hello.id {
                 self.drop_cell(old, Leaving::Replaced);
@@ -132,7 +139,8 @@ impl Transmitter {
             // The same cell on a new connection: what was in flight on the old one is gone.
             self.identities.remove(&cell.identity);
             cell.identity = identity.clone();
-            cell.outbox = Outbox::default();
+            let lost = std::mem::take(&mut cell.outbox).unconfirmed_messages();
+            self.metrics.drop(DropReason::CellLost, lost as u64);
         }
         cell.events = hello.events;
         cell.last_seen = now;
