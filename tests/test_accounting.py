@@ -8,7 +8,7 @@ from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
 
 
 def read_replies(sock, n, timeout=30):
-    """Reads RESP integer replies until `n` came or the connection closed."""
+    """Reads RESP replies (integers, errors) until `n` came or the connection closed."""
     sock.settimeout(timeout)
     buf = b""
     while buf.count(b"\r\n") < n:
@@ -19,7 +19,16 @@ def read_replies(sock, n, timeout=30):
         if not chunk:
             break
         buf += chunk
-    return [int(line[1:]) for line in buf.split(b"\r\n") if line.startswith(b":")]
+    return [int(line[1:]) if line.startswith(b":") else line[1:].decode()
+            for line in buf.split(b"\r\n") if line[:1] in (b":", b"-")]
+
+
+def refused(host, port):
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
 
 
 def test_sigterm_of_a_sidecar_waits_until_its_publishes_are_acknowledged(start_mesh):
@@ -41,11 +50,15 @@ def test_sigterm_of_a_sidecar_waits_until_its_publishes_are_acknowledged(start_m
         wait_for(lambda: metrics(a["metrics"])["thynapse_sidecar_messages_in_total"] >= taken + len(sent),
                  what="the publishes taken by the sidecar")
         os.kill(a["pid"], signal.SIGTERM)
+        # Stopping: no new connection, and a publish sent now is refused, not lost.
+        wait_for(lambda: refused(host, int(port)), what="new connections refused")
+        client.sendall(b"*3\r\n$7\r\nPUBLISH\r\n$5\r\ndrain\r\n$4\r\nlate\r\n")
     finally:
         os.kill(home["pid"], signal.SIGCONT)
     # It stays until they are acknowledged: every publish is answered, then it exits.
-    replies = read_replies(client, len(sent))
+    replies = read_replies(client, len(sent) + 1)
     client.close()
-    assert replies == [1] * len(sent), f"{len(replies)} of {len(sent)} answered"
+    assert replies[:len(sent)] == [1] * len(sent), f"{len(replies)} of {len(sent)} answered"
+    assert replies[len(sent):] == ["ERR sidecar stopping: not published"], replies[len(sent):]
     sub.wait_count(len(sent), prefix=b"m")
     assert sub.data(b"m") == sent, "every answered message delivered once, in order"

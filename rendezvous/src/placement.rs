@@ -16,8 +16,9 @@ use std::collections::{BTreeMap, HashMap};
 use thynapse_protocol::discovery::{Placement, TransmitterInfo, MAX_HOSTING_BYTES, MAX_ROOM_NAME};
 use thynapse_protocol::Thid;
 
-/// Rooms a mesh has at most (declared or on demand): locating a new one past it is
-/// refused, so made-up room names cannot grow the rendezvous' state without bound.
+/// Rooms a mesh has at most: locating a new on-demand room past it is refused, so made-up
+/// room names cannot grow the rendezvous' state without bound (declared rooms are
+/// placed whatever the count; on-demand rooms are not forgotten yet, issue 14).
 pub const MAX_ROOMS: usize = 10_000;
 
 /// Messages per second that weigh as much as hosting one more room.
@@ -88,6 +89,14 @@ impl Rooms {
         }
     }
 
+    /// Whether `room` is a new on-demand room past `MAX_ROOMS`: declared rooms are
+    /// always placed.
+    fn is_full_for(&self, room: &str) -> bool {
+        self.rooms.len() >= MAX_ROOMS
+            && !self.rooms.contains_key(room)
+            && !self.policy.declared.contains_key(room)
+    }
+
     fn replicas_for(&self, room: &str) -> Result<u32, PlaceError> {
         if room.is_empty() || room.len() > MAX_ROOM_NAME {
             return Err(PlaceError::BadName);
@@ -107,7 +116,7 @@ impl Rooms {
         live: &[TransmitterInfo],
     ) -> Result<(Located, Vec<String>), PlaceError> {
         let replicas = self.replicas_for(room)?;
-        if self.rooms.len() >= MAX_ROOMS && !self.rooms.contains_key(room) {
+        if self.is_full_for(room) {
             return Err(PlaceError::Full(self.mesh.clone()));
         }
         self.rooms.entry(room.to_string()).or_insert_with(|| Room {
@@ -149,7 +158,7 @@ impl Rooms {
                 // A room it hosts but the policy no longer allows: its cells will move.
                 Err(_) => continue,
             };
-            if self.rooms.len() >= MAX_ROOMS && !self.rooms.contains_key(room) {
+            if self.is_full_for(room) {
                 continue;
             }
             let r = self.rooms.entry(room.clone()).or_insert_with(|| Room {
@@ -375,6 +384,7 @@ mod tests {
         let live: Vec<_> = ["a"].map(t).to_vec();
         let one = RoomPolicy {
             default_replicas: 1,
+            declared: BTreeMap::from([("vip".to_string(), 1)]),
             ..RoomPolicy::default()
         };
         let mut rooms = Rooms::new("m", one);
@@ -388,6 +398,10 @@ mod tests {
         assert!(
             rooms.locate("r7", &live).is_ok(),
             "known rooms are still located"
+        );
+        assert!(
+            rooms.locate("vip", &live).is_ok(),
+            "declared rooms are always placed"
         );
         // A pass over all of them with nothing to do stays cheap and changes nothing.
         confirm_all(&mut rooms, &live);

@@ -105,9 +105,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             _ = stop_signals.recv() => break,
         }
     }
+    // New connections are refused from now on.
+    drop(listener);
     shutdown.notify_one();
     // The hub drains (bounded by --drain-seconds) while the connections write its replies.
     let drain = Duration::from_secs(args.drain_seconds);
     let _ = tokio::time::timeout(drain + Duration::from_secs(1), hub).await;
+    // Let the connections write what they took last (a few turns of this one thread).
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
     Ok(())
 }

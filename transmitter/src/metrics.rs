@@ -218,7 +218,7 @@ impl Metrics {
             ),
             registry: r,
         };
-        for limit in ["interest_bytes", "cells"] {
+        for limit in ["interest_bytes", "cells", "hello"] {
             m.refused.with_label_values(&[limit]);
         }
         for reason in ["timeout", "peer_lost"] {

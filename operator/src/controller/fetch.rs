@@ -26,6 +26,9 @@ pub(super) async fn mesh_inputs(
         .await?
         .into_iter()
         .filter(|r| r.spec.mesh == name)
+        // An invalid Room (a CRD without its schema) must not reach the rendezvous' flags;
+        // its own reconcile reports it.
+        .filter(|r| r.spec.validate().is_ok())
         .map(|r| {
             let replicas = r.spec.replicas.unwrap_or(mesh.spec.rooms.default_replicas);
             (r.name_any(), replicas)

@@ -13,10 +13,11 @@ use thynapse_protocol::wire::{self, cmd, Interest, Op};
 use thynapse_protocol::Thid;
 use zeromq::{SocketSend, ZmqMessage};
 
-use super::{Hub, CONFIRM_BOUND_EXPIRIES, ROOM_IDLE};
+use super::delivery::Subscriptions;
+use super::{Hub, HubConfig, CONFIRM_BOUND_EXPIRIES, ROOM_IDLE};
 use crate::api::Out;
 use crate::frames::{bare_frame, json_frame};
-use crate::session::{self, ConnectPlan, LinkEvent, SessionKey, Via};
+use crate::session::{self, ConnectPlan, LinkEvent, Session, SessionKey, Via};
 
 impl Hub {
     /// Starts a task that finds a transmitter for the session and links to it.
@@ -137,36 +138,8 @@ impl Hub {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        let hello = wire::Hello {
-            id: s.id,
-            service: self.cfg.service.clone(),
-            rules: self.cfg.rules.clone(),
-            events: wire::Events::Dealer,
-            token: None,
-            room: s.room.clone(),
-        };
-        let snapshot: Vec<(Op, Interest, &[u8])> = match &key {
-            None => self
-                .subs
-                .channels
-                .keys()
-                .map(|c| (Op::Add, Interest::Channel, &c[..]))
-                .chain(
-                    self.subs
-                        .patterns
-                        .keys()
-                        .map(|p| (Op::Add, Interest::Pattern, &p[..])),
-                )
-                .collect(),
-            Some(room) => self
-                .subs
-                .shard
-                .keys()
-                .filter(|c| room_of(c) == &room[..])
-                .map(|c| (Op::Add, Interest::ShardChannel, &c[..]))
-                .collect(),
-        };
-        let hello = json_frame(cmd::HELO, &hello);
+        let hello = hello(&self.cfg, s);
+        let snapshot = snapshot(&self.subs, &key);
         if s.linked(generation, name, sender, hello, snapshot)
             && key.is_none()
             && self.ready_printed
@@ -208,6 +181,7 @@ impl Hub {
                 }
             }
             cmd::WLCM => {
+                s.welcomed();
                 if let Ok(w) = frame.decode_json::<wire::Welcome>() {
                     if key.is_some() {
                         tracing::debug!(transmitter = %w.name, room = ?s.room, "room session linked");
@@ -240,6 +214,12 @@ impl Hub {
                     for (client, token) in released {
                         self.confirmed(client, token);
                     }
+                }
+            }
+            cmd::ERRR if via == Via::Current && is_unknown_cell(&frame) => {
+                let hello = hello(&self.cfg, s);
+                if s.rejoin(hello, snapshot(&self.subs, &key)) {
+                    tracing::warn!(room = ?s.room, "the transmitter dropped this session (silent too long): greeting it again");
                 }
             }
             cmd::ERRR => tracing::warn!(
@@ -341,5 +321,47 @@ impl Hub {
             }
         }
         self.outbox = out;
+    }
+}
+
+/// Whether an `ERRR` says the transmitter does not know the session ("unknown cell").
+fn is_unknown_cell(frame: &CommandFrame) -> bool {
+    frame
+        .decode_json::<wire::ErrorReply>()
+        .is_ok_and(|e| e.error.starts_with("unknown cell"))
+}
+
+/// The session's `HELO`.
+fn hello(cfg: &HubConfig, s: &Session) -> ZmqMessage {
+    let hello = wire::Hello {
+        id: s.id,
+        service: cfg.service.clone(),
+        rules: cfg.rules.clone(),
+        events: wire::Events::Dealer,
+        token: None,
+        room: s.room.clone(),
+    };
+    json_frame(cmd::HELO, &hello)
+}
+
+/// Every subscription of the session `key`, as its link's first `SUBS` carries them.
+fn snapshot<'a>(subs: &'a Subscriptions, key: &SessionKey) -> Vec<(Op, Interest, &'a [u8])> {
+    match key {
+        None => subs
+            .channels
+            .keys()
+            .map(|c| (Op::Add, Interest::Channel, &c[..]))
+            .chain(
+                subs.patterns
+                    .keys()
+                    .map(|p| (Op::Add, Interest::Pattern, &p[..])),
+            )
+            .collect(),
+        Some(room) => subs
+            .shard
+            .keys()
+            .filter(|c| room_of(c) == &room[..])
+            .map(|c| (Op::Add, Interest::ShardChannel, &c[..]))
+            .collect(),
     }
 }

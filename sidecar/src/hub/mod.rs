@@ -58,9 +58,9 @@ pub struct HubConfig {
 }
 
 /// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
-/// At most the receivers' duplicate window: a resend from further back would be dropped
-/// there as a copy.
-const MAX_UNACKED: usize = thynapse_protocol::dedup::WINDOW as usize;
+/// Within the receivers' duplicate window (a resend from further back would be dropped
+/// there as a copy), with room for the 256 publishes one command may add past the check.
+const MAX_UNACKED: usize = thynapse_protocol::dedup::WINDOW as usize - 256;
 const MAX_UNACKED_BYTES: usize = 4 << 20;
 /// Commands taken from the clients between two flushes at most.
 const MAX_COMMANDS_PER_TURN: usize = 1024;
@@ -106,6 +106,8 @@ pub struct Hub {
     pushes: Vec<Pushes>,
     push_index: HashMap<ClientId, usize>,
     ready_printed: bool,
+    /// Stopping: commands are answered but nothing new is taken (see `run`).
+    draining: bool,
     started: Instant,
     /// Reused by every flush: what the sessions send, and on which link.
     outbox: Vec<(Via, ZmqMessage)>,
@@ -138,6 +140,7 @@ impl Hub {
             seen: HashMap::new(),
             ready_printed: false,
             started: Instant::now(),
+            draining: false,
             outbox: Vec::new(),
         }
     }
@@ -146,8 +149,9 @@ impl Hub {
         self.unacked >= MAX_UNACKED || self.unacked_bytes >= MAX_UNACKED_BYTES
     }
 
-    /// Runs until `shutdown`, then drains: takes no more commands, and returns once every
-    /// publish taken is acknowledged (their clients get their replies) or `drain` passed.
+    /// Runs until `shutdown`, then drains: takes no new publishes or subscriptions (each
+    /// answered at once, a publish with an error), and returns once every publish taken
+    /// is acknowledged and its answer handed to its connection, or `drain` passed.
     pub async fn run(mut self, mut cmds: mpsc::Receiver<HubCmd>, shutdown: Arc<Notify>) {
         let mut tick = tokio::time::interval(self.cfg.heartbeat / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -161,10 +165,10 @@ impl Hub {
                         self.on_link(ev);
                     }
                 }
-                Some(c) = cmds.recv(), if drain_until.is_none() && !self.window_full() => {
+                Some(c) = cmds.recv(), if self.draining || !self.window_full() => {
                     self.on_cmd(c);
                     let mut n = 1;
-                    while n < MAX_COMMANDS_PER_TURN && !self.window_full() {
+                    while n < MAX_COMMANDS_PER_TURN && (self.draining || !self.window_full()) {
                         match cmds.try_recv() {
                             Ok(c) => { self.on_cmd(c); n += 1; }
                             Err(_) => break,
@@ -175,11 +179,17 @@ impl Hub {
                 _ = shutdown.notified(), if drain_until.is_none() => {
                     tracing::info!(unacknowledged = self.unacked, "stopping: draining publishes");
                     drain_until = Some(Instant::now() + self.cfg.drain);
+                    self.draining = true;
                 }
             }
             self.flush().await;
             if let Some(until) = drain_until {
-                let drained = self.unacked == 0;
+                // Acknowledged, and every answer taken by its connection to write.
+                let drained = self.unacked == 0
+                    && self
+                        .clients
+                        .values()
+                        .all(|h| h.queued.load(Ordering::Relaxed) == 0);
                 if drained || Instant::now() >= until {
                     if !drained {
                         tracing::warn!(
@@ -248,6 +258,21 @@ impl Hub {
 
     fn on_cmd(&mut self, c: HubCmd) {
         match c {
+            HubCmd::Publish(client, p) if self.draining => {
+                // Stopping: not taken, and said so, so the client knows.
+                for (first, n) in p.tokens {
+                    for token in first..first + u64::from(n) {
+                        let result = Err("sidecar stopping: not published".to_string());
+                        self.send_to(client, Out::Published { token, result });
+                    }
+                }
+            }
+            HubCmd::Admit(_, reply) if self.draining => {
+                let _ = reply.send(Err("sidecar stopping".into()));
+            }
+            HubCmd::Subscribe { client, token, .. } if self.draining => {
+                self.send_to(client, Out::Confirmed(token));
+            }
             HubCmd::Register(id, handle) => {
                 self.clients.insert(id, handle);
                 self.metrics.clients.set(self.clients.len() as i64);

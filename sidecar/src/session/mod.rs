@@ -106,6 +106,8 @@ struct Link<S> {
     credit: CreditOwed,
     /// HELO and the subscription snapshot, sent first at the next flush.
     greeting: Vec<ZmqMessage>,
+    /// Greeting again after an "unknown cell" answer, until `WLCM`.
+    rejoining: bool,
 }
 
 /// What a heartbeat decided for a session's links.
@@ -359,14 +361,7 @@ impl<S> Session<S> {
             return false;
         }
         self.connecting = None;
-        let mut greeting = vec![hello];
-        if !snapshot.is_empty() || self.confirm.any_waiting() {
-            let sync = self.confirm.next_number();
-            interest_frames(snapshot, sync, &mut greeting);
-        }
-        // Changes queued for the old link are part of the snapshot.
-        self.interest.clear();
-        self.unsent_from = 0;
+        let greeting = self.greeting(hello, snapshot);
         self.link = Some(Link {
             generation,
             name,
@@ -374,8 +369,50 @@ impl<S> Session<S> {
             last_heard: Instant::now(),
             credit: CreditOwed::default(),
             greeting,
+            rejoining: false,
         });
         true
+    }
+
+    /// HELO, the subscription snapshot, and every batch not acknowledged sent again (from
+    /// the next flush on): what a transmitter that does not know the session needs.
+    fn greeting(
+        &mut self,
+        hello: ZmqMessage,
+        snapshot: Vec<(Op, Interest, &[u8])>,
+    ) -> Vec<ZmqMessage> {
+        let mut greeting = vec![hello];
+        if !snapshot.is_empty() || self.confirm.any_waiting() {
+            let sync = self.confirm.next_number();
+            interest_frames(snapshot, sync, &mut greeting);
+        }
+        // Changes queued before are part of the snapshot.
+        self.interest.clear();
+        self.unsent_from = 0;
+        greeting
+    }
+
+    /// The transmitter answered "unknown cell": it dropped the session (silent too long,
+    /// e.g. paused) while the link stayed up. Greets it again on the same link, once until
+    /// it welcomes the session: false when already doing so, or with no current link.
+    pub fn rejoin(&mut self, hello: ZmqMessage, snapshot: Vec<(Op, Interest, &[u8])>) -> bool {
+        if self.link.as_ref().is_none_or(|l| l.rejoining) {
+            return false;
+        }
+        let greeting = self.greeting(hello, snapshot);
+        let link = self.link.as_mut().expect("checked above");
+        link.greeting = greeting;
+        // Its batches to the session start again from 1: credit what comes from now on.
+        link.credit = CreditOwed::default();
+        link.rejoining = true;
+        true
+    }
+
+    /// The transmitter welcomed the session (`WLCM`).
+    pub fn welcomed(&mut self) {
+        if let Some(link) = self.link.as_mut() {
+            link.rejoining = false;
+        }
     }
 
     /// The reader of link `generation` ended. When that was the current link, the session
@@ -768,6 +805,26 @@ mod tests {
         assert!(tick.ping.is_none());
         assert!(s.needs_link());
         assert_eq!(s.begin_connect(2), Some(vec!["t1".to_string()]));
+    }
+
+    #[test]
+    fn a_session_its_transmitter_forgot_greets_it_again_once() {
+        let mut s: Session<u8> = Session::new(Thid::random(), None);
+        assert!(!s.rejoin(hello(), vec![]), "no link, nothing to greet");
+        link(&mut s, "t1", 1, vec![(Op::Add, Interest::Channel, b"a")]);
+        s.queue_records(1, &records(1), 1, &[(0, 1)]);
+        flush(&mut s);
+        s.received(Via::Current, 9, 10);
+        // "unknown cell": HELO, the snapshot and the unacknowledged batch again, on the
+        // same link; the old incarnation's credit is not owed any more.
+        assert!(s.rejoin(hello(), vec![(Op::Add, Interest::Channel, b"a")]));
+        let out = flush(&mut s);
+        let names: Vec<String> = commands(&out).into_iter().map(|(_, c)| c).collect();
+        assert_eq!(names, ["HELO", "SUBS", "PUBS"]);
+        assert!(!s.rejoin(hello(), vec![]), "once until welcomed");
+        s.welcomed();
+        assert!(s.rejoin(hello(), vec![]), "and again if it forgets again");
+        assert_eq!(s.transmitter(), Some("t1"));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub(super) enum Leaving {
     Unreachable,
 }
 
+/// A Service's name (a Kubernetes name) and its delivery rules, at most.
+const MAX_SERVICE_NAME: usize = 253;
+const MAX_RULES_BYTES: usize = 64 * 1024;
+
 impl Transmitter {
     /// A command on our ROUTER from a connection that is not a known peer's: a cell's, or
     /// a peer introducing itself. `more` holds the frames after the body (the further
@@ -112,6 +116,17 @@ impl Transmitter {
             let reason = format!("room {room:?} is not hosted here");
             self.replies
                 .push(reply_json(identity, cmd::MOVE, &wire::Reason { reason }));
+            return Ok(());
+        }
+        let rules_bytes: usize = hello.rules.iter().map(|r| r.pattern.len() + 16).sum();
+        if hello.service.len() > MAX_SERVICE_NAME || rules_bytes > MAX_RULES_BYTES {
+            // Both travel in the cell's `CELL` to every peer, which must stay under the
+            // wire limit.
+            self.metrics.refused.with_label_values(&["hello"]).inc();
+            self.replies.push(error_reply(
+                identity,
+                &format!("HELO refused: a service name is at most {MAX_SERVICE_NAME} bytes, its delivery rules at most {MAX_RULES_BYTES} bytes of patterns"),
+            ));
             return Ok(());
         }
         if !self.cells.contains_key(&hello.id) && self.cells.len() >= self.args.max_cells {

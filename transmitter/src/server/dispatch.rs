@@ -190,19 +190,10 @@ impl Transmitter {
 
     /// Forgets the batches held from `source` (its connection is gone).
     /// Drops the batches held from a source that is gone. A cell's sidecar sends its
-    /// publishes again (they were not acknowledged); a peer's forwarded messages are
-    /// lost here, and counted.
+    /// publishes again (they were not acknowledged); a peer counts what it forwarded and
+    /// we never credited as `peer_lost` on its side, so it is not counted here again.
     pub(super) fn forget_held(&mut self, source: Link) {
-        let mut lost = 0;
-        for h in self.held.forget(source) {
-            if let HeldBatch::Forward(body) = &h.batch {
-                let total = decode_envelopes(&body[..]).map_or(0, |(_, e)| e.count());
-                lost += total.saturating_sub(h.progress.done);
-            }
-        }
-        if lost > 0 {
-            self.metrics.drop(DropReason::PeerLost, lost as u64);
-        }
+        self.held.forget(source);
     }
 
     /// Routes the rest of a held batch (see `route_publishes`, `route_forwards`).

@@ -396,7 +396,17 @@ impl Transmitter {
                     }
                     cmd::PONG => {}
                     cmd::ERRR => {
-                        tracing::warn!(peer = %p.name, "peer error: {}", String::from_utf8_lossy(&frame.payload))
+                        let unknown = frame
+                            .decode_json::<wire::ErrorReply>()
+                            .is_ok_and(|e| e.error.starts_with("unknown cell"));
+                        if unknown {
+                            // It forgot us (we were silent too long) while this link
+                            // stayed up: rebuild it, so it hears PEER and our cells again.
+                            tracing::warn!(peer = %p.name, "peer does not know us: relinking");
+                            p.drop_link();
+                        } else {
+                            tracing::warn!(peer = %p.name, "peer error: {}", String::from_utf8_lossy(&frame.payload))
+                        }
                     }
                     _ => {}
                 }

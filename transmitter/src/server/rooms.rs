@@ -1,6 +1,7 @@
 //! Rooms this transmitter hosts (placed by the rendezvous), and the announcements that
 //! tell the rendezvous about this transmitter.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
@@ -48,6 +49,9 @@ pub(super) async fn announce(
         .collect();
     let mut tick = tokio::time::interval(Duration::from_millis(args.announce_interval_ms));
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Where the rendezvous points were last found: only their datagrams are read (a
+    // forged `hosting` would assign rooms, a forged `peers` start connections).
+    let mut points: Vec<SocketAddr> = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -57,7 +61,11 @@ pub(super) async fn announce(
                 }
             }
             got = socket.recv_from(&mut buf) => {
-                let Ok((n, _)) = got else { continue };
+                let Ok((n, from)) = got else { continue };
+                if !points.contains(&from) {
+                    tracing::debug!(%from, "a datagram not from a rendezvous point: ignored");
+                    continue;
+                }
                 let event = match Datagram::parse(&buf[..n]) {
                     Ok(Datagram::Peers { transmitters, .. }) => Report::Discovered(transmitters),
                     Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting(rooms),
@@ -87,8 +95,18 @@ pub(super) async fn announce(
             }
             .to_bytes()
         };
+        points.clear();
         for target in &targets {
-            if let Err(e) = socket.send_to(&datagram, target.as_str()).await {
+            let Some(point) = tokio::net::lookup_host(target.as_str())
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+            else {
+                tracing::debug!(%target, "rendezvous point not resolved");
+                continue;
+            };
+            points.push(point);
+            if let Err(e) = socket.send_to(&datagram, point).await {
                 tracing::debug!(%target, "announce failed: {e}");
             }
         }

@@ -24,6 +24,9 @@ enum DecoderState {
     Frame(Frame),
 }
 
+/// Thynapse patch: what each frame counts toward `max_message_size` besides its body.
+const FRAME_COST: usize = 64;
+
 #[derive(Debug)]
 pub struct ZmqCodec {
     state: DecoderState,
@@ -131,11 +134,14 @@ impl Decoder for ZmqCodec {
                     };
                     // Checked before the frame's body is awaited (and memory reserved
                     // for it): a declared length over the limit ends the connection.
+                    // Each frame also costs its header and its place in the message: empty
+                    // frames must not add up without limit.
                     if let Some(max) = self.max_message_size {
+                        let cost = frame_len.saturating_add(FRAME_COST);
                         let total = if frame.command {
-                            frame_len
+                            cost
                         } else {
-                            self.buffered_len.saturating_add(frame_len)
+                            self.buffered_len.saturating_add(cost)
                         };
                         if total > max {
                             return Err(CodecError::Decode("Message exceeds the size limit"));
@@ -153,7 +159,7 @@ impl Decoder for ZmqCodec {
                     }
 
                     // process incoming message frame
-                    self.buffered_len += data.len();
+                    self.buffered_len += data.len() + FRAME_COST;
                     match &mut self.buffered_message {
                         Some(v) => v.push_back(data.freeze()),
                         None => self.buffered_message = Some(ZmqMessage::from(data.freeze())),

@@ -20,8 +20,19 @@ fn a_declared_frame_over_the_limit_is_refused_before_anything_is_reserved() {
 }
 
 #[test]
+fn empty_frames_count_too() {
+    // Each frame costs FRAME_COST: an endless run of empty frames is refused.
+    let mut codec = limited(10 * FRAME_COST);
+    let mut input = BytesMut::new();
+    for _ in 0..11 {
+        input.extend_from_slice(&[1, 0]);
+    }
+    assert!(codec.decode(&mut input).is_err());
+}
+
+#[test]
 fn the_frames_of_one_message_count_together() {
-    let mut codec = limited(10);
+    let mut codec = limited(10 + 2 * FRAME_COST);
     // Two frames of 5 bytes: exactly at the limit.
     let mut input = BytesMut::from(&[1, 5, b'a', b'b', b'c', b'd', b'e', 0, 5][..]);
     input.extend_from_slice(b"fghij");
