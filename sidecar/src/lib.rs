@@ -10,6 +10,7 @@
 //! one stream (mesh or room) and its link.
 
 pub mod api;
+pub mod client;
 pub mod cmd;
 pub mod confirm;
 pub mod connection;
@@ -28,7 +29,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 
-use crate::connection::Shared;
+use crate::client::Shared;
 use crate::hub::{Hub, HubConfig};
 /// The sidecar's flags (the contract every launcher fills: `thynapse_process`).
 pub use thynapse_process::SidecarArgs as Args;

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use super::{lower, unknown_subcommand, NO_CLUSTER};
 use crate::api::HubCmd;
-use crate::connection::{lock, Client, Shared};
+use crate::client::{lock, Client, Shared};
 use crate::introspection::{self, ServerFacts};
 use crate::resp::Reply;
 

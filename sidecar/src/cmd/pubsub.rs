@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use super::{lower, sub_kind, unknown_subcommand};
 use crate::api::{HubCmd, SubKind};
-use crate::connection::{name_too_long, Client, Pending, Shared};
+use crate::client::{name_too_long, Client, Pending, Shared};
 use crate::resp::Reply;
 
 impl Client {

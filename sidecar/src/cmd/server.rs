@@ -9,7 +9,7 @@ use super::{
     arity_error, command_info, lower, unknown_command, unknown_subcommand, COMMANDS, WRONGPASS,
 };
 use crate::api::SubKind;
-use crate::connection::{lock, Client, Shared};
+use crate::client::{lock, Client, Shared};
 use crate::introspection::{ClientSummary, REDIS_VERSION};
 use crate::resp::Reply;
 
