@@ -41,6 +41,29 @@ pub enum Ready {
     Rendezvous(RendezvousReady),
 }
 
+impl Ready {
+    pub fn transmitter(&self) -> Option<&TransmitterReady> {
+        match self {
+            Ready::Transmitter(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn sidecar(&self) -> Option<&SidecarReady> {
+        match self {
+            Ready::Sidecar(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn rendezvous(&self) -> Option<&RendezvousReady> {
+        match self {
+            Ready::Rendezvous(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Linked {
     pub peers: usize,

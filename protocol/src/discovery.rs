@@ -94,6 +94,12 @@ impl Datagram {
 /// Largest datagram we send or accept; a Peers answer lists ~150 transmitters within it.
 pub const MAX_DATAGRAM: usize = 60_000;
 
+/// The announcement intervals and expiry multipliers a mesh may have: the CRD's ranges
+/// (`spec.rendezvous`), which `thynapse up` checks manifests against and the rendezvous
+/// checks every announcement against (so none asks to be kept past 20 minutes).
+pub const ANNOUNCE_INTERVAL_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
+pub const EXPIRY_MULTIPLIER: std::ops::RangeInclusive<u32> = 2..=20;
+
 /// Room names (UTF-8) longer than this are refused, so placements fit in datagrams.
 pub const MAX_ROOM_NAME: usize = 200;
 

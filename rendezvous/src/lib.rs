@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use thynapse_protocol::discovery::{Datagram, TransmitterInfo, MAX_DATAGRAM};
+use thynapse_protocol::discovery::{
+    Datagram, TransmitterInfo, ANNOUNCE_INTERVAL_MS, EXPIRY_MULTIPLIER, MAX_DATAGRAM,
+};
 use tokio::net::UdpSocket;
 
 use crate::placement::{RoomPolicy, Rooms};
@@ -117,20 +119,15 @@ pub async fn ask(addresses: &[String], request: &Datagram, wait: Duration) -> Op
 /// every live transmitter's, so no field may crowd out the others.
 pub const MAX_FIELD_BYTES: usize = 256;
 
-/// The announcement intervals and expiry multipliers a mesh may have (the CRD's ranges):
-/// an announcement cannot ask to be kept longer than 20 minutes.
-const INTERVAL_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
-const MULTIPLIER: std::ops::RangeInclusive<u32> = 2..=20;
-
 /// How long an announcement lives, or why it is refused.
 pub fn check_announce(
     interval_ms: u64,
     multiplier: u32,
     t: &TransmitterInfo,
 ) -> Result<Duration, String> {
-    if !INTERVAL_MS.contains(&interval_ms) || !MULTIPLIER.contains(&multiplier) {
+    if !ANNOUNCE_INTERVAL_MS.contains(&interval_ms) || !EXPIRY_MULTIPLIER.contains(&multiplier) {
         return Err(format!(
-            "announce: interval_ms must be in {INTERVAL_MS:?} and multiplier in {MULTIPLIER:?}"
+            "announce: interval_ms must be in {ANNOUNCE_INTERVAL_MS:?} and multiplier in {EXPIRY_MULTIPLIER:?}"
         ));
     }
     let fields = [&t.name, &t.command, &t.event, &t.metrics];
@@ -142,33 +139,34 @@ pub fn check_announce(
     Ok(Duration::from_millis(interval_ms * u64::from(multiplier)))
 }
 
-/// The live transmitters of `mesh` as `peers` datagrams that each fit in [`MAX_DATAGRAM`]
-/// (one for a mesh of up to about 150 transmitters; receivers add up the pages).
-pub fn peers_pages(mesh: &str, live: Vec<TransmitterInfo>) -> Vec<Datagram> {
-    // Room for the envelope and the mesh name, which the rendezvous checked.
-    let budget = MAX_DATAGRAM - 1024 - mesh.len();
+/// The live transmitters of `mesh` as `peers` datagrams, written, that each fit in
+/// [`MAX_DATAGRAM`] (one for a mesh of up to about 150 transmitters; receivers add up the
+/// pages). Each transmitter is serialized once, to measure it and to send it.
+pub fn peers_pages(mesh: &str, live: &[TransmitterInfo]) -> Vec<Vec<u8>> {
+    // `{"type":"peers","mesh":…,"transmitters":[` … `]}`, as serde writes the datagram.
+    let empty = Datagram::Peers {
+        mesh: mesh.to_string(),
+        transmitters: Vec::new(),
+    }
+    .to_bytes();
+    let head = &empty[..empty.len() - 2];
+    let start = || head.to_vec();
     let mut pages = Vec::new();
-    let mut page = Vec::new();
-    let mut used = 0;
+    let mut page = start();
     for t in live {
-        let size = serde_json::to_vec(&t).map_or(usize::MAX, |b| b.len() + 1);
-        if used + size > budget && !page.is_empty() {
-            pages.push(std::mem::take(&mut page));
-            used = 0;
+        let entry = serde_json::to_vec(t).expect("transmitter infos always serialise");
+        let first = page.len() == head.len();
+        if !first && page.len() + 1 + entry.len() + 2 > MAX_DATAGRAM {
+            page.extend_from_slice(b"]}");
+            pages.push(std::mem::replace(&mut page, start()));
+        } else if !first {
+            page.push(b',');
         }
-        used += size;
-        page.push(t);
+        page.extend_from_slice(&entry);
     }
-    if !page.is_empty() || pages.is_empty() {
-        pages.push(page);
-    }
+    page.extend_from_slice(b"]}");
+    pages.push(page);
     pages
-        .into_iter()
-        .map(|transmitters| Datagram::Peers {
-            mesh: mesh.to_string(),
-            transmitters,
-        })
-        .collect()
 }
 
 struct Server {
@@ -195,6 +193,10 @@ impl Server {
     async fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
         let now = Instant::now();
         let mut push = Vec::new();
+        let refused = |error: String| {
+            tracing::warn!(%from, "{error}");
+            vec![Datagram::Error { error }.to_bytes()]
+        };
         let replies = match Datagram::parse(bytes) {
             Ok(Datagram::Announce {
                 mesh,
@@ -202,37 +204,29 @@ impl Server {
                 multiplier,
                 transmitter,
                 rooms,
-            }) if mesh == self.mesh => {
+            }) if mesh == self.mesh => 'announce: {
                 let ttl = match check_announce(interval_ms, multiplier, &transmitter) {
                     Ok(ttl) => ttl,
-                    Err(error) => {
-                        tracing::warn!(%from, "{error}");
-                        let refused = Datagram::Error { error };
-                        let _ = self.socket.send_to(&refused.to_bytes(), from).await;
-                        return;
-                    }
+                    Err(error) => break 'announce refused(error),
                 };
                 if self.dir.address(&transmitter.name).is_none() {
                     tracing::info!(name = %transmitter.name, command = %transmitter.command, "transmitter joined");
                 }
-                let name = transmitter.name.clone();
                 if !self.dir.announce(transmitter.clone(), from, now, ttl) {
-                    let error = format!(
-                        "announce: this rendezvous keeps at most {MAX_TRANSMITTERS} transmitters"
-                    );
-                    tracing::warn!(%from, %name, "{error}");
-                    let refused = Datagram::Error { error };
-                    let _ = self.socket.send_to(&refused.to_bytes(), from).await;
-                    return;
+                    break 'announce refused(format!(
+                        "announce of {:?}: this rendezvous keeps at most {MAX_TRANSMITTERS} transmitters",
+                        transmitter.name
+                    ));
                 }
                 self.rooms.announced(&transmitter, &rooms);
-                let hosting = self.rooms.hosting(&name);
-                let mut replies = peers_pages(&mesh, self.dir.live(now));
+                let hosting = self.rooms.hosting(&transmitter.name);
+                let mut replies = peers_pages(&mesh, &self.dir.live(now));
                 if !hosting.is_empty() || !rooms.is_empty() {
-                    replies.push(Datagram::Hosting {
+                    let d = Datagram::Hosting {
                         mesh,
                         rooms: hosting,
-                    });
+                    };
+                    replies.push(d.to_bytes());
                 }
                 replies
             }
@@ -241,7 +235,7 @@ impl Server {
                 // choosing where to join) finds the best candidates there.
                 let mut live = self.dir.live(now);
                 live.sort_by_key(|t| (t.draining, t.cells));
-                peers_pages(&mesh, live)
+                peers_pages(&mesh, &live)
             }
             Ok(Datagram::Locate { mesh, room }) if mesh == self.mesh => {
                 let live = self.dir.live(now);
@@ -256,35 +250,34 @@ impl Server {
                             .iter()
                             .filter_map(|h| live.iter().find(|t| &t.name == h).cloned())
                             .collect();
-                        vec![Datagram::Room {
+                        let d = Datagram::Room {
                             mesh,
                             room,
                             replicas: located.replicas,
                             transmitters,
-                        }]
+                        };
+                        vec![d.to_bytes()]
                     }
                     Err(e) => vec![Datagram::Error {
                         error: e.to_string(),
-                    }],
+                    }
+                    .to_bytes()],
                 }
             }
             Ok(Datagram::Announce { mesh, .. })
             | Ok(Datagram::Query { mesh })
             | Ok(Datagram::Locate { mesh, .. }) => vec![Datagram::Error {
                 error: format!("this rendezvous serves mesh {:?}, not {mesh:?}", self.mesh),
-            }],
+            }
+            .to_bytes()],
             Ok(_) => vec![Datagram::Error {
                 error: "expected an announce, a query or a locate".into(),
-            }],
-            Err(e) => {
-                tracing::warn!(%from, "bad datagram: {e}");
-                vec![Datagram::Error {
-                    error: format!("bad datagram: {e}"),
-                }]
             }
+            .to_bytes()],
+            Err(e) => refused(format!("bad datagram: {e}")),
         };
         for reply in replies {
-            let _ = self.socket.send_to(&reply.to_bytes(), from).await;
+            let _ = self.socket.send_to(&reply, from).await;
         }
         self.push_hosting(&push).await;
     }
@@ -396,11 +389,10 @@ mod tests {
                 ..longest.clone()
             })
             .collect();
-        let pages = peers_pages("mesh", live);
+        let pages = peers_pages("mesh", &live);
         assert!(pages.len() > 1);
         let mut names = Vec::new();
-        for page in pages {
-            let bytes = page.to_bytes();
+        for bytes in pages {
             assert!(bytes.len() <= MAX_DATAGRAM, "{} bytes", bytes.len());
             match Datagram::parse(&bytes).unwrap() {
                 Datagram::Peers { transmitters, .. } => {
@@ -411,7 +403,7 @@ mod tests {
         }
         assert_eq!(names.len(), 1000, "every transmitter, once");
         assert_eq!(
-            peers_pages("mesh", vec![]).len(),
+            peers_pages("mesh", &[]).len(),
             1,
             "an empty answer is still one"
         );

@@ -1,3 +1,5 @@
+use thynapse_protocol::discovery::{ANNOUNCE_INTERVAL_MS, EXPIRY_MULTIPLIER};
+
 use crate::spec::*;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -40,12 +42,12 @@ impl TransmitterMeshSpec {
                 "spec.rendezvous.replicas must be between 1 and 5".into(),
             ));
         }
-        if !(50..=60000).contains(&self.rendezvous.announce_interval_ms) {
+        if !ANNOUNCE_INTERVAL_MS.contains(&self.rendezvous.announce_interval_ms) {
             return Err(field(
                 "spec.rendezvous.announceIntervalMs must be between 50 and 60000".into(),
             ));
         }
-        if !(2..=20).contains(&self.rendezvous.expiry_multiplier) {
+        if !EXPIRY_MULTIPLIER.contains(&self.rendezvous.expiry_multiplier) {
             return Err(field(
                 "spec.rendezvous.expiryMultiplier must be between 2 and 20".into(),
             ));

@@ -211,6 +211,14 @@ impl Client {
         self.pending.push_back(Pending::Ready(r));
     }
 
+    /// Opens a reply slot answered later (a publish's acknowledgement, a barrier's
+    /// confirmation): its token, by which the hub's answer finds it.
+    pub(crate) fn open_slot(&mut self, p: Pending) -> u64 {
+        let token = self.pending_base + self.pending.len() as u64;
+        self.pending.push_back(p);
+        token
+    }
+
     /// Refreshes this client's entry in the registry CLIENT LIST reads.
     pub(crate) fn publish_summary(&mut self, shared: &Shared) {
         self.info.resp = if self.resp3 { 3 } else { 2 };
@@ -392,8 +400,7 @@ impl Client {
             self.reply(Reply::error(error));
             return false;
         }
-        let token = self.pending_base + self.pending.len() as u64;
-        self.pending.push_back(Pending::Publish);
+        let token = self.open_slot(Pending::Publish);
         let p = &mut self.publishes;
         if p.count == 0 {
             self.batch_ts = now_us();

@@ -123,30 +123,22 @@ pub(super) fn endpoints(
     };
     for (spec, state) in specs.iter().zip(states) {
         let pid = state.pid;
-        match (spec.role, &state.info) {
-            (Role::Rendezvous, info) => {
-                let address = match info {
-                    Some(Ready::Rendezvous(r)) => Some(&r.address),
-                    _ => None,
-                };
+        let info = state.info.as_ref();
+        match spec.role {
+            Role::Rendezvous => {
+                let address = info.and_then(Ready::rendezvous).map(|r| &r.address);
                 e.rendezvous
                     .push(serde_json::json!({"name": spec.name, "address": address, "pid": pid}));
             }
-            (Role::Transmitter, info) => {
-                let t = match info {
-                    Some(Ready::Transmitter(t)) => Some(t),
-                    _ => None,
-                };
+            Role::Transmitter => {
+                let t = info.and_then(Ready::transmitter);
                 e.transmitters.push(serde_json::json!({
                     "name": spec.name, "command": t.map(|t| &t.command), "event": t.map(|t| &t.event),
                     "metrics": t.map(|t| &t.metrics), "id": t.map(|t| t.id), "pid": pid,
                 }));
             }
-            (Role::Cell, info) => {
-                let c = match info {
-                    Some(Ready::Sidecar(c)) => Some(c),
-                    _ => None,
-                };
+            Role::Cell => {
+                let c = info.and_then(Ready::sidecar);
                 e.cells.push(serde_json::json!({
                     "service": spec.service, "name": spec.name, "resp": c.map(|c| &c.resp), "metrics": c.map(|c| &c.metrics),
                     "transmitter": c.map(|c| &c.transmitter), "id": c.map(|c| c.id), "pid": pid,
@@ -189,10 +181,7 @@ pub(super) fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &
             ),
             (Role::Transmitter, _) => ("transmitter", dash(), dash(), "event -".into()),
             (Role::Cell, info) => {
-                let c = match info {
-                    Some(Ready::Sidecar(c)) => Some(c),
-                    _ => None,
-                };
+                let c = info.as_ref().and_then(Ready::sidecar);
                 (
                     "cell",
                     format!("redis://{}", c.map_or("-", |c| &c.resp)),

@@ -50,7 +50,8 @@ pub(super) async fn mesh(
     prune_rendezvous(client, ns, mesh, d).await
 }
 
-/// Deletes rendezvous points beyond the mesh's replicas (after a scale-down).
+/// Deletes rendezvous points beyond the mesh's replicas (after a scale-down): their
+/// Deployments and Services.
 async fn prune_rendezvous(
     client: &Client,
     ns: &str,
@@ -60,19 +61,27 @@ async fn prune_rendezvous(
     let keep: Vec<String> = d.rendezvous.iter().map(|(dep, _)| dep.name_any()).collect();
     let selector = format!("{MESH_LABEL}={mesh},{COMPONENT_LABEL}=rendezvous");
     let lp = ListParams::default().labels(&selector);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    for dep in deployments.list(&lp).await? {
-        if !keep.contains(&dep.name_any()) {
-            deployments
-                .delete(&dep.name_any(), &DeleteParams::default())
-                .await?;
-        }
-    }
-    let services: Api<CoreService> = Api::namespaced(client.clone(), ns);
-    for svc in services.list(&lp).await? {
-        if !keep.contains(&svc.name_any()) {
-            services
-                .delete(&svc.name_any(), &DeleteParams::default())
+    delete_others::<Deployment>(client, ns, &lp, &keep).await?;
+    delete_others::<CoreService>(client, ns, &lp, &keep).await
+}
+
+/// Deletes the objects of kind `K` that `lp` selects and `keep` does not name.
+async fn delete_others<K>(
+    client: &Client,
+    ns: &str,
+    lp: &ListParams,
+    keep: &[String],
+) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    for obj in api.list(lp).await? {
+        if !keep.contains(&obj.name_any()) {
+            api.delete(&obj.name_any(), &DeleteParams::default())
                 .await?;
         }
     }

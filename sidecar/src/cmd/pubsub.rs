@@ -78,8 +78,7 @@ impl Client {
             ]));
         }
         for names in new.into_values() {
-            let token = self.pending_base + self.pending.len() as u64;
-            self.pending.push_back(Pending::Barrier);
+            let token = self.open_slot(Pending::Barrier);
             let cmd = HubCmd::Subscribe {
                 client: self.id,
                 kind,
@@ -158,8 +157,7 @@ impl Client {
         if names.is_empty() {
             return;
         }
-        let token = self.pending_base + self.pending.len() as u64;
-        self.pending.push_back(Pending::Barrier);
+        let token = self.open_slot(Pending::Barrier);
         let cmd = HubCmd::Unsubscribe {
             client: self.id,
             kind,

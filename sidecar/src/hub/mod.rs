@@ -106,8 +106,9 @@ pub struct Hub {
     pushes: Vec<Pushes>,
     push_index: HashMap<ClientId, usize>,
     ready_printed: bool,
-    /// Stopping: commands are answered but nothing new is taken (see `run`).
-    draining: bool,
+    /// Stopping until then at the latest: commands are answered but nothing new is taken
+    /// (see `run`).
+    drain_until: Option<Instant>,
     started: Instant,
     /// Reused by every flush: what the sessions send, and on which link.
     outbox: Vec<(Via, ZmqMessage)>,
@@ -140,9 +141,13 @@ impl Hub {
             seen: HashMap::new(),
             ready_printed: false,
             started: Instant::now(),
-            draining: false,
+            drain_until: None,
             outbox: Vec::new(),
         }
+    }
+
+    fn draining(&self) -> bool {
+        self.drain_until.is_some()
     }
 
     fn window_full(&self) -> bool {
@@ -155,7 +160,6 @@ impl Hub {
     pub async fn run(mut self, mut cmds: mpsc::Receiver<HubCmd>, shutdown: Arc<Notify>) {
         let mut tick = tokio::time::interval(self.cfg.heartbeat / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut drain_until: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -165,10 +169,10 @@ impl Hub {
                         self.on_link(ev);
                     }
                 }
-                Some(c) = cmds.recv(), if self.draining || !self.window_full() => {
+                Some(c) = cmds.recv(), if self.draining() || !self.window_full() => {
                     self.on_cmd(c);
                     let mut n = 1;
-                    while n < MAX_COMMANDS_PER_TURN && (self.draining || !self.window_full()) {
+                    while n < MAX_COMMANDS_PER_TURN && (self.draining() || !self.window_full()) {
                         match cmds.try_recv() {
                             Ok(c) => { self.on_cmd(c); n += 1; }
                             Err(_) => break,
@@ -176,14 +180,13 @@ impl Hub {
                     }
                 }
                 _ = tick.tick() => self.housekeeping().await,
-                _ = shutdown.notified(), if drain_until.is_none() => {
+                _ = shutdown.notified(), if !self.draining() => {
                     tracing::info!(unacknowledged = self.unacked, "stopping: draining publishes");
-                    drain_until = Some(Instant::now() + self.cfg.drain);
-                    self.draining = true;
+                    self.drain_until = Some(Instant::now() + self.cfg.drain);
                 }
             }
             self.flush().await;
-            if let Some(until) = drain_until {
+            if let Some(until) = self.drain_until {
                 // Acknowledged, and every answer taken by its connection to write.
                 let drained = self.unacked == 0
                     && self
@@ -258,7 +261,7 @@ impl Hub {
 
     fn on_cmd(&mut self, c: HubCmd) {
         match c {
-            HubCmd::Publish(client, p) if self.draining => {
+            HubCmd::Publish(client, p) if self.draining() => {
                 // Stopping: not taken, and said so, so the client knows.
                 for (first, n) in p.tokens {
                     for token in first..first + u64::from(n) {
@@ -267,10 +270,10 @@ impl Hub {
                     }
                 }
             }
-            HubCmd::Admit(_, reply) if self.draining => {
+            HubCmd::Admit(_, reply) if self.draining() => {
                 let _ = reply.send(Err("sidecar stopping".into()));
             }
-            HubCmd::Subscribe { client, token, .. } if self.draining => {
+            HubCmd::Subscribe { client, token, .. } if self.draining() => {
                 self.send_to(client, Out::Confirmed(token));
             }
             HubCmd::Register(id, handle) => {
