@@ -62,3 +62,77 @@ def test_sigterm_of_a_sidecar_waits_until_its_publishes_are_acknowledged(start_m
     assert replies[len(sent):] == ["ERR sidecar stopping: not published"], replies[len(sent):]
     sub.wait_count(len(sent), prefix=b"m")
     assert sub.data(b"m") == sent, "every answered message delivered once, in order"
+
+
+WORKERS = ("workers", [{"pattern": "jobs.*", "mode": "anycatch"}])
+
+
+def until_every_worker_probed(publisher, channel, worker_subs):
+    """Publishes probes until each worker has taken one: each is routable from here."""
+
+    def every_worker_probed():
+        publisher.publish(channel, b"probe")
+        for s in worker_subs:
+            s.poll()
+        return all(s.data(b"probe") for s in worker_subs)
+
+    wait_for(every_worker_probed, what="every worker routable")
+
+
+def exactly_once(worker_subs, sent, timeout=30):
+    """Waits until the workers together hold every message of `sent`; then none twice."""
+
+    def together():
+        for s in worker_subs:
+            s.poll()
+        return sum(len(s.data(b"m")) for s in worker_subs) >= len(sent)
+
+    wait_for(together, timeout=timeout, what="every message at some worker")
+    got = sorted(p for s in worker_subs for p in s.data(b"m"))
+    assert got == sorted(sent), f"{len(got)} deliveries of {len(sent)} messages"
+
+
+def total(mesh, name):
+    """`name` summed over the transmitters now running."""
+    return sum(metrics(t["metrics"]).get(name, 0) for t in mesh.refresh()["transmitters"])
+
+
+def test_anycatch_messages_of_a_cell_that_dies_go_to_another_cell_of_the_service(start_mesh):
+    m = start_mesh(mesh_yaml(name="redo", replicas=1, services=[WORKERS, ("p", [])]),
+                   cells={"workers": 2, "p": 1})
+    dying, living = m.cells("workers")
+    subs = [Subscriber(m.redis(c), patterns=["jobs.*"]) for c in (dying, living)]
+    publisher = m.redis(m.cell("p-0"))
+    until_every_worker_probed(publisher, "jobs.a", subs)
+    # Asleep, it takes nothing and credits nothing; then it dies.
+    os.kill(dying["pid"], signal.SIGSTOP)
+    sent = [b"m%03d" % i for i in range(100)]
+    for payload in sent:
+        assert publisher.publish("jobs.a", payload) == 1
+    os.kill(dying["pid"], signal.SIGKILL)
+    subs[0].pubsub.close()
+    exactly_once(subs[1:], sent)
+    assert total(m, "thynapse_transmitter_anycatch_redelivered_total") > 0
+
+
+def test_anycatch_messages_forwarded_to_a_transmitter_that_dies_go_to_another_cell(start_mesh):
+    m = start_mesh(mesh_yaml(name="redot", replicas=2, services=[WORKERS, ("p", [])]),
+                   cells={"workers": 2, "p": 1})
+    pub_cell = m.cell("p-0")
+    workers = m.cells("workers")
+    far = [c for c in workers if c["transmitter"] != pub_cell["transmitter"]]
+    assert far and len({c["transmitter"] for c in workers}) == 2, "workers on both transmitters"
+    subs = [Subscriber(m.redis(c), patterns=["jobs.*"]) for c in workers]
+    publisher = m.redis(pub_cell)
+    until_every_worker_probed(publisher, "jobs.b", subs)
+    doomed = m.transmitter(far[0]["transmitter"])
+    # Forwarded to a transmitter that takes nothing, credits nothing, then dies.
+    os.kill(doomed["pid"], signal.SIGSTOP)
+    sent = [b"m%03d" % i for i in range(100)]
+    for payload in sent:
+        assert publisher.publish("jobs.b", payload) == 1
+    os.kill(doomed["pid"], signal.SIGKILL)
+    # Each message reaches one worker: the one whose transmitter died (after it moved)
+    # or the other.
+    exactly_once(subs, sent)
+    assert total(m, "thynapse_transmitter_anycatch_redelivered_total") > 0

@@ -11,6 +11,7 @@ pub struct Metrics {
     pub bytes_in: IntCounterVec,
     pub bytes_out: IntCounterVec,
     pub drops: IntCounterVec,
+    pub redelivered: IntCounter,
     pub malformed: IntCounter,
     pub cells: IntGauge,
     pub peers: IntGauge,
@@ -173,6 +174,11 @@ impl Metrics {
                 "thynapse_transmitter_refused_total",
                 "Requests refused for going over a limit (the sender gets an ERRR), by limit.",
                 "limit",
+            ),
+            redelivered: counter(
+                &r,
+                "thynapse_transmitter_anycatch_redelivered_total",
+                "Anycatch messages sent again, to another cell of their Service, because the cell they went to left (or its transmitter was lost) before taking them.",
             ),
             malformed: counter(
                 &r,

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use thynapse_protocol::batch::EnvelopeBatchWriter;
+use thynapse_protocol::batch::{decode_envelopes, EnvelopeBatchWriter};
 use thynapse_protocol::limits::BATCH_BYTES;
 
 pub struct Outbox {
@@ -18,7 +18,10 @@ pub struct Outbox {
     ready: VecDeque<(u64, Bytes, usize)>,
     ready_bytes: usize,
     ready_messages: usize,
-    inflight: VecDeque<(u64, usize, usize)>,
+    /// Batches sent and not credited: their number, frame and messages. The frames are
+    /// kept (they are the bytes already written, shared, and bounded with the rest) so
+    /// that what a receiver that is gone never took can be routed again.
+    inflight: VecDeque<(u64, Bytes, usize)>,
     inflight_bytes: usize,
     inflight_messages: usize,
     next_batch: u64,
@@ -94,20 +97,20 @@ impl Outbox {
             None if self.writer.is_empty() => return None,
             None => self.close(),
         };
-        self.inflight.push_back((batch, frame.len(), messages));
         self.inflight_bytes += frame.len();
+        self.inflight.push_back((batch, frame.clone(), messages));
         self.inflight_messages += messages;
         Some((batch, frame, messages))
     }
 
     /// The receiver took everything up to and including `batch`.
     pub fn credit(&mut self, batch: u64) {
-        while let Some(&(b, bytes, messages)) = self.inflight.front() {
-            if b > batch {
+        while let Some((b, _, _)) = self.inflight.front() {
+            if *b > batch {
                 break;
             }
-            self.inflight.pop_front();
-            self.inflight_bytes -= bytes;
+            let (_, frame, messages) = self.inflight.pop_front().expect("front exists");
+            self.inflight_bytes -= frame.len();
             self.inflight_messages -= messages;
         }
     }
@@ -116,14 +119,39 @@ impl Outbox {
         self.inflight.is_empty() && self.ready.is_empty() && self.writer.is_empty()
     }
 
-    /// Forgets what was sent on a link that is gone (it will never be credited); what is
-    /// still pending stays for the next link. Returns the messages lost.
-    pub fn reset_inflight(&mut self) -> usize {
-        let lost = self.inflight_messages;
-        self.inflight.clear();
-        self.inflight_bytes = 0;
-        self.inflight_messages = 0;
-        lost
+    /// Takes every batch sent or pending and never credited, oldest first, leaving the
+    /// outbox empty (its receiver is gone; what they hold is routed again or counted).
+    pub fn take_unconfirmed(&mut self) -> Vec<Bytes> {
+        let mut frames: Vec<Bytes> = self.inflight.drain(..).map(|(_, f, _)| f).collect();
+        frames.extend(self.ready.drain(..).map(|(_, f, _)| f));
+        if !self.writer.is_empty() {
+            frames.push(self.close().1);
+        }
+        let next_batch = self.next_batch;
+        *self = Outbox {
+            next_batch,
+            ..Outbox::default()
+        };
+        frames
+    }
+
+    /// Puts everything never credited back to be sent again, in order, on a new link to
+    /// the same receiver (which drops what it already had: receivers drop copies).
+    /// Returns the messages to be sent again.
+    pub fn resend_unconfirmed(&mut self) -> usize {
+        let frames = self.take_unconfirmed();
+        for frame in &frames {
+            let Ok((_, envelopes)) = decode_envelopes(frame) else {
+                continue; // Written by us; cannot happen.
+            };
+            for e in envelopes {
+                let targets: Vec<_> = e.targets().collect();
+                self.open().push(
+                    e.kind, &e.origin, e.seq, e.ts, e.channel, e.payload, &targets,
+                );
+            }
+        }
+        self.unconfirmed_messages()
     }
 
     /// Messages sent or pending but never credited (lost when the link is).
@@ -172,8 +200,36 @@ mod tests {
             sent.push((batch, messages));
         }
         assert_eq!(sent, [(1, 4), (2, 2)], "closed at BATCH_BYTES, in order");
-        // A lost link forgets what was sent; nothing was waiting.
-        assert_eq!(o.reset_inflight(), 6);
+        // A new link to the same receiver gets it all again, in order.
+        assert_eq!(o.resend_unconfirmed(), 6);
+        let again: Vec<usize> = std::iter::from_fn(|| o.take_batch().map(|b| b.2)).collect();
+        assert_eq!(again, [4, 2]);
+    }
+
+    #[test]
+    fn what_was_never_credited_can_be_taken_back_in_order() {
+        let mut o = Outbox::default();
+        let id = Thid::random();
+        for seq in 1..=3 {
+            o.open().push(Kind::Mesh, &id, seq, 0, b"c", b"x", &[]);
+            o.take_batch();
+        }
+        o.open().push(Kind::Mesh, &id, 4, 0, b"c", b"x", &[]);
+        o.credit(1);
+        let seqs: Vec<u64> = o
+            .take_unconfirmed()
+            .iter()
+            .flat_map(|f| {
+                let (_, envelopes) = decode_envelopes(f).unwrap();
+                envelopes.map(|e| e.seq).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(
+            seqs,
+            [2, 3, 4],
+            "the credited batch is not taken, the open one is"
+        );
         assert!(o.idle());
+        assert_eq!(o.unconfirmed_messages(), 0);
     }
 }

@@ -447,6 +447,32 @@ impl Table {
         route
     }
 
+    /// The Service of a cell whose rules deliver `channel` anycatch (one cell of the
+    /// Service takes each message); `None` for multicatch or an unknown cell.
+    pub fn anycatch_service(&self, at: Location, id: &Thid, channel: &[u8]) -> Option<Arc<str>> {
+        let cell = self.cells.get(&(at, *id))?;
+        (mode_for(&cell.rules, channel) == Mode::Anycatch).then(|| cell.service.clone())
+    }
+
+    /// Whether cells behind `peer` take every message on `channel` (multicatch).
+    pub fn multicatch_at(&mut self, kind: Kind, channel: &[u8], peer: PeerId) -> bool {
+        self.route(kind, channel).peers.contains(&peer)
+    }
+
+    /// Another pick of `service`'s anycatch cells for a message whose first pick is gone
+    /// (already removed from the table), in the same turn as new messages.
+    pub fn pick_again(
+        &mut self,
+        kind: Kind,
+        channel: &[u8],
+        service: &str,
+    ) -> Option<(Location, Thid)> {
+        let route = self.route(kind, channel);
+        let group = route.anycatch.iter().find(|g| &*g.service == service)?;
+        let turn = self.rotation.entry(group.service.clone()).or_default();
+        Some(group.candidates[turn.pick(self.batch, group.candidates.len())])
+    }
+
     /// Marks the start of a new incoming batch: anycatch runs end with their batch.
     pub fn start_batch(&mut self) {
         self.batch += 1;
@@ -757,6 +783,39 @@ mod tests {
             "{counts:?}"
         );
         assert!(newcomer + u64::from(ANYCATCH_RUN) >= share, "{counts:?}");
+    }
+
+    #[test]
+    fn an_anycatch_message_whose_cell_left_is_picked_again_within_its_service() {
+        let mut t = Table::default();
+        let rules = [DeliveryRule {
+            pattern: "work.*".into(),
+            mode: Mode::Anycatch,
+        }];
+        let a = sub(&mut t, Location::Local, "svc", &rules, "work.1");
+        let b = sub(&mut t, Location::Peer(3), "svc", &rules, "work.1");
+        sub(&mut t, Location::Local, "svc2", &rules, "work.1");
+        assert_eq!(
+            t.anycatch_service(Location::Local, &a, b"work.1")
+                .as_deref(),
+            Some("svc")
+        );
+        assert_eq!(
+            t.anycatch_service(Location::Local, &a, b"logs"),
+            None,
+            "multicatch"
+        );
+        t.remove_cell(Location::Local, a);
+        for _ in 0..3 {
+            assert_eq!(
+                t.pick_again(Kind::Mesh, b"work.1", "svc"),
+                Some((Location::Peer(3), b)),
+                "only the Service's remaining cell, never another Service's"
+            );
+        }
+        t.remove_cell(Location::Peer(3), b);
+        assert_eq!(t.pick_again(Kind::Mesh, b"work.1", "svc"), None);
+        assert!(!t.multicatch_at(Kind::Mesh, b"work.1", 3));
     }
 
     #[test]

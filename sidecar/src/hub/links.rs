@@ -16,7 +16,7 @@ use zeromq::{SocketSend, ZmqMessage};
 use super::delivery::Subscriptions;
 use super::{Hub, HubConfig, CONFIRM_BOUND_EXPIRIES, ROOM_IDLE};
 use crate::api::Out;
-use crate::frames::{bare_frame, json_frame};
+use crate::frames::json_frame;
 use crate::session::{self, ConnectPlan, LinkEvent, Session, SessionKey, Via};
 
 impl Hub {
@@ -264,8 +264,10 @@ impl Hub {
                 self.metrics.confirm_timeouts.inc_by(expired as u64);
             }
             let tick = s.tick(now, self.cfg.expiry);
-            if let Some(mut previous) = tick.farewell {
-                let _ = previous.send(bare_frame(cmd::QUIT)).await;
+            if let Some((mut previous, last)) = tick.farewell {
+                for m in last {
+                    let _ = previous.send(m).await;
+                }
             }
             if let Some(name) = tick.silent {
                 tracing::warn!(transmitter = %name, room = ?s.room, "transmitter silent; moving");
@@ -299,8 +301,11 @@ impl Hub {
         for key in idle {
             if let Some(mut s) = self.sessions.remove(&key) {
                 tracing::debug!(room = ?s.room, "closing an idle room session");
+                let last = s.goodbye();
                 if let Some(link) = s.sender(Via::Current) {
-                    let _ = link.send(bare_frame(cmd::QUIT)).await;
+                    for m in last {
+                        let _ = link.send(m).await;
+                    }
                 }
             }
             self.metrics.rooms.set(self.sessions.len() as i64 - 1);

@@ -28,13 +28,12 @@ use foldhash::{HashMap, HashMapExt};
 use thynapse_protocol::batch::{decode_publish_records, Kind};
 use thynapse_protocol::dedup::SeqWindow;
 use thynapse_protocol::room::room_of;
-use thynapse_protocol::wire::{cmd, Op};
+use thynapse_protocol::wire::Op;
 use thynapse_protocol::{glob, DeliveryRule, Thid};
 use tokio::sync::{mpsc, Notify};
 use zeromq::{SocketSend, ZmqMessage};
 
 pub use crate::api::{ClientHandle, ClientId, ClientPublishes, HubCmd, HubInfo, Out, SubKind};
-use crate::frames::bare_frame;
 use crate::metrics::Metrics;
 use crate::session::{LinkEvent, Session, SessionKey, Via};
 use delivery::{Pushes, Subscriptions};
@@ -201,8 +200,11 @@ impl Hub {
                         );
                     }
                     for s in self.sessions.values_mut() {
+                        let last = s.goodbye();
                         if let Some(link) = s.sender(Via::Current) {
-                            let _ = link.send(bare_frame(cmd::QUIT)).await;
+                            for m in last {
+                                let _ = link.send(m).await;
+                            }
                         }
                     }
                     return;

@@ -112,8 +112,9 @@ struct Link<S> {
 
 /// What a heartbeat decided for a session's links.
 pub struct Tick<S> {
-    /// The previous link has been read for its last expiry: say QUIT on it and drop it.
-    pub farewell: Option<S>,
+    /// The previous link has been read for its last expiry: send it these (the credit
+    /// still owed, then QUIT) and drop it.
+    pub farewell: Option<(S, Vec<ZmqMessage>)>,
     /// The current link was silent for an expiry and is let go: its transmitter.
     pub silent: Option<String>,
     /// On a live current link: the credit owed (sent on every heartbeat), then a PING.
@@ -472,7 +473,10 @@ impl<S> Session<S> {
             .as_ref()
             .is_some_and(|(_, until)| now >= *until)
         {
-            tick.farewell = self.previous.take().map(|(l, _)| l.sender);
+            tick.farewell = self.previous.take().map(|(mut l, _)| {
+                let last = goodbye(&mut l);
+                (l.sender, last)
+            });
         }
         if let Some(link) = self.link.as_mut() {
             if now.duration_since(link.last_heard) > expiry {
@@ -520,6 +524,13 @@ impl<S> Session<S> {
         out.extend(credit(link, false).map(|m| (Via::Current, m)));
     }
 
+    /// The last messages for the current link before the session closes: the credit
+    /// still owed, then QUIT. Credit first: what the transmitter sent and was never
+    /// credited counts as not delivered (anycatch messages go to another cell).
+    pub fn goodbye(&mut self) -> Vec<ZmqMessage> {
+        self.link.as_mut().map(goodbye).unwrap_or_default()
+    }
+
     /// What sends on the link `via`, if the session has it.
     pub fn sender(&mut self, via: Via) -> Option<&mut S> {
         self.link_mut(via).map(|l| &mut l.sender)
@@ -565,6 +576,12 @@ fn interest_frames<'a>(
             wire::encode_interest(chunk),
         ));
     }
+}
+
+fn goodbye<S>(link: &mut Link<S>) -> Vec<ZmqMessage> {
+    let mut last: Vec<ZmqMessage> = credit(link, true).into_iter().collect();
+    last.push(bare_frame(cmd::QUIT));
+    last
 }
 
 /// The credit owed on `link`, if enough is (or anything is, when `all`).
@@ -777,7 +794,9 @@ mod tests {
         let tick = s.tick(t0 + expiry / 2, expiry);
         assert!(tick.farewell.is_none() && tick.silent.is_none());
         let tick = s.tick(t0 + expiry, expiry);
-        assert_eq!(tick.farewell, Some(1), "QUIT goes on the old link");
+        let (old, last) = tick.farewell.expect("QUIT goes on the old link");
+        assert_eq!(old, 1);
+        assert_eq!(last.len(), 1, "nothing owed: QUIT only");
         assert_eq!(s.heard(1, t0 + expiry), None, "the old link is gone");
         assert_eq!(s.transmitter(), Some("t2"));
     }

@@ -14,6 +14,7 @@ use thynapse_protocol::wire::{self, cmd, Events, Interest};
 use thynapse_protocol::Thid;
 
 use super::dispatch::{HeldBatch, Message};
+use super::redeliver::Gone;
 use super::{error_reply, reply_json, Transmitter};
 use crate::backpressure::{Link, Progress};
 use crate::metrics::DropReason;
@@ -151,11 +152,12 @@ impl Transmitter {
             room: hello.room.clone(),
         });
         if cell.identity != *identity {
-            // The same cell on a new connection: what was in flight on the old one is gone.
+            // The same cell on a new connection.
             self.identities.remove(&cell.identity);
             cell.identity = identity.clone();
-            let lost = std::mem::take(&mut cell.outbox).unconfirmed_messages();
-            self.metrics.drop(DropReason::CellLost, lost as u64);
+            // What was in flight on the old one is sent again on the new one: the cell
+            // drops what it had already taken (receivers drop copies).
+            cell.outbox.resend_unconfirmed();
         }
         cell.events = hello.events;
         cell.last_seen = now;
@@ -309,19 +311,21 @@ impl Transmitter {
     pub(super) fn drop_cell(&mut self, id: Thid, why: Leaving) {
         // Its held batches go too: its sidecar sends what was not acknowledged again.
         self.forget_held(Link::Cell(id));
-        if let Some(cell) = self.cells.remove(&id) {
+        let mut redelivery = None;
+        if let Some(mut cell) = self.cells.remove(&id) {
             self.identities.remove(&cell.identity);
-            let lost = cell.outbox.unconfirmed_messages() as u64;
-            if lost > 0 {
-                let reason = match why {
-                    Leaving::Quit => DropReason::CellQuit,
-                    _ => DropReason::CellLost,
-                };
-                self.metrics.drop(reason, lost);
-            }
+            let unconfirmed = cell.outbox.take_unconfirmed();
+            redelivery = Some(self.plan_redelivery(Gone::Cell(id), unconfirmed));
             tracing::info!(cell = %id, ?why, "cell left");
         }
         self.table.remove_cell(Location::Local, id);
+        if let Some(r) = redelivery {
+            let reason = match why {
+                Leaving::Quit => DropReason::CellQuit,
+                _ => DropReason::CellLost,
+            };
+            self.redeliver(r, reason);
+        }
         self.dirty.insert(id);
         self.metrics.cells.set(self.cells.len() as i64);
     }

@@ -13,6 +13,7 @@ mod cells;
 mod dispatch;
 mod interest;
 mod peers;
+mod redeliver;
 mod rooms;
 
 use std::time::{Duration, Instant};

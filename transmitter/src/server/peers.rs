@@ -18,6 +18,7 @@ use zeromq::{
 };
 
 use super::dispatch::{Forwarded, HeldBatch};
+use super::redeliver::Gone;
 use super::{error_reply, reply_json, Transmitter};
 use crate::backpressure::{Link, Progress};
 use crate::metrics::DropReason;
@@ -252,9 +253,9 @@ impl Transmitter {
         let peer = self.peer_id(&hello.name);
         let p = self.peers.get_mut(&peer).expect("peer_id creates");
         if p.instance.is_some_and(|i| i != hello.id) {
-            // A restarted peer: what we knew of its cells is stale.
-            self.table.remove_location(Location::Peer(peer));
+            self.peer_restarted(peer);
         }
+        let p = self.peers.get_mut(&peer).expect("peer_id creates");
         p.instance = Some(hello.id);
         p.left = None;
         if let Some((old, _)) = p.inbound.replace((identity.clone(), Instant::now())) {
@@ -282,16 +283,17 @@ impl Transmitter {
     /// instance is not reconnected even while the rendezvous still lists it.
     pub(super) fn forget_peer(&mut self, peer: PeerId, left: bool) {
         self.forget_held(Link::Peer(peer));
+        let unconfirmed = match self.peers.get_mut(&peer) {
+            Some(p) => p.outbox.take_unconfirmed(),
+            None => Vec::new(),
+        };
+        let redelivery = self.plan_redelivery(Gone::Peer(peer), unconfirmed);
         let removed = self.table.remove_location(Location::Peer(peer));
+        self.redeliver(redelivery, DropReason::PeerLost);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
         p.drop_link();
-        let lost = p.outbox.unconfirmed_messages();
-        p.outbox = Outbox::default();
-        if lost > 0 {
-            self.metrics.drop(DropReason::PeerLost, lost as u64);
-        }
         if let Some((identity, _)) = p.inbound.take() {
             self.peer_identities.remove(&identity);
         }
@@ -302,6 +304,19 @@ impl Transmitter {
         }
         tracing::debug!(peer = %p.name, removed, "peer forgotten");
         self.update_peer_gauge();
+    }
+
+    /// A new instance of a peer: the old one's cells are gone (its anycatch messages go to
+    /// other cells) and our link to it is dead even if it says nothing.
+    fn peer_restarted(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.drop_link();
+        let unconfirmed = p.outbox.take_unconfirmed();
+        let redelivery = self.plan_redelivery(Gone::Peer(peer), unconfirmed);
+        self.table.remove_location(Location::Peer(peer));
+        self.redeliver(redelivery, DropReason::PeerLost);
     }
 
     pub(super) fn update_peer_gauge(&self) {
@@ -328,11 +343,9 @@ impl Transmitter {
                     return;
                 }
                 p.connecting = false;
-                let lost = p.outbox.reset_inflight();
-                self.metrics
-                    .drops
-                    .with_label_values(&["peer_lost"])
-                    .inc_by(lost as u64);
+                // The same instance (a restarted one was forgotten on the way): it
+                // gets again what it never credited, and its cells drop what they had.
+                p.outbox.resend_unconfirmed();
                 p.out = Some(PeerOut {
                     sender,
                     last_heard: Instant::now(),
@@ -424,12 +437,12 @@ impl Transmitter {
             if p.left == Some(info.id) {
                 continue;
             }
-            if p.out.is_some() && p.instance.is_some_and(|i| i != info.id) {
-                // Restarted since we connected: the old link is dead even if it says nothing.
+            if p.instance.is_some_and(|i| i != info.id) {
                 tracing::info!(peer = %p.name, "peer restarted; reconnecting");
                 self.metrics.peer_reconnects.inc();
-                p.drop_link();
+                self.peer_restarted(peer);
             }
+            let p = self.peers.get_mut(&peer).expect("peer_id creates");
             p.instance = Some(info.id);
             p.command = Some(info.command.clone());
             if p.out.is_none() && !p.connecting {
