@@ -6,6 +6,8 @@ import socket
 
 from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
 
+EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
+
 
 def read_replies(sock, n, timeout=30):
     """Reads RESP replies (integers, errors) until `n` came or the connection closed."""
@@ -136,3 +138,32 @@ def test_anycatch_messages_forwarded_to_a_transmitter_that_dies_go_to_another_ce
     # or the other.
     exactly_once(subs, sent)
     assert total(m, "thynapse_transmitter_anycatch_redelivered_total") > 0
+
+
+def test_a_paused_anycatch_cell_does_not_deliver_what_went_to_another_cell(start_mesh):
+    m = start_mesh(mesh_yaml(name="nodup", replicas=1, services=[WORKERS, ("p", [])]),
+                   cells={"workers": 2, "p": 1})
+    sleeper, other = m.cells("workers")
+    subs = [Subscriber(m.redis(c), patterns=["jobs.*"]) for c in (sleeper, other)]
+    publisher = m.redis(m.cell("p-0"))
+    until_every_worker_probed(publisher, "jobs.c", subs)
+    home = m.transmitter(sleeper["transmitter"])
+    os.kill(sleeper["pid"], signal.SIGSTOP)
+    try:
+        sent = [b"m%03d" % i for i in range(100)]
+        for payload in sent:
+            assert publisher.publish("jobs.c", payload) == 1
+        # Dropped as silent: its share goes to the other worker.
+        wait_for(lambda: metrics(home["metrics"])["thynapse_transmitter_cells"] == 2,
+                 timeout=10 * EXPIRY_S, what="the paused worker dropped")
+        exactly_once(subs[1:], sent)
+    finally:
+        os.kill(sleeper["pid"], signal.SIGCONT)
+    # Awake, it reads what was sent to it while it slept, and must not deliver it.
+    wait_for(lambda: metrics(home["metrics"])["thynapse_transmitter_cells"] == 3,
+             timeout=2 * EXPIRY_S + 5, what="the woken worker back")
+    marker = b"after"
+    publisher.publish("jobs.c", marker)
+    wait_for(lambda: [s.poll() for s in subs] and any(s.data(marker) for s in subs),
+             what="a message after the wake delivered")
+    exactly_once(subs, sent)

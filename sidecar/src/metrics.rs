@@ -104,7 +104,12 @@ impl Metrics {
             latency,
             registry: r,
         };
-        for reason in ["slow_subscriber", "too_large", "no_transmitter"] {
+        for reason in [
+            "slow_subscriber",
+            "too_large",
+            "no_transmitter",
+            "stale_link",
+        ] {
             m.drops.with_label_values(&[reason]);
         }
         m.disconnects.with_label_values(&["slow_subscriber"]);

@@ -17,7 +17,7 @@ use super::delivery::Subscriptions;
 use super::{Hub, HubConfig, CONFIRM_BOUND_EXPIRIES, ROOM_IDLE};
 use crate::api::Out;
 use crate::frames::json_frame;
-use crate::session::{self, ConnectPlan, LinkEvent, Session, SessionKey, Via};
+use crate::session::{self, ConnectPlan, Heard, LinkEvent, Session, SessionKey, Via};
 
 impl Hub {
     /// Starts a task that finds a transmitter for the session and links to it.
@@ -152,12 +152,28 @@ impl Hub {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        let Some(via) = s.heard(generation, Instant::now()) else {
-            return;
-        };
         let Some(frame) = msg.get(0).and_then(|f| CommandFrame::parse(f).ok()) else {
             tracing::warn!("unreadable frame from the transmitter");
             return;
+        };
+        let via = match s.heard(generation, Instant::now(), self.cfg.expiry) {
+            Heard::Via(via) => via,
+            Heard::NotOurs => return,
+            Heard::Stale(name) => {
+                let dropped = match (&frame.cmd, msg.get(1)) {
+                    (cmd::DLVR, Some(body)) => decode_envelopes(body).map_or(0, |(_, e)| e.count()),
+                    _ => 0,
+                };
+                self.metrics
+                    .drops
+                    .with_label_values(&["stale_link"])
+                    .inc_by(dropped as u64);
+                tracing::warn!(transmitter = %name, room = ?s.room, dropped, "link silent past the expiry (paused?): letting it go with what it carried");
+                if s.needs_link() {
+                    self.start_connect(key);
+                }
+                return;
+            }
         };
         match &frame.cmd {
             cmd::DLVR => {

@@ -102,12 +102,23 @@ struct Link<S> {
     name: String,
     sender: S,
     last_heard: Instant,
+    /// The last heartbeat sent on it: the transmitter drops a session it has not heard
+    /// from for an expiry, so past that this link may be dead on its side.
+    last_ping: Instant,
     /// DLVR batches received and not yet credited.
     credit: CreditOwed,
     /// HELO and the subscription snapshot, sent first at the next flush.
     greeting: Vec<ZmqMessage>,
     /// Greeting again after an "unknown cell" answer, until `WLCM`.
     rejoining: bool,
+}
+
+impl<S> Link<S> {
+    /// Silent for an expiry, or not pinged for one (this process was paused, or its
+    /// heartbeat held up): either way the transmitter may have dropped the session.
+    fn expired(&self, now: Instant, expiry: Duration) -> bool {
+        now.duration_since(self.last_heard) > expiry || now.duration_since(self.last_ping) > expiry
+    }
 }
 
 /// What a heartbeat decided for a session's links.
@@ -120,6 +131,16 @@ pub struct Tick<S> {
     /// On a live current link: the credit owed (sent on every heartbeat), then a PING.
     pub credit: Option<ZmqMessage>,
     pub ping: Option<ZmqMessage>,
+}
+
+/// Where a message from a transmitter came from (see [`Session::heard`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Heard {
+    Via(Via),
+    /// A link silent past the expiry, now let go: the message is dropped.
+    Stale(String),
+    /// A link this session no longer has.
+    NotOurs,
 }
 
 pub struct Session<S = DealerSendHalf> {
@@ -368,6 +389,7 @@ impl<S> Session<S> {
             name,
             sender,
             last_heard: Instant::now(),
+            last_ping: Instant::now(),
             credit: CreditOwed::default(),
             greeting,
             rejoining: false,
@@ -428,18 +450,36 @@ impl<S> Session<S> {
     }
 
     /// A message came on link `generation` at `now`: by which link, if it is still one of
-    /// this session's.
-    pub fn heard(&mut self, generation: u64, now: Instant) -> Option<Via> {
-        if let Some(l) = self.link.as_mut().filter(|l| l.generation == generation) {
-            l.last_heard = now;
-            return Some(Via::Current);
+    /// this session's and was not silent (or unpinged) for `expiry` before it. A link
+    /// silent that long (this process was paused, or the transmitter was) is let go with
+    /// what it carried:
+    /// its transmitter has dropped the session or is about to, and has sent its anycatch
+    /// messages to other cells; delivering them too would deliver them twice.
+    pub fn heard(&mut self, generation: u64, now: Instant, expiry: Duration) -> Heard {
+        let via = match (&self.link, &self.previous) {
+            (Some(l), _) if l.generation == generation => Via::Current,
+            (_, Some((l, _))) if l.generation == generation => Via::Previous,
+            _ => return Heard::NotOurs,
+        };
+        let link = self.link_mut(via).expect("matched above");
+        let stale = match via {
+            Via::Current => link.expired(now, expiry),
+            // Not pinged any more: read for one expiry after the move, then let go.
+            Via::Previous => now.duration_since(link.last_heard) > expiry,
+        };
+        if stale {
+            let name = link.name.clone();
+            match via {
+                Via::Current => {
+                    self.link = None;
+                    self.avoid = vec![name.clone()];
+                }
+                Via::Previous => self.previous = None,
+            }
+            return Heard::Stale(name);
         }
-        let (l, _) = self
-            .previous
-            .as_mut()
-            .filter(|(l, _)| l.generation == generation)?;
-        l.last_heard = now;
-        Some(Via::Previous)
+        link.last_heard = now;
+        Heard::Via(via)
     }
 
     /// A DLVR batch of `bytes` came by `via`: credit is owed for it.
@@ -479,12 +519,13 @@ impl<S> Session<S> {
             });
         }
         if let Some(link) = self.link.as_mut() {
-            if now.duration_since(link.last_heard) > expiry {
+            if link.expired(now, expiry) {
                 self.avoid = vec![link.name.clone()];
                 tick.silent = self.link.take().map(|l| l.name);
             } else {
                 tick.credit = credit(link, true);
                 tick.ping = Some(bare_frame(cmd::PING));
+                link.last_ping = now;
             }
         }
         tick
@@ -779,7 +820,7 @@ mod tests {
         assert!(s.needs_link());
         assert_eq!(s.begin_connect(2), Some(vec!["t1".to_string()]));
         // Still delivering on the old link while the new one is sought.
-        assert_eq!(s.heard(1, t0), Some(Via::Previous));
+        assert_eq!(s.heard(1, t0, expiry), Heard::Via(Via::Previous));
         for batch in 1..=CREDIT_BATCHES_FOR_TEST {
             s.received(Via::Previous, batch, 10);
         }
@@ -788,8 +829,8 @@ mod tests {
             vec![(Via::Previous, "CRED".to_string())]
         );
         assert!(s.linked(2, "t2".into(), 2, hello(), vec![]));
-        assert_eq!(s.heard(2, t0), Some(Via::Current));
-        assert_eq!(s.heard(1, t0), Some(Via::Previous));
+        assert_eq!(s.heard(2, t0, expiry), Heard::Via(Via::Current));
+        assert_eq!(s.heard(1, t0, expiry), Heard::Via(Via::Previous));
         assert_eq!(s.sender(Via::Previous).copied(), Some(1));
         let tick = s.tick(t0 + expiry / 2, expiry);
         assert!(tick.farewell.is_none() && tick.silent.is_none());
@@ -797,7 +838,11 @@ mod tests {
         let (old, last) = tick.farewell.expect("QUIT goes on the old link");
         assert_eq!(old, 1);
         assert_eq!(last.len(), 1, "nothing owed: QUIT only");
-        assert_eq!(s.heard(1, t0 + expiry), None, "the old link is gone");
+        assert_eq!(
+            s.heard(1, t0 + expiry, expiry),
+            Heard::NotOurs,
+            "the old link is gone"
+        );
         assert_eq!(s.transmitter(), Some("t2"));
     }
 
@@ -807,7 +852,7 @@ mod tests {
         let mut s: Session<u8> = Session::new(Thid::random(), None);
         link(&mut s, "t1", 1, vec![]);
         let t0 = Instant::now();
-        assert_eq!(s.heard(1, t0), Some(Via::Current));
+        assert_eq!(s.heard(1, t0, expiry), Heard::Via(Via::Current));
         s.received(Via::Current, 5, 10);
         let tick = s.tick(t0 + expiry / 2, expiry);
         assert!(tick.ping.is_some() && tick.silent.is_none());
@@ -824,6 +869,42 @@ mod tests {
         assert!(tick.ping.is_none());
         assert!(s.needs_link());
         assert_eq!(s.begin_connect(2), Some(vec!["t1".to_string()]));
+    }
+
+    #[test]
+    fn a_message_on_a_link_silent_past_the_expiry_is_dropped_with_the_link() {
+        // A paused process wakes to what its transmitter sent meanwhile: the transmitter
+        // has dropped it and given its anycatch messages to other cells.
+        let expiry = Duration::from_secs(3);
+        let mut s: Session<u8> = Session::new(Thid::random(), None);
+        link(&mut s, "t1", 1, vec![]);
+        let t0 = Instant::now();
+        s.tick(t0, expiry);
+        assert_eq!(s.heard(1, t0, expiry), Heard::Via(Via::Current));
+        assert_eq!(
+            s.heard(1, t0 + expiry, expiry),
+            Heard::Via(Via::Current),
+            "just in time"
+        );
+        let late = t0 + 2 * expiry + Duration::from_millis(1);
+        assert_eq!(s.heard(1, late, expiry), Heard::Stale("t1".into()));
+        assert!(s.needs_link());
+        assert_eq!(s.begin_connect(2), Some(vec!["t1".to_string()]));
+        assert_eq!(s.heard(1, late, expiry), Heard::NotOurs);
+        // Heard all along but not pinged for an expiry (its heartbeat held up): the
+        // transmitter may have dropped it all the same.
+        let mut s: Session<u8> = Session::new(Thid::random(), None);
+        link(&mut s, "t2", 1, vec![]);
+        let t1 = Instant::now();
+        s.tick(t1, expiry);
+        for i in 1..=4 {
+            let heard = s.heard(1, t1 + expiry / 2 * i, expiry);
+            assert_eq!(
+                heard == Heard::Via(Via::Current),
+                i <= 2,
+                "at {i} half expiries"
+            );
+        }
     }
 
     #[test]
