@@ -4,6 +4,11 @@
 //! its old transmitter had not acknowledged); the window drops the second copy even when
 //! the two paths reorder messages.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::Thid;
+
 /// How many sequence numbers behind the highest one seen are still remembered: as many
 /// as a sidecar keeps unacknowledged (and may resend after a move), so a resend from the
 /// far end of its window is still told apart from a copy (2 KiB per origin).
@@ -78,9 +83,86 @@ impl SeqWindow {
     }
 }
 
+/// Origins remembered per generation (each window is 2 KiB: two generations hold at most
+/// 16 MiB, whatever the number of publishers that ever sent to a cell).
+pub const MAX_ORIGINS: usize = 4_096;
+
+/// Every origin's window, forgotten once the origin has been silent for one to two
+/// generations: a copy can only come from a resend after a move, within a few expiries,
+/// and publishers' sessions come and go (each restart is a new origin). A generation
+/// ends after `every`, or sooner once it holds `MAX_ORIGINS`.
+pub struct Origins {
+    current: HashMap<Thid, SeqWindow>,
+    previous: HashMap<Thid, SeqWindow>,
+    since: Instant,
+    every: Duration,
+}
+
+impl Origins {
+    pub fn new(every: Duration, now: Instant) -> Self {
+        Origins {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            since: now,
+            every,
+        }
+    }
+
+    /// The window of `origin`, kept for another generation.
+    pub fn window(&mut self, origin: Thid, now: Instant) -> &mut SeqWindow {
+        let due = now.duration_since(self.since) >= self.every;
+        let full = self.current.len() >= MAX_ORIGINS && !self.current.contains_key(&origin);
+        if due || full {
+            self.previous = std::mem::take(&mut self.current);
+            self.since = now;
+        }
+        if !self.current.contains_key(&origin) {
+            let window = self.previous.remove(&origin).unwrap_or_default();
+            self.current.insert(origin, window);
+        }
+        self.current.get_mut(&origin).expect("inserted above")
+    }
+
+    /// Origins remembered.
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_are_remembered_while_heard_and_bounded() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(60);
+        let mut o = Origins::new(every, t0);
+        let (a, b) = (Thid::random(), Thid::random());
+        assert!(o.window(a, t0).accept(1));
+        assert!(o.window(b, t0).accept(1));
+        // a is heard in the next generation, b is not.
+        assert!(
+            !o.window(a, t0 + every).accept(1),
+            "a copy after one generation"
+        );
+        assert!(o.window(a, t0 + 2 * every).accept(2));
+        assert!(o.window(a, t0 + 3 * every).accept(3));
+        assert!(
+            o.window(b, t0 + 3 * every).accept(1),
+            "b forgotten after two"
+        );
+        // However many publishers: at most two generations of MAX_ORIGINS.
+        for _ in 0..3 * MAX_ORIGINS {
+            o.window(Thid::random(), t0 + 3 * every);
+        }
+        assert!(o.len() <= 2 * MAX_ORIGINS);
+        assert!(o.window(Thid::random(), t0 + 3 * every).accept(1));
+    }
 
     #[test]
     fn in_order_then_duplicates() {

@@ -44,10 +44,13 @@ pub enum DropReason {
     UnknownSender,
     /// A shard message for a room this transmitter does not host.
     RoomNotHosted,
+    /// Forwarded by a peer for a cell that has left here (the peer had not heard yet):
+    /// an anycatch target not here any more, or a mesh message with no cell here for it.
+    CellGone,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::TooLarge,
         DropReason::CellBacklog,
         DropReason::PeerBacklog,
@@ -56,6 +59,7 @@ impl DropReason {
         DropReason::PeerLost,
         DropReason::UnknownSender,
         DropReason::RoomNotHosted,
+        DropReason::CellGone,
     ];
 
     pub fn label(self) -> &'static str {
@@ -68,6 +72,7 @@ impl DropReason {
             DropReason::PeerLost => "peer_lost",
             DropReason::UnknownSender => "unknown_sender",
             DropReason::RoomNotHosted => "room_not_hosted",
+            DropReason::CellGone => "cell_gone",
         }
     }
 }

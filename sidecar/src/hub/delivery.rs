@@ -3,7 +3,9 @@
 
 use bytes::{Bytes, BytesMut};
 use foldhash::{HashMap, HashSet};
+use std::time::Instant;
 use thynapse_protocol::batch::{Envelopes, Kind};
+
 use thynapse_protocol::dedup::SeqWindow;
 use thynapse_protocol::glob;
 use thynapse_protocol::wire::Interest;
@@ -127,9 +129,7 @@ impl Hub {
     /// straight from the frame into each client's pushes.
     pub(super) fn deliver(&mut self, envelopes: Envelopes, frame_len: usize) {
         let now = now_us();
-        if self.seen.len() > 100_000 {
-            self.seen.clear();
-        }
+        let at = Instant::now();
         // Each client's pushes in one buffer, handed over once per frame.
         let mut pushes = std::mem::take(&mut self.pushes);
         let mut index = std::mem::take(&mut self.push_index);
@@ -141,7 +141,7 @@ impl Hub {
         for e in envelopes {
             // Frames mostly carry runs from one origin: look its window up once per run.
             if last.as_ref().is_none_or(|(origin, _)| *origin != e.origin) {
-                last = Some((e.origin, self.seen.entry(e.origin).or_default()));
+                last = Some((e.origin, self.seen.window(e.origin, at)));
             }
             let (_, window) = last.as_mut().expect("set above");
             if !window.accept(e.seq) {

@@ -26,7 +26,7 @@ use bytes::Bytes;
 // names; SipHash was a visible share of the hot path).
 use foldhash::{HashMap, HashMapExt};
 use thynapse_protocol::batch::{decode_publish_records, Kind};
-use thynapse_protocol::dedup::SeqWindow;
+use thynapse_protocol::dedup::Origins;
 use thynapse_protocol::room::room_of;
 use thynapse_protocol::wire::Op;
 use thynapse_protocol::{glob, DeliveryRule, Thid};
@@ -61,6 +61,9 @@ pub struct HubConfig {
 /// there as a copy), with room for the 256 publishes one command may add past the check.
 const MAX_UNACKED: usize = thynapse_protocol::dedup::WINDOW as usize - 256;
 const MAX_UNACKED_BYTES: usize = 4 << 20;
+/// How long an origin's duplicate window is kept after it was last heard (one to two of
+/// these, or twenty expiries if longer): resends come within a few expiries of a move.
+const ORIGIN_MEMORY: Duration = Duration::from_secs(60);
 /// Commands taken from the clients between two flushes at most.
 const MAX_COMMANDS_PER_TURN: usize = 1024;
 /// A subscription confirmation waits at most this many expiries for the mesh to know it
@@ -98,7 +101,8 @@ pub struct Hub {
     generation: u64,
     link_tx: mpsc::Sender<LinkEvent>,
     link_rx: mpsc::Receiver<LinkEvent>,
-    seen: HashMap<Thid, SeqWindow>,
+    /// Per origin, the sequence numbers delivered (copies are dropped).
+    seen: Origins,
     /// The latency histogram, observed without atomics and flushed once per frame.
     latency: prometheus::local::LocalHistogram,
     /// Reused by every delivery: the pushes being written, and which is whose.
@@ -119,6 +123,7 @@ impl Hub {
         let id = Thid::random();
         let mut sessions = HashMap::new();
         sessions.insert(None, Session::new(id, None));
+        let seen = Origins::new(ORIGIN_MEMORY.max(20 * cfg.expiry), Instant::now());
         Hub {
             cfg,
             id,
@@ -137,7 +142,7 @@ impl Hub {
             generation: 0,
             link_tx,
             link_rx,
-            seen: HashMap::new(),
+            seen,
             ready_printed: false,
             started: Instant::now(),
             drain_until: None,

@@ -45,6 +45,10 @@ pub(super) enum Leaving {
     Unreachable,
 }
 
+/// The answer to a session this transmitter does not know: it greets again (HELO, or
+/// PEER for a transmitter's link).
+pub(super) const UNKNOWN_CELL: &str = "unknown cell: send J HELO first";
+
 /// A Service's name (a Kubernetes name) and its delivery rules, at most.
 const MAX_SERVICE_NAME: usize = 253;
 const MAX_RULES_BYTES: usize = 64 * 1024;
@@ -69,12 +73,21 @@ impl Transmitter {
             if &frame.cmd == cmd::PUBS || &frame.cmd == cmd::EVNT {
                 self.metrics.drop(DropReason::UnknownSender, 1);
             }
-            self.replies
-                .push(error_reply(identity, "unknown cell: send J HELO first"));
+            self.replies.push(error_reply(identity, UNKNOWN_CELL));
             return Ok(());
         };
+        let now = Instant::now();
         if let Some(cell) = self.cells.get_mut(&id) {
-            cell.last_seen = Instant::now();
+            if now.duration_since(cell.last_seen) > self.expiry {
+                // Silent past the expiry (it or we were paused), read before the expiry
+                // check ran: it is dropped as it would have been. It has moved on or will
+                // greet again, and sends again what was not acknowledged, so this is not
+                // routed (another transmitter may have routed it already).
+                self.drop_cell(id, Leaving::Expired);
+                self.replies.push(error_reply(identity, UNKNOWN_CELL));
+                return Ok(());
+            }
+            cell.last_seen = now;
         }
         match &frame.cmd {
             cmd::PING => self

@@ -278,6 +278,13 @@ impl Transmitter {
                 stopped = Some(NoRoom);
                 break;
             }
+            // The peer routed by what it knew: cells that left here since are counted.
+            // (A room message comes to every host of its room, wanted here or not.)
+            let gone = e.targets().filter(|t| !local.contains(t)).count()
+                + usize::from(e.kind == Kind::Mesh && e.targets().len() == 0 && local.is_empty());
+            if gone > 0 {
+                self.metrics.drop(DropReason::CellGone, gone as u64);
+            }
             self.hot.in_peer.inc();
             self.hot.bytes_in_peer.inc_by(e.payload.len() as u64);
             if e.kind == Kind::Shard {

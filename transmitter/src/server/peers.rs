@@ -17,6 +17,7 @@ use zeromq::{
     DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage,
 };
 
+use super::cells::UNKNOWN_CELL;
 use super::dispatch::{Forwarded, HeldBatch};
 use super::redeliver::Gone;
 use super::{error_reply, reply_json, Transmitter};
@@ -181,10 +182,19 @@ impl Transmitter {
         frame: CommandFrame,
         body: Option<Bytes>,
     ) -> Result<(), FrameError> {
-        if let Some(p) = self.peers.get_mut(&peer) {
-            if let Some((_, heard)) = p.inbound.as_mut() {
-                *heard = Instant::now();
+        let now = Instant::now();
+        if let Some((_, heard)) = self.peers.get_mut(&peer).and_then(|p| p.inbound.as_mut()) {
+            if now.duration_since(*heard) > self.expiry && &frame.cmd != cmd::PEER {
+                // Silent past the expiry (it or we were paused), read before the check
+                // ran: forgotten as it would have been. It has forgotten us too, and sent
+                // the anycatch messages it forwarded here to other cells: these are not
+                // delivered. Told so, it links again.
+                tracing::info!(peer = %self.peers[&peer].name, "message from a peer silent past the expiry; forgetting it");
+                self.forget_peer(peer, false);
+                self.replies.push(error_reply(identity, UNKNOWN_CELL));
+                return Ok(());
             }
+            *heard = now;
         }
         let at = Location::Peer(peer);
         match &frame.cmd {
