@@ -338,3 +338,38 @@ def test_a_full_transmitter_sends_new_cells_elsewhere():
         for p in procs:
             p.terminate()
             p.wait(timeout=10)
+
+
+def test_a_flood_of_peer_names_is_bounded_and_the_mesh_keeps_routing(start_mesh):
+    """Anyone can say PEER under a new name: a transmitter knows at most 1,024 peers
+    (MAX_PEERS); past that a PEER is refused and counted, and the real peers keep their
+    links."""
+    import zmq
+
+    m = start_mesh(mesh_yaml(name="flood", replicas=2, services=[("s", [])]), cells={"s": 2})
+    a, b = m.cells("s")
+    assert a["transmitter"] != b["transmitter"]
+    target = m.transmitter(a["transmitter"])
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 10000)
+        s.connect(target["command"])
+        n = 1100
+        for i in range(n):
+            s.send(json.dumps({"id": os.urandom(20).hex(), "name": f"fake-{i}", "mesh": "flood"}).encode().join([b"J PEER ", b""]))
+        replies = [s.recv_multipart()[0] for _ in range(n)]
+    finally:
+        ctx.destroy(linger=0)
+    welcomed = sum(r.startswith(b"J PWLC") for r in replies)
+    refused = [r for r in replies if r.startswith(b"J ERRR")]
+    assert welcomed + len(refused) == n
+    assert welcomed <= 1024 - 1, "the real peer keeps its place among the 1,024"
+    assert len(refused) >= n - 1023 and b"PEER refused" in refused[0], refused[:1]
+    assert metrics(target["metrics"])['thynapse_transmitter_refused_total{limit="peers"}'] == len(refused)
+    # The real peer is still linked: messages cross between the two.
+    sub = Subscriber(m.redis(b), channels=["still"])
+    until_routed(m.redis(a), "still", 1)
+    assert metrics(target["metrics"])["thynapse_transmitter_peers"] >= 1
+    sub.pubsub.close()

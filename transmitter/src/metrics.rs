@@ -229,7 +229,7 @@ impl Metrics {
             ),
             registry: r,
         };
-        for limit in ["interest_bytes", "cells", "hello"] {
+        for limit in ["interest_bytes", "cells", "hello", "peers"] {
             m.refused.with_label_values(&[limit]);
         }
         for reason in ["timeout", "peer_lost"] {

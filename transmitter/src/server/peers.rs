@@ -88,6 +88,10 @@ impl Peer {
     }
 }
 
+/// Peers a transmitter knows at most: a mesh has at most 1,000 transmitters (the CRD's
+/// `replicas` maximum), so every other one fits.
+pub(super) const MAX_PEERS: usize = 1_024;
+
 /// What the background tasks (peer links, discovery) report to the event loop.
 pub(super) enum Report {
     PeerConnected {
@@ -260,7 +264,12 @@ impl Transmitter {
             self.replies.push(error_reply(identity, &error));
             return Ok(());
         }
-        let peer = self.peer_id(&hello.name);
+        let Some(peer) = self.peer_id(&hello.name) else {
+            self.metrics.refused.with_label_values(&["peers"]).inc();
+            let error = format!("PEER refused: this transmitter knows {MAX_PEERS} peers, all live");
+            self.replies.push(error_reply(identity, &error));
+            return Ok(());
+        };
         let p = self.peers.get_mut(&peer).expect("peer_id creates");
         if p.instance.is_some_and(|i| i != hello.id) {
             self.peer_restarted(peer);
@@ -278,15 +287,29 @@ impl Transmitter {
         Ok(())
     }
 
-    pub(super) fn peer_id(&mut self, name: &str) -> PeerId {
+    /// The number of the peer called `name`, known from now on; `None` when `MAX_PEERS`
+    /// are known and none of them can be let go (every one linked or linking).
+    pub(super) fn peer_id(&mut self, name: &str) -> Option<PeerId> {
         if let Some(&id) = self.peer_ids.get(name) {
-            return id;
+            return Some(id);
+        }
+        if self.peers.len() >= MAX_PEERS {
+            // Names come from the rendezvous and from anyone who says PEER: a known peer
+            // that is neither linked nor linking (forgotten, gone) makes room.
+            let idle = self
+                .peers
+                .iter()
+                .find(|(_, p)| !p.is_live() && p.outbox.idle())
+                .map(|(id, _)| *id)?;
+            let gone = self.peers.remove(&idle).expect("found above");
+            self.peer_ids.remove(&gone.name);
+            self.table.remove_location(Location::Peer(idle));
         }
         let id = self.next_peer;
         self.next_peer += 1;
         self.peer_ids.insert(name.to_string(), id);
         self.peers.insert(id, Peer::new(name));
-        id
+        Some(id)
     }
 
     /// Drops everything about a peer: its cells, our link to it. With `left`, the same
@@ -442,7 +465,10 @@ impl Transmitter {
             if info.name == self.args.name {
                 continue;
             }
-            let peer = self.peer_id(&info.name);
+            let Some(peer) = self.peer_id(&info.name) else {
+                self.metrics.refused.with_label_values(&["peers"]).inc();
+                continue;
+            };
             let p = self.peers.get_mut(&peer).expect("peer_id creates");
             if p.left == Some(info.id) {
                 continue;
