@@ -124,6 +124,39 @@ def test_channel_names_over_the_limit_are_refused_and_counted(start_mesh):
     sub.pubsub.close()
 
 
+def test_subscriptions_past_the_cells_budget_are_refused_by_the_sidecar(start_mesh):
+    """A cell subscribes to at most 512 KiB of names (each name and 6 bytes, as the wire
+    carries them): the sidecar refuses the SUBSCRIBE that would go past it with an error
+    the client sees, instead of the transmitter refusing it where no client hears."""
+    m = start_mesh(mesh_yaml(name="budget", replicas=1, services=[("s", [])]), cells={"s": 1})
+    cell = m.cells("s")[0]
+    names = [b"%02d" % i + b"n" * 14998 for i in range(40)]  # 15,000 bytes each
+    host, port = cell["resp"].rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)))
+    raw.sendall(b"*41\r\n$9\r\nSUBSCRIBE\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(n), n) for n in names))
+    got = b""
+    raw.settimeout(10)
+    while got.count(b"\r\n:") + got.count(b"-ERR") < 40:
+        got += raw.recv(1 << 20)
+    fits = (512 * 1024) // 15006
+    assert got.count(b"\r\n:") == fits, f"{fits} subscriptions fit"
+    assert got.count(b"-ERR subscriptions of this cell over the limit of 524288 bytes of names") == 40 - fits
+    page = metrics(cell["metrics"])
+    assert page['thynapse_sidecar_refused_total{limit="interest_bytes"}'] == 40 - fits
+    # The transmitter was never asked for more than the budget.
+    home = m.transmitter(cell["transmitter"])
+    until_routed(m.redis(cell), names[0].decode(), 1)
+    assert metrics(home["metrics"])['thynapse_transmitter_refused_total{limit="interest_bytes"}'] == 0
+    # Unsubscribing frees the budget.
+    raw.sendall(b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(names[0]), names[0]))
+    late = names[-1]
+    raw.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(late), late))
+    got = b""
+    while b"subscribe\r\n$15000\r\n" + late[:10] not in got:
+        got += raw.recv(1 << 20)
+    raw.close()
+
+
 class FakeTransmitter:
     """A TCP server posing as a transmitter: greets every connection with ZMTP and one
     frame header declaring 1 TiB, and counts the connections."""

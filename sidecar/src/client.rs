@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use thynapse_protocol::limits::MAX_NAME_BYTES;
+use thynapse_protocol::limits::{MAX_INTEREST_BYTES, MAX_NAME_BYTES};
 use tokio::sync::mpsc;
 
 use crate::api::{ClientId, ClientPublishes, HubCmd};
@@ -35,6 +35,10 @@ pub struct Shared {
     pub clients: Mutex<HashMap<ClientId, ClientSummary>>,
     pub total_connections: AtomicU64,
     pub total_commands: AtomicU64,
+    /// The mesh session's subscriptions as the transmitter counts them (each name and 6
+    /// bytes), kept by the hub: a SUBSCRIBE past `MAX_INTEREST_BYTES` is refused here
+    /// with an error rather than by the transmitter, which the client would never see.
+    pub interest_bytes: Arc<AtomicUsize>,
 }
 
 pub(crate) enum Pending {
@@ -73,6 +77,17 @@ pub(crate) struct Client {
     /// What goes out before `out`, in order: earlier replies and the hub's pushes.
     pub(crate) chunks: VecDeque<Bytes>,
     pub(crate) close: bool,
+}
+
+/// The error for a subscription that would take the mesh session past
+/// `MAX_INTEREST_BYTES`, given the bytes already asked for in the same command.
+pub fn over_interest_budget(shared: &Shared, name: &[u8], asked: usize) -> Option<String> {
+    let total = shared.interest_bytes.load(Ordering::Relaxed) + asked + name.len() + 6;
+    (total > MAX_INTEREST_BYTES).then(|| {
+        format!(
+            "ERR subscriptions of this cell over the limit of {MAX_INTEREST_BYTES} bytes of names"
+        )
+    })
 }
 
 /// The error for a channel, pattern or room name over `MAX_NAME_BYTES`, if it is.

@@ -21,7 +21,7 @@ pub mod metrics;
 pub mod resp;
 pub mod session;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +56,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let metrics_addr =
         thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
     let heartbeat = Duration::from_millis(args.announce_interval_ms);
+    let interest_bytes = Arc::new(AtomicUsize::new(0));
     let cfg = HubConfig {
         mesh: args.mesh.clone(),
         service: args.service.clone(),
@@ -70,6 +71,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         drain: Duration::from_secs(args.drain_seconds),
         resp,
         metrics_url: format!("http://{metrics_addr}/metrics"),
+        interest_bytes: interest_bytes.clone(),
     };
     let (hub_tx, hub_rx) = mpsc::channel(1024);
     let shutdown = Arc::new(Notify::new());
@@ -91,6 +93,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         clients: Default::default(),
         total_connections: AtomicU64::new(0),
         total_commands: AtomicU64::new(0),
+        interest_bytes,
     });
     tracing::info!(%resp, service = %args.service, "sidecar listening");
 

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use super::{lower, sub_kind, unknown_subcommand};
 use crate::api::{HubCmd, SubKind};
-use crate::client::{name_too_long, Client, Pending, Shared};
+use crate::client::{name_too_long, over_interest_budget, Client, Pending, Shared};
 use crate::resp::Reply;
 
 impl Client {
@@ -56,6 +56,8 @@ impl Client {
         // the confirmations wait behind one barrier per session.
         let mut new: BTreeMap<Option<&[u8]>, Vec<Bytes>> = BTreeMap::new();
         let mut replies = Vec::new();
+        // Bytes of new subscriptions in this command, not yet counted by the hub.
+        let mut asked = 0;
         for n in &names {
             if let Some(error) = refused.get(room_of(n)) {
                 replies.push(Reply::error(format!("ERR {error}")));
@@ -65,6 +67,15 @@ impl Client {
                 shared.refused.with_label_values(&["name_length"]).inc();
                 replies.push(Reply::error(error));
                 continue;
+            }
+            let new_here = !self.set_of(kind).contains(n);
+            if kind != SubKind::Shard && new_here {
+                if let Some(error) = over_interest_budget(shared, n, asked) {
+                    shared.refused.with_label_values(&["interest_bytes"]).inc();
+                    replies.push(Reply::error(error));
+                    continue;
+                }
+                asked += n.len() + 6;
             }
             if self.set_of(kind).insert(n.clone()) {
                 let session = (kind == SubKind::Shard).then(|| room_of(n));

@@ -17,7 +17,7 @@ mod delivery;
 mod links;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,8 @@ pub struct HubConfig {
     pub drain: Duration,
     pub resp: SocketAddr,
     pub metrics_url: String,
+    /// The mesh session's subscription bytes, shared with the connections (`Shared`).
+    pub interest_bytes: Arc<AtomicUsize>,
 }
 
 /// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
@@ -314,6 +316,11 @@ impl Hub {
                     let first = set.is_empty();
                     set.insert(client);
                     if first {
+                        if kind != SubKind::Shard {
+                            self.cfg
+                                .interest_bytes
+                                .fetch_add(name.len() + 6, Ordering::Relaxed);
+                        }
                         let s = self.session(&key);
                         s.change_interest(Op::Add, interest, name.clone());
                     }
@@ -426,6 +433,11 @@ impl Hub {
         if let Some(set) = map.get_mut(name) {
             if set.remove(&client) && set.is_empty() {
                 map.remove(name);
+                if kind != SubKind::Shard {
+                    self.cfg
+                        .interest_bytes
+                        .fetch_sub(name.len() + 6, Ordering::Relaxed);
+                }
                 if let Some(s) = self.sessions.get_mut(&key_of(kind, name)) {
                     s.change_interest(Op::Remove, interest, name.clone());
                     s.last_used = Instant::now();
