@@ -63,6 +63,8 @@ def test_a_frame_declared_over_the_limit_does_not_kill_a_transmitter(start_mesh)
     sub.wait_count(1, prefix=b"still")
     m.refresh()
     assert m.transmitter(target["name"])["pid"] == pid, "restarted: it had died"
+    wait_for(lambda: metrics(target["metrics"])['thynapse_transmitter_refused_total{limit="wire_message_bytes"}'] == 1,
+             what="the refused frame counted")
 
 
 def test_a_legal_large_message_still_crosses_the_mesh(start_mesh):
@@ -211,14 +213,22 @@ def test_a_sidecar_survives_a_transmitter_that_declares_a_huge_frame():
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.sendto(json.dumps(announce).encode(), (host, int(port)))
         s.close()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+        probe.close()
         sidecar = subprocess.Popen(
             [str(BINARY), "sidecar", "--mesh", "m", "--service", "s", "--name", "c", "--rendezvous", address,
-             "--resp-bind", "127.0.0.1:0", "--announce-interval-ms", "250"],
+             "--resp-bind", "127.0.0.1:0", "--announce-interval-ms", "250",
+             "--metrics-bind", f"127.0.0.1:{metrics_port}"],
             stdout=open(tmp / "sidecar.out", "w"), stderr=open(tmp / "sidecar.log", "w"),
         )
         # It connects, is refused a frame, and tries again: alive all along.
         wait_for(lambda: fake.connections >= 2, timeout=20, what="the sidecar's second connection")
         assert sidecar.poll() is None, (tmp / "sidecar.log").read_text()
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        wait_for(lambda: metrics(url)['thynapse_sidecar_refused_total{limit="wire_message_bytes"}'] >= 1,
+                 what="the refused frames counted")
     finally:
         fake.stop = True
         fake.server.close()

@@ -113,7 +113,12 @@ impl Metrics {
             m.drops.with_label_values(&[reason]);
         }
         m.disconnects.with_label_values(&["slow_subscriber"]);
-        for limit in ["message_size", "name_length", "interest_bytes"] {
+        for limit in [
+            "message_size",
+            "name_length",
+            "interest_bytes",
+            "wire_message_bytes",
+        ] {
             m.refused.with_label_values(&[limit]);
         }
         m

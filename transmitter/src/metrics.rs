@@ -229,7 +229,13 @@ impl Metrics {
             ),
             registry: r,
         };
-        for limit in ["interest_bytes", "cells", "hello", "peers"] {
+        for limit in [
+            "interest_bytes",
+            "cells",
+            "hello",
+            "peers",
+            "wire_message_bytes",
+        ] {
             m.refused.with_label_values(&[limit]);
         }
         for reason in ["timeout", "peer_lost"] {

@@ -2,6 +2,7 @@
 //! `session::connect`), the greeting on a new link, what the transmitter sends back,
 //! liveness and moves, and flushing what each session owes its transmitter.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures::FutureExt;
@@ -268,6 +269,11 @@ impl Hub {
 
     pub(super) async fn housekeeping(&mut self) {
         let now = Instant::now();
+        let oversized = session::WIRE_OVERSIZED.swap(0, Ordering::Relaxed);
+        self.metrics
+            .refused
+            .with_label_values(&["wire_message_bytes"])
+            .inc_by(oversized);
         let mut reconnect = Vec::new();
         let mut idle = Vec::new();
         let mut released = Vec::new();

@@ -79,7 +79,9 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
     options.connect_timeout(plan.heartbeat);
     // A transmitter (or anything posing as one) sending more is disconnected before
     // anything is reserved for it (vendor/zeromq/PATCHED.md).
-    options.max_message_size(wire_limit(plan.max_message_bytes));
+    options
+        .max_message_size(wire_limit(plan.max_message_bytes))
+        .count_oversized(WIRE_OVERSIZED.clone());
     let mut socket = DealerSocket::with_options(options);
     if let Err(e) = socket.connect(&target.command).await {
         tracing::warn!(transmitter = %target.name, "connect failed: {e}");
@@ -212,3 +214,9 @@ async fn choose_for_room(
 async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagram> {
     thynapse_rendezvous::ask(&plan.rendezvous, request, plan.heartbeat).await
 }
+
+/// Messages from transmitters refused for the wire limit (each disconnects its link),
+/// moved to `refused_total{limit="wire_message_bytes"}` at each heartbeat.
+pub(crate) static WIRE_OVERSIZED: std::sync::LazyLock<
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+> = std::sync::LazyLock::new(Default::default);

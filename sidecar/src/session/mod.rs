@@ -27,6 +27,7 @@ use zeromq::{DealerSendHalf, ZmqMessage};
 use crate::api::ClientId;
 use crate::confirm::Confirmations;
 use crate::frames::{bare_frame, binary_frame, binary_frame_with, json_frame};
+pub(crate) use connect::WIRE_OVERSIZED;
 pub use connect::{connect, ConnectPlan, LinkEvent};
 
 /// Which session: the mesh (`None`) or a room.

@@ -128,11 +128,18 @@ fn endpoint_port(endpoint: &zeromq::Endpoint) -> anyhow::Result<u16> {
 
 /// Options of every socket of the transmitter: a peer that sends a message over the wire
 /// limit is disconnected before anything is reserved for it (vendor/zeromq/PATCHED.md).
+/// Those refusals are counted into `WIRE_OVERSIZED` (one process, one count), and
+/// moved to `refused_total{limit="wire_message_bytes"}` at each heartbeat.
 pub(super) fn socket_options(max_message_bytes: usize) -> SocketOptions {
     let mut options = SocketOptions::default();
-    options.max_message_size(limits::wire_limit(max_message_bytes));
+    options
+        .max_message_size(limits::wire_limit(max_message_bytes))
+        .count_oversized(WIRE_OVERSIZED.clone());
     options
 }
+
+static WIRE_OVERSIZED: std::sync::LazyLock<std::sync::Arc<std::sync::atomic::AtomicU64>> =
+    std::sync::LazyLock::new(Default::default);
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::new();
@@ -335,6 +342,11 @@ impl Transmitter {
     fn housekeeping(&mut self, now: Instant) {
         self.expire_cells(now);
         self.peer_housekeeping(now);
+        let oversized = WIRE_OVERSIZED.swap(0, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .refused
+            .with_label_values(&["wire_message_bytes"])
+            .inc_by(oversized);
         // Acknowledgements cannot wait for ever: past the expiry a congested link is
         // left to its drop limit.
         self.deferred.expire(now, self.expiry, &mut self.replies);

@@ -353,8 +353,10 @@ pub struct SocketOptions {
     // Shared by read preparation and decoder reservation.
     pub(crate) read_buffer_max_size: usize,
     pub(crate) read_buffer_short_reads: usize,
-    // Thynapse patch: the largest message (all its frames) a peer may send.
+    // Thynapse patch: the largest message (all its frames) a peer may send, and where
+    // the messages refused for it are counted.
     pub(crate) max_message_size: Option<usize>,
+    pub(crate) oversized: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for SocketOptions {
@@ -366,6 +368,7 @@ impl Default for SocketOptions {
             read_buffer_max_size: 64 * 1024,
             read_buffer_short_reads: 2,
             max_message_size: None,
+            oversized: None,
         }
     }
 }
@@ -437,6 +440,16 @@ impl SocketOptions {
     /// ```
     pub fn max_message_size(&mut self, bytes: usize) -> &mut Self {
         self.max_message_size = Some(bytes);
+        self
+    }
+
+    /// Counts into `counter` each message refused by `max_message_size` (each one
+    /// disconnects its peer), so that the application can report them.
+    pub fn count_oversized(
+        &mut self,
+        counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> &mut Self {
+        self.oversized = Some(counter);
         self
     }
 

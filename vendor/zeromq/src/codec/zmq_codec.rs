@@ -40,6 +40,7 @@ pub struct ZmqCodec {
     /// frames of the current message so far.
     max_message_size: Option<usize>,
     buffered_len: usize,
+    oversized: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl ZmqCodec {
@@ -55,6 +56,7 @@ impl ZmqCodec {
             max_read_chunk_size: options.read_buffer_max_size,
             max_message_size: options.max_message_size,
             buffered_len: 0,
+            oversized: options.oversized.clone(),
         }
     }
 
@@ -144,6 +146,9 @@ impl Decoder for ZmqCodec {
                             self.buffered_len.saturating_add(cost)
                         };
                         if total > max {
+                            if let Some(counter) = &self.oversized {
+                                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                             return Err(CodecError::Decode("Message exceeds the size limit"));
                         }
                     }

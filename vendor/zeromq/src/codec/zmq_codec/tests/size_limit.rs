@@ -59,3 +59,17 @@ fn without_a_limit_any_length_is_taken() {
         Some(Message::Message(_))
     ));
 }
+
+#[test]
+fn refusals_are_counted_when_asked() {
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut options = SocketOptions::default();
+    options.max_message_size(1024).count_oversized(counter.clone());
+    let mut codec = ZmqCodec::with_options(&options);
+    codec.state = DecoderState::FrameHeader;
+    codec.waiting_for = 1;
+    let mut input = BytesMut::from(&[2][..]);
+    input.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    assert!(codec.decode(&mut input).is_err());
+    assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
