@@ -147,14 +147,12 @@ def metrics(url):
 class Subscriber:
     """A redis-py pub/sub connection collecting messages in order."""
 
-    def __init__(self, client, channels=(), patterns=(), shard_channels=()):
+    def __init__(self, client, channels=(), patterns=()):
         self.pubsub = client.pubsub()
         if channels:
             self.pubsub.subscribe(*channels)
         if patterns:
             self.pubsub.psubscribe(*patterns)
-        if shard_channels:
-            self.pubsub.ssubscribe(*shard_channels)
         self.messages = []
         # Read the subscription confirmations so the subscriptions are in place.
         wait_for(lambda: self.pubsub.subscribed, what="subscribed")

@@ -30,7 +30,7 @@ from collections import Counter
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
+from conftest import ShardSubscriber, Subscriber, mesh_yaml, metrics, until_routed, wait_for
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
 WORKERS = ("workers", [{"pattern": "jobs.*", "mode": "anycatch"}])
@@ -136,7 +136,7 @@ def test_chaos_every_acknowledged_message_delivered_once_or_counted(start_mesh):
     audits = m.cells("audit")
     workers = m.cells("workers")
     news = [Subscriber(m.redis(c), channels=["news"]) for c in audits]
-    rooms = [Subscriber(m.redis(c), shard_channels=[ROOM]) for c in audits]
+    rooms = [ShardSubscriber(m.redis(c), [ROOM]) for c in audits]
     jobs = [Subscriber(m.redis(c), patterns=["jobs.*"]) for c in workers]
     probe = m.redis(m.cell("pub-0"))
     until_routed(probe, "news", 2)

@@ -237,3 +237,46 @@ def _alive(pid):
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_an_idle_on_demand_room_is_forgotten_and_placed_again_when_used(start_mesh):
+    """spec.rooms.forgetIdleAfterSeconds: an on-demand room with no session and nobody
+    asking for it is forgotten (placement, hosts, metric series); a declared one never;
+    used again, it is placed again."""
+    import time
+
+    import zmq
+
+    manifests = mesh_yaml(name="idle", replicas=2, extra="  rooms: {forgetIdleAfterSeconds: 2}\n")
+    m = start_mesh(manifests + rooms_yaml(["keep"], mesh="idle", replicas=1), cells={})
+
+    def hosted():
+        return sum(metrics(t["metrics"])["thynapse_transmitter_rooms"] for t in m.refresh()["transmitters"])
+
+    hosts = wait_for(lambda: room_hosts(m, "temp"), what="the on-demand room placed")
+    command = next(t["command"] for t in m.endpoints["transmitters"] if t["name"] == hosts[0]["name"])
+    wait_for(lambda: hosted() == 3, what="keep on one host, temp on two")
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 5000)
+        s.connect(command)
+        s.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "s", "room": "temp"}}'.encode())
+        assert s.recv_multipart()[0].startswith(b"J WLCM")
+        # In use for more than twice the idle time: kept (the session is the input here).
+        until = time.monotonic() + 5
+        while time.monotonic() < until:
+            s.send(b"J PING {}")
+            assert s.recv_multipart()[0].startswith(b"J PONG")
+            time.sleep(0.2)
+        assert hosted() == 3, "a room with a session was forgotten"
+        s.send(b"J QUIT {}")
+    finally:
+        ctx.destroy(linger=0)
+    wait_for(lambda: hosted() == 1, timeout=20, what="the idle room forgotten, the declared one kept")
+    for t in m.endpoints["transmitters"]:
+        assert not any('room="temp"' in k for k in metrics(t["metrics"])), "its metric series removed"
+    again = wait_for(lambda: room_hosts(m, "temp"), what="the room placed again when asked for")
+    assert again
+    wait_for(lambda: hosted() == 3, what="hosted again")

@@ -234,6 +234,10 @@ pub struct RendezvousArgs {
     /// Refuse rooms that are not declared (spec.rooms.allowUndeclared: false).
     #[arg(long)]
     pub forbid_undeclared: bool,
+    /// Forget an on-demand room nobody used for this long: no cell asked for it, no host
+    /// had a session in it (spec.rooms.forgetIdleAfterSeconds). Declared rooms are kept.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub forget_idle_rooms_after_seconds: u64,
 }
 
 impl RendezvousArgs {
@@ -249,7 +253,11 @@ impl ToArgs for RendezvousArgs {
             .flag("bind", self.bind)
             .each("room", self.rooms.iter().map(|(n, r)| format!("{n}={r}")))
             .flag("default-replicas", self.default_replicas)
-            .switch("forbid-undeclared", self.forbid_undeclared);
+            .switch("forbid-undeclared", self.forbid_undeclared)
+            .flag(
+                "forget-idle-rooms-after-seconds",
+                self.forget_idle_rooms_after_seconds,
+            );
         a.0
     }
 }

@@ -55,6 +55,10 @@ pub enum Datagram {
         /// Rooms this transmitter hosts: its confirmation of `hosting`.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         rooms: Vec<String>,
+        /// Which of `rooms` (indices) have a session here now: on-demand rooms that none
+        /// of their hosts reports for a while are forgotten.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        active: Vec<u32>,
     },
     /// Cell → rendezvous: who is live?
     Query { mesh: String },

@@ -174,6 +174,7 @@ struct Server {
     socket: UdpSocket,
     dir: Directory,
     rooms: Rooms,
+    idle_rooms: Duration,
 }
 
 impl Server {
@@ -204,6 +205,7 @@ impl Server {
                 multiplier,
                 transmitter,
                 rooms,
+                active,
             }) if mesh == self.mesh => 'announce: {
                 let ttl = match check_announce(interval_ms, multiplier, &transmitter) {
                     Ok(ttl) => ttl,
@@ -219,6 +221,7 @@ impl Server {
                     ));
                 }
                 self.rooms.announced(&transmitter, &rooms);
+                self.rooms.active(&rooms, &active, now);
                 let hosting = self.rooms.hosting(&transmitter.name);
                 let mut replies = peers_pages(&mesh, &self.dir.live(now));
                 if !hosting.is_empty() || !rooms.is_empty() {
@@ -241,6 +244,7 @@ impl Server {
                 let live = self.dir.live(now);
                 match self.rooms.locate(&room, &live) {
                     Ok((located, assigned)) => {
+                        self.rooms.used(&room, now);
                         if !assigned.is_empty() {
                             tracing::info!(%room, hosts = ?assigned, "room placed");
                             push = self.rooms.hosting_of(&room).unwrap_or_default();
@@ -282,9 +286,13 @@ impl Server {
         self.push_hosting(&push).await;
     }
 
-    /// Forgets hosts that stopped announcing and re-places their rooms.
+    /// Forgets hosts that stopped announcing and re-places their rooms; forgets the
+    /// on-demand rooms idle for `idle_rooms`.
     async fn reconcile(&mut self) {
-        let live = self.dir.live(Instant::now());
+        let now = Instant::now();
+        let idle = self.rooms.forget_idle(now, self.idle_rooms);
+        self.push_hosting(&idle).await;
+        let live = self.dir.live(now);
         let touched = self.rooms.reconcile(&live);
         if !touched.is_empty() {
             tracing::info!(transmitters = ?touched, "rooms re-placed");
@@ -312,6 +320,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         mesh: args.mesh,
         socket,
         dir: Directory::default(),
+        idle_rooms: Duration::from_secs(args.forget_idle_rooms_after_seconds),
     };
     let mut buf = vec![0u8; MAX_DATAGRAM];
     // Frequent enough that a room is re-placed well within one announcement expiry.

@@ -12,13 +12,14 @@
 //! takes new rooms first; rooms already placed stay where they are.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use thynapse_protocol::discovery::{Placement, TransmitterInfo, MAX_HOSTING_BYTES, MAX_ROOM_NAME};
 use thynapse_protocol::Thid;
 
 /// Rooms a mesh has at most: locating a new on-demand room past it is refused, so made-up
 /// room names cannot grow the rendezvous' state without bound (declared rooms are
-/// placed whatever the count; on-demand rooms are not forgotten yet, issue 14).
+/// placed whatever the count; on-demand rooms are forgotten once idle, `forget_idle`).
 pub const MAX_ROOMS: usize = 10_000;
 
 /// Messages per second that weigh as much as hosting one more room.
@@ -53,6 +54,8 @@ struct Host {
 struct Room {
     replicas: u32,
     hosts: Vec<Host>,
+    /// When a cell last asked for it or a host last reported a session in it.
+    used: Instant,
 }
 
 /// Why a room cannot be handed out.
@@ -78,6 +81,9 @@ pub struct Rooms {
     mesh: String,
     policy: RoomPolicy,
     rooms: BTreeMap<String, Room>,
+    /// Rooms forgotten as idle, and when: not adopted again from announcements (their
+    /// hosts drop them once told), until a cell asks for one.
+    forgotten: HashMap<String, Instant>,
 }
 
 impl Rooms {
@@ -86,6 +92,7 @@ impl Rooms {
             mesh: mesh.to_string(),
             policy,
             rooms: BTreeMap::new(),
+            forgotten: HashMap::new(),
         }
     }
 
@@ -122,7 +129,9 @@ impl Rooms {
         self.rooms.entry(room.to_string()).or_insert_with(|| Room {
             replicas,
             hosts: Vec::new(),
+            used: Instant::now(),
         });
+        self.forgotten.remove(room);
         let mut view = View::of(live);
         let assigned = self.top_up(room, &mut view);
         let r = &self.rooms[room];
@@ -158,12 +167,14 @@ impl Rooms {
                 // A room it hosts but the policy no longer allows: its cells will move.
                 Err(_) => continue,
             };
-            if self.is_full_for(room) {
+            if self.is_full_for(room) || self.forgotten.contains_key(room) {
+                // Forgotten as idle: its hosts are told and drop it.
                 continue;
             }
             let r = self.rooms.entry(room.clone()).or_insert_with(|| Room {
                 replicas,
                 hosts: Vec::new(),
+                used: Instant::now(),
             });
             match r.hosts.iter_mut().find(|h| h.name == info.name) {
                 Some(h) if h.confirmed => {}
@@ -258,6 +269,51 @@ impl Rooms {
             });
         }
         chosen.into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// A room was asked for (a cell's `locate`).
+    pub fn used(&mut self, room: &str, now: Instant) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.used = now;
+        }
+    }
+
+    /// A host reports sessions in `active` (indices into the `rooms` it announced).
+    pub fn active(&mut self, rooms: &[String], active: &[u32], now: Instant) {
+        for &i in active {
+            if let Some(r) = rooms
+                .get(i as usize)
+                .and_then(|name| self.rooms.get_mut(name))
+            {
+                r.used = now;
+            }
+        }
+    }
+
+    /// Forgets the on-demand rooms nobody used for `after` (no `locate`, no host with a
+    /// session in them); declared rooms are kept whatever happens. Their hosts' next
+    /// announcements are not taken as hosting them. Returns the hosts to tell.
+    pub fn forget_idle(&mut self, now: Instant, after: Duration) -> Vec<String> {
+        self.forgotten
+            .retain(|_, when| now.duration_since(*when) <= after);
+        let idle: Vec<String> = self
+            .rooms
+            .iter()
+            .filter(|(name, r)| {
+                !self.policy.declared.contains_key(*name) && now.duration_since(r.used) > after
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut hosts = Vec::new();
+        for name in idle {
+            let r = self.rooms.remove(&name).expect("listed above");
+            tracing::info!(room = %name, "idle room forgotten");
+            hosts.extend(r.hosts.into_iter().map(|h| h.name));
+            self.forgotten.insert(name, now);
+        }
+        hosts.sort();
+        hosts.dedup();
+        hosts
     }
 
     /// The rooms `transmitter` must host, each with all of its hosts.
@@ -409,6 +465,47 @@ mod tests {
         // Nor can an announcement add rooms past the bound.
         rooms.announced(&live[0], &["adopted".to_string()]);
         assert!(rooms.hosting_of("adopted").is_none());
+    }
+
+    #[test]
+    fn idle_on_demand_rooms_are_forgotten_declared_ones_never() {
+        let live = vec![t("a"), t("b")];
+        let mut rooms = Rooms::new("m", policy(&[("keep", 1)], true));
+        for room in ["keep", "busy", "idle"] {
+            rooms.locate(room, &live).unwrap();
+        }
+        confirm_all(&mut rooms, &live);
+        let after = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let later = t0 + after + Duration::from_secs(1);
+        // A host reports a session in "busy" (by its index in what it announced).
+        let announced = rooms
+            .hosting("a")
+            .into_iter()
+            .map(|p| p.room)
+            .collect::<Vec<_>>();
+        let busy = announced.iter().position(|r| r == "busy").map(|i| i as u32);
+        if let Some(i) = busy {
+            rooms.active(&announced, &[i], later);
+        } else {
+            rooms.used("busy", later);
+        }
+        let told = rooms.forget_idle(later, after);
+        assert!(!told.is_empty(), "the hosts of the idle room are told");
+        assert!(rooms.hosting_of("idle").is_none());
+        assert!(rooms.hosting_of("busy").is_some());
+        assert!(
+            rooms.hosting_of("keep").is_some(),
+            "declared: never forgotten"
+        );
+        // Its hosts still announce it until told: not adopted again.
+        let host = told[0].clone();
+        let info = live.iter().find(|i| i.name == host).unwrap();
+        rooms.announced(info, &["idle".to_string()]);
+        assert!(rooms.hosting_of("idle").is_none());
+        // A cell asking for it places it again.
+        rooms.locate("idle", &live).unwrap();
+        assert!(rooms.hosting_of("idle").is_some());
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn rendezvous<'a>(
     let mut a = RendezvousArgs::new(mesh);
     a.default_replicas = spec.rooms.default_replicas;
     a.forbid_undeclared = !spec.rooms.allow_undeclared;
+    a.forget_idle_rooms_after_seconds = spec.rooms.forget_idle_after_seconds;
     a.rooms = rooms
         .into_iter()
         .map(|(name, replicas)| {

@@ -128,6 +128,16 @@ pub struct RoomsSpec {
     /// Whether a room used but not declared by a `Room` is created on demand.
     #[serde(default = "yes")]
     pub allow_undeclared: bool,
+    /// An on-demand room that no cell used for this long (no session in it, nobody
+    /// asking for it) is forgotten: its placement and metric series go, and it is placed
+    /// again when next used. Declared rooms are never forgotten.
+    #[serde(default = "ten_minutes")]
+    #[schemars(range(min = 1, max = 2_592_000))]
+    pub forget_idle_after_seconds: u64,
+}
+
+fn ten_minutes() -> u64 {
+    600
 }
 
 impl Default for RoomsSpec {
@@ -135,6 +145,7 @@ impl Default for RoomsSpec {
         Self {
             default_replicas: 2,
             allow_undeclared: true,
+            forget_idle_after_seconds: ten_minutes(),
         }
     }
 }

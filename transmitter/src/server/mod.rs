@@ -43,7 +43,7 @@ use crate::Args;
 use cells::{Leaving, LocalCell};
 use dispatch::HeldBatch;
 use peers::{Peer, Report};
-use rooms::{Announcement, HostedRoom};
+use rooms::{Announcement, HostedRoom, HostingFrom};
 use thynapse_process::{Ready, Status, TransmitterReady};
 
 /// Most inbound messages (and bytes) handled before a flush, so one busy sender cannot
@@ -94,6 +94,8 @@ struct Transmitter {
     routed: u64,
     rate: f64,
     rooms: HashMap<String, HostedRoom>,
+    /// What each rendezvous point last said this transmitter hosts.
+    hosting_from: HashMap<std::net::SocketAddr, HostingFrom>,
     /// Rooms not hosted here that got their own `room` label so far (bounded).
     unhosted_labels: HashSet<String>,
     announcement: watch::Sender<Announcement>,
@@ -182,6 +184,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let (info_tx, info_rx) = watch::channel(Announcement {
         info,
         rooms: Vec::new(),
+        active: Vec::new(),
     });
     let (reports_tx, mut reports_rx) = mpsc::channel(4096);
     tokio::spawn(rooms::announce(args.clone(), info_rx, reports_tx.clone()));
@@ -217,6 +220,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         routed: 0,
         rate: 0.0,
         rooms: HashMap::new(),
+        hosting_from: HashMap::new(),
         unhosted_labels: HashSet::new(),
         announcement: info_tx,
         interest_sync: InterestSync::default(),

@@ -113,7 +113,11 @@ pub(super) enum Report {
         generation: u64,
     },
     Discovered(Vec<TransmitterInfo>),
-    Hosting(Vec<Placement>),
+    /// A rendezvous point's whole list of the rooms this transmitter hosts.
+    Hosting {
+        from: std::net::SocketAddr,
+        rooms: Vec<Placement>,
+    },
 }
 
 impl Transmitter {
@@ -363,7 +367,7 @@ impl Transmitter {
         self.held.room_freed();
         match report {
             Report::Discovered(list) => self.on_discovered(list),
-            Report::Hosting(rooms) => self.on_hosting(rooms),
+            Report::Hosting { from, rooms } => self.on_hosting(from, rooms),
             Report::PeerConnected {
                 peer,
                 generation,

@@ -2,14 +2,18 @@
 //! tell the rendezvous about this transmitter.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use foldhash::HashSet;
+use thynapse_protocol::wire::{self, cmd};
 
 use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
 use thynapse_protocol::room::room_of;
 use tokio::sync::{mpsc, watch};
 
 use super::peers::Report;
-use super::Transmitter;
+use super::{reply_json, Transmitter};
 use crate::Args;
 
 /// A room this transmitter hosts.
@@ -24,6 +28,16 @@ pub(super) struct HostedRoom {
 pub(super) struct Announcement {
     pub(super) info: TransmitterInfo,
     pub(super) rooms: Vec<String>,
+    /// Indices into `rooms` of those with a session here.
+    pub(super) active: Vec<u32>,
+}
+
+/// What one rendezvous point last said this transmitter hosts, and when: each `hosting`
+/// is its whole list (at most one datagram). A room none of the points has listed within
+/// one expiry is given up (forgotten as idle).
+pub(super) struct HostingFrom {
+    pub(super) rooms: HashSet<String>,
+    pub(super) at: Instant,
 }
 
 /// Announces this transmitter to every rendezvous at the configured rate and passes what
@@ -68,7 +82,7 @@ pub(super) async fn announce(
                 }
                 let event = match Datagram::parse(&buf[..n]) {
                     Ok(Datagram::Peers { transmitters, .. }) => Report::Discovered(transmitters),
-                    Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting(rooms),
+                    Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting { from, rooms },
                     Ok(Datagram::Error { error }) => {
                         tracing::warn!("rendezvous: {error}");
                         continue;
@@ -92,6 +106,7 @@ pub(super) async fn announce(
                 multiplier: args.expiry_multiplier,
                 transmitter: a.info.clone(),
                 rooms: a.rooms.clone(),
+                active: a.active.clone(),
             }
             .to_bytes()
         };
@@ -139,13 +154,24 @@ impl Transmitter {
         self.metrics.room_messages.with_label_values(&[label]).inc();
     }
 
-    /// The rendezvous says which rooms to host (and with whom). Rooms are only ever added
-    /// here: a host gives its rooms up by draining or stopping, when its cells move.
-    pub(super) fn on_hosting(&mut self, placements: Vec<Placement>) {
+    /// Rendezvous point `from` says which rooms to host (and with whom): rooms are taken
+    /// at once; a room is given up once no point has listed it for an expiry (the
+    /// rendezvous forgot it as idle), and its sessions, if one joined meanwhile, are sent
+    /// to locate it again.
+    pub(super) fn on_hosting(&mut self, from: SocketAddr, placements: Vec<Placement>) {
         if self.draining.is_some() {
             return;
         }
-        let mut added = false;
+        let now = Instant::now();
+        let listed = placements.iter().map(|p| p.room.clone()).collect();
+        self.hosting_from.insert(
+            from,
+            HostingFrom {
+                rooms: listed,
+                at: now,
+            },
+        );
+        let mut changed = false;
         for p in placements {
             match self.rooms.get_mut(&p.room) {
                 Some(hosted) => hosted.hosts = p.hosts,
@@ -159,11 +185,37 @@ impl Transmitter {
                             messages,
                         },
                     );
-                    added = true;
+                    changed = true;
                 }
             }
         }
-        if added {
+        let expiry = self.expiry;
+        self.hosting_from
+            .retain(|_, h| now.duration_since(h.at) <= expiry);
+        let given_up: Vec<String> = self
+            .rooms
+            .keys()
+            .filter(|r| !self.hosting_from.values().any(|h| h.rooms.contains(*r)))
+            .cloned()
+            .collect();
+        for room in given_up {
+            tracing::info!(%room, "room no longer hosted here (forgotten as idle)");
+            self.rooms.remove(&room);
+            let _ = self.metrics.room_messages.remove_label_values(&[&room]);
+            let sessions: Vec<Bytes> = self
+                .cells
+                .values()
+                .filter(|c| c.room.as_deref() == Some(room.as_str()))
+                .map(|c| c.identity.clone())
+                .collect();
+            for identity in sessions {
+                let reason = format!("room {room:?} is not hosted here");
+                self.replies
+                    .push(reply_json(&identity, cmd::MOVE, &wire::Reason { reason }));
+            }
+            changed = true;
+        }
+        if changed {
             self.metrics.rooms.set(self.rooms.len() as i64);
             self.update_announcement();
         }
@@ -174,6 +226,14 @@ impl Transmitter {
     pub(super) fn update_announcement(&self) {
         let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
         rooms.sort();
+        let in_use: HashSet<&str> = self
+            .cells
+            .values()
+            .filter_map(|c| c.room.as_deref())
+            .collect();
+        let active: Vec<u32> = (0..rooms.len() as u32)
+            .filter(|&i| in_use.contains(rooms[i as usize].as_str()))
+            .collect();
         let cells = self.cells.len() as u32;
         let draining = self.draining.is_some();
         let rate = self.rate;
@@ -184,6 +244,7 @@ impl Transmitter {
             a.info.draining = draining;
             a.info.rooms = rooms.len() as u32;
             a.rooms = rooms;
+            a.active = active;
             urgent
         });
     }
