@@ -264,6 +264,8 @@ def test_one_poisoned_announcement_does_not_stop_discovery(start_mesh):
     answer = json.loads(s.recvfrom(65536)[0])
     s.close()
     assert answer["type"] == "error", answer
+    rv = metrics(m.endpoints["rendezvous"][0]["metrics"])
+    assert rv['thynapse_rendezvous_refused_total{limit="announce"}'] == 1
     # Answers stay readable, and list only the real transmitters.
     live = wait_for(lambda: free_udp_query(address, "poison"), what="a readable answer")
     assert sorted(t["name"] for t in live["transmitters"]) == ["poison-0", "poison-1"]

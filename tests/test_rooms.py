@@ -277,6 +277,8 @@ def test_an_idle_on_demand_room_is_forgotten_and_placed_again_when_used(start_me
     wait_for(lambda: hosted() == 1, timeout=20, what="the idle room forgotten, the declared one kept")
     for t in m.endpoints["transmitters"]:
         assert not any('room="temp"' in k for k in metrics(t["metrics"])), "its metric series removed"
+    rv = metrics(m.endpoints["rendezvous"][0]["metrics"])
+    assert rv["thynapse_rendezvous_rooms_forgotten_total"] == 1 and rv["thynapse_rendezvous_rooms"] == 1
     again = wait_for(lambda: room_hosts(m, "temp"), what="the room placed again when asked for")
     assert again
     wait_for(lambda: hosted() == 3, what="hosted again")

@@ -225,6 +225,9 @@ pub struct RendezvousArgs {
     /// UDP address to bind (loopback by default; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub bind: SocketAddr,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_bind: SocketAddr,
     /// A declared room and its replicas, `NAME=REPLICAS` (repeat for each Room).
     #[arg(long = "room", value_parser = parse_room)]
     pub rooms: Vec<(String, u32)>,
@@ -251,6 +254,7 @@ impl ToArgs for RendezvousArgs {
         let mut a = Argv::new("rendezvous");
         a.flag("mesh", &self.mesh)
             .flag("bind", self.bind)
+            .flag("metrics-bind", self.metrics_bind)
             .each("room", self.rooms.iter().map(|(n, r)| format!("{n}={r}")))
             .flag("default-replicas", self.default_replicas)
             .switch("forbid-undeclared", self.forbid_undeclared)

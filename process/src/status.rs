@@ -30,6 +30,8 @@ pub struct SidecarReady {
 pub struct RendezvousReady {
     /// `udp://host:port`.
     pub address: String,
+    /// `http://host:port/metrics`.
+    pub metrics: String,
 }
 
 /// Any component's `READY` line; each kind has fields the others lack.
@@ -130,6 +132,7 @@ mod tests {
             Status::Ready(Ready::Sidecar(sidecar.clone())),
             Status::Ready(Ready::Rendezvous(RendezvousReady {
                 address: "udp://127.0.0.1:4".into(),
+                metrics: "http://127.0.0.1:5/metrics".into(),
             })),
             Status::Moved(sidecar),
             Status::Linked(Linked { peers: 3 }),
@@ -145,9 +148,10 @@ mod tests {
         assert_eq!(Status::parse("READY {\"unknown\": 1}"), None);
         assert_eq!(Status::parse("LINKED nonsense"), None);
         assert_eq!(
-            Status::parse(r#"READY {"address": "udp://a:1"}"#),
+            Status::parse(r#"READY {"address": "udp://a:1", "metrics": "http://a:2/metrics"}"#),
             Some(Status::Ready(Ready::Rendezvous(RendezvousReady {
-                address: "udp://a:1".into()
+                address: "udp://a:1".into(),
+                metrics: "http://a:2/metrics".into(),
             })))
         );
     }

@@ -5,6 +5,7 @@
 //! It keeps nothing that announcements cannot rebuild: after a restart it knows every
 //! live transmitter again within one announce interval.
 
+pub mod metrics;
 pub mod placement;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use thynapse_protocol::discovery::{
 };
 use tokio::net::UdpSocket;
 
+use crate::metrics::Metrics;
 use crate::placement::{RoomPolicy, Rooms};
 /// The rendezvous point's flags (the contract every launcher fills: `thynapse_process`).
 pub use thynapse_process::RendezvousArgs as Args;
@@ -175,6 +177,7 @@ struct Server {
     dir: Directory,
     rooms: Rooms,
     idle_rooms: Duration,
+    metrics: Metrics,
 }
 
 impl Server {
@@ -209,12 +212,16 @@ impl Server {
             }) if mesh == self.mesh => 'announce: {
                 let ttl = match check_announce(interval_ms, multiplier, &transmitter) {
                     Ok(ttl) => ttl,
-                    Err(error) => break 'announce refused(error),
+                    Err(error) => {
+                        self.metrics.refused("announce");
+                        break 'announce refused(error);
+                    }
                 };
                 if self.dir.address(&transmitter.name).is_none() {
                     tracing::info!(name = %transmitter.name, command = %transmitter.command, "transmitter joined");
                 }
                 if !self.dir.announce(transmitter.clone(), from, now, ttl) {
+                    self.metrics.refused("transmitters");
                     break 'announce refused(format!(
                         "announce of {:?}: this rendezvous keeps at most {MAX_TRANSMITTERS} transmitters",
                         transmitter.name
@@ -262,10 +269,13 @@ impl Server {
                         };
                         vec![d.to_bytes()]
                     }
-                    Err(e) => vec![Datagram::Error {
-                        error: e.to_string(),
+                    Err(e) => {
+                        self.metrics.place_error(&e);
+                        vec![Datagram::Error {
+                            error: e.to_string(),
+                        }
+                        .to_bytes()]
                     }
-                    .to_bytes()],
                 }
             }
             Ok(Datagram::Announce { mesh, .. })
@@ -278,7 +288,10 @@ impl Server {
                 error: "expected an announce, a query or a locate".into(),
             }
             .to_bytes()],
-            Err(e) => refused(format!("bad datagram: {e}")),
+            Err(e) => {
+                self.metrics.refused("malformed");
+                refused(format!("bad datagram: {e}"))
+            }
         };
         for reply in replies {
             let _ = self.socket.send_to(&reply, from).await;
@@ -290,9 +303,12 @@ impl Server {
     /// on-demand rooms idle for `idle_rooms`.
     async fn reconcile(&mut self) {
         let now = Instant::now();
-        let idle = self.rooms.forget_idle(now, self.idle_rooms);
+        let (forgotten, idle) = self.rooms.forget_idle(now, self.idle_rooms);
+        self.metrics.rooms_forgotten.inc_by(forgotten as u64);
         self.push_hosting(&idle).await;
         let live = self.dir.live(now);
+        self.metrics.transmitters.set(live.len() as i64);
+        self.metrics.rooms.set(self.rooms.len() as i64);
         let touched = self.rooms.reconcile(&live);
         if !touched.is_empty() {
             tracing::info!(transmitters = ?touched, "rooms re-placed");
@@ -305,8 +321,12 @@ impl Server {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let socket = bind_udp(args.bind)?;
     let local = socket.local_addr()?;
+    let metrics = Metrics::new();
+    let metrics_addr =
+        thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
     Status::Ready(Ready::Rendezvous(RendezvousReady {
         address: format!("udp://{local}"),
+        metrics: format!("http://{metrics_addr}/metrics"),
     }))
     .print();
     tracing::info!(mesh = %args.mesh, %local, rooms = args.rooms.len(), "rendezvous listening");
@@ -321,6 +341,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         socket,
         dir: Directory::default(),
         idle_rooms: Duration::from_secs(args.forget_idle_rooms_after_seconds),
+        metrics,
     };
     let mut buf = vec![0u8; MAX_DATAGRAM];
     // Frequent enough that a room is re-placed well within one announcement expiry.

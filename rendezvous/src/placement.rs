@@ -292,8 +292,9 @@ impl Rooms {
 
     /// Forgets the on-demand rooms nobody used for `after` (no `locate`, no host with a
     /// session in them); declared rooms are kept whatever happens. Their hosts' next
-    /// announcements are not taken as hosting them. Returns the hosts to tell.
-    pub fn forget_idle(&mut self, now: Instant, after: Duration) -> Vec<String> {
+    /// announcements are not taken as hosting them. Returns how many were forgotten, and
+    /// the hosts to tell.
+    pub fn forget_idle(&mut self, now: Instant, after: Duration) -> (usize, Vec<String>) {
         self.forgotten
             .retain(|_, when| now.duration_since(*when) <= after);
         let idle: Vec<String> = self
@@ -305,6 +306,7 @@ impl Rooms {
             .map(|(name, _)| name.clone())
             .collect();
         let mut hosts = Vec::new();
+        let forgotten = idle.len();
         for name in idle {
             let r = self.rooms.remove(&name).expect("listed above");
             tracing::info!(room = %name, "idle room forgotten");
@@ -313,7 +315,16 @@ impl Rooms {
         }
         hosts.sort();
         hosts.dedup();
-        hosts
+        (forgotten, hosts)
+    }
+
+    /// Rooms placed.
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
     }
 
     /// The rooms `transmitter` must host, each with all of its hosts.
@@ -490,7 +501,8 @@ mod tests {
         } else {
             rooms.used("busy", later);
         }
-        let told = rooms.forget_idle(later, after);
+        let (forgotten, told) = rooms.forget_idle(later, after);
+        assert_eq!(forgotten, 1);
         assert!(!told.is_empty(), "the hosts of the idle room are told");
         assert!(rooms.hosting_of("idle").is_none());
         assert!(rooms.hosting_of("busy").is_some());

@@ -126,9 +126,11 @@ pub(super) fn endpoints(
         let info = state.info.as_ref();
         match spec.role {
             Role::Rendezvous => {
-                let address = info.and_then(Ready::rendezvous).map(|r| &r.address);
-                e.rendezvous
-                    .push(serde_json::json!({"name": spec.name, "address": address, "pid": pid}));
+                let r = info.and_then(Ready::rendezvous);
+                let (address, metrics) = (r.map(|r| &r.address), r.map(|r| &r.metrics));
+                e.rendezvous.push(
+                    serde_json::json!({"name": spec.name, "address": address, "metrics": metrics, "pid": pid}),
+                );
             }
             Role::Transmitter => {
                 let t = info.and_then(Ready::transmitter);
@@ -170,7 +172,7 @@ pub(super) fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &
         let dash = || "-".to_string();
         let (kind, endpoint, metrics, extra) = match (spec.role, &state.info) {
             (Role::Rendezvous, Some(Ready::Rendezvous(r))) => {
-                ("rendezvous", r.address.clone(), dash(), dash())
+                ("rendezvous", r.address.clone(), r.metrics.clone(), dash())
             }
             (Role::Rendezvous, _) => ("rendezvous", dash(), dash(), dash()),
             (Role::Transmitter, Some(Ready::Transmitter(t))) => (

@@ -88,6 +88,7 @@ pub(super) fn pin_ports(spec: &mut Spec, ready: &Ready) {
             if let Ok(bind) = r.address.trim_start_matches("udp://").parse() {
                 a.bind = bind;
             }
+            a.metrics_bind = metrics(&r.metrics).unwrap_or(a.metrics_bind);
         }
         (Launch::Transmitter(a), Ready::Transmitter(r)) => {
             a.command_bind.clone_from(&r.command);

@@ -8,8 +8,8 @@ use thynapse_process::ToArgs;
 use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
-    any_interface, image, labels, meta, port, rendezvous_name, selector, service_port, Inputs,
-    RENDEZVOUS_PORT,
+    any_interface, image, labels, meta, port, prometheus_annotations, rendezvous_name, selector,
+    service_port, Inputs, METRICS_PORT, RENDEZVOUS_PORT,
 };
 
 /// One Deployment and Service per rendezvous point: UDP announcements must all reach
@@ -32,6 +32,7 @@ pub(super) fn rendezvous_points(
             let rooms = inputs.rooms.iter().map(|(r, n)| (r.as_str(), Some(*n)));
             let mut args = flags::rendezvous(&name, spec, rooms);
             args.bind = any_interface(RENDEZVOUS_PORT);
+            args.metrics_bind = any_interface(METRICS_PORT);
             let deployment = Deployment {
                 metadata: meta(mesh, point.clone(), component),
                 spec: DeploymentSpec {
@@ -43,6 +44,7 @@ pub(super) fn rendezvous_points(
                     template: PodTemplateSpec {
                         metadata: Some(ObjectMeta {
                             labels: Some(pod_labels),
+                            annotations: Some(prometheus_annotations(METRICS_PORT)),
                             ..ObjectMeta::default()
                         }),
                         spec: Some(PodSpec {
@@ -51,7 +53,10 @@ pub(super) fn rendezvous_points(
                                 image: Some(image.clone()),
                                 command: Some(vec!["thynapse".into()]),
                                 args: Some(args.to_args()),
-                                ports: Some(vec![port("discovery", RENDEZVOUS_PORT, "UDP")]),
+                                ports: Some(vec![
+                                    port("discovery", RENDEZVOUS_PORT, "UDP"),
+                                    port("metrics", METRICS_PORT, "TCP"),
+                                ]),
                                 ..Container::default()
                             }],
                             ..PodSpec::default()
