@@ -4,7 +4,7 @@ dropped by the others, and comes back into the mesh by itself, without a restart
 import os
 import signal
 
-from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
+from conftest import ShardSubscriber, Subscriber, mesh_yaml, metrics, until_routed, until_sharded, wait_for
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
 
@@ -62,3 +62,25 @@ def test_a_paused_transmitter_rejoins_its_peers(start_mesh):
     until_routed(m.redis(a), "woken", 1, timeout=2 * EXPIRY_S + 5)
     sub.pubsub.close()
     assert m.transmitter(t1["name"])["pid"] == t1["pid"], "restarted instead of healed"
+
+
+def test_a_paused_sidecars_room_session_rejoins_too(start_mesh):
+    """Room sessions heal like the mesh session: paused past the expiry, the sidecar's
+    session in a room is dropped by the room's host, and after SIGCONT it is back (its
+    shard subscription in place) without a restart."""
+    m = start_mesh(mesh_yaml(name="rpause", replicas=2, services=[("s", [])]), cells={"s": 2})
+    a, b = m.cells("s")
+    pub = m.redis(a)
+    sub = ShardSubscriber(m.redis(b), ["{den}x"])
+    until_sharded(pub, "{den}x", 1)
+    os.kill(b["pid"], signal.SIGSTOP)
+    try:
+        # Its host drops the room session (and its subscription) as silent.
+        wait_for(lambda: pub.spublish("{den}x", b"asleep") == 0, timeout=10 * EXPIRY_S,
+                 interval=0.1, what="the paused room session dropped")
+    finally:
+        os.kill(b["pid"], signal.SIGCONT)
+    wait_for(lambda: pub.spublish("{den}x", b"awake") >= 1, timeout=2 * EXPIRY_S + 5,
+             interval=0.05, what="the woken room session routed again")
+    sub.wait_count(1, prefix=b"awake")
+    assert m.cell(b["name"])["pid"] == b["pid"], "restarted instead of healed"
