@@ -176,6 +176,20 @@ class Subscriber:
         wait_for(enough, timeout=timeout, what=f"{n} messages")
 
 
+def every_one_from_its_first(sub, sent, prefix):
+    """What `sub` got of the numbered messages `sent` (in publishing order): none twice,
+    and from the first it got on, every one, in order: after a failure a subscriber may
+    miss what was published before it was reached again, never a message after that.
+    Returns the index in `sent` of its first message."""
+    got = sub.data(prefix)
+    assert len(got) == len(set(got)), f"a message twice: {[g for g in got if got.count(g) > 1][:3]}"
+    assert got, "nothing arrived"
+    first = sent.index(got[0])
+    missing = [p for p in sent[first:] if p not in set(got)]
+    assert got == sent[first : first + len(got)] and not missing, f"a gap after its first message: {missing[:5]}"
+    return first
+
+
 def until_routed(publisher, channel, receivers, timeout=15):
     """Publishes probes until the mesh routes `channel` to `receivers` cells: then every
     subscription involved has reached the publisher's transmitter."""

@@ -44,6 +44,9 @@ struct Cell {
     shard: HashSet<Bytes>,
     /// The size of all of them as the wire carries them (name and 6 bytes each).
     bytes: usize,
+    /// When it became known there (a number counting up per table): of two places a
+    /// cell is known at, the later one is where it went.
+    joined: u64,
 }
 
 /// Where a message on one channel goes, before anycatch picks.
@@ -126,6 +129,8 @@ pub struct Table {
     last: Option<(Kind, Rc<Route>)>,
     last_channel: Vec<u8>,
     rotation: HashMap<Arc<str>, Turn>,
+    /// Cells that became known so far (see `Cell::joined`).
+    joins: u64,
     /// Counts incoming batches: anycatch stays on one cell for a short run of messages
     /// only within one batch.
     batch: u64,
@@ -198,7 +203,14 @@ impl Turn {
 impl Table {
     /// Adds a cell (or changes its Service and rules), keeping its subscriptions.
     pub fn upsert_cell(&mut self, at: Location, id: Thid, service: &str, rules: &[DeliveryRule]) {
-        let cell = self.cells.entry((at, id)).or_default();
+        let joins = &mut self.joins;
+        let cell = self.cells.entry((at, id)).or_insert_with(|| {
+            *joins += 1;
+            Cell {
+                joined: *joins,
+                ..Cell::default()
+            }
+        });
         if &*cell.service != service {
             cell.service = service.into();
         }
@@ -279,8 +291,12 @@ impl Table {
         rules: &[DeliveryRule],
         subs: &[(Op, Interest, Bytes)],
     ) {
+        let joined = self.cells.get(&(at, id)).map(|c| c.joined);
         self.remove_cell(at, id);
         self.upsert_cell(at, id, service, rules);
+        if let (Some(joined), Some(cell)) = (joined, self.cells.get_mut(&(at, id))) {
+            cell.joined = joined;
+        }
         self.apply(at, id, subs);
     }
 
@@ -388,7 +404,7 @@ impl Table {
 
     fn compute(&self, kind: Kind, channel: &[u8]) -> Route {
         // Every matching cell once, by id: a cell moving between transmitters is briefly
-        // known at two places; prefer here, then the lowest peer.
+        // known at two places; the later is where it went (the other may be dead).
         let mut matching: Vec<(Location, Thid)> = Vec::new();
         let index = match kind {
             Kind::Mesh => &self.by_channel,
@@ -410,7 +426,10 @@ impl Table {
                 matching.push(*key);
             }
         }
-        matching.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        matching.sort_by(|a, b| {
+            let joined = |k| self.cells[k].joined;
+            a.1.cmp(&b.1).then(joined(b).cmp(&joined(a)))
+        });
         matching.dedup_by(|later, first| later.1 == first.1);
 
         let mut route = Route::default();
@@ -846,6 +865,27 @@ mod tests {
         assert_eq!(d.local, vec![id]);
         assert!(d.peers().is_empty());
         assert_eq!(d.receivers, 1);
+        // It went from here to peer 5 (whatever the numbers): routed there, once.
+        t.upsert_cell(Location::Peer(5), id, "s", &[]);
+        t.apply(
+            Location::Peer(5),
+            id,
+            &[(Op::Add, Interest::Channel, ch("c"))],
+        );
+        t.dispatch(Kind::Mesh, &ch("c"), &mut d);
+        assert!(d.local.is_empty());
+        assert_eq!(d.peers(), &[(5, vec![])]);
+        assert_eq!(d.receivers, 1);
+        // A later CELL from where it is does not make that place new again.
+        t.replace(
+            Location::Local,
+            id,
+            "s",
+            &[],
+            &[(Op::Add, Interest::Channel, ch("c"))],
+        );
+        t.dispatch(Kind::Mesh, &ch("c"), &mut d);
+        assert_eq!(d.peers(), &[(5, vec![])]);
     }
 
     #[test]
