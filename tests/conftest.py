@@ -4,6 +4,7 @@ Every wait here is a condition polled against a deadline, never a bare sleep.
 """
 
 import json
+import re
 import os
 import signal
 import socket
@@ -18,6 +19,22 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = Path(os.environ.get("THYNAPSE_BIN", ROOT / "target" / "release" / "thynapse"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "may_skip_in_ci: a test that needs what CI cannot have (a real cluster)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (CI set) every test dependency is installed by scripts/install-test-deps: a
+    test that skips there is a failure (a missing install step), unless it is marked
+    `may_skip_in_ci`."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and report.skipped and not item.get_closest_marker("may_skip_in_ci"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (a missing test dependency?): {report.longrepr}"
 
 
 def wait_for(condition, timeout=15.0, interval=0.02, what="condition"):
@@ -71,6 +88,14 @@ class Mesh:
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoints = wait_for(self._read_endpoints, timeout=30, what="endpoints file")
         self.clients = []
+        # A test that kills or stops children sets this; otherwise a restart (a child
+        # that crashed, which `up` would hide) fails the test.
+        self.allow_restarts = False
+
+    def restarts(self):
+        """The children `up` restarted so far, as its log says: [(name, why)]."""
+        log = (self.dir / "up.log").read_text(errors="replace")
+        return re.findall(r"thynapse up: (\S+) exited \((.*?)\); restarting it", log)
 
     def _read_endpoints(self):
         if self.proc.poll() is not None:
@@ -131,6 +156,9 @@ def start_mesh():
     yield start
     for m in meshes:
         m.stop()
+    for m in meshes:
+        restarted = m.restarts()
+        assert m.allow_restarts or not restarted, f"children restarted unexpectedly: {restarted} (see {m.dir / 'up.log'})"
 
 
 def metrics(url):
@@ -149,13 +177,31 @@ class Subscriber:
 
     def __init__(self, client, channels=(), patterns=()):
         self.pubsub = client.pubsub()
+        self.messages = []
         if channels:
             self.pubsub.subscribe(*channels)
         if patterns:
             self.pubsub.psubscribe(*patterns)
-        self.messages = []
-        # Read the subscription confirmations so the subscriptions are in place.
-        wait_for(lambda: self.pubsub.subscribed, what="subscribed")
+        self.confirmed(len(channels) + len(patterns))
+
+    def confirmed(self, n, timeout=20):
+        """Reads until the server has confirmed `n` subscriptions (redis-py's own
+        `subscribed` only says the command was sent), keeping any message before them."""
+        confirmations = 0
+        if n == 0:
+            return
+
+        def all_confirmed():
+            nonlocal confirmations
+            m = self.pubsub.get_message(timeout=0.1)
+            if m is not None:
+                if m["type"] in ("subscribe", "psubscribe", "ssubscribe"):
+                    confirmations += 1
+                elif m["type"] in ("message", "pmessage", "smessage"):
+                    self.messages.append(m)
+            return confirmations >= n
+
+        wait_for(all_confirmed, timeout=timeout, interval=0, what=f"{n} subscriptions confirmed")
 
     def poll(self, timeout=0.05):
         while True:
@@ -232,9 +278,9 @@ class ShardSubscriber(Subscriber):
 
     def __init__(self, client, channels):
         self.pubsub = client.pubsub()
-        self.pubsub.ssubscribe(*channels)
         self.messages = []
-        wait_for(lambda: self.pubsub.subscribed, what="ssubscribed")
+        self.pubsub.ssubscribe(*channels)
+        self.confirmed(len(channels))
 
 
 def until_sharded(publisher, channel, receivers, timeout=15):

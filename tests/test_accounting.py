@@ -51,6 +51,7 @@ def test_sigterm_of_a_sidecar_waits_until_its_publishes_are_acknowledged(start_m
         client.sendall(b"".join(b"*3\r\n$7\r\nPUBLISH\r\n$5\r\ndrain\r\n$4\r\n%s\r\n" % p for p in sent))
         wait_for(lambda: metrics(a["metrics"])["thynapse_sidecar_messages_in_total"] >= taken + len(sent),
                  what="the publishes taken by the sidecar")
+        m.allow_restarts = True  # killed on purpose: `up` restarts it
         os.kill(a["pid"], signal.SIGTERM)
         # Stopping: no new connection, and a publish sent now is refused, not lost.
         wait_for(lambda: refused(host, int(port)), what="new connections refused")
@@ -111,6 +112,7 @@ def test_anycatch_messages_of_a_cell_that_dies_go_to_another_cell_of_the_service
     sent = [b"m%03d" % i for i in range(100)]
     for payload in sent:
         assert publisher.publish("jobs.a", payload) == 1
+    m.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(dying["pid"], signal.SIGKILL)
     subs[0].pubsub.close()
     exactly_once(subs[1:], sent)
@@ -133,6 +135,7 @@ def test_anycatch_messages_forwarded_to_a_transmitter_that_dies_go_to_another_ce
     sent = [b"m%03d" % i for i in range(100)]
     for payload in sent:
         assert publisher.publish("jobs.b", payload) == 1
+    m.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(doomed["pid"], signal.SIGKILL)
     # Each message reaches one worker: the one whose transmitter died (after it moved)
     # or the other.

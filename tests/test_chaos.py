@@ -156,6 +156,7 @@ def test_chaos_every_acknowledged_message_delivered_once_or_counted(start_mesh):
     for t in publishers + [poller]:
         t.start()
 
+    m.allow_restarts = True  # its faults kill and stop children: `up` restarts them
     kills = []  # monotonic times of transmitter SIGKILLs
     log = []
     end = time.monotonic() + seconds

@@ -7,8 +7,8 @@ import yaml
 
 from conftest import ROOT
 
-helm = pytest.importorskip("helm_python")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+import helm_python as helm  # noqa: E402
+import kubernetes_validate  # noqa: E402
 
 CHART = ROOT / "charts" / "thynapse"
 KUBE_VERSION = "1.33.0"

@@ -168,6 +168,7 @@ def test_client_defaults_pubsub_across_a_sidecar_restart(start_mesh, request, va
             program.expect(r"PHASE1 OK", timeout=30)
         program.expect(r"KILL", timeout=5)
 
+        mesh.allow_restarts = True  # killed on purpose: `up` restarts it
         os.kill(sub["pid"], signal.SIGKILL)
         # `up` reports the new pid once the restarted sidecar is ready on the same port.
         port = int(sub["resp"].rsplit(":", 1)[1])

@@ -20,7 +20,10 @@ import yaml
 from conftest import ROOT, wait_for
 
 KUBECONFIG = os.environ.get("THYNAPSE_E2E_KUBECONFIG")
-pytestmark = pytest.mark.skipif(not KUBECONFIG, reason="set THYNAPSE_E2E_KUBECONFIG to run against a real cluster")
+pytestmark = [
+    pytest.mark.skipif(not KUBECONFIG, reason="set THYNAPSE_E2E_KUBECONFIG to run against a real cluster"),
+    pytest.mark.may_skip_in_ci,
+]
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ def test_kill_9_transmitter_cells_move_and_others_see_no_gap(start_mesh):
     for payload in before:
         pipe.publish("beat", payload)
     assert pipe.execute() == [len(moved) + 1] * len(before)
+    mesh.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(victim["pid"], signal.SIGKILL)
     # Keep publishing through the failure until every moved cell receives again.
     sent = []
@@ -83,6 +84,7 @@ def test_sigterm_transmitter_loses_nothing(start_mesh):
     publishers = [mesh.redis(on_victim[0]), mesh.redis(others[0])]
     for p in publishers:
         until_routed(p, "orders", 3)
+    mesh.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(mesh.transmitter("demo-1")["pid"], signal.SIGTERM)
     sent = []
     # Publish through the drain, until the drained transmitter has exited.
@@ -105,6 +107,7 @@ def test_rendezvous_restart_relearns_everything(start_mesh):
     sub = Subscriber(mesh.redis(mesh.cell("s-0")), channels=["rv"])
     publisher = mesh.redis(mesh.cell("s-1"))
     until_routed(publisher, "rv", 1)
+    mesh.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(rv["pid"], signal.SIGKILL)
     # Delivery goes on while the rendezvous is down.
     for i in range(50):

@@ -272,6 +272,7 @@ def test_one_poisoned_announcement_does_not_stop_discovery(start_mesh):
     # A transmitter dies hard: its cell joins again and publishes.
     cell = m.cells("s")[0]
     victim = m.transmitter(cell["transmitter"])
+    m.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(victim["pid"], 9)
     r = m.redis(cell)
     wait_for(lambda: r.publish("after-kill", b"x") >= 0, timeout=30, what="a publish after the kill")

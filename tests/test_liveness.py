@@ -54,6 +54,7 @@ def test_a_paused_transmitter_rejoins_its_peers(start_mesh):
              timeout=2 * EXPIRY_S + 5, what="the two linked again")
     # A cell joining the woken transmitter is known to its peer: a restarted sidecar
     # goes back to its planned transmitter.
+    m.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(b["pid"], signal.SIGKILL)
     wait_for(lambda: m.refresh() and m.cell(b["name"])["pid"] not in (None, b["pid"])
              and m.cell(b["name"])["transmitter"] == t1["name"], timeout=20,

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent / "k8s"))
 
 from conftest import BINARY, ROOT, mesh_yaml, wait_for  # noqa: E402
 
-kubernetes = pytest.importorskip("kubernetes")
+import kubernetes  # noqa: E402,F401
 from kubernetes import client as k8s  # noqa: E402
 from kubernetes import config as k8s_config  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402

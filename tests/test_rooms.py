@@ -144,6 +144,7 @@ def test_kill_9_of_a_host_re_places_the_room(start_mesh):
     before = [b"p:%d" % i for i in range(100)]
     for payload in before:
         assert publisher.spublish(channel, payload) == 3
+    mesh.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(victim_pid, signal.SIGKILL)
     # Within the discovery expiry the room is on two live transmitters again, neither of
     # them the killed instance (`up` restarts it under the same name as a new instance).
@@ -221,6 +222,7 @@ def test_sigterm_of_a_host_moves_the_room_and_loses_nothing(start_mesh):
     publishers = [mesh.redis(c) for c in mesh.cells()]
     for p in publishers:
         until_sharded(p, channel, 3)
+    mesh.allow_restarts = True  # killed on purpose: `up` restarts it
     os.kill(victim_pid, signal.SIGTERM)
     sent = []
 
