@@ -1,7 +1,9 @@
 """The transmitter wire protocol from a libzmq client (pyzmq), and garbage on its socket."""
 
+import hashlib
 import json
 import os
+import struct
 import threading
 
 import zmq
@@ -34,7 +36,7 @@ def test_helo_wlcm_and_events_on_pub(start_mesh):
         sock.send(f'J HELO {{"id": "{cell_id}", "service": "raw", "events": "pub"}}'.encode())
         enc, cmd, body, _ = recv_command(sock)
         assert (enc, cmd) == ("J", "WLCM")
-        assert len(body["id"]) == 40 and int(body["id"], 16) >= 0
+        assert body["id"] == t["id"], "WLCM carries the transmitter's instance id"
         assert body["pub"] == t["event"]
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -58,7 +60,12 @@ def test_helo_wlcm_and_events_on_pub(start_mesh):
             assert cmd == "ACKD", cmd
             return ack["receivers"] >= 1 and ack
         ack = wait_for(sent, what="EVNT routed")
-        assert len(ack["thid"]) == 40
+        # SHA-1 over each part preceded by its length as a little-endian u64 (protocol.md),
+        # computed here independently of the code under test.
+        digest = hashlib.sha1()
+        for part in (b"from.raw", b"hi there"):
+            digest.update(struct.pack("<Q", len(part)) + part)
+        assert ack == {"thid": digest.hexdigest(), "receivers": 1}, ack
         redis_sub.wait_count(1, prefix=b"hi there")
     finally:
         ctx.destroy(linger=0)
