@@ -8,6 +8,7 @@ import yaml
 from conftest import ROOT
 
 import helm_python as helm  # noqa: E402
+import jsonschema  # noqa: E402
 import kubernetes_validate  # noqa: E402
 
 CHART = ROOT / "charts" / "thynapse"
@@ -115,10 +116,32 @@ def test_chart_crds_are_the_generated_ones():
         assert (CHART / "crds" / path.name).read_text() == path.read_text()
 
 
-def test_examples_validate_against_kubernetes_schemas_where_built_in():
-    # The examples are custom resources only; they are checked against the CRD schemas by
-    # the real API server in test_operator.py. Here: they parse, and name our group.
+def crd_schemas():
+    """Each kind's openAPIV3Schema, from the generated CRDs."""
+    out = {}
+    for path in (ROOT / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        out[crd["spec"]["names"]["kind"]] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return out
+
+
+def test_examples_validate_against_the_crd_schemas():
+    """The examples against the CRDs' OpenAPI schemas (JSON Schema; the real API server
+    checks them too in test_operator.py), and a broken manifest fails the same check."""
+    schemas = crd_schemas()
+    assert set(schemas) == {"TransmitterMesh", "Service", "Room"}
+    checked = 0
     for path in sorted((ROOT / "examples").rglob("*.yaml")):
         for d in yaml.safe_load_all(path.read_text()):
             if d:
                 assert d["apiVersion"] == "thynapse.io/v1alpha1", path
+                jsonschema.validate(d, schemas[d["kind"]])
+                checked += 1
+    assert checked >= 3
+    broken = {"apiVersion": "thynapse.io/v1alpha1", "kind": "TransmitterMesh",
+              "metadata": {"name": "x"}, "spec": {"replicas": 0}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schemas["TransmitterMesh"])
+    too_many = dict(broken, spec={"replicas": 1001})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(too_many, schemas["TransmitterMesh"])

@@ -37,6 +37,9 @@ pub fn payload(seq: u64, size: usize) -> Vec<u8> {
 
 /// What one subscriber saw.
 pub struct Received {
+    /// Which sequence numbers arrived (for anycatch, several subscribers' are added up:
+    /// a copy at two of them is a duplicate, not two deliveries).
+    pub got: Vec<bool>,
     pub messages: u64,
     pub duplicates: u64,
     pub last: Option<Instant>,
@@ -44,15 +47,14 @@ pub struct Received {
 }
 
 struct Seen {
-    got: Vec<bool>,
     r: Received,
 }
 
 impl Seen {
     fn new(expected: u64) -> Self {
         Seen {
-            got: vec![false; expected as usize],
             r: Received {
+                got: vec![false; expected as usize],
                 messages: 0,
                 duplicates: 0,
                 last: None,
@@ -71,7 +73,7 @@ impl Seen {
         }
         let sent = u64::from_le_bytes(p[8..16].try_into().expect("8 bytes"));
         let now = now_ns();
-        match self.got.get_mut(seq as usize) {
+        match self.r.got.get_mut(seq as usize) {
             Some(true) => self.r.duplicates += 1,
             Some(slot) => {
                 *slot = true;
