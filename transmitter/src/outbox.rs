@@ -6,6 +6,7 @@
 //! holds 100,000 frames whatever their size.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use thynapse_protocol::batch::{decode_envelopes, EnvelopeBatchWriter};
@@ -21,7 +22,7 @@ pub struct Outbox {
     /// Batches sent and not credited: their number, frame and messages. The frames are
     /// kept (they are the bytes already written, shared, and bounded with the rest) so
     /// that what a receiver that is gone never took can be routed again.
-    inflight: VecDeque<(u64, Bytes, usize)>,
+    inflight: VecDeque<(u64, Bytes, usize, Instant)>,
     inflight_bytes: usize,
     inflight_messages: usize,
     next_batch: u64,
@@ -50,6 +51,14 @@ impl Outbox {
     pub fn has_room(&self, size: usize, limit: usize) -> bool {
         self.inflight.len() + self.ready.len() < MAX_FRAMES_IN_FLIGHT
             && self.pending_bytes() + size <= limit
+    }
+
+    /// The receiver has not credited its oldest batch for `expiry`: it is stuck (or
+    /// gone), and messages for it are dropped rather than held for room it will not make.
+    pub fn stuck(&self, now: Instant, expiry: Duration) -> bool {
+        self.inflight
+            .front()
+            .is_some_and(|(.., sent)| now.duration_since(*sent) > expiry)
     }
 
     pub fn congested(&self, high_water: usize) -> bool {
@@ -98,18 +107,19 @@ impl Outbox {
             None => self.close(),
         };
         self.inflight_bytes += frame.len();
-        self.inflight.push_back((batch, frame.clone(), messages));
+        self.inflight
+            .push_back((batch, frame.clone(), messages, Instant::now()));
         self.inflight_messages += messages;
         Some((batch, frame, messages))
     }
 
     /// The receiver took everything up to and including `batch`.
     pub fn credit(&mut self, batch: u64) {
-        while let Some((b, _, _)) = self.inflight.front() {
+        while let Some((b, ..)) = self.inflight.front() {
             if *b > batch {
                 break;
             }
-            let (_, frame, messages) = self.inflight.pop_front().expect("front exists");
+            let (_, frame, messages, _) = self.inflight.pop_front().expect("front exists");
             self.inflight_bytes -= frame.len();
             self.inflight_messages -= messages;
         }
@@ -122,7 +132,7 @@ impl Outbox {
     /// Takes every batch sent or pending and never credited, oldest first, leaving the
     /// outbox empty (its receiver is gone; what they hold is routed again or counted).
     pub fn take_unconfirmed(&mut self) -> Vec<Bytes> {
-        let mut frames: Vec<Bytes> = self.inflight.drain(..).map(|(_, f, _)| f).collect();
+        let mut frames: Vec<Bytes> = self.inflight.drain(..).map(|(_, f, ..)| f).collect();
         frames.extend(self.ready.drain(..).map(|(_, f, _)| f));
         if !self.writer.is_empty() {
             frames.push(self.close().1);

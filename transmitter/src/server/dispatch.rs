@@ -134,22 +134,35 @@ impl Transmitter {
     }
 
     /// Whether every link `dispatch` goes to has room for a message of `size` bytes.
+    /// A stuck link (see `Outbox::stuck`) does not hold a message back: it is dropped
+    /// for that link only, and the others wait for room as usual.
+    ///
+    /// Stuck: nothing credited for two heartbeats or half an expiry, whichever is longer
+    /// (a live receiver credits at every heartbeat), so before a held batch's expiry
+    /// routes it whatever the room, which would drop for healthy links too.
+    pub(super) fn stuck_after(&self) -> std::time::Duration {
+        (2 * self.heartbeat).max(self.expiry / 2)
+    }
+
     pub(super) fn dispatch_has_room(&self, dispatch: &Dispatch, size: usize) -> bool {
         let limit = self.args.link_buffer_bytes;
         self.cells_have_room(&dispatch.local, size)
             && dispatch.peers().iter().all(|(peer, targets)| {
-                self.peers
-                    .get(peer)
-                    .is_none_or(|p| p.outbox.has_room(size + 64 + 20 * targets.len(), limit))
+                self.peers.get(peer).is_none_or(|p| {
+                    p.outbox.has_room(size + 64 + 20 * targets.len(), limit)
+                        || p.outbox.stuck(Instant::now(), self.stuck_after())
+                })
             })
     }
 
     pub(super) fn cells_have_room(&self, cells: &[Thid], size: usize) -> bool {
         let limit = self.args.link_buffer_bytes;
         cells.iter().all(|id| {
-            self.cells
-                .get(id)
-                .is_none_or(|c| c.events == Events::Pub || c.outbox.has_room(size + 64, limit))
+            self.cells.get(id).is_none_or(|c| {
+                c.events == Events::Pub
+                    || c.outbox.has_room(size + 64, limit)
+                    || c.outbox.stuck(Instant::now(), self.stuck_after())
+            })
         })
     }
 

@@ -354,6 +354,8 @@ impl Transmitter {
         // Acknowledgements cannot wait for ever: past the expiry a congested link is
         // left to its drop limit.
         self.deferred.expire(now, self.expiry, &mut self.replies);
+        // A link may have become stuck since: held batches are tried again.
+        self.held.room_freed();
         if self.draining.is_some() {
             self.ask_cells_to_move();
         }
