@@ -170,3 +170,30 @@ def test_a_paused_anycatch_cell_does_not_deliver_what_went_to_another_cell(start
     wait_for(lambda: [s.poll() for s in subs] and any(s.data(marker) for s in subs),
              what="a message after the wake delivered")
     exactly_once(subs, sent)
+
+
+def test_publishes_unacknowledged_when_their_transmitter_dies_are_sent_again(start_mesh):
+    """A sidecar keeps what its transmitter has not acknowledged: when that transmitter
+    dies, the sidecar joins another and sends it all again; every publish is answered and
+    delivered once, in order."""
+    m = start_mesh(mesh_yaml(name="resend", replicas=2, services=[("s", [])]), cells={"s": 2})
+    a, b = m.cells("s")
+    assert a["transmitter"] != b["transmitter"]
+    sub = Subscriber(m.redis(b), channels=["again"])
+    until_routed(m.redis(a), "again", 1)
+    home = m.transmitter(a["transmitter"])
+    taken = metrics(a["metrics"])["thynapse_sidecar_messages_in_total"]
+    sent = [b"r%03d" % i for i in range(100)]
+    host, port = a["resp"].rsplit(":", 1)
+    client = socket.create_connection((host, int(port)))
+    os.kill(home["pid"], signal.SIGSTOP)
+    client.sendall(b"".join(b"*3\r\n$7\r\nPUBLISH\r\n$5\r\nagain\r\n$4\r\n%s\r\n" % p for p in sent))
+    wait_for(lambda: metrics(a["metrics"])["thynapse_sidecar_messages_in_total"] >= taken + len(sent),
+             what="the publishes taken by the sidecar")
+    m.allow_restarts = True  # killed on purpose: `up` restarts it
+    os.kill(home["pid"], signal.SIGKILL)
+    replies = read_replies(client, len(sent), timeout=30)
+    client.close()
+    assert replies == [1] * len(sent), f"{len(replies)} of {len(sent)} answered: {replies[:5]}"
+    sub.wait_count(len(sent), prefix=b"r")
+    assert sub.data(b"r") == sent, "each publish delivered once, in order"
