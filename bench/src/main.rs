@@ -298,7 +298,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 for system in SYSTEMS {
                     let (p, subs) = endpoints(&setup, system, 1, false, "bench");
-                    let (h, lost) =
+                    let (h, lost, duplicates) =
                         latency(system, &p, &subs[0], 64, rate, sizes.latency_secs).await?;
                     for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
                         results.add(
@@ -306,7 +306,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             "µs",
                             false,
                             system,
-                            percentile_sample(&h, q, lost),
+                            percentile_sample(&h, q, lost, duplicates),
                         );
                     }
                 }
@@ -324,7 +324,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         "µs",
                         false,
                         system,
-                        percentile_sample(&h, q, 0),
+                        percentile_sample(&h, q, 0, 0),
                     );
                 }
             }

@@ -125,11 +125,11 @@ impl Results {
     }
 }
 
-pub fn percentile_sample(h: &Histogram<u64>, q: f64, lost: u64) -> Sample {
+pub fn percentile_sample(h: &Histogram<u64>, q: f64, lost: u64, duplicates: u64) -> Sample {
     Sample {
         value: h.value_at_quantile(q) as f64,
         lost,
-        duplicates: 0,
+        duplicates,
     }
 }
 

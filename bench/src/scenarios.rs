@@ -149,7 +149,7 @@ async fn wait_for_deliveries(subs: &[load::Subscriber], expected: u64) {
     }
 }
 
-/// One-way latency at a fixed rate: returns the histogram (µs) and loss.
+/// One-way latency at a fixed rate: returns the histogram (µs), loss and duplicates.
 pub async fn latency(
     system: System,
     publisher: &Endpoint,
@@ -157,7 +157,7 @@ pub async fn latency(
     size: usize,
     rate: u64,
     secs: f64,
-) -> anyhow::Result<(Histogram<u64>, u64)> {
+) -> anyhow::Result<(Histogram<u64>, u64, u64)> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let total = (rate as f64 * secs) as u64;
     let s = load::subscribe(sub, "lat", false, false, total, stop_rx).await?;
@@ -182,7 +182,8 @@ pub async fn latency(
     wait_for_deliveries(std::slice::from_ref(&s), total).await;
     let _ = stop_tx.send(true);
     let r = s.task.await??;
-    Ok((r.latency_us, total.saturating_sub(r.messages)))
+    let lost = total.saturating_sub(r.messages);
+    Ok((r.latency_us, lost, r.duplicates))
 }
 
 /// SUBSCRIBE until its confirmation, `count` times on fresh channels (each unsubscribed
