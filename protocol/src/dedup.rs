@@ -110,17 +110,25 @@ impl Origins {
 
     /// The window of `origin`, kept for another generation.
     pub fn window(&mut self, origin: Thid, now: Instant) -> &mut SeqWindow {
-        let due = now.duration_since(self.since) >= self.every;
-        let full = self.current.len() >= MAX_ORIGINS && !self.current.contains_key(&origin);
-        if due || full {
-            self.previous = std::mem::take(&mut self.current);
-            self.since = now;
-        }
         if !self.current.contains_key(&origin) {
+            // Taken out of the older generation before a rotation can forget it.
             let window = self.previous.remove(&origin).unwrap_or_default();
+            if self.current.len() >= MAX_ORIGINS {
+                self.rotate(now);
+            }
+            self.current.insert(origin, window);
+        }
+        if now.duration_since(self.since) >= self.every {
+            self.rotate(now);
+            let window = self.previous.remove(&origin).expect("inserted above");
             self.current.insert(origin, window);
         }
         self.current.get_mut(&origin).expect("inserted above")
+    }
+
+    fn rotate(&mut self, now: Instant) {
+        self.previous = std::mem::take(&mut self.current);
+        self.since = now;
     }
 
     /// Origins remembered.

@@ -220,6 +220,16 @@ impl Table {
         self.invalidate();
     }
 
+    /// The cell (already known at `at`) joined there again (a new HELO): of the places
+    /// it is known at, this is now the later one.
+    pub fn rejoined(&mut self, at: Location, id: &Thid) {
+        if let Some(cell) = self.cells.get_mut(&(at, *id)) {
+            self.joins += 1;
+            cell.joined = self.joins;
+            self.invalidate();
+        }
+    }
+
     pub fn has_cell(&self, at: Location, id: &Thid) -> bool {
         self.cells.contains_key(&(at, *id))
     }
@@ -291,12 +301,9 @@ impl Table {
         rules: &[DeliveryRule],
         subs: &[(Op, Interest, Bytes)],
     ) {
-        let joined = self.cells.get(&(at, id)).map(|c| c.joined);
+        // A CELL comes from where the cell is now: that place becomes the later one.
         self.remove_cell(at, id);
         self.upsert_cell(at, id, service, rules);
-        if let (Some(joined), Some(cell)) = (joined, self.cells.get_mut(&(at, id))) {
-            cell.joined = joined;
-        }
         self.apply(at, id, subs);
     }
 
@@ -876,16 +883,11 @@ mod tests {
         assert!(d.local.is_empty());
         assert_eq!(d.peers(), &[(5, vec![])]);
         assert_eq!(d.receivers, 1);
-        // A later CELL from where it is does not make that place new again.
-        t.replace(
-            Location::Local,
-            id,
-            "s",
-            &[],
-            &[(Op::Add, Interest::Channel, ch("c"))],
-        );
+        // It greets here again (peer 5 died, say): here is the later place.
+        t.rejoined(Location::Local, &id);
         t.dispatch(Kind::Mesh, &ch("c"), &mut d);
-        assert_eq!(d.peers(), &[(5, vec![])]);
+        assert_eq!(d.local, vec![id]);
+        assert!(d.peers().is_empty());
     }
 
     #[test]

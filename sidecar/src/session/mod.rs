@@ -103,8 +103,9 @@ struct Link<S> {
     name: String,
     sender: S,
     last_heard: Instant,
-    /// The last heartbeat sent on it: the transmitter drops a session it has not heard
-    /// from for an expiry, so past that this link may be dead on its side.
+    /// The last time anything was sent on it (a heartbeat at least): the transmitter
+    /// drops a session it has not heard from for an expiry, so past that this link may be
+    /// dead on its side.
     last_ping: Instant,
     /// DLVR batches received and not yet credited.
     credit: CreditOwed,
@@ -564,6 +565,10 @@ impl<S> Session<S> {
         }
         self.unsent_from = self.unacked.len();
         out.extend(credit(link, false).map(|m| (Via::Current, m)));
+        if out.iter().any(|(via, _)| *via == Via::Current) {
+            // Busy links are alive to the transmitter whether or not the heartbeat ran.
+            link.last_ping = Instant::now();
+        }
     }
 
     /// The last messages for the current link before the session closes: the credit

@@ -177,6 +177,7 @@ impl Transmitter {
         cell.room = hello.room.clone();
         self.table
             .upsert_cell(Location::Local, hello.id, &hello.service, &hello.rules);
+        self.table.rejoined(Location::Local, &hello.id);
         self.dirty.insert(hello.id);
         self.metrics.cells.set(self.cells.len() as i64);
         tracing::info!(cell = %hello.id, service = %hello.service, "cell joined");

@@ -341,10 +341,12 @@ impl Transmitter {
         Ok(())
     }
 
-    pub(super) fn deliver_local(&mut self, id: Thid, m: &Message, dests: &mut Vec<Link>) {
+    /// Queues `m` for local cell `id`; false when it was not (dropped and counted, or
+    /// no such cell).
+    pub(super) fn deliver_local(&mut self, id: Thid, m: &Message, dests: &mut Vec<Link>) -> bool {
         let limit = self.args.link_buffer_bytes;
         let Some(cell) = self.cells.get_mut(&id) else {
-            return;
+            return false;
         };
         if cell.events == Events::Pub {
             let mut frames = ZmqMessage::from(Bytes::from(id.to_hex()));
@@ -354,11 +356,11 @@ impl Transmitter {
             let _ = self.publisher.send(frames).now_or_never();
             self.hot.out_pub.inc();
             self.hot.bytes_out_pub.inc_by(m.payload.len() as u64);
-            return;
+            return true;
         }
         if !cell.outbox.has_room(m.size(), limit) {
             self.metrics.drop(DropReason::CellBacklog, 1);
-            return;
+            return false;
         }
         cell.outbox
             .open()
@@ -368,23 +370,26 @@ impl Transmitter {
         if !dests.contains(&Link::Cell(id)) {
             dests.push(Link::Cell(id));
         }
+        true
     }
 
+    /// Queues `m` for `peer` (with its anycatch `targets` there); false when it was not
+    /// (dropped and counted).
     pub(super) fn forward(
         &mut self,
         peer: PeerId,
         m: &Message,
         targets: &[Thid],
         dests: &mut Vec<Link>,
-    ) {
+    ) -> bool {
         let limit = self.args.link_buffer_bytes;
         let Some(p) = self.peers.get_mut(&peer) else {
             self.metrics.drop(DropReason::PeerLost, 1);
-            return;
+            return false;
         };
         if !p.outbox.has_room(m.size() + 20 * targets.len(), limit) {
             self.metrics.drop(DropReason::PeerBacklog, 1);
-            return;
+            return false;
         }
         p.outbox
             .open()
@@ -394,6 +399,7 @@ impl Transmitter {
         if !dests.contains(&Link::Peer(peer)) {
             dests.push(Link::Peer(peer));
         }
+        true
     }
 
     /// Sends an acknowledgement now, or defers it while a link the work it answers fed is

@@ -51,7 +51,13 @@ pub(super) struct Peer {
     pub(super) fack: CreditOwed,
     /// They said LEAV; ignore announcements of this instance.
     pub(super) left: Option<Thid>,
+    /// Its last instances replaced by newer ones: a lagging rendezvous point's listing of
+    /// one of them is ignored.
+    pub(super) retired: Vec<Thid>,
 }
+
+/// Replaced instances remembered per peer.
+const RETIRED_KEPT: usize = 4;
 
 impl Peer {
     pub(super) fn new(name: &str) -> Self {
@@ -66,6 +72,7 @@ impl Peer {
             inbound: None,
             fack: CreditOwed::default(),
             left: None,
+            retired: Vec::new(),
         }
     }
 
@@ -349,6 +356,12 @@ impl Transmitter {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
+        if let Some(old) = p.instance {
+            if p.retired.len() == RETIRED_KEPT {
+                p.retired.remove(0);
+            }
+            p.retired.push(old);
+        }
         p.drop_link();
         let unconfirmed = p.outbox.take_unconfirmed();
         let redelivery = self.plan_redelivery(Gone::Peer(peer), unconfirmed);
@@ -474,7 +487,17 @@ impl Transmitter {
                 continue;
             };
             let p = self.peers.get_mut(&peer).expect("peer_id creates");
-            if p.left == Some(info.id) {
+            if p.left == Some(info.id) || p.retired.contains(&info.id) {
+                // A rendezvous point that lags behind lists an instance already replaced.
+                continue;
+            }
+            let told_by_itself = p
+                .inbound
+                .as_ref()
+                .is_some_and(|(_, heard)| heard.elapsed() <= self.expiry);
+            if told_by_itself && p.instance.is_some_and(|i| i != info.id) {
+                // Its live connection to us said which instance it is (PEER); a listing
+                // that disagrees is either late or about to be confirmed by a new PEER.
                 continue;
             }
             if p.instance.is_some_and(|i| i != info.id) {

@@ -93,15 +93,16 @@ impl Transmitter {
                 };
                 let mut missed = plan.lost;
                 for service in &plan.services {
-                    match self.table.pick_again(e.kind, e.channel, service) {
+                    // Queued, or dropped and counted where it failed (or no cell left).
+                    let queued = match self.table.pick_again(e.kind, e.channel, service) {
                         Some((Location::Local, cell)) => self.deliver_local(cell, &m, &mut dests),
                         Some((Location::Peer(p), cell)) => self.forward(p, &m, &[cell], &mut dests),
                         None => {
                             missed = true;
-                            continue;
+                            false
                         }
-                    }
-                    again += 1;
+                    };
+                    again += u64::from(queued);
                 }
                 lost += u64::from(missed);
             }
