@@ -235,7 +235,13 @@ def test_sigterm_of_a_host_moves_the_room_and_loses_nothing(start_mesh):
 
     wait_for(drained, timeout=30, interval=0.01, what="drained host exit")
     for s in subs:
-        s.wait_count(len(sent), prefix=b"d:", timeout=30)
+        try:
+            s.wait_count(len(sent), prefix=b"d:", timeout=30)
+        except AssertionError:
+            drops = {t["name"]: {k: v for k, v in metrics(t["metrics"]).items() if "drops" in k and v}
+                     for t in mesh.refresh()["transmitters"]}
+            missing = sorted(set(sent) - set(s.data(b"d:")), key=lambda p: int(p[2:]))
+            raise AssertionError(f"{len(missing)} missing ({missing[:10]}); drops: {drops}")
         assert sorted(s.data(b"d:")) == sorted(sent), "every accepted message delivered, once"
     # The room is back on two serving hosts (`up` restarts the drained one as a new,
     # empty instance, which may be chosen again).
