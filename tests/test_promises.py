@@ -200,3 +200,54 @@ def test_several_rendezvous_points_each_know_the_mesh_and_one_can_die(start_mesh
         sub.pubsub.close()
     finally:
         os.kill(points[0]["pid"], signal.SIGCONT)
+
+
+def test_raw_cell_limits_and_the_binary_event(start_mesh):
+    """protocol.md on the wire: a HELO past its bounds is refused and counted; a payload
+    over maxMessageBytes is answered as reaching nobody, told to the cell, and counted;
+    `B EVNT` carries its payload in a frame and is acknowledged with its THID."""
+    import hashlib
+    import struct
+
+    limit = 65536
+    extra = f"  limits: {{maxMessageBytes: {limit}}}\n"
+    m = start_mesh(mesh_yaml(name="rawlim", replicas=1, services=[("s", [])], extra=extra), cells={"s": 1})
+    t = m.transmitter("rawlim-0")
+    ctx = zmq.Context()
+    try:
+        s = dealer(ctx, t["command"])
+        s.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "{"x" * 300}"}}'.encode())
+        _, cmd, body, _ = recv_command(s)
+        assert cmd == "ERRR" and "HELO refused" in body["error"], (cmd, body)
+        assert metrics(t["metrics"])['thynapse_transmitter_refused_total{limit="hello"}'] == 1
+        s.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
+        assert recv_command(s)[1] == "WLCM"
+        sub = Subscriber(m.redis(m.cells("s")[0]), channels=["bin"])
+        # B EVNT: the payload is the next frame, bytes of any value.
+        payload = bytes(range(256))
+
+        def sent():
+            s.send_multipart([b'B EVNT {"channel": "bin"}', payload])
+            _, cmd, ack, _ = recv_command(s)
+            return cmd == "ACKD" and ack["receivers"] == 1 and ack
+
+        ack = wait_for(sent, what="B EVNT routed")
+        digest = hashlib.sha1()
+        for part in (b"bin", payload):
+            digest.update(struct.pack("<Q", len(part)) + part)
+        assert ack["thid"] == digest.hexdigest()
+        sub.wait_count(1, prefix=payload[:8])
+        # Over maxMessageBytes: ACKS 0 for it, an ERRR to the cell, a drop counted.
+        big = b"x" * (limit + 1)
+        record = bytes([0]) + (0).to_bytes(8, "little") + (3).to_bytes(4, "little") + b"bin" + len(big).to_bytes(4, "little") + big
+        s.send_multipart([b"B PUBS", (1).to_bytes(8, "little") + record])
+        seen = {}
+        while "ACKS" not in seen or "ERRR" not in seen:
+            _, cmd, body, frames = recv_command(s)
+            seen[cmd] = (body, frames)
+        assert seen["ACKS"][1][0] == (1).to_bytes(8, "little") + (1).to_bytes(4, "little") + (0).to_bytes(4, "little")
+        assert str(limit) in seen["ERRR"][0]["error"]
+        assert metrics(t["metrics"])['thynapse_transmitter_drops_total{reason="too_large"}'] == 1
+        sub.pubsub.close()
+    finally:
+        ctx.destroy(linger=0)
