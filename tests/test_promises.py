@@ -251,3 +251,32 @@ def test_raw_cell_limits_and_the_binary_event(start_mesh):
         sub.pubsub.close()
     finally:
         ctx.destroy(linger=0)
+
+
+def test_quit_and_drain_on_the_wire(start_mesh):
+    """QUIT takes a cell out at once (not at its expiry); a draining transmitter tells its
+    cells to MOVE and answers a new HELO with MOVE."""
+    m = start_mesh(mesh_yaml(name="quit", replicas=1, multiplier=20), cells={})  # 5 s expiry
+    t = m.transmitter("quit-0")
+    cells = lambda: metrics(t["metrics"])["thynapse_transmitter_cells"]  # noqa: E731
+    ctx = zmq.Context()
+    try:
+        a = dealer(ctx, t["command"])
+        a.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
+        assert recv_command(a)[1] == "WLCM"
+        b = dealer(ctx, t["command"])
+        b.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
+        assert recv_command(b)[1] == "WLCM"
+        wait_for(lambda: cells() == 2, what="two cells")
+        b.send(b"J QUIT {}")
+        wait_for(lambda: cells() == 1, timeout=2.5, what="the cell gone at QUIT, well before its 5 s expiry")
+        m.allow_restarts = True  # stopped on purpose: `up` restarts it
+        os.kill(t["pid"], signal.SIGTERM)
+        _, cmd, body, _ = recv_command(a)
+        assert (cmd, body.get("reason")) == ("MOVE", "draining"), (cmd, body)
+        c = dealer(ctx, t["command"])
+        c.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
+        _, cmd, body, _ = recv_command(c)
+        assert (cmd, body.get("reason")) == ("MOVE", "draining"), (cmd, body)
+    finally:
+        ctx.destroy(linger=0)
