@@ -11,6 +11,7 @@
 //! runs in a task of its own (`connect`), which reports back as a [`LinkEvent`].
 
 mod connect;
+mod link;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -19,16 +20,17 @@ use bytes::{Bytes, BytesMut};
 use thynapse_protocol::batch::{put_publish, Publish};
 use thynapse_protocol::credit::CreditOwed;
 use thynapse_protocol::limits::BATCH_BYTES;
-use thynapse_protocol::wire::{self, cmd, Interest, Op};
+use thynapse_protocol::wire::{cmd, Interest, Op};
 use thynapse_protocol::Thid;
 use tokio::sync::oneshot;
 use zeromq::{DealerSendHalf, ZmqMessage};
 
 use crate::api::ClientId;
 use crate::confirm::Confirmations;
-use crate::frames::{bare_frame, binary_frame, binary_frame_with, json_frame};
+use crate::frames::{bare_frame, binary_frame, interest_frames};
 pub(crate) use connect::WIRE_OVERSIZED;
 pub use connect::{connect, ConnectPlan, LinkEvent};
+use link::{credit, goodbye, Link};
 
 /// Which session: the mesh (`None`) or a room.
 pub type SessionKey = Option<Bytes>;
@@ -95,32 +97,6 @@ pub enum Via {
     Current,
     /// The link the session moved away from, read for one more expiry.
     Previous,
-}
-
-/// A link to a transmitter; `S` sends on it (a DEALER's send half; anything in tests).
-struct Link<S> {
-    generation: u64,
-    name: String,
-    sender: S,
-    last_heard: Instant,
-    /// The last time anything was sent on it (a heartbeat at least): the transmitter
-    /// drops a session it has not heard from for an expiry, so past that this link may be
-    /// dead on its side.
-    last_ping: Instant,
-    /// DLVR batches received and not yet credited.
-    credit: CreditOwed,
-    /// HELO and the subscription snapshot, sent first at the next flush.
-    greeting: Vec<ZmqMessage>,
-    /// Greeting again after an "unknown cell" answer, until `WLCM`.
-    rejoining: bool,
-}
-
-impl<S> Link<S> {
-    /// Silent for an expiry, or not pinged for one (this process was paused, or its
-    /// heartbeat held up): either way the transmitter may have dropped the session.
-    fn expired(&self, now: Instant, expiry: Duration) -> bool {
-        now.duration_since(self.last_heard) > expiry || now.duration_since(self.last_ping) > expiry
-    }
 }
 
 /// What a heartbeat decided for a session's links.
@@ -591,55 +567,11 @@ impl<S> Session<S> {
     }
 }
 
-/// Subscription changes as `SUBS` frames of about `BATCH_BYTES` at most, in order; the
-/// last carries the confirmation number `sync` (the transmitter reads them in order, so
-/// its barrier covers them all).
-fn interest_frames<'a>(
-    entries: impl IntoIterator<Item = (Op, Interest, &'a [u8])>,
-    sync: u64,
-    out: &mut Vec<ZmqMessage>,
-) {
-    let mut chunks = vec![Vec::new()];
-    let mut bytes = 0;
-    for (op, kind, name) in entries {
-        if bytes >= BATCH_BYTES {
-            chunks.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += name.len() + 6;
-        chunks
-            .last_mut()
-            .expect("one at least")
-            .push((op, kind, name));
-    }
-    let last = chunks.len() - 1;
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        let header = wire::SubsSync {
-            sync: (i == last).then_some(sync),
-        };
-        out.push(binary_frame_with(
-            cmd::SUBS,
-            &header,
-            wire::encode_interest(chunk),
-        ));
-    }
-}
-
-fn goodbye<S>(link: &mut Link<S>) -> Vec<ZmqMessage> {
-    let mut last: Vec<ZmqMessage> = credit(link, true).into_iter().collect();
-    last.push(bare_frame(cmd::QUIT));
-    last
-}
-
-/// The credit owed on `link`, if enough is (or anything is, when `all`).
-fn credit<S>(link: &mut Link<S>, all: bool) -> Option<ZmqMessage> {
-    let batch = link.credit.take(all)?;
-    Some(json_frame(cmd::CRED, &wire::Credit { batch }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames::json_frame;
+    use thynapse_protocol::wire;
 
     use thynapse_protocol::batch::{decode_publish_records, Kind};
 

@@ -8,8 +8,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::FutureExt;
 use thynapse_protocol::batch::{
-    decode_envelopes, decode_publish_records, decode_publishes, encode_acks, Envelopes, Kind,
-    Publish,
+    decode_envelopes, decode_publish_records, decode_publishes, encode_acks, Envelope, Envelopes,
+    Kind, Publish,
 };
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::room::room_of;
@@ -34,7 +34,19 @@ pub(super) struct Message<'a> {
     pub(super) payload: &'a [u8],
 }
 
-impl Message<'_> {
+impl<'a> Message<'a> {
+    /// A message as a peer forwarded it (or as it was queued for a receiver).
+    pub(super) fn of(e: &'a Envelope<'a>) -> Self {
+        Message {
+            kind: e.kind,
+            origin: &e.origin,
+            seq: e.seq,
+            ts: e.ts,
+            channel: e.channel,
+            payload: e.payload,
+        }
+    }
+
     /// Room a message takes in a cell's `DLVR` batch (a little over its bytes).
     pub(super) fn size(&self) -> usize {
         self.channel.len() + self.payload.len() + 64
@@ -303,14 +315,7 @@ impl Transmitter {
             if e.kind == Kind::Shard {
                 self.count_room_message(e.channel);
             }
-            let message = Message {
-                kind: e.kind,
-                origin: &e.origin,
-                seq: e.seq,
-                ts: e.ts,
-                channel: e.channel,
-                payload: e.payload,
-            };
+            let message = Message::of(&e);
             for cell in &local {
                 self.deliver_local(*cell, &message, &mut p.dests);
             }

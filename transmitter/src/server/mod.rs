@@ -42,7 +42,7 @@ use crate::routing::{Dispatch, PeerId, Table};
 use crate::Args;
 use cells::{Leaving, LocalCell};
 use dispatch::HeldBatch;
-use peers::{Peer, Report};
+use peers::Peer;
 use rooms::{Announcement, HostedRoom, HostingFrom};
 use thynapse_process::{Ready, Status, TransmitterReady};
 
@@ -126,6 +126,34 @@ fn endpoint_port(endpoint: &zeromq::Endpoint) -> anyhow::Result<u16> {
         zeromq::Endpoint::Tcp(_, port) => Ok(*port),
         other => anyhow::bail!("unsupported endpoint {other}"),
     }
+}
+
+/// What the background tasks (peer links, discovery) report to the event loop.
+pub(super) enum Report {
+    PeerConnected {
+        peer: PeerId,
+        generation: u64,
+        sender: zeromq::DealerSendHalf,
+    },
+    PeerConnectFailed {
+        peer: PeerId,
+        generation: u64,
+    },
+    PeerReply {
+        peer: PeerId,
+        generation: u64,
+        msg: ZmqMessage,
+    },
+    PeerClosed {
+        peer: PeerId,
+        generation: u64,
+    },
+    Discovered(Vec<TransmitterInfo>),
+    /// A rendezvous point's whole list of the rooms this transmitter hosts.
+    Hosting {
+        from: std::net::SocketAddr,
+        rooms: Vec<thynapse_protocol::discovery::Placement>,
+    },
 }
 
 /// Options of every socket of the transmitter: a peer that sends a message over the wire

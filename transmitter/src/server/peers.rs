@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use thynapse_protocol::batch::decode_envelopes;
 use thynapse_protocol::credit::CreditOwed;
-use thynapse_protocol::discovery::{Placement, TransmitterInfo};
+use thynapse_protocol::discovery::TransmitterInfo;
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::wire::{self, cmd};
 use thynapse_protocol::Thid;
@@ -20,7 +20,7 @@ use zeromq::{
 use super::cells::UNKNOWN_CELL;
 use super::dispatch::{Forwarded, HeldBatch};
 use super::redeliver::Gone;
-use super::{error_reply, reply_json, Transmitter};
+use super::{error_reply, reply_json, Report, Transmitter};
 use crate::backpressure::{Link, Progress};
 use crate::metrics::DropReason;
 use crate::outbox::Outbox;
@@ -98,34 +98,6 @@ impl Peer {
 /// Peers a transmitter knows at most: a mesh has at most 1,000 transmitters (the CRD's
 /// `replicas` maximum), so every other one fits.
 pub(super) const MAX_PEERS: usize = 1_024;
-
-/// What the background tasks (peer links, discovery) report to the event loop.
-pub(super) enum Report {
-    PeerConnected {
-        peer: PeerId,
-        generation: u64,
-        sender: DealerSendHalf,
-    },
-    PeerConnectFailed {
-        peer: PeerId,
-        generation: u64,
-    },
-    PeerReply {
-        peer: PeerId,
-        generation: u64,
-        msg: ZmqMessage,
-    },
-    PeerClosed {
-        peer: PeerId,
-        generation: u64,
-    },
-    Discovered(Vec<TransmitterInfo>),
-    /// A rendezvous point's whole list of the rooms this transmitter hosts.
-    Hosting {
-        from: std::net::SocketAddr,
-        rooms: Vec<Placement>,
-    },
-}
 
 impl Transmitter {
     /// The `FWRD` batches each linked peer is owed.

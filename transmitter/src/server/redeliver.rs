@@ -83,14 +83,7 @@ impl Transmitter {
             };
             for e in envelopes {
                 let Some(plan) = plans.next() else { break };
-                let m = Message {
-                    kind: e.kind,
-                    origin: &e.origin,
-                    seq: e.seq,
-                    ts: e.ts,
-                    channel: e.channel,
-                    payload: e.payload,
-                };
+                let m = Message::of(&e);
                 let mut missed = plan.lost;
                 for service in &plan.services {
                     // Queued, or dropped and counted where it failed (or no cell left).

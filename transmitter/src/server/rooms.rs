@@ -12,8 +12,7 @@ use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DAT
 use thynapse_protocol::room::room_of;
 use tokio::sync::{mpsc, watch};
 
-use super::peers::Report;
-use super::{reply_json, Transmitter};
+use super::{reply_json, Report, Transmitter};
 use crate::Args;
 
 /// A room this transmitter hosts.
