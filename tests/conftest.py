@@ -236,6 +236,19 @@ def every_one_from_its_first(sub, sent, prefix):
     return first
 
 
+def until_every_worker_routable(publisher, channel, worker_subs):
+    """Publishes probes until each anycatch worker has taken one: then every worker is
+    known at the publisher's transmitter (a PUBLISH count cannot tell, it is 1 for any)."""
+
+    def every_worker_probed():
+        publisher.publish(channel, b"probe")
+        for s in worker_subs:
+            s.poll()
+        return all(s.data(b"probe") for s in worker_subs)
+
+    wait_for(every_worker_probed, what="every worker routable")
+
+
 def until_routed(publisher, channel, receivers, timeout=15):
     """Publishes probes until the mesh routes `channel` to `receivers` cells: then every
     subscription involved has reached the publisher's transmitter."""

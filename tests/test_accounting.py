@@ -4,7 +4,7 @@ import os
 import signal
 import socket
 
-from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
+from conftest import Subscriber, mesh_yaml, metrics, until_every_worker_routable, until_routed, wait_for
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
 
@@ -70,18 +70,6 @@ def test_sigterm_of_a_sidecar_waits_until_its_publishes_are_acknowledged(start_m
 WORKERS = ("workers", [{"pattern": "jobs.*", "mode": "anycatch"}])
 
 
-def until_every_worker_probed(publisher, channel, worker_subs):
-    """Publishes probes until each worker has taken one: each is routable from here."""
-
-    def every_worker_probed():
-        publisher.publish(channel, b"probe")
-        for s in worker_subs:
-            s.poll()
-        return all(s.data(b"probe") for s in worker_subs)
-
-    wait_for(every_worker_probed, what="every worker routable")
-
-
 def exactly_once(worker_subs, sent, timeout=30):
     """Waits until the workers together hold every message of `sent`; then none twice."""
 
@@ -106,7 +94,7 @@ def test_anycatch_messages_of_a_cell_that_dies_go_to_another_cell_of_the_service
     dying, living = m.cells("workers")
     subs = [Subscriber(m.redis(c), patterns=["jobs.*"]) for c in (dying, living)]
     publisher = m.redis(m.cell("p-0"))
-    until_every_worker_probed(publisher, "jobs.a", subs)
+    until_every_worker_routable(publisher, "jobs.a", subs)
     # Asleep, it takes nothing and credits nothing; then it dies.
     os.kill(dying["pid"], signal.SIGSTOP)
     sent = [b"m%03d" % i for i in range(100)]
@@ -128,7 +116,7 @@ def test_anycatch_messages_forwarded_to_a_transmitter_that_dies_go_to_another_ce
     assert far and len({c["transmitter"] for c in workers}) == 2, "workers on both transmitters"
     subs = [Subscriber(m.redis(c), patterns=["jobs.*"]) for c in workers]
     publisher = m.redis(pub_cell)
-    until_every_worker_probed(publisher, "jobs.b", subs)
+    until_every_worker_routable(publisher, "jobs.b", subs)
     doomed = m.transmitter(far[0]["transmitter"])
     # Forwarded to a transmitter that takes nothing, credits nothing, then dies.
     os.kill(doomed["pid"], signal.SIGSTOP)
@@ -149,7 +137,7 @@ def test_a_paused_anycatch_cell_does_not_deliver_what_went_to_another_cell(start
     sleeper, other = m.cells("workers")
     subs = [Subscriber(m.redis(c), patterns=["jobs.*"]) for c in (sleeper, other)]
     publisher = m.redis(m.cell("p-0"))
-    until_every_worker_probed(publisher, "jobs.c", subs)
+    until_every_worker_routable(publisher, "jobs.c", subs)
     home = m.transmitter(sleeper["transmitter"])
     os.kill(sleeper["pid"], signal.SIGSTOP)
     try:

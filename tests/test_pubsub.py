@@ -8,23 +8,10 @@ from collections import Counter
 import pytest
 import redis
 
-from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
+from conftest import Subscriber, mesh_yaml, metrics, until_every_worker_routable, until_routed, wait_for
 
 WORKERS = ("workers", [{"pattern": "jobs.*", "mode": "anycatch"}])
 AUDIT = ("audit", [])
-
-
-def until_every_worker_routable(publisher, channel, worker_subs):
-    """Publishes probes until each anycatch worker has taken one: then every worker is
-    known at the publisher's transmitter (a PUBLISH count cannot tell, it is 1 for any)."""
-
-    def every_worker_probed():
-        publisher.publish(channel, b"probe")
-        for s in worker_subs:
-            s.poll()
-        return all(s.data(b"probe") for s in worker_subs)
-
-    wait_for(every_worker_probed, what="every worker routable")
 
 
 def publish_all(client, channel, payloads, chunk=500):
