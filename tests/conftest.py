@@ -304,3 +304,45 @@ def until_sharded(publisher, channel, receivers, timeout=15):
         interval=0.05,
         what=f"{channel} routed to {receivers} cells",
     )
+
+
+def drops(url, prefix="thynapse_transmitter_drops_total"):
+    """{reason: count} of a process's drop counter."""
+    return {re.search(r'reason="([^"]+)"', k).group(1): v for k, v in metrics(url).items() if k.startswith(prefix + "{")}
+
+
+class Part:
+    """One component started alone (not by `up`), with the status line it printed."""
+
+    def __init__(self, args, tmp):
+        self.log = tmp / f"{args[0]}-{len(list(tmp.iterdir()))}.log"
+        self.proc = subprocess.Popen([str(BINARY), *args], stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("READY "), f"{args}: {line!r}; {self.log.read_text()}"
+        self.ready = json.loads(line.split(" ", 1)[1])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def parts():
+    """Starts components alone: `parts("rendezvous", "--mesh", "m")` → a `Part`."""
+    tmp = Path(tempfile.mkdtemp(prefix="thynapse-test-parts-"))
+    started = []
+
+    def start(*args):
+        started.append(Part([str(a) for a in args], tmp))
+        return started[-1]
+
+    yield start
+    for p in reversed(started):
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGCONT)
+        p.stop()

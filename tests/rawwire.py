@@ -1,0 +1,321 @@
+"""Raw parties of the transmitter wire protocol, written here from docs/protocol.md alone
+(not from the Rust code), with pyzmq over libzmq: a cell (`RawCell`) and a transmitter
+posing as a peer (`FakePeer`). Tests use them to do what the sidecar and the transmitter
+never do on their own: withhold credit, vanish, forge, say QUIT at a chosen moment."""
+
+import json
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+
+import zmq
+
+from conftest import wait_for
+
+
+def dealer(ctx, endpoint, timeout_ms=5000):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    s.connect(endpoint)
+    return s
+
+
+def recv_command(sock):
+    """One message: (enc, CMD4, JSON payload or header, the frames after the first)."""
+    frames = sock.recv_multipart()
+    return parse_command(frames)
+
+
+def parse_command(frames):
+    text = frames[0].decode()
+    enc, cmd, payload = text[0], text[2:6], text[7:]
+    return enc, cmd, (json.loads(payload) if payload else {}), frames[1:]
+
+
+def command(cmd, body=None):
+    return f"J {cmd} {json.dumps(body if body is not None else {})}".encode()
+
+
+def name_bytes(b):
+    return struct.pack("<I", len(b)) + b
+
+
+def interest(names, kind=0, op=0):
+    """An interest list: op 0 add / 1 remove; kind 0 channel, 1 pattern, 2 shard channel."""
+    return b"".join(bytes([op, kind]) + name_bytes(n if isinstance(n, bytes) else n.encode()) for n in names)
+
+
+def publish_records(messages):
+    """(channel, payload[, kind]) → the records of a publish batch (after `first_seq`)."""
+    out = b""
+    for m in messages:
+        channel, payload = (x if isinstance(x, bytes) else x.encode() for x in m[:2])
+        kind = m[2] if len(m) > 2 else 0
+        out += bytes([kind]) + struct.pack("<Q", 0) + name_bytes(channel) + name_bytes(payload)
+    return out
+
+
+def acks(frame):
+    first, n = struct.unpack_from("<QI", frame)
+    return first, list(struct.unpack_from(f"<{n}I", frame, 12))
+
+
+def envelopes(frame):
+    """An envelope batch (DLVR, FWRD) → (batch number, [message dicts])."""
+    (batch,) = struct.unpack_from("<Q", frame)
+    at, out = 8, []
+    while at < len(frame):
+        kind = frame[at]
+        origin = frame[at + 1 : at + 21].hex()
+        seq, ts = struct.unpack_from("<QQ", frame, at + 21)
+        at += 37
+        fields = []
+        for _ in range(2):
+            (n,) = struct.unpack_from("<I", frame, at)
+            fields.append(frame[at + 4 : at + 4 + n])
+            at += 4 + n
+        (t,) = struct.unpack_from("<H", frame, at)
+        at += 2
+        targets = [frame[at + 20 * i : at + 20 * (i + 1)].hex() for i in range(t)]
+        at += 20 * t
+        out.append({"kind": kind, "origin": origin, "seq": seq, "ts": ts, "channel": fields[0],
+                    "payload": fields[1], "targets": targets})
+    return batch, out
+
+
+def envelope_batch(batch, messages):
+    """Messages as dicts with origin (hex), seq, channel, payload and optional targets, kind."""
+    out = struct.pack("<Q", batch)
+    for m in messages:
+        targets = m.get("targets", [])
+        out += bytes([m.get("kind", 0)]) + bytes.fromhex(m["origin"]) + struct.pack("<QQ", m["seq"], 0)
+        out += name_bytes(m["channel"]) + name_bytes(m["payload"])
+        out += struct.pack("<H", len(targets)) + b"".join(bytes.fromhex(t) for t in targets)
+    return out
+
+
+class RawCell:
+    """A cell on one DEALER: greets with HELO, then sends and reads what a test says."""
+
+    def __init__(self, ctx, endpoint, service="raw", cell_id=None, **hello):
+        self.sock = dealer(ctx, endpoint)
+        self.id = cell_id or os.urandom(20).hex()
+        self.service = service
+        self.hello_fields = hello
+        self.pending = []  # messages read while waiting for another command
+        self.batches = []  # DLVR: (batch, [message dicts]), in arrival order
+
+    def hello(self, expect="WLCM"):
+        """HELO; returns the answer's body, asserting its command when `expect` is set."""
+        self.send("HELO", {"id": self.id, "service": self.service, **self.hello_fields})
+        _, cmd, body, _ = self.recv()
+        if expect:
+            assert cmd == expect, (cmd, body)
+        return body
+
+    def send(self, cmd, body=None):
+        self.sock.send(command(cmd, body))
+
+    def send_binary(self, cmd, *frames, header=None):
+        first = f"B {cmd}" + (f" {json.dumps(header)}" if header is not None else "")
+        self.sock.send_multipart([first.encode(), *frames])
+
+    def recv(self):
+        """The next message, DLVR batches included (they are also kept in `batches`)."""
+        if self.pending:
+            return self.pending.pop(0)
+        message = recv_command(self.sock)
+        if message[1] == "DLVR":
+            self.batches.append(envelopes(message[3][0]))
+        return message
+
+    def expect(self, cmd):
+        """Reads until `cmd` comes, keeping what came before it for later `recv`s."""
+        skipped = []
+        while True:
+            message = recv_command(self.sock)
+            if message[1] == "DLVR":
+                self.batches.append(envelopes(message[3][0]))
+            if message[1] == cmd:
+                self.pending = skipped + self.pending
+                return message
+            skipped.append(message)
+
+    def subscribe(self, names, kind=0, op=0, sync=None):
+        self.send_binary("SUBS", interest(names, kind, op), header={"sync": sync} if sync is not None else None)
+        if sync is not None:
+            assert self.expect("SUBD")[2] == {"sync": sync}
+
+    def publish(self, first_seq, messages):
+        """One PUBS; returns receivers per message from its ACKS."""
+        self.send_binary("PUBS", struct.pack("<Q", first_seq) + publish_records(messages))
+        first, receivers = acks(self.expect("ACKS")[3][0])
+        assert first == first_seq
+        return receivers
+
+    def delivered(self):
+        """Every message delivered so far (DLVR), in order."""
+        return [m for _, batch in self.batches for m in batch]
+
+    def read_deliveries(self, n, timeout=15):
+        """Reads until `n` messages were delivered in all."""
+
+        def enough():
+            while len(self.delivered()) < n:
+                try:
+                    self.pending.append(recv_command(self.sock))
+                except zmq.Again:
+                    return False
+                if self.pending[-1][1] == "DLVR":
+                    self.batches.append(envelopes(self.pending.pop()[3][0]))
+            return True
+
+        self.sock.setsockopt(zmq.RCVTIMEO, 100)
+        try:
+            wait_for(enough, timeout=timeout, what=f"{n} messages delivered to the raw cell")
+        finally:
+            self.sock.setsockopt(zmq.RCVTIMEO, 5000)
+        return self.delivered()
+
+    def credit(self):
+        """Credits every batch delivered so far."""
+        if self.batches:
+            self.send("CRED", {"batch": self.batches[-1][0]})
+
+    def close(self):
+        self.sock.close(linger=0)
+
+
+class FakePeer:
+    """A transmitter written from protocol.md, in a thread: it binds a ROUTER and announces
+    it to a rendezvous point, so that the real transmitters link to it; it answers their
+    PEER, SYNC and PING, and credits their FWRD batches while `credit` is set. `link(endpoint)`
+    opens its own DEALER to a real transmitter (PEER, then pings); `send(endpoint, frames)`
+    sends on it. Everything it reads is kept in `inbound` (on the ROUTER) and `answers`
+    (on its DEALERs), as (cmd, body, frames)."""
+
+    def __init__(self, ctx, mesh, rendezvous, name="fake-peer", interval_ms=250, multiplier=4):
+        self.ctx, self.mesh, self.name = ctx, mesh, name
+        self.id = os.urandom(20).hex()
+        self.interval = interval_ms / 1000
+        self.announcement = {"type": "announce", "mesh": mesh, "interval_ms": interval_ms, "multiplier": multiplier}
+        host, port = rendezvous.replace("udp://", "").rsplit(":", 1)
+        self.rendezvous = (host, int(port))
+        self.credit = True
+        self.deaf = False  # reads, answers nothing
+        self.reply_once = {}  # cmd → frames to answer it with, once
+        self.announcing = True
+        self.inbound, self.answers = [], []
+        self.seen = set()  # (origin, seq) of every FWRD message read
+        self.lock = threading.Lock()
+        self.outgoing = queue.Queue()
+        self.stopped = threading.Event()
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.dealers = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self):
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def hello(self):
+        return {"id": self.id, "name": self.name, "mesh": self.mesh}
+
+    def link(self, endpoint):
+        """A DEALER to a real transmitter, introduced with PEER; waits for PWLC."""
+        self.outgoing.put(("link", endpoint, None))
+        wait_for(lambda: self.answered("PWLC"), what=f"PWLC from {endpoint}")
+
+    def send(self, endpoint, frames):
+        self.outgoing.put(("send", endpoint, frames))
+
+    def answered(self, cmd):
+        with self.lock:
+            return [a for a in self.answers if a[0] == cmd]
+
+    def received(self, cmd):
+        with self.lock:
+            return [m for m in self.inbound if m[0] == cmd]
+
+    def forwarded(self):
+        """The FWRD messages read, in order, copies included."""
+        return [m for _, _, frames in self.received("FWRD") for m in envelopes(frames[0])[1]]
+
+    def stop(self):
+        """Vanishes: no more announcements, its sockets closed."""
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    close = stop
+
+    def _announce(self):
+        if not self.announcing:
+            return
+        info = {"name": self.name, "id": self.id, "command": self.endpoint, "event": "tcp://127.0.0.1:1"}
+        self.udp.sendto(json.dumps({**self.announcement, "transmitter": info}).encode(), self.rendezvous)
+
+    def _run(self):
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        next_beat = 0.0
+        try:
+            while not self.stopped.is_set():
+                while not self.outgoing.empty():
+                    what, endpoint, frames = self.outgoing.get()
+                    if what == "link":
+                        d = dealer(self.ctx, endpoint)
+                        self.dealers[endpoint] = d
+                        poller.register(d, zmq.POLLIN)
+                        d.send(command("PEER", self.hello()))
+                    else:
+                        self.dealers[endpoint].send_multipart(frames)
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.interval
+                    self._announce()
+                    for d in self.dealers.values():
+                        d.send(command("PING"))
+                for sock, _ in poller.poll(timeout=10):
+                    if sock is self.router:
+                        self._inbound(self.router.recv_multipart())
+                    else:
+                        _, cmd, body, frames = parse_command(sock.recv_multipart())
+                        with self.lock:
+                            self.answers.append((cmd, body, frames))
+        finally:
+            for d in self.dealers.values():
+                d.close(linger=0)
+            self.router.close(linger=0)
+            self.udp.close()
+
+    def _inbound(self, frames):
+        identity, rest = frames[0], frames[1:]
+        _, cmd, body, more = parse_command(rest)
+        with self.lock:
+            self.inbound.append((cmd, body, more))
+        reply = None
+        if cmd == "FWRD":
+            with self.lock:
+                self.seen.update((m["origin"], m["seq"]) for m in envelopes(more[0])[1])
+        if self.deaf:
+            return
+        if cmd in self.reply_once:
+            self.router.send_multipart([identity, *self.reply_once.pop(cmd)])
+            return
+        if cmd == "PEER":
+            reply = command("PWLC", self.hello())
+        elif cmd == "SYNC":
+            reply = command("SYND", body)
+        elif cmd == "PING":
+            reply = command("PONG")
+        elif cmd == "FWRD" and self.credit:
+            reply = command("FACK", {"batch": envelopes(more[0])[0]})
+        if reply is not None:
+            self.router.send_multipart([identity, reply])
