@@ -198,7 +198,7 @@ class FakePeer:
     sends on it. Everything it reads is kept in `inbound` (on the ROUTER) and `answers`
     (on its DEALERs), as (cmd, body, frames)."""
 
-    def __init__(self, ctx, mesh, rendezvous, name="fake-peer", interval_ms=250, multiplier=4):
+    def __init__(self, ctx, mesh, rendezvous, name="fake-peer", interval_ms=250, multiplier=4, announcing=True):
         self.ctx, self.mesh, self.name = ctx, mesh, name
         self.id = os.urandom(20).hex()
         self.interval = interval_ms / 1000
@@ -208,7 +208,7 @@ class FakePeer:
         self.credit = True
         self.deaf = False  # reads, answers nothing
         self.reply_once = {}  # cmd → frames to answer it with, once
-        self.announcing = True
+        self.announcing = announcing
         self.inbound, self.answers = [], []
         self.seen = set()  # (origin, seq) of every FWRD message read
         self.lock = threading.Lock()
