@@ -320,8 +320,11 @@ class Part:
         line = self.proc.stdout.readline()
         assert line.startswith("READY "), f"{args}: {line!r}; {self.log.read_text()}"
         self.ready = json.loads(line.split(" ", 1)[1])
+        self.clients = []
 
     def stop(self):
+        for c in self.clients:
+            c.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -192,8 +192,9 @@ class RawCell:
 
 class FakePeer:
     """A transmitter written from protocol.md, in a thread: it binds a ROUTER and announces
-    it to a rendezvous point, so that the real transmitters link to it; it answers their
-    PEER, SYNC and PING, and credits their FWRD batches while `credit` is set. `link(endpoint)`
+    it to a rendezvous point, so that the real transmitters link to it (and sidecars join
+    it); it answers their PEER, SYNC and PING (and a cell's HELO, and SUBS while
+    `confirm_subs`), and credits their FWRD batches while `credit` is set. `link(endpoint)`
     opens its own DEALER to a real transmitter (PEER, then pings); `send(endpoint, frames)`
     sends on it. Everything it reads is kept in `inbound` (on the ROUTER) and `answers`
     (on its DEALERs), as (cmd, body, frames)."""
@@ -207,6 +208,7 @@ class FakePeer:
         self.rendezvous = (host, int(port))
         self.credit = True
         self.deaf = False  # reads, answers nothing
+        self.confirm_subs = True  # answers a cell's SUBS with SUBD
         self.reply_once = {}  # cmd → frames to answer it with, once
         self.announcing = announcing
         self.inbound, self.answers = [], []
@@ -311,6 +313,11 @@ class FakePeer:
             return
         if cmd == "PEER":
             reply = command("PWLC", self.hello())
+        elif cmd == "HELO":  # a cell (a sidecar, in tests of the sidecar)
+            reply = command("WLCM", {"id": self.id, "name": self.name, "pub": "tcp://127.0.0.1:1",
+                                     "max_message_bytes": 1 << 20, "heartbeat_ms": int(self.interval * 1000)})
+        elif cmd == "SUBS" and self.confirm_subs and "sync" in body:
+            reply = command("SUBD", {"sync": body["sync"]})
         elif cmd == "SYNC":
             reply = command("SYND", body)
         elif cmd == "PING":

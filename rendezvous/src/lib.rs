@@ -171,6 +171,14 @@ pub fn peers_pages(mesh: &str, live: &[TransmitterInfo]) -> Vec<Vec<u8>> {
     pages
 }
 
+/// The answer to a `query`: the `live` transmitters as `peers` pages, the least busy
+/// first (not draining, fewest cells), so that one who reads only the first page (a cell
+/// choosing where to join) finds the best candidates there.
+pub fn query_pages(mesh: &str, mut live: Vec<TransmitterInfo>) -> Vec<Vec<u8>> {
+    live.sort_by_key(|t| (t.draining, t.cells));
+    peers_pages(mesh, &live)
+}
+
 struct Server {
     mesh: String,
     socket: UdpSocket,
@@ -241,11 +249,7 @@ impl Server {
                 replies
             }
             Ok(Datagram::Query { mesh }) if mesh == self.mesh => {
-                // The least busy first: one who reads only the first page (a cell
-                // choosing where to join) finds the best candidates there.
-                let mut live = self.dir.live(now);
-                live.sort_by_key(|t| (t.draining, t.cells));
-                peers_pages(&mesh, &live)
+                query_pages(&mesh, self.dir.live(now))
             }
             Ok(Datagram::Locate { mesh, room }) if mesh == self.mesh => {
                 let live = self.dir.live(now);
@@ -452,5 +456,72 @@ mod tests {
         assert!(d.announce(info("t-7"), from, t0, ttl), "renewals go on");
         // Once the others expired, a new name is taken.
         assert!(d.announce(info("one-more"), from, t0 + ttl * 2, ttl));
+    }
+
+    /// A mesh of `n` transmitters with the longest fields, various loads, some draining.
+    fn large_mesh(n: usize) -> Vec<TransmitterInfo> {
+        (0..n)
+            .map(|i| TransmitterInfo {
+                command: "c".repeat(MAX_FIELD_BYTES),
+                event: "e".repeat(MAX_FIELD_BYTES),
+                metrics: "m".repeat(MAX_FIELD_BYTES),
+                cells: (i * 37 % 101) as u32,
+                draining: i % 7 == 0,
+                ..info(&format!("{i:0>256}"))
+            })
+            .collect()
+    }
+
+    fn transmitters_of(page: &[u8]) -> Vec<TransmitterInfo> {
+        match Datagram::parse(page).unwrap() {
+            Datagram::Peers { transmitters, .. } => transmitters,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_querys_first_page_holds_the_least_busy_and_the_pages_add_up() {
+        let live = large_mesh(400);
+        let pages: Vec<Vec<TransmitterInfo>> = query_pages("mesh", live.clone())
+            .iter()
+            .map(|p| transmitters_of(p))
+            .collect();
+        assert!(pages.len() > 2, "{} pages", pages.len());
+        let busy = |t: &TransmitterInfo| (t.draining, t.cells);
+        let first = pages[0].iter().map(busy).max().unwrap();
+        let later = pages[1..].iter().flatten().map(busy).min().unwrap();
+        assert!(!first.0, "no draining one on the first page");
+        assert!(
+            first <= later,
+            "{first:?} on the first page, {later:?} later"
+        );
+        let mut names: Vec<String> = pages.into_iter().flatten().map(|t| t.name).collect();
+        names.sort();
+        let mut all: Vec<String> = live.into_iter().map(|t| t.name).collect();
+        all.sort();
+        assert_eq!(names, all, "every live transmitter, once");
+    }
+
+    #[tokio::test]
+    async fn a_cell_asking_reads_only_the_first_page() {
+        let point = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = format!("udp://{}", point.local_addr().unwrap());
+        let pages = query_pages("mesh", large_mesh(400));
+        let first = transmitters_of(&pages[0]);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            let (_, from) = point.recv_from(&mut buf).await.unwrap();
+            for page in pages {
+                point.send_to(&page, from).await.unwrap();
+            }
+        });
+        let query = Datagram::Query {
+            mesh: "mesh".into(),
+        };
+        let answer = ask(&[address], &query, Duration::from_secs(5)).await;
+        match answer {
+            Some(Datagram::Peers { transmitters, .. }) => assert_eq!(transmitters, first),
+            other => panic!("{other:?}"),
+        }
     }
 }

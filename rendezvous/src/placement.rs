@@ -232,7 +232,7 @@ impl Rooms {
             return Vec::new();
         }
         let mut need = r.replicas - serving;
-        let cost = hosting_bytes(room, r.replicas);
+        let cost = hosting_bytes(room, r.replicas, view.longest_name);
         view.count(&self.rooms);
         let mut candidates: Vec<(f64, &TransmitterInfo)> = view
             .transmitters
@@ -355,9 +355,11 @@ impl Rooms {
     }
 }
 
-/// An estimate of the bytes a room adds to its hosts' datagrams (name, host list).
-fn hosting_bytes(room: &str, replicas: u32) -> usize {
-    room.len() + 16 + replicas as usize * 40
+/// The bytes a room adds to its hosts' `hosting` datagrams, `{"room":…,"hosts":[…]},`,
+/// at most: each host's name is counted as long as the longest live one (names may have
+/// up to 256 bytes), so that the datagram stays within `MAX_DATAGRAM`.
+fn hosting_bytes(room: &str, replicas: u32, host_name_bytes: usize) -> usize {
+    room.len() + 24 + replicas as usize * (host_name_bytes + 3)
 }
 
 /// The live transmitters indexed by name, and the rooms (and hosting bytes) each hosts:
@@ -367,6 +369,8 @@ struct View<'a> {
     by_name: HashMap<&'a str, &'a TransmitterInfo>,
     load: HashMap<String, (u32, usize)>,
     counted: bool,
+    /// The longest live transmitter name, in bytes.
+    longest_name: usize,
 }
 
 impl<'a> View<'a> {
@@ -376,6 +380,7 @@ impl<'a> View<'a> {
             by_name: live.iter().map(|t| (t.name.as_str(), t)).collect(),
             load: HashMap::new(),
             counted: false,
+            longest_name: live.iter().map(|t| t.name.len()).max().unwrap_or(0),
         }
     }
 
@@ -390,7 +395,7 @@ impl<'a> View<'a> {
             for h in &room.hosts {
                 let e = self.load.entry(h.name.clone()).or_default();
                 e.0 += 1;
-                e.1 += hosting_bytes(name, room.replicas);
+                e.1 += hosting_bytes(name, room.replicas, self.longest_name);
             }
         }
     }
@@ -620,5 +625,103 @@ mod tests {
         let (located, assigned) = rooms.locate("r", &live).unwrap();
         assert_eq!(assigned, ["b"]);
         assert_eq!(located.hosts, ["a"]);
+    }
+
+    /// Places rooms of `replicas` named `{i:0>len}` while every one goes to `a` (the
+    /// others are far busier); returns how many `a` was given before one went elsewhere.
+    fn fill_one_host(rooms: &mut Rooms, live: &[TransmitterInfo], len: usize) -> usize {
+        for i in 0..10_000 {
+            let (_, assigned) = rooms.locate(&format!("{i:0>len$}"), live).unwrap();
+            if !assigned.contains(&live[0].name) {
+                assert!(!assigned.is_empty(), "placed elsewhere");
+                return i;
+            }
+        }
+        panic!("every room went to {}", live[0].name);
+    }
+
+    /// The datagrams that carry `host`'s placements: the rendezvous' `hosting`, and its
+    /// own announcement listing them (every one with a session), with the longest fields.
+    fn datagrams_of(rooms: &Rooms, host: &TransmitterInfo) -> (usize, usize) {
+        use thynapse_protocol::discovery::Datagram;
+        let placements = rooms.hosting(&host.name);
+        let names: Vec<String> = placements.iter().map(|p| p.room.clone()).collect();
+        let hosting = Datagram::Hosting {
+            mesh: "m".into(),
+            rooms: placements,
+        };
+        let long = "x".repeat(256);
+        let announce = Datagram::Announce {
+            mesh: "m".into(),
+            interval_ms: 500,
+            multiplier: 3,
+            transmitter: TransmitterInfo {
+                command: long.clone(),
+                event: long.clone(),
+                metrics: long,
+                ..host.clone()
+            },
+            active: (0..names.len() as u32).collect(),
+            rooms: names,
+        };
+        (hosting.to_bytes().len(), announce.to_bytes().len())
+    }
+
+    #[test]
+    fn a_transmitter_is_given_at_most_40_kb_of_placements_then_rooms_go_elsewhere() {
+        use thynapse_protocol::discovery::MAX_DATAGRAM;
+        for (replicas, name_len) in [(1, MAX_ROOM_NAME), (1, 8), (3, 8)] {
+            let mut live: Vec<_> = ["a", "b", "c", "d"].map(t).to_vec();
+            for other in &mut live[1..] {
+                other.rate = 1e9;
+            }
+            let one = RoomPolicy {
+                default_replicas: replicas,
+                ..RoomPolicy::default()
+            };
+            let mut rooms = Rooms::new("m", one);
+            let given = fill_one_host(&mut rooms, &live, name_len);
+            let (hosting, announce) = datagrams_of(&rooms, &live[0]);
+            assert!(
+                hosting <= MAX_DATAGRAM && announce <= MAX_DATAGRAM,
+                "{given} rooms: hosting {hosting} bytes, announcement {announce}"
+            );
+            let placed: usize = rooms
+                .hosting("a")
+                .iter()
+                .map(|p| hosting_bytes(&p.room, p.hosts.len() as u32, 1))
+                .sum();
+            assert!(placed <= MAX_HOSTING_BYTES, "{placed} bytes of placements");
+            let one_more = hosting_bytes(&format!("{given:0>name_len$}"), replicas, 1);
+            assert!(
+                placed + one_more > MAX_HOSTING_BYTES,
+                "given up early: {placed}"
+            );
+            if name_len == 8 && replicas == 1 {
+                assert!(given > 500, "over 500 rooms with short names: {given}");
+            }
+        }
+    }
+
+    #[test]
+    fn placements_with_long_transmitter_names_fit_a_hosting_datagram() {
+        use thynapse_protocol::discovery::MAX_DATAGRAM;
+        // StatefulSet pod names of 63 characters (a DNS label); the rendezvous takes 256.
+        let names: Vec<String> = (0..4).map(|i| format!("{i}{}", "t".repeat(62))).collect();
+        let mut live: Vec<_> = names.iter().map(|n| t(n)).collect();
+        for other in &mut live[3..] {
+            other.rate = 1e9;
+        }
+        let three = RoomPolicy {
+            default_replicas: 3,
+            ..RoomPolicy::default()
+        };
+        let mut rooms = Rooms::new("m", three);
+        let given = fill_one_host(&mut rooms, &live, 8);
+        let (hosting, _) = datagrams_of(&rooms, &live[0]);
+        assert!(
+            hosting <= MAX_DATAGRAM,
+            "{given} rooms: hosting {hosting} bytes"
+        );
     }
 }

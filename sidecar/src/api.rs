@@ -72,7 +72,15 @@ pub struct ClientPublishes {
     /// Whether any is an SPUBLISH (those go to their room's session).
     pub shard: bool,
     pub payload_bytes: usize,
+    /// Its share of `PUBLISH_QUEUE_BYTES`, held until the hub takes it: a client whose
+    /// publishes cannot be queued waits, and its socket is not read.
+    pub queued: Option<tokio::sync::OwnedSemaphorePermit>,
 }
+
+/// Bytes of publishes read from all clients and not yet taken by the hub. The hub takes
+/// none while its window of unacknowledged publishes is full; then the connections wait
+/// and stop reading their sockets, so a client cannot make the sidecar buffer more.
+pub const PUBLISH_QUEUE_BYTES: usize = 4 << 20;
 
 pub enum HubCmd {
     Register(ClientId, ClientHandle),

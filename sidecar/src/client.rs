@@ -17,6 +17,8 @@ use crate::resp::Reply;
 
 pub struct Shared {
     pub hub: mpsc::Sender<HubCmd>,
+    /// `PUBLISH_QUEUE_BYTES` of publishes on their way to the hub.
+    pub publish_queue: Arc<tokio::sync::Semaphore>,
     pub max_message_bytes: usize,
     /// `thynapse_sidecar_refused_total` and `_drops_total`, counted where a command is refused.
     pub refused: prometheus::IntCounterVec,

@@ -16,7 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
-use crate::api::{now_us, ClientHandle, ClientId, ClientPublishes, HubCmd, Out};
+use crate::api::{
+    now_us, ClientHandle, ClientId, ClientPublishes, HubCmd, Out, PUBLISH_QUEUE_BYTES,
+};
 use crate::client::{lock, name_too_long, Client, Pending, Shared};
 use crate::cmd::{arity_error, lower, COMMANDS};
 use crate::introspection::ClientSummary;
@@ -422,6 +424,13 @@ impl Client {
         if self.publishes.count > 0 {
             let mut p = std::mem::take(&mut self.publishes);
             p.records = self.batch.split().freeze();
+            let share = p.records.len().min(PUBLISH_QUEUE_BYTES) as u32;
+            p.queued = shared
+                .publish_queue
+                .clone()
+                .acquire_many_owned(share)
+                .await
+                .ok();
             let _ = shared.hub.send(HubCmd::Publish(self.id, p)).await;
         }
     }

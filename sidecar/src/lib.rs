@@ -78,6 +78,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let hub = tokio::spawn(Hub::new(cfg, metrics.clone()).run(hub_rx, shutdown.clone()));
     let shared = Arc::new(Shared {
         hub: hub_tx,
+        publish_queue: Arc::new(tokio::sync::Semaphore::new(api::PUBLISH_QUEUE_BYTES)),
         max_message_bytes: args.max_message_bytes,
         refused: metrics.refused.clone(),
         drops: metrics.drops.clone(),

@@ -49,7 +49,12 @@ impl Default for Outbox {
 impl Outbox {
     /// Whether one more message of `size` bytes fits under `limit`.
     pub fn has_room(&self, size: usize, limit: usize) -> bool {
-        self.inflight.len() + self.ready.len() < MAX_FRAMES_IN_FLIGHT
+        // The open batch is a frame too; a message starts a new one when it is empty or
+        // full (`open` closes a full one first).
+        let open = self.writer.byte_len();
+        let frames = self.inflight.len() + self.ready.len() + usize::from(open > 0);
+        let new_frame = open == 0 || open >= BATCH_BYTES;
+        frames + usize::from(new_frame) <= MAX_FRAMES_IN_FLIGHT
             && self.pending_bytes() + size <= limit
     }
 
@@ -241,5 +246,49 @@ mod tests {
         );
         assert!(o.idle());
         assert_eq!(o.unconfirmed_messages(), 0);
+    }
+
+    #[test]
+    fn a_link_holds_at_most_ten_thousand_uncredited_frames() {
+        let mut o = Outbox::default();
+        let id = Thid::random();
+        // Bytes are never the bound here: frames of one small message each.
+        let limit = 1 << 40;
+        let mut frames = 0;
+        while o.has_room(100, limit) {
+            frames += 1;
+            o.open().push(Kind::Mesh, &id, frames, 0, b"c", b"x", &[]);
+            // Flushed at once: one frame per message.
+            assert!(o.take_batch().is_some());
+            assert!(frames <= 20_000, "never full");
+        }
+        assert_eq!(frames, 10_000, "the 10,001st frame is refused");
+        assert_eq!(o.unconfirmed_messages(), 10_000);
+        o.credit(1);
+        assert!(o.has_room(100, limit), "a credit makes room for one more");
+    }
+
+    #[test]
+    fn a_full_open_batch_does_not_take_a_link_past_ten_thousand_frames() {
+        let mut o = Outbox::default();
+        let id = Thid::random();
+        let limit = 1 << 40;
+        for seq in 1..MAX_FRAMES_IN_FLIGHT as u64 {
+            o.open().push(Kind::Mesh, &id, seq, 0, b"c", b"x", &[]);
+            o.take_batch();
+        }
+        // 9,999 frames uncredited; messages gather in the open batch, as within one turn
+        // of the transmitter's loop, each checked for room first as the server does.
+        let payload = vec![7u8; 64 * 1024];
+        let mut seq = MAX_FRAMES_IN_FLIGHT as u64;
+        while o.has_room(payload.len() + 64, limit) {
+            o.open().push(Kind::Mesh, &id, seq, 0, b"c", &payload, &[]);
+            seq += 1;
+        }
+        let mut frames = MAX_FRAMES_IN_FLIGHT - 1;
+        while o.take_batch().is_some() {
+            frames += 1;
+        }
+        assert!(frames <= MAX_FRAMES_IN_FLIGHT, "{frames} frames uncredited");
     }
 }

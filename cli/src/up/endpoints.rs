@@ -21,18 +21,25 @@ pub(super) struct RoomPlacement {
     pub(super) transmitters: Vec<String>,
 }
 
+/// The order declared rooms are placed in: by name, so that a mesh's rooms go to the same
+/// transmitters whatever the order of its manifests (each goes to the least busy).
+fn placement_order(mut names: Vec<String>) -> Vec<String> {
+    names.sort();
+    names
+}
+
 /// Places the declared rooms (in name order, once the rendezvous knows all `transmitters`)
 /// and then reports where they live every second, so the endpoints follow failovers.
 pub(super) async fn follow_rooms(
     mesh: String,
     rendezvous: Vec<String>,
-    mut names: Vec<String>,
+    names: Vec<String>,
     transmitters: usize,
     reports: mpsc::Sender<Report>,
     mut stop: watch::Receiver<bool>,
 ) {
     use thynapse_protocol::discovery::Datagram;
-    names.sort();
+    let names = placement_order(names);
     let ask = |d: Datagram| {
         let rendezvous = &rendezvous;
         async move { thynapse_rendezvous::ask(rendezvous, &d, Duration::from_millis(500)).await }
@@ -246,6 +253,53 @@ pub(super) fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &
             println!(
                 "try: redis-cli -h {host} -p {port} publish hello world    (Ctrl-C stops the mesh)"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thynapse_protocol::discovery::TransmitterInfo;
+    use thynapse_protocol::Thid;
+    use thynapse_rendezvous::placement::{RoomPolicy, Rooms};
+
+    fn transmitter(name: &str) -> TransmitterInfo {
+        TransmitterInfo {
+            name: name.into(),
+            id: Thid::of(name.as_bytes()),
+            command: String::new(),
+            event: String::new(),
+            metrics: String::new(),
+            cells: 0,
+            rate: 0.0,
+            draining: false,
+            rooms: 0,
+        }
+    }
+
+    #[test]
+    fn declared_rooms_are_placed_in_name_order_whatever_the_manifests_order() {
+        let live = ["t-0", "t-1", "t-2"].map(transmitter);
+        let declared = ["zeta", "alpha", "mid"];
+        for manifests in [declared, ["mid", "zeta", "alpha"], ["alpha", "mid", "zeta"]] {
+            let policy = RoomPolicy {
+                declared: declared.iter().map(|n| (n.to_string(), 1)).collect(),
+                default_replicas: 1,
+                allow_undeclared: false,
+            };
+            let mut rooms = Rooms::new("m", policy);
+            let names = manifests.iter().map(|n| n.to_string()).collect();
+            let placed: Vec<(String, Vec<String>)> = placement_order(names)
+                .into_iter()
+                .map(|name| {
+                    let (_, hosts) = rooms.locate(&name, &live).unwrap();
+                    (name, hosts)
+                })
+                .collect();
+            let expected = [("alpha", "t-0"), ("mid", "t-1"), ("zeta", "t-2")]
+                .map(|(room, host)| (room.to_string(), vec![host.to_string()]));
+            assert_eq!(placed, expected, "manifests in the order {manifests:?}");
         }
     }
 }

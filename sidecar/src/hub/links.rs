@@ -11,7 +11,6 @@ use thynapse_protocol::batch::{decode_acks, decode_envelopes};
 use thynapse_protocol::frame::CommandFrame;
 use thynapse_protocol::room::room_of;
 use thynapse_protocol::wire::{self, cmd, Interest, Op};
-use thynapse_protocol::Thid;
 use zeromq::{SocketSend, ZmqMessage};
 
 use super::delivery::Subscriptions;
@@ -47,10 +46,7 @@ impl Hub {
             },
             wait_for_preferred,
             max_message_bytes: self.cfg.max_message_bytes,
-            spread: {
-                let mix = Thid::of_parts(&[&self.id.0, key.as_deref().unwrap_or_default()]);
-                u64::from_le_bytes(mix.0[..8].try_into().expect("8 bytes"))
-            },
+            spread: session::spread(&self.id, &key),
         };
         tokio::spawn(session::connect(plan, self.link_tx.clone()));
     }
@@ -267,8 +263,7 @@ impl Hub {
         }
     }
 
-    pub(super) async fn housekeeping(&mut self) {
-        let now = Instant::now();
+    pub(super) async fn housekeeping(&mut self, now: Instant) {
         let oversized = session::WIRE_OVERSIZED.swap(0, Ordering::Relaxed);
         self.metrics
             .refused

@@ -160,6 +160,12 @@ impl Hub {
         self.unacked >= MAX_UNACKED || self.unacked_bytes >= MAX_UNACKED_BYTES
     }
 
+    /// Whether the next command of a client is taken now: not while the publishes not
+    /// acknowledged fill the window (unless stopping: then each is answered at once).
+    fn takes_commands(&self) -> bool {
+        self.draining() || !self.window_full()
+    }
+
     /// Runs until `shutdown`, then drains: takes no new publishes or subscriptions (each
     /// answered at once, a publish with an error), and returns once every publish taken
     /// is acknowledged and its answer handed to its connection, or `drain` passed.
@@ -175,17 +181,17 @@ impl Hub {
                         self.on_link(ev);
                     }
                 }
-                Some(c) = cmds.recv(), if self.draining() || !self.window_full() => {
+                Some(c) = cmds.recv(), if self.takes_commands() => {
                     self.on_cmd(c);
                     let mut n = 1;
-                    while n < MAX_COMMANDS_PER_TURN && (self.draining() || !self.window_full()) {
+                    while n < MAX_COMMANDS_PER_TURN && self.takes_commands() {
                         match cmds.try_recv() {
                             Ok(c) => { self.on_cmd(c); n += 1; }
                             Err(_) => break,
                         }
                     }
                 }
-                _ = tick.tick() => self.housekeeping().await,
+                _ = tick.tick() => self.housekeeping(Instant::now()).await,
                 _ = shutdown.notified(), if !self.draining() => {
                     tracing::info!(unacknowledged = self.unacked, "stopping: draining publishes");
                     self.drain_until = Some(Instant::now() + self.cfg.drain);
@@ -506,5 +512,293 @@ impl Hub {
         }
         h.queued.fetch_add(size, Ordering::Relaxed);
         h.tx.send(out).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    use bytes::BytesMut;
+    use thynapse_protocol::batch::{decode_envelopes, put_publish, EnvelopeBatchWriter};
+    use thynapse_protocol::dedup::{SeqWindow, WINDOW};
+    use thynapse_protocol::wire::cmd;
+    use zeromq::Socket;
+
+    use crate::frames::bare_frame;
+
+    fn hub(expiry: Duration, output_limit: usize) -> Hub {
+        let cfg = HubConfig {
+            mesh: "m".into(),
+            service: "s".into(),
+            name: "cell".into(),
+            rules: Vec::new(),
+            rendezvous: vec!["udp://127.0.0.1:9".into()],
+            prefer: None,
+            heartbeat: expiry / 3,
+            expiry,
+            client_output_buffer_bytes: output_limit,
+            max_message_bytes: 1 << 20,
+            drain: Duration::from_secs(1),
+            resp: "127.0.0.1:6379".parse().unwrap(),
+            metrics_url: String::new(),
+            interest_bytes: Arc::default(),
+        };
+        Hub::new(cfg, Metrics::new())
+    }
+
+    /// A client of the hub: what it is handed, and whether it was disconnected.
+    struct Client {
+        rx: tokio::sync::mpsc::UnboundedReceiver<Out>,
+        killed: Arc<AtomicBool>,
+    }
+
+    impl Client {
+        fn received(&mut self) -> Vec<Out> {
+            std::iter::from_fn(|| self.rx.try_recv().ok()).collect()
+        }
+    }
+
+    fn client(hub: &mut Hub, id: ClientId) -> Client {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let killed = Arc::new(AtomicBool::new(false));
+        let handle = ClientHandle {
+            tx,
+            resp3: false,
+            queued: Arc::default(),
+            killed: killed.clone(),
+            kill: Arc::default(),
+        };
+        hub.on_cmd(HubCmd::Register(id, handle));
+        Client { rx, killed }
+    }
+
+    /// One read's `n` PUBLISHes of `payload` bytes on channel `c`, from reply slot `token`.
+    fn publishes(n: usize, payload: usize, token: u64) -> ClientPublishes {
+        let mut records = BytesMut::new();
+        for _ in 0..n {
+            put_publish(&mut records, Kind::Mesh, 0, b"c", &vec![7; payload]);
+        }
+        ClientPublishes {
+            records: records.freeze(),
+            count: n,
+            tokens: vec![(token, n as u32)],
+            shard: false,
+            payload_bytes: n * payload,
+            queued: None,
+        }
+    }
+
+    fn subscribe(hub: &mut Hub, client: ClientId, kind: SubKind, name: &str, token: u64) {
+        hub.on_cmd(HubCmd::Subscribe {
+            client,
+            kind,
+            names: vec![Bytes::copy_from_slice(name.as_bytes())],
+            token,
+        });
+    }
+
+    /// A `DLVR` frame from the transmitter: `payloads` on `channel`, from a new origin.
+    fn deliver(hub: &mut Hub, channel: &[u8], payloads: &[&[u8]]) {
+        let origin = Thid::random();
+        let mut batch = EnvelopeBatchWriter::default();
+        for (i, p) in payloads.iter().enumerate() {
+            batch.push(Kind::Mesh, &origin, 1 + i as u64, 0, channel, p, &[]);
+        }
+        let frame = batch.finish(1);
+        let (_, envelopes) = decode_envelopes(&frame).unwrap();
+        hub.deliver(envelopes, frame.len());
+    }
+
+    #[test]
+    fn the_hub_stops_taking_publishes_at_16128_unacknowledged() {
+        let mut hub = hub(Duration::from_secs(3), 32 << 20);
+        // Reads of 256 publishes, the most one command carries.
+        let mut token = 0;
+        while hub.takes_commands() {
+            hub.on_cmd(HubCmd::Publish(1, publishes(256, 10, token)));
+            token += 256;
+            assert!(token < 1 << 20, "never full");
+        }
+        assert_eq!(hub.unacked, 16_128, "taken while under 16,128");
+        // Acknowledged, they leave the window: it takes publishes again.
+        hub.sessions.get_mut(&None).unwrap().close();
+        hub.acknowledge(&None, 1, &[1; 1024]);
+        assert_eq!(hub.unacked, 16_128 - 1024);
+        assert!(hub.takes_commands());
+
+        // Just under, one more command is taken, and it may add 256.
+        let mut hub = self::hub(Duration::from_secs(3), 32 << 20);
+        fill_to_the_most(&mut hub);
+        assert_eq!(hub.unacked, 16_127 + 256);
+        assert!(
+            (hub.unacked as u64) < WINDOW,
+            "within the receivers' duplicate window"
+        );
+    }
+
+    /// Fills the hub's window as far as it goes: one publish short of the bound, then one
+    /// more command of 256.
+    fn fill_to_the_most(hub: &mut Hub) {
+        for token in 0..16_127 / 256 {
+            hub.on_cmd(HubCmd::Publish(1, publishes(256, 10, token * 256)));
+        }
+        hub.on_cmd(HubCmd::Publish(1, publishes(16_127 % 256, 10, 0)));
+        assert_eq!(hub.unacked, 16_127);
+        assert!(hub.takes_commands());
+        hub.on_cmd(HubCmd::Publish(1, publishes(256, 10, 0)));
+        assert!(!hub.takes_commands());
+    }
+
+    #[test]
+    fn the_hub_stops_taking_publishes_at_4_mib_unacknowledged() {
+        let mut hub = hub(Duration::from_secs(3), 32 << 20);
+        let mut before = 0;
+        let mut token = 0;
+        while hub.takes_commands() {
+            before = hub.unacked_bytes;
+            hub.on_cmd(HubCmd::Publish(1, publishes(64, 1000, token)));
+            token += 64;
+        }
+        assert!(before < 4 << 20 && hub.unacked_bytes >= 4 << 20);
+        assert!(hub.unacked < 16_128 / 2, "bytes, not messages, stopped it");
+    }
+
+    #[tokio::test]
+    async fn a_resend_from_the_far_end_of_a_full_window_is_delivered_once() {
+        let mut hub = hub(Duration::from_secs(3), 32 << 20);
+        fill_to_the_most(&mut hub);
+        // What it sends a new transmitter after a move: every publish not acknowledged.
+        let s = hub.sessions.get_mut(&None).unwrap();
+        assert!(s.begin_connect(1).is_some());
+        let (sender, _) = zeromq::DealerSocket::new().split();
+        assert!(s.linked(1, "t2".into(), sender, bare_frame(cmd::HELO), Vec::new()));
+        let mut out = Vec::new();
+        s.outgoing(&mut out);
+        let mut seqs = Vec::new();
+        for (_, m) in &out[1..] {
+            let first = u64::from_le_bytes(m.get(1).unwrap()[..8].try_into().unwrap());
+            let count: usize = (2..m.len())
+                .map(|i| decode_publish_records(m.get(i).unwrap()).unwrap().count())
+                .sum();
+            seqs.extend(first..first + count as u64);
+        }
+        assert_eq!(seqs.len(), hub.unacked);
+        let (oldest, newest) = (seqs[0], *seqs.last().unwrap());
+        // A receiver saw the newest (through the new transmitter) before the oldest's resend.
+        let mut receiver = SeqWindow::default();
+        assert!(receiver.accept(newest));
+        assert!(receiver.accept(oldest), "the oldest resend is delivered");
+        assert!(!receiver.accept(oldest), "and a copy of it dropped");
+    }
+
+    #[test]
+    fn an_origins_duplicate_window_lasts_twenty_expiries_when_longer_than_60_s() {
+        // Expiry 10 s: 20 expiries are 200 s.
+        let mut hub = hub(Duration::from_secs(10), 32 << 20);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let (a, b) = (Thid::random(), Thid::random());
+        assert!(hub.seen.window(a, t0).accept(1));
+        // Others are heard; `a` is silent for longer than two generations of 60 s.
+        for at in [70, 130, 190] {
+            hub.seen.window(b, t0 + s(at)).accept(at);
+        }
+        assert!(
+            !hub.seen.window(a, t0 + s(195)).accept(1),
+            "a copy 195 s later is still dropped"
+        );
+        // Forgotten after one to two generations of silence.
+        for at in [400, 600] {
+            hub.seen.window(b, t0 + s(at)).accept(at);
+        }
+        assert!(hub.seen.window(a, t0 + s(601)).accept(1));
+
+        // Expiry 1 s: 20 expiries are 20 s, so 60 s it is.
+        let mut hub = self::hub(Duration::from_secs(1), 32 << 20);
+        let t0 = Instant::now();
+        assert!(hub.seen.window(a, t0).accept(1));
+        for at in [25, 50] {
+            hub.seen.window(b, t0 + s(at)).accept(at);
+        }
+        assert!(!hub.seen.window(a, t0 + s(55)).accept(1));
+    }
+
+    #[tokio::test]
+    async fn a_room_session_with_no_subscription_closes_after_30_s_idle() {
+        let mut hub = hub(Duration::from_secs(3), 32 << 20);
+        let _client = client(&mut hub, 1);
+        // Room b keeps a subscription; room a's is dropped.
+        subscribe(&mut hub, 1, SubKind::Shard, "{b}x", 1);
+        subscribe(&mut hub, 1, SubKind::Shard, "{a}x", 2);
+        hub.on_cmd(HubCmd::Unsubscribe {
+            client: 1,
+            kind: SubKind::Shard,
+            names: vec![Bytes::from_static(b"{a}x")],
+            token: 3,
+        });
+        let t0 = Instant::now();
+        let (a, b) = (
+            Some(Bytes::from_static(b"a")),
+            Some(Bytes::from_static(b"b")),
+        );
+        hub.housekeeping(t0 + Duration::from_secs(29)).await;
+        assert!(hub.sessions.contains_key(&a), "idle for 29 s only");
+        hub.housekeeping(t0 + Duration::from_secs(31)).await;
+        assert!(!hub.sessions.contains_key(&a), "closed");
+        assert!(hub.sessions.contains_key(&b), "a subscription keeps it");
+        assert!(hub.sessions.contains_key(&None), "the mesh session stays");
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_held_two_expiries_is_written_and_counted() {
+        let expiry = Duration::from_secs(1);
+        let mut hub = hub(expiry, 32 << 20);
+        let mut c = client(&mut hub, 1);
+        // No transmitter to confirm it (no link).
+        let before = Instant::now();
+        subscribe(&mut hub, 1, SubKind::Channel, "c", 5);
+        let after = Instant::now();
+        // A message for it arrives meanwhile: held for the client.
+        deliver(&mut hub, b"c", &[b"early"]);
+        assert!(c.received().is_empty());
+        hub.housekeeping(before + 2 * expiry).await;
+        assert!(c.received().is_empty(), "held up to two expiries");
+        assert_eq!(hub.metrics.confirm_timeouts.get(), 0);
+        hub.housekeeping(after + 2 * expiry + Duration::from_millis(1))
+            .await;
+        let got = c.received();
+        assert!(
+            matches!(got[..], [Out::Confirmed(5), Out::Pushes { .. }]),
+            "{got:?}"
+        );
+        let Out::Pushes { bytes, .. } = &got[1] else {
+            unreachable!()
+        };
+        assert!(bytes.windows(5).any(|w| w == b"early"));
+        assert_eq!(hub.metrics.confirm_timeouts.get(), 1);
+    }
+
+    #[test]
+    fn messages_held_for_an_unconfirmed_subscription_count_against_the_output_limit() {
+        let mut hub = hub(Duration::from_secs(3), 4096);
+        let mut c = client(&mut hub, 1);
+        subscribe(&mut hub, 1, SubKind::Channel, "c", 5);
+        deliver(&mut hub, b"c", &[&[7; 2000]]);
+        assert!(!c.killed.load(Ordering::Relaxed), "within the limit: held");
+        deliver(&mut hub, b"c", &[&[7; 3000]]);
+        assert!(c.killed.load(Ordering::Relaxed), "past it: disconnected");
+        assert!(!hub.clients.contains_key(&1));
+        let slow = hub
+            .metrics
+            .drops
+            .with_label_values(&["slow_subscriber"])
+            .get();
+        assert_eq!(slow, 1);
+        assert!(
+            c.received().is_empty(),
+            "nothing written before its confirmation"
+        );
     }
 }

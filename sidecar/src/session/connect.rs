@@ -8,6 +8,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
 use thynapse_protocol::limits::wire_limit;
+use thynapse_protocol::Thid;
 use tokio::sync::mpsc;
 use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, ZmqMessage};
 
@@ -187,17 +188,7 @@ async fn choose_for_room(
                 let _ = events
                     .send(LinkEvent::Admitted(plan.key.clone(), plan.generation))
                     .await;
-                let fresh: Vec<&TransmitterInfo> = transmitters
-                    .iter()
-                    .filter(|t| !plan.avoid.contains(&t.name))
-                    .collect();
-                let pool: Vec<&TransmitterInfo> = if fresh.is_empty() {
-                    transmitters.iter().collect()
-                } else {
-                    fresh
-                };
-                let pick = pool[(plan.spread % pool.len() as u64) as usize];
-                return Ok(pick.clone());
+                return Ok(room_host(&transmitters, &plan.avoid, plan.spread).clone());
             }
             Some(Datagram::Error { error }) => return Err(Some(error)),
             // Being placed: the chosen hosts have not confirmed yet.
@@ -211,6 +202,29 @@ async fn choose_for_room(
     }
 }
 
+/// This cell's spread value for session `key`: a hash of the cell and the room, so that a
+/// room's cells spread over its hosts, and a cell keeps to the same one.
+pub fn spread(cell: &Thid, key: &SessionKey) -> u64 {
+    let mix = Thid::of_parts(&[&cell.0, key.as_deref().unwrap_or_default()]);
+    u64::from_le_bytes(mix.0[..8].try_into().expect("8 bytes"))
+}
+
+/// The host of a room a session links to, by its `spread`: among those not to `avoid`
+/// (all of them when every one is). `hosts` is not empty.
+fn room_host<'a>(
+    hosts: &'a [TransmitterInfo],
+    avoid: &[String],
+    spread: u64,
+) -> &'a TransmitterInfo {
+    let fresh: Vec<&TransmitterInfo> = hosts.iter().filter(|t| !avoid.contains(&t.name)).collect();
+    let pool: Vec<&TransmitterInfo> = if fresh.is_empty() {
+        hosts.iter().collect()
+    } else {
+        fresh
+    };
+    pool[(spread % pool.len() as u64) as usize]
+}
+
 async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagram> {
     thynapse_rendezvous::ask(&plan.rendezvous, request, plan.heartbeat).await
 }
@@ -220,3 +234,58 @@ async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagr
 pub(crate) static WIRE_OVERSIZED: std::sync::LazyLock<
     std::sync::Arc<std::sync::atomic::AtomicU64>,
 > = std::sync::LazyLock::new(Default::default);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str) -> TransmitterInfo {
+        TransmitterInfo {
+            name: name.into(),
+            id: Thid::of(name.as_bytes()),
+            command: String::new(),
+            event: String::new(),
+            metrics: String::new(),
+            cells: 0,
+            rate: 0.0,
+            draining: false,
+            rooms: 0,
+        }
+    }
+
+    #[test]
+    fn a_rooms_cells_spread_over_its_hosts_and_each_keeps_to_one() {
+        let hosts = ["a", "b", "c"].map(host);
+        let lobby: SessionKey = Some(Bytes::from_static(b"lobby"));
+        let mut per_host = std::collections::HashMap::new();
+        for i in 0..60 {
+            let cell = Thid::of(format!("cell-{i}").as_bytes());
+            let pick = &room_host(&hosts, &[], spread(&cell, &lobby)).name;
+            *per_host.entry(pick.clone()).or_insert(0) += 1;
+            // Whenever it links again (a restart of the link, not of the cell).
+            for _ in 0..3 {
+                assert_eq!(&room_host(&hosts, &[], spread(&cell, &lobby)).name, pick);
+            }
+        }
+        assert_eq!(per_host.len(), 3, "{per_host:?}");
+        assert!(per_host.values().all(|&n| n >= 10), "{per_host:?}");
+        // One cell's rooms spread too: the room is part of the hash.
+        let cell = Thid::of(b"one cell");
+        let picks: std::collections::HashSet<String> = (0..30)
+            .map(|i| {
+                let room: SessionKey = Some(Bytes::from(format!("room-{i}")));
+                room_host(&hosts, &[], spread(&cell, &room)).name.clone()
+            })
+            .collect();
+        assert_eq!(picks.len(), 3);
+    }
+
+    #[test]
+    fn a_room_host_to_avoid_is_avoided_unless_it_is_the_only_one() {
+        let hosts = ["a", "b"].map(host);
+        for i in 0..20u64 {
+            assert_eq!(room_host(&hosts, &["a".into()], i).name, "b");
+            assert_eq!(room_host(&hosts[..1], &["a".into()], i).name, "a");
+        }
+    }
+}

@@ -29,7 +29,7 @@ use crate::api::ClientId;
 use crate::confirm::Confirmations;
 use crate::frames::{bare_frame, binary_frame, interest_frames};
 pub(crate) use connect::WIRE_OVERSIZED;
-pub use connect::{connect, ConnectPlan, LinkEvent};
+pub use connect::{connect, spread, ConnectPlan, LinkEvent};
 use link::{credit, goodbye, Link};
 
 /// Which session: the mesh (`None`) or a room.
@@ -634,6 +634,79 @@ mod tests {
         assert_eq!(messages, MAX_PUBS_BATCH + 1);
         assert_eq!(bytes, records(1).len() * (MAX_PUBS_BATCH + 1));
         assert!(s.settled());
+    }
+
+    #[test]
+    fn a_batch_is_closed_once_it_holds_256_kib() {
+        let mut s: Session<u8> = Session::new(Thid::random(), None);
+        let payload = vec![7u8; 100 * 1024];
+        let mut one = BytesMut::new();
+        put_publish(&mut one, Kind::Mesh, 7, b"ch", &payload);
+        let one = one.freeze();
+        // Client 1's reads, one publish each, then client 2's publishes one by one.
+        for t in 0..5 {
+            s.queue_records(1, &one, 1, &[(t, 1)]);
+        }
+        for t in 0..4 {
+            let p = Publish {
+                kind: Kind::Mesh,
+                ts: 7,
+                channel: b"ch",
+                payload: &payload,
+            };
+            s.queue(2, t, &p);
+        }
+        s.close();
+        let counts: Vec<usize> = s.unacked.iter().map(|f| f.count).collect();
+        assert_eq!(
+            counts,
+            [3, 3, 3],
+            "far fewer than {MAX_PUBS_BATCH} messages"
+        );
+        for f in &s.unacked {
+            assert!(f.bytes >= BATCH_BYTES, "closed before 256 KiB: {}", f.bytes);
+            assert!(
+                f.bytes - one.len() < BATCH_BYTES,
+                "closed late: {}",
+                f.bytes
+            );
+        }
+    }
+
+    #[test]
+    fn a_session_credits_what_it_took_before_it_says_quit() {
+        let expiry = Duration::from_secs(3);
+        let mut s: Session<u8> = Session::new(Thid::random(), None);
+        link(&mut s, "t1", 1, vec![]);
+        flush(&mut s);
+        // Moving: the old link delivers a batch after the last flush, then its expiry ends.
+        let t0 = Instant::now();
+        s.move_away(t0 + expiry);
+        assert_eq!(s.heard(1, t0, expiry), Heard::Via(Via::Previous));
+        s.received(Via::Previous, 7, 10);
+        link(&mut s, "t2", 2, vec![]);
+        let (old, last) = s.tick(t0 + expiry, expiry).farewell.expect("farewell");
+        assert_eq!(old, 1);
+        let credit = |m: &ZmqMessage| {
+            let f = CommandFrame::parse(m.get(0).unwrap()).unwrap();
+            (
+                f.cmd_str().to_string(),
+                f.decode_json::<wire::Credit>().ok().map(|c| c.batch),
+            )
+        };
+        let last: Vec<_> = last.iter().map(credit).collect();
+        assert_eq!(
+            last,
+            [("CRED".to_string(), Some(7)), ("QUIT".to_string(), None)]
+        );
+        // Stopping (or closing an idle room session): the current link's last messages.
+        assert_eq!(s.heard(2, t0, expiry), Heard::Via(Via::Current));
+        s.received(Via::Current, 4, 10);
+        let last: Vec<_> = s.goodbye().iter().map(credit).collect();
+        assert_eq!(
+            last,
+            [("CRED".to_string(), Some(4)), ("QUIT".to_string(), None)]
+        );
     }
 
     // The link lifecycle, driven without sockets: links are numbered tags.

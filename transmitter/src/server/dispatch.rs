@@ -429,3 +429,108 @@ impl Transmitter {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+    use thynapse_protocol::batch::decode_acks;
+    use thynapse_protocol::wire::Interest;
+
+    /// A publisher and a subscriber of channel `c` on one transmitter.
+    fn publisher_and_subscriber(t: &mut Transmitter) -> (Bytes, Thid, Bytes, Thid) {
+        let (publisher, subscriber) = (conn(1), conn(2));
+        let (p, s) = (Thid::random(), Thid::random());
+        hello(t, &subscriber, s, None);
+        subscribe(t, &subscriber, Interest::Channel, b"c", None);
+        hello(t, &publisher, p, None);
+        t.replies.clear();
+        (publisher, p, subscriber, s)
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_wait_while_a_link_they_fed_is_above_a_quarter_of_its_limit() {
+        let mut args = args();
+        args.link_buffer_bytes = 64 * 1024;
+        let quarter = args.link_buffer_bytes / 4;
+        let mut t = transmitter(args);
+        let (publisher, _, subscriber, s) = publisher_and_subscriber(&mut t);
+        let payload = [7u8; 1000];
+        let (mut at_once, mut held) = (0, 0);
+        for seq in 1..=30 {
+            publish(&mut t, &publisher, seq, Kind::Mesh, b"c", &[&payload]);
+            let acked = replies(&t) == [(publisher.clone(), "ACKS".to_string())];
+            t.replies.clear();
+            let pending = t.cells[&s].outbox.unsent_bytes();
+            assert!(
+                pending <= t.args.link_buffer_bytes,
+                "within the link buffer: routed"
+            );
+            assert_eq!(
+                acked,
+                pending <= quarter,
+                "publish {seq}: {pending} bytes wait for the subscriber"
+            );
+            if acked {
+                at_once += 1;
+            } else {
+                held += 1;
+            }
+        }
+        assert!(at_once > 0 && held > 0, "{at_once} answered, {held} held");
+        // The subscriber takes and credits everything: the answers go, in order.
+        t.release_acks();
+        assert!(t.replies.is_empty(), "still congested");
+        let mut last = 0;
+        while let Some((batch, ..)) = t.cells.get_mut(&s).unwrap().outbox.take_batch() {
+            last = batch;
+        }
+        let credit = CommandFrame::json(cmd::CRED, &wire::Credit { batch: last }).to_bytes();
+        t.on_router(inbound(&subscriber, [credit]));
+        t.release_acks();
+        let acks: Vec<u64> = t
+            .replies
+            .iter()
+            .map(|m| decode_acks(m.get(2).unwrap()).unwrap().0)
+            .collect();
+        let expected: Vec<u64> = (31 - held..=30).collect();
+        assert_eq!(acks, expected);
+    }
+
+    #[tokio::test]
+    async fn a_source_over_its_held_bytes_bound_is_routed_at_once() {
+        // The bound is max(linkBufferBytes, 8 MiB), from the transmitter's flags.
+        for (link_buffer, bound) in [(64 << 10, 8 << 20), (16 << 20, 16 << 20)] {
+            let mut args = args();
+            args.link_buffer_bytes = link_buffer;
+            let mut t = transmitter(args);
+            let (publisher, p, _, _) = publisher_and_subscriber(&mut t);
+            let payload = vec![7u8; 16 * 1024];
+            let payloads = vec![&payload[..]; 16];
+            let source = Link::Cell(p);
+            let mut most_held = 0;
+            let mut seq = 1;
+            let batch = loop {
+                let bytes = publish(&mut t, &publisher, seq, Kind::Mesh, b"c", &payloads);
+                seq += payloads.len() as u64;
+                if t.held.is_holding(source) {
+                    most_held = most_held.max(t.held.bytes());
+                } else if most_held > 0 {
+                    break bytes;
+                }
+                assert!(seq < 1 << 20, "never routed");
+            };
+            assert!(
+                most_held <= bound && most_held + batch > bound,
+                "link buffer {link_buffer}: held up to {most_held} bytes, routed past {bound}"
+            );
+            assert!(t.held.is_empty());
+            let backlog = t
+                .metrics
+                .drops
+                .with_label_values(&[DropReason::CellBacklog.label()])
+                .get();
+            assert!(backlog > 0, "what did not fit the full link was dropped");
+        }
+    }
+}

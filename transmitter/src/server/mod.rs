@@ -218,43 +218,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tokio::spawn(rooms::announce(args.clone(), info_rx, reports_tx.clone()));
 
     let (router_tx, mut router_rx) = router.split();
-    let heartbeat = Duration::from_millis(args.announce_interval_ms);
-    let expiry = heartbeat * args.expiry_multiplier;
-    let mut t = Transmitter {
-        id,
-        pub_endpoint: event.clone(),
-        router: router_tx,
-        publisher,
-        table: Table::default(),
-        cells: HashMap::new(),
-        identities: HashMap::new(),
-        peers: HashMap::new(),
-        peer_ids: HashMap::new(),
-        peer_identities: HashMap::new(),
-        next_peer: 1,
-        dirty: HashSet::new(),
-        replies: Vec::new(),
-        deferred: DeferredAcks::default(),
-        held: HeldBatches::default(),
-        reports_tx,
-        hot: Hot::new(&metrics),
-        metrics,
-        draining: None,
-        expiry,
-        heartbeat,
-        dispatch: Dispatch::default(),
-        scratch: Vec::new(),
-        ping_peers: false,
-        routed: 0,
-        rate: 0.0,
-        rooms: HashMap::new(),
-        hosting_from: HashMap::new(),
-        unhosted_labels: HashSet::new(),
-        announcement: info_tx,
-        interest_sync: InterestSync::default(),
-        linked_reported: None,
+    let mut t = Transmitter::new(
         args,
-    };
+        id,
+        event.clone(),
+        router_tx,
+        publisher,
+        metrics,
+        reports_tx,
+        info_tx,
+    );
+    let heartbeat = t.heartbeat;
     Status::Ready(Ready::Transmitter(TransmitterReady {
         name: t.args.name.clone(),
         id,
@@ -323,6 +297,57 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 impl Transmitter {
+    /// A transmitter with no cell, peer or room yet, on sockets already set up.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        args: Args,
+        id: Thid,
+        pub_endpoint: String,
+        router: RouterSendHalf,
+        publisher: PubSocket,
+        metrics: Metrics,
+        reports_tx: mpsc::Sender<Report>,
+        announcement: watch::Sender<Announcement>,
+    ) -> Self {
+        let heartbeat = Duration::from_millis(args.announce_interval_ms);
+        let expiry = heartbeat * args.expiry_multiplier;
+        Transmitter {
+            id,
+            pub_endpoint,
+            router,
+            publisher,
+            table: Table::default(),
+            cells: HashMap::new(),
+            identities: HashMap::new(),
+            peers: HashMap::new(),
+            peer_ids: HashMap::new(),
+            peer_identities: HashMap::new(),
+            next_peer: 1,
+            dirty: HashSet::new(),
+            replies: Vec::new(),
+            deferred: DeferredAcks::default(),
+            held: HeldBatches::default(),
+            reports_tx,
+            hot: Hot::new(&metrics),
+            metrics,
+            draining: None,
+            expiry,
+            heartbeat,
+            dispatch: Dispatch::default(),
+            scratch: Vec::new(),
+            ping_peers: false,
+            routed: 0,
+            rate: 0.0,
+            rooms: HashMap::new(),
+            hosting_from: HashMap::new(),
+            unhosted_labels: HashSet::new(),
+            announcement,
+            interest_sync: InterestSync::default(),
+            linked_reported: None,
+            args,
+        }
+    }
+
     fn high_water(&self) -> usize {
         self.args.link_buffer_bytes / 4
     }
@@ -478,13 +503,143 @@ impl Transmitter {
 
     /// Acknowledgements whose links have room again, then all replies, in order.
     async fn send_replies(&mut self) {
+        self.release_acks();
+        for m in std::mem::take(&mut self.replies) {
+            let _ = self.router.send(m).await;
+        }
+    }
+
+    /// Moves the deferred acknowledgements whose links are no longer congested to the
+    /// replies, in order.
+    fn release_acks(&mut self) {
         let mut deferred = std::mem::take(&mut self.deferred);
         let mut released = Vec::new();
         deferred.release(|dests| self.any_congested(dests), &mut released);
         self.deferred = deferred;
         self.replies.extend(released);
-        for m in std::mem::take(&mut self.replies) {
-            let _ = self.router.send(m).await;
+    }
+}
+
+/// A transmitter without its event loop, for the tests of each job: what cells and peers
+/// send goes in through `on_router` and `on_report`; what it would send is read from
+/// `replies` and the outboxes (nothing is connected to its sockets). Needs a tokio runtime
+/// (the PUB socket starts a task).
+#[cfg(test)]
+mod test_support {
+    use super::*;
+    use thynapse_protocol::batch::{Kind, PublishBatchWriter};
+    use thynapse_protocol::wire::{Events, Interest, Op};
+
+    /// The flags a transmitter gets by default (`link_buffer_bytes` 32 MiB, 500 ms
+    /// heartbeat, expiry of three).
+    pub(super) fn args() -> Args {
+        Args::new("m", "t-0", &["udp://127.0.0.1:9".to_string()])
+    }
+
+    pub(super) fn transmitter(args: Args) -> Transmitter {
+        let (router, _) = RouterSocket::new().split();
+        let (reports_tx, _) = mpsc::channel(4096);
+        let info = TransmitterInfo {
+            name: args.name.clone(),
+            id: Thid::random(),
+            command: "tcp://127.0.0.1:1".into(),
+            event: "tcp://127.0.0.1:2".into(),
+            metrics: String::new(),
+            cells: 0,
+            rate: 0.0,
+            draining: false,
+            rooms: 0,
+        };
+        let (announcement, _) = watch::channel(Announcement {
+            info,
+            rooms: Vec::new(),
+            active: Vec::new(),
+        });
+        Transmitter::new(
+            args,
+            Thid::random(),
+            "tcp://127.0.0.1:2".into(),
+            router,
+            PubSocket::new(),
+            Metrics::new(),
+            reports_tx,
+            announcement,
+        )
+    }
+
+    /// A connection's identity on the ROUTER.
+    pub(super) fn conn(n: u8) -> Bytes {
+        Bytes::from(vec![0, n])
+    }
+
+    /// A message from connection `conn`.
+    pub(super) fn inbound(conn: &Bytes, frames: impl IntoIterator<Item = Bytes>) -> ZmqMessage {
+        let mut m = ZmqMessage::from(conn.clone());
+        for f in frames {
+            m.push_back(f);
         }
+        m
+    }
+
+    /// Cell `id` says HELO on `conn` (a room session when `room` is given).
+    pub(super) fn hello(t: &mut Transmitter, conn: &Bytes, id: Thid, room: Option<&str>) {
+        let hello = wire::Hello {
+            id,
+            service: "s".into(),
+            rules: Vec::new(),
+            events: Events::Dealer,
+            token: None,
+            room: room.map(str::to_string),
+        };
+        t.on_router(inbound(
+            conn,
+            [CommandFrame::json(cmd::HELO, &hello).to_bytes()],
+        ));
+    }
+
+    /// The cell on `conn` subscribes to `name` (with a confirmation number, `sync`).
+    pub(super) fn subscribe(
+        t: &mut Transmitter,
+        conn: &Bytes,
+        kind: Interest,
+        name: &[u8],
+        sync: Option<u64>,
+    ) {
+        let header = serde_json::to_vec(&wire::SubsSync { sync }).unwrap();
+        let command = CommandFrame::new(Encoding::Binary, cmd::SUBS, header).to_bytes();
+        let body = wire::encode_interest([(Op::Add, kind, name)]);
+        t.on_router(inbound(conn, [command, body]));
+    }
+
+    /// The cell on `conn` publishes `payloads` on `channel`, numbered from `first_seq`,
+    /// as one `PUBS` batch; returns the batch's bytes.
+    pub(super) fn publish(
+        t: &mut Transmitter,
+        conn: &Bytes,
+        first_seq: u64,
+        kind: Kind,
+        channel: &[u8],
+        payloads: &[&[u8]],
+    ) -> usize {
+        let mut batch = PublishBatchWriter::new(first_seq);
+        for p in payloads {
+            batch.push(kind, 0, channel, p);
+        }
+        let body = batch.finish();
+        let bytes = body.len();
+        let command = CommandFrame::new(Encoding::Binary, cmd::PUBS, Bytes::new()).to_bytes();
+        t.on_router(inbound(conn, [command, body]));
+        bytes
+    }
+
+    /// The replies queued so far: to which connection, and the command.
+    pub(super) fn replies(t: &Transmitter) -> Vec<(Bytes, String)> {
+        t.replies
+            .iter()
+            .map(|m| {
+                let f = CommandFrame::parse(m.get(1).unwrap()).unwrap();
+                (m.get(0).unwrap().clone(), f.cmd_str().to_string())
+            })
+            .collect()
     }
 }

@@ -573,3 +573,223 @@ async fn connect_peer(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+    use thynapse_protocol::batch::{decode_acks, Kind};
+    use thynapse_protocol::discovery::Datagram;
+    use thynapse_protocol::wire::{Interest, Op};
+
+    fn info(name: &str, id: Thid) -> TransmitterInfo {
+        TransmitterInfo {
+            name: name.into(),
+            id,
+            command: "tcp://127.0.0.1:1".into(),
+            event: "tcp://127.0.0.1:2".into(),
+            metrics: String::new(),
+            cells: 0,
+            rate: 0.0,
+            draining: false,
+            rooms: 0,
+        }
+    }
+
+    /// Peer `name` (instance `id`) introduces itself on its DEALER to our ROUTER.
+    fn peer_hello(t: &mut Transmitter, conn: &Bytes, name: &str, id: Thid) {
+        let hello = wire::PeerHello {
+            id,
+            name: name.into(),
+            mesh: t.args.mesh.clone(),
+        };
+        t.on_router(inbound(
+            conn,
+            [CommandFrame::json(cmd::PEER, &hello).to_bytes()],
+        ));
+    }
+
+    /// Our link to `peer` comes up (a DEALER connected to nothing: nothing is sent on it
+    /// here).
+    fn link_up(t: &mut Transmitter, peer: PeerId) {
+        let generation = t.peers[&peer].generation;
+        let (sender, _) = DealerSocket::new().split();
+        t.on_report(Report::PeerConnected {
+            peer,
+            generation,
+            sender,
+        });
+    }
+
+    fn synd(t: &mut Transmitter, peer: PeerId, round: u64) {
+        let generation = t.peers[&peer].generation;
+        let msg =
+            ZmqMessage::from(CommandFrame::json(cmd::SYND, &wire::SyncRound { round }).to_bytes());
+        t.on_report(Report::PeerReply {
+            peer,
+            generation,
+            msg,
+        });
+    }
+
+    fn subd_sent(t: &Transmitter, cell: &Bytes) -> bool {
+        replies(t).contains(&(cell.clone(), "SUBD".to_string()))
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_waits_for_a_peer_being_linked_and_one_linked_only_to_us() {
+        // Each is seen to be waited for by the other answering first.
+        for x_first in [true, false] {
+            let mut t = transmitter(args());
+            // x: discovered, our link to it being built; y: linked only to us (its PEER
+            // on our ROUTER); z: known, but neither (our attempt failed, and it has no
+            // link to us).
+            t.on_discovered(vec![info("x", Thid::random()), info("z", Thid::random())]);
+            let (x, z) = (t.peer_ids["x"], t.peer_ids["z"]);
+            let generation = t.peers[&z].generation;
+            t.on_report(Report::PeerConnectFailed {
+                peer: z,
+                generation,
+            });
+            peer_hello(&mut t, &conn(9), "y", Thid::random());
+            let y = t.peer_ids["y"];
+            assert!(t.peers[&x].connecting && t.peers[&x].out.is_none());
+            assert!(t.peers[&y].inbound.is_some() && t.peers[&y].out.is_none());
+
+            let cell = conn(1);
+            hello(&mut t, &cell, Thid::random(), None);
+            subscribe(&mut t, &cell, Interest::Channel, b"c", Some(7));
+            t.sync_interest().await;
+            assert!(!subd_sent(&t, &cell), "x and y are waited for");
+            let round = t.interest_sync.round();
+            // Each answers once our link to it is up (the snapshot asks it).
+            let (first, second) = if x_first { (x, y) } else { (y, x) };
+            link_up(&mut t, first);
+            synd(&mut t, first, round);
+            t.sync_interest().await;
+            assert!(!subd_sent(&t, &cell), "the other is still waited for");
+            link_up(&mut t, second);
+            synd(&mut t, second, round);
+            t.sync_interest().await;
+            assert!(
+                subd_sent(&t, &cell),
+                "z, neither linked nor linking, is not"
+            );
+            let gave_up = |reason: &str| t.metrics.sync_gave_up.with_label_values(&[reason]).get();
+            assert_eq!(gave_up("peer_lost") + gave_up("timeout"), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_neither_linked_nor_linking_makes_room_and_names_past_the_bound_are_skipped() {
+        let mut t = transmitter(args());
+        let known: Vec<TransmitterInfo> = (0..MAX_PEERS)
+            .map(|i| info(&format!("p-{i}"), Thid::random()))
+            .collect();
+        t.on_discovered(known);
+        assert_eq!(t.peers.len(), MAX_PEERS);
+        let refused = |t: &Transmitter| t.metrics.refused.with_label_values(&["peers"]).get();
+        // Every one is being linked: a new name is skipped, and its PEER refused.
+        t.on_discovered(vec![info("late", Thid::random())]);
+        assert!(!t.peer_ids.contains_key("late"));
+        assert_eq!(refused(&t), 1);
+        t.replies.clear();
+        peer_hello(&mut t, &conn(9), "late", Thid::random());
+        assert_eq!(replies(&t), [(conn(9), "ERRR".to_string())]);
+        assert!(!t.peer_ids.contains_key("late"));
+        assert_eq!(refused(&t), 2);
+        assert_eq!(t.peers.len(), MAX_PEERS);
+        // One attempt fails: that peer, neither linked nor linking, makes room.
+        let gone = t.peer_ids["p-7"];
+        let generation = t.peers[&gone].generation;
+        t.on_report(Report::PeerConnectFailed {
+            peer: gone,
+            generation,
+        });
+        t.on_discovered(vec![info("late", Thid::random())]);
+        assert!(t.peer_ids.contains_key("late"));
+        assert!(!t.peer_ids.contains_key("p-7") && !t.peers.contains_key(&gone));
+        assert_eq!(t.peers.len(), MAX_PEERS);
+    }
+
+    #[tokio::test]
+    async fn messages_for_a_peer_wait_in_its_outbox_while_its_link_is_rebuilt() {
+        let mut t = transmitter(args());
+        let instance = Thid::random();
+        t.on_discovered(vec![info("p", instance)]);
+        let p = t.peer_ids["p"];
+        link_up(&mut t, p);
+        // The peer has a cell subscribed to `c`.
+        let from_peer = conn(9);
+        peer_hello(&mut t, &from_peer, "p", instance);
+        let header = serde_json::to_vec(&wire::CellInfo {
+            id: Thid::random(),
+            service: "s".into(),
+            rules: Vec::new(),
+        })
+        .unwrap();
+        let cell = CommandFrame::new(Encoding::Binary, cmd::CELL, header).to_bytes();
+        let interest = wire::encode_interest([(Op::Add, Interest::Channel, &b"c"[..])]);
+        t.on_router(inbound(&from_peer, [cell, interest]));
+        // A local cell publishes for it; then our link to it closes, and the cell
+        // publishes again meanwhile.
+        let publisher = conn(1);
+        hello(&mut t, &publisher, Thid::random(), None);
+        publish(&mut t, &publisher, 1, Kind::Mesh, b"c", &[b"m1"]);
+        let generation = t.peers[&p].generation;
+        t.on_report(Report::PeerClosed {
+            peer: p,
+            generation,
+        });
+        assert!(t.peers[&p].out.is_none());
+        t.replies.clear();
+        publish(&mut t, &publisher, 2, Kind::Mesh, b"c", &[b"m2", b"m3"]);
+        let acks = t.replies[0].get(2).unwrap().clone();
+        assert_eq!(
+            decode_acks(&acks).unwrap(),
+            (2, vec![1, 1]),
+            "both reach its cell"
+        );
+        for reason in [DropReason::PeerLost, DropReason::PeerBacklog] {
+            assert_eq!(
+                t.metrics.drops.with_label_values(&[reason.label()]).get(),
+                0
+            );
+        }
+        assert_eq!(t.peers[&p].outbox.unconfirmed_messages(), 3, "waiting");
+        // The next discovery rebuilds the link; the messages go on it, in order.
+        t.on_discovered(vec![info("p", instance)]);
+        assert!(t.peers[&p].connecting);
+        link_up(&mut t, p);
+        let mut payloads = Vec::new();
+        while let Some((_, frame, _)) = t.peers.get_mut(&p).unwrap().outbox.take_batch() {
+            let (_, envelopes) = decode_envelopes(&frame).unwrap();
+            payloads.extend(envelopes.map(|e| e.payload.to_vec()));
+        }
+        assert_eq!(payloads, [b"m1", b"m2", b"m3"]);
+    }
+
+    #[tokio::test]
+    async fn a_transmitter_adds_up_every_peers_page() {
+        let mut t = transmitter(args());
+        let long = "x".repeat(200);
+        let live: Vec<TransmitterInfo> = (0..300)
+            .map(|i| TransmitterInfo {
+                command: format!("tcp://{long}:1"),
+                event: format!("tcp://{long}:2"),
+                metrics: format!("http://{long}/metrics"),
+                ..info(&format!("p-{i:0>200}"), Thid::random())
+            })
+            .collect();
+        let pages = thynapse_rendezvous::peers_pages("m", &live);
+        assert!(pages.len() > 2, "{} pages", pages.len());
+        for page in pages {
+            let Ok(Datagram::Peers { transmitters, .. }) = Datagram::parse(&page) else {
+                panic!("a peers page");
+            };
+            t.on_report(Report::Discovered(transmitters));
+        }
+        assert_eq!(t.peers.len(), 300);
+        assert!(live.iter().all(|i| t.peer_ids.contains_key(&i.name)));
+    }
+}

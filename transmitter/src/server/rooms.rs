@@ -248,3 +248,83 @@ impl Transmitter {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+    use thynapse_protocol::frame::CommandFrame;
+    use thynapse_protocol::Thid;
+
+    fn placement(room: &str) -> Placement {
+        Placement {
+            room: room.into(),
+            hosts: vec!["t-0".into(), "t-1".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transmitter_giving_up_a_room_sends_its_sessions_to_locate_it_again() {
+        let mut t = transmitter(args());
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:7".parse().unwrap(),
+            "127.0.0.1:8".parse().unwrap(),
+        );
+        t.on_hosting(a, vec![placement("lobby"), placement("hall")]);
+        t.on_hosting(b, vec![placement("lobby"), placement("hall")]);
+        let (lobby, hall, mesh) = (conn(1), conn(2), conn(3));
+        hello(&mut t, &lobby, Thid::random(), Some("lobby"));
+        hello(&mut t, &hall, Thid::random(), Some("hall"));
+        hello(&mut t, &mesh, Thid::random(), None);
+        assert!(replies(&t).iter().all(|(_, c)| c == "WLCM"));
+        t.replies.clear();
+        // One point lists it no more, the other still does: kept.
+        t.on_hosting(a, vec![placement("hall")]);
+        assert!(t.replies.is_empty() && t.rooms.contains_key("lobby"));
+        // No point lists it (forgotten as idle): given up, its session told to move.
+        t.on_hosting(b, vec![placement("hall")]);
+        assert_eq!(replies(&t), [(lobby.clone(), "MOVE".to_string())]);
+        let reason: wire::Reason = CommandFrame::parse(t.replies[0].get(1).unwrap())
+            .unwrap()
+            .decode_json()
+            .unwrap();
+        assert!(reason.reason.contains("lobby"), "{}", reason.reason);
+        assert!(!t.rooms.contains_key("lobby") && t.rooms.contains_key("hall"));
+        assert_eq!(t.announcement.borrow().rooms, ["hall"]);
+        // Coming back here, it is sent away again.
+        t.replies.clear();
+        hello(&mut t, &lobby, Thid::random(), Some("lobby"));
+        assert_eq!(replies(&t), [(lobby, "MOVE".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn room_labels_are_the_hosted_rooms_and_256_others_then_other_rooms() {
+        let mut t = transmitter(args());
+        let point: SocketAddr = "127.0.0.1:7".parse().unwrap();
+        t.on_hosting(point, vec![placement("home")]);
+        // Room messages forwarded by peers, for 300 rooms not hosted here.
+        for i in 0..300 {
+            t.count_room_message(format!("{{r{i}}}chat").as_bytes());
+        }
+        t.count_room_message(b"{r0}chat");
+        t.count_room_message(b"{home}chat");
+        let counts: std::collections::HashMap<String, u64> = t
+            .metrics
+            .registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "thynapse_transmitter_room_messages_total")
+            .flat_map(|f| f.get_metric())
+            .map(|m| {
+                let label = m.get_label()[0].value().to_string();
+                (label, m.get_counter().get_value() as u64)
+            })
+            .collect();
+        assert_eq!(counts.len(), 1 + 256 + 1, "home, 256 others, (other rooms)");
+        assert_eq!(counts["home"], 1);
+        assert_eq!(counts["r0"], 2, "a labelled room keeps its label");
+        assert_eq!(counts["r255"], 1);
+        assert!(!counts.contains_key("r256"));
+        assert_eq!(counts[OTHER_ROOMS], 300 - 256);
+    }
+}
