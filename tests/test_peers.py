@@ -13,7 +13,7 @@ import zmq
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import Subscriber, drops, mesh_yaml, metrics, wait_for
+from conftest import Subscriber, drops, free_udp_query, mesh_yaml, metrics, rendezvous_request, wait_for
 from rawwire import FakePeer, RawCell, command, envelope_batch, interest
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
@@ -195,3 +195,36 @@ def test_a_peer_link_is_rebuilt_after_an_oversized_frame(start_mesh, ctx):
     fake_cell(fake, t, ["after.huge"])
     assert m.redis(m.cells("s")[0]).publish("after.huge", b"x") == 1
     wait_for(lambda: fake.forwarded(), what="a message over the rebuilt link")
+
+
+def test_a_transmitter_does_not_route_what_it_reads_late_from_a_peer_it_forgot(start_mesh, ctx):
+    """The transmitter is paused past the expiry while the fake peer forwards a message to
+    its cell: on waking, the peer is forgotten (it has forgotten us too, and sent its
+    anycatch messages elsewhere), the message is not delivered, and the peer is told."""
+    m = start_mesh(mesh_yaml(name="latepeer", replicas=1, services=[("s", [])]), cells={"s": 1})
+    t = m.transmitter("latepeer-0")
+    cell = m.cells("s")[0]
+    sub = Subscriber(m.redis(cell), channels=["lp"])
+    fake = fake_peer(ctx, m)
+    fake.link(t["command"])
+    origin = os.urandom(20).hex()
+    fake.send(t["command"], [b"B FWRD", envelope_batch(1, [{"origin": origin, "seq": 1, "channel": b"lp", "payload": b"on time"}])])
+    sub.wait_count(1)
+    os.kill(t["pid"], signal.SIGSTOP)
+    try:
+        fake.send(t["command"], [b"B FWRD", envelope_batch(2, [{"origin": origin, "seq": 2, "channel": b"lp", "payload": b"read late"}])])
+        # Past the expiry, as a clock outside says (see test_cells.py).
+        rendezvous = m.endpoints["rendezvous"][0]["address"]
+        clock = {"name": "clock", "id": "00" * 20, "command": "tcp://127.0.0.1:1", "event": "tcp://127.0.0.1:1"}
+        rendezvous_request(rendezvous, {"type": "announce", "mesh": "latepeer", "interval_ms": 250, "multiplier": 5,
+                                        "transmitter": clock})
+        wait_for(lambda: "clock" not in [x["name"] for x in free_udp_query(rendezvous, "latepeer")["transmitters"]],
+                 timeout=10 * EXPIRY_S, what="an expiry passed")
+    finally:
+        os.kill(t["pid"], signal.SIGCONT)
+    wait_for(lambda: [a for a in fake.answered("ERRR") if "unknown cell" in a[1]["error"]], what="the peer told")
+    # A later message from elsewhere arrives; the late one never does.
+    pub = m.redis(cell)
+    wait_for(lambda: pub.publish("lp", b"after") == 1, what="the cell routable")
+    sub.wait_count(2)
+    assert b"read late" not in sub.data()

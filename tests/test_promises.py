@@ -11,7 +11,7 @@ import zmq
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import Subscriber, free_udp_query, mesh_yaml, metrics, room_hosts, until_routed, wait_for
+from conftest import Subscriber, free_udp_query, mesh_yaml, metrics, rendezvous_request, room_hosts, until_routed, wait_for
 from test_wire import dealer, recv_command
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
@@ -187,6 +187,12 @@ def test_several_rendezvous_points_each_know_the_mesh_and_one_can_die(start_mesh
     for p in points:
         wait_for(lambda p=p: sorted(t["name"] for t in free_udp_query(p["address"], "tworv")["transmitters"])
                  == ["tworv-0", "tworv-1"], what=f"{p['name']} knows every transmitter")
+    # Each point places a room on its own view: a room may get more hosts than its
+    # replicas, never fewer, whichever point is asked.
+    for p in points:
+        answer = wait_for(lambda p=p: (lambda a: a["transmitters"] and a)(rendezvous_request(
+            p["address"], {"type": "locate", "mesh": "tworv", "room": "both"})), what="the room placed")
+        assert len(answer["transmitters"]) >= answer["replicas"], answer
     # One point stops answering (paused): a cell that restarts joins through the other.
     os.kill(points[0]["pid"], signal.SIGSTOP)
     try:

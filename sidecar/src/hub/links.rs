@@ -79,7 +79,9 @@ impl Hub {
                     self.start_connect(key);
                 }
             }
-            LinkEvent::Message(key, generation, msg) => self.on_message(key, generation, msg),
+            LinkEvent::Message(key, generation, msg) => {
+                self.on_message(key, generation, msg, Instant::now())
+            }
         }
     }
 
@@ -145,7 +147,13 @@ impl Hub {
         }
     }
 
-    pub(super) fn on_message(&mut self, key: SessionKey, generation: u64, msg: ZmqMessage) {
+    pub(super) fn on_message(
+        &mut self,
+        key: SessionKey,
+        generation: u64,
+        msg: ZmqMessage,
+        now: Instant,
+    ) {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -153,7 +161,7 @@ impl Hub {
             tracing::warn!("unreadable frame from the transmitter");
             return;
         };
-        let via = match s.heard(generation, Instant::now(), self.cfg.expiry) {
+        let via = match s.heard(generation, now, self.cfg.expiry) {
             Heard::Via(via) => via,
             Heard::NotOurs => return,
             Heard::Stale(name) => {

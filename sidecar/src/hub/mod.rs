@@ -693,6 +693,39 @@ mod tests {
         assert!(!receiver.accept(oldest), "and a copy of it dropped");
     }
 
+    #[tokio::test]
+    async fn what_is_read_on_a_link_silent_past_the_expiry_is_dropped_and_counted() {
+        use thynapse_protocol::batch::{EnvelopeBatchWriter, Kind};
+        use thynapse_protocol::frame::{CommandFrame, Encoding};
+        use thynapse_protocol::thid::Thid;
+        let expiry = Duration::from_secs(3);
+        let mut hub = hub(expiry, 32 << 20);
+        let s = hub.session(&None);
+        assert!(s.begin_connect(1).is_some());
+        let (sender, _) = zeromq::DealerSocket::new().split();
+        assert!(s.linked(1, "t1".into(), sender, bare_frame(cmd::HELO), Vec::new()));
+        let dlvr = |batch| {
+            let mut w = EnvelopeBatchWriter::default();
+            for seq in 1..=3 {
+                w.push(Kind::Mesh, &Thid([1; 20]), seq, 0, b"c", b"m", &[]);
+            }
+            let frame = CommandFrame::new(Encoding::Binary, cmd::DLVR, Bytes::new());
+            let mut m = ZmqMessage::from(frame.to_bytes());
+            m.push_back(w.finish(batch));
+            m
+        };
+        let stale = |hub: &Hub| hub.metrics.drops.with_label_values(&["stale_link"]).get();
+        let now = Instant::now();
+        hub.on_message(None, 1, dlvr(1), now);
+        assert_eq!(stale(&hub), 0, "read in time: delivered");
+        hub.on_message(None, 1, dlvr(2), now + expiry + Duration::from_millis(1));
+        assert_eq!(
+            stale(&hub),
+            3,
+            "read past the expiry: its three messages dropped, counted"
+        );
+    }
+
     #[test]
     fn an_origins_duplicate_window_lasts_twenty_expiries_when_longer_than_60_s() {
         // Expiry 10 s: 20 expiries are 200 s.
