@@ -524,4 +524,34 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    #[tokio::test]
+    async fn only_the_point_asked_is_read_as_the_answer() {
+        let point = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let stranger = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = format!("udp://{}", point.local_addr().unwrap());
+        let genuine = query_pages("mesh", large_mesh(3));
+        let expected = transmitters_of(&genuine[0]);
+        let forged = query_pages(
+            "mesh",
+            vec![TransmitterInfo {
+                name: "forged".into(),
+                ..large_mesh(1)[0].clone()
+            }],
+        );
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            let (_, asker) = point.recv_from(&mut buf).await.unwrap();
+            // Anyone who learns the asker's port answers first; then the point.
+            stranger.send_to(&forged[0], asker).await.unwrap();
+            point.send_to(&genuine[0], asker).await.unwrap();
+        });
+        let query = Datagram::Query {
+            mesh: "mesh".into(),
+        };
+        match ask(&[address], &query, Duration::from_secs(5)).await {
+            Some(Datagram::Peers { transmitters, .. }) => assert_eq!(transmitters, expected),
+            other => panic!("{other:?}"),
+        }
+    }
 }
