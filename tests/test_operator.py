@@ -16,7 +16,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -347,6 +346,44 @@ def test_operator_metrics(cluster, operator):
     assert 'thynapse_operator_reconciles_total{controller="transmittermesh",result="ok"}' in text
     assert "thynapse_operator_reconcile_duration_seconds_bucket" in text
     assert "thynapse_operator_leader 1" in text
+
+
+def test_two_replicas_share_one_generated_certificate_and_both_inject(cluster, operator, tmp_path):
+    """With no certificate mounted, replicas generate one into a Secret once and all serve
+    it: a caller trusting the Secret's certificate (the CA bundle the operator publishes)
+    reaches every replica, and each injects. Each replica used to generate its own and
+    overwrite the bundle, so that calls reaching another failed TLS. (The test API server
+    serves no webhook configurations, so publishing the bundle is not run here.)"""
+    replicas, webhooks = [], []
+    try:
+        for i in range(2):
+            log = open(tmp_path / f"replica-{i}.log", "w")
+            replicas.append(subprocess.Popen(
+                [str(OPERATOR), "--metrics-bind", "127.0.0.1:0", "--webhook-bind", "127.0.0.1:0",
+                 "--identity", f"replica-{i}", "--webhook-dns-names", "127.0.0.1",
+                 "--webhook-secret", "thynapse-test-webhook-tls"],
+                env={**cluster.env(), "RUST_LOG": "info"}, stdout=subprocess.PIPE, stderr=log, text=True,
+            ))
+        for i, r in enumerate(replicas):
+            line = r.stdout.readline()
+            assert line.startswith("WEBHOOK"), f"{line!r}: {(tmp_path / f'replica-{i}.log').read_text()}"
+            webhooks.append(line.split()[1])
+        secret = k8s.CoreV1Api(cluster.client).read_namespaced_secret("thynapse-test-webhook-tls", NS)
+        assert secret.type == "kubernetes.io/tls"
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(base64.b64decode(secret.data["tls.crt"]))
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"generateName": "workers-", "labels": {"thynapse.io/service": "workers"}},
+               "spec": {"containers": [{"name": "app", "image": "app"}]}}
+        for url in webhooks:
+            resp = post_review({"webhook": url, "ca": bundle}, pod)
+            ops = json.loads(base64.b64decode(resp["patch"]))
+            init = next(op for op in ops if op["path"] == "/spec/initContainers")["value"][0]
+            assert init["name"] == "thynapse-sidecar", url
+    finally:
+        for r in replicas:
+            r.send_signal(signal.SIGTERM)
+            r.wait(timeout=10)
 
 
 def test_a_second_replica_waits_and_takes_over(cluster, operator, tmp_path):

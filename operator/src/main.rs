@@ -48,6 +48,14 @@ struct Args {
         default_value = "thynapse-operator.thynapse.svc,thynapse-operator.thynapse.svc.cluster.local"
     )]
     webhook_dns_names: Vec<String>,
+    /// Secret (in the operator's namespace) that holds the generated certificate, shared
+    /// by every replica.
+    #[arg(
+        long,
+        env = "THYNAPSE_WEBHOOK_SECRET",
+        default_value = "thynapse-operator-webhook-tls"
+    )]
+    webhook_secret: String,
     /// MutatingWebhookConfiguration to give a generated certificate's CA bundle.
     #[arg(long, env = "THYNAPSE_WEBHOOK_CONFIGURATION")]
     webhook_configuration: Option<String>,
@@ -56,7 +64,7 @@ struct Args {
     leader_election: bool,
     #[arg(long, env = "THYNAPSE_LEASE_NAME", default_value = "thynapse-operator")]
     lease_name: String,
-    /// Namespace of the Lease (the operator's own).
+    /// Namespace of the Lease and of the webhook Secret (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// This replica's identity in the Lease and in Events.
@@ -104,11 +112,29 @@ async fn main() -> anyhow::Result<()> {
                 Tls::from_files(cert, key).context("reading the webhook certificate")?
             }
             _ => {
-                let tls = Tls::generate(&args.webhook_dns_names)?;
+                let tls = Tls::shared(
+                    &client,
+                    &args.lease_namespace,
+                    &args.webhook_secret,
+                    &args.webhook_dns_names,
+                )
+                .await
+                .context("the webhook certificate")?;
                 if let Some(name) = &args.webhook_configuration {
                     webhook::publish_ca_bundle(&client, name, &tls)
                         .await
                         .with_context(|| format!("setting the caBundle of {name}"))?;
+                    // A `helm upgrade` renders the configuration without it: put it back.
+                    let (client, name, tls) = (client.clone(), name.clone(), tls.clone());
+                    tokio::spawn(async move {
+                        let mut every = tokio::time::interval(Duration::from_secs(60));
+                        loop {
+                            every.tick().await;
+                            if let Err(e) = webhook::publish_ca_bundle(&client, &name, &tls).await {
+                                tracing::warn!(%name, "keeping the caBundle: {e:#}");
+                            }
+                        }
+                    });
                 }
                 tls
             }

@@ -7,13 +7,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context as _;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{Api, ListParams, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
@@ -35,6 +37,7 @@ pub struct WebhookState {
 }
 
 /// A certificate and key in PEM.
+#[derive(Clone)]
 pub struct Tls {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
@@ -48,7 +51,81 @@ impl Tls {
         })
     }
 
-    /// A self-signed certificate for the webhook's Service names, when none is mounted.
+    /// The certificate every replica serves when none is mounted: generated once, by
+    /// whichever replica comes first, into the Secret `name` (type `kubernetes.io/tls`);
+    /// the others read it. Were each to generate its own, the webhook configuration's CA
+    /// bundle could trust only one, and requests reaching another would fail TLS (with
+    /// `failurePolicy: Ignore`, pods would start without their sidecar).
+    pub async fn shared(
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        dns_names: &[String],
+    ) -> anyhow::Result<Tls> {
+        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        for _ in 0..5 {
+            if let Some(secret) = api.get_opt(name).await? {
+                return Tls::from_secret(&secret)
+                    .with_context(|| format!("Secret {namespace}/{name}"));
+            }
+            let tls = Tls::generate(dns_names)?;
+            match api
+                .create(&PostParams::default(), &tls.to_secret(name))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(%namespace, %name, "webhook certificate generated into a Secret");
+                    return Ok(tls);
+                }
+                // Another replica created it first: use theirs.
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::bail!("Secret {namespace}/{name} neither readable nor creatable")
+    }
+
+    fn from_secret(secret: &Secret) -> anyhow::Result<Tls> {
+        let field = |key: &str| {
+            secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|b| b.0.clone())
+                .with_context(|| format!("no {key} in it"))
+        };
+        Ok(Tls {
+            cert_pem: field("tls.crt")?,
+            key_pem: field("tls.key")?,
+        })
+    }
+
+    fn to_secret(&self, name: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "thynapse-operator".to_string(),
+                    )]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(
+                [
+                    ("tls.crt".to_string(), ByteString(self.cert_pem.clone())),
+                    ("tls.key".to_string(), ByteString(self.key_pem.clone())),
+                ]
+                .into(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    /// A self-signed certificate for the webhook's Service names (or IP addresses).
     pub fn generate(dns_names: &[String]) -> anyhow::Result<Tls> {
         let certified = rcgen::generate_simple_self_signed(dns_names.to_vec())?;
         Ok(Tls {
@@ -77,13 +154,31 @@ pub async fn publish_ca_bundle(
     tls: &Tls,
 ) -> anyhow::Result<()> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let mut config = api.get(configuration).await?;
-    for webhook in config.webhooks.iter_mut().flatten() {
-        webhook.client_config.ca_bundle = Some(ByteString(tls.cert_pem.clone()));
+    // Replicas starting together write the same bundle: a conflict is retried.
+    for _ in 0..10 {
+        let mut config = api.get(configuration).await?;
+        let bundle = Some(ByteString(tls.cert_pem.clone()));
+        if config
+            .webhooks
+            .iter()
+            .flatten()
+            .all(|w| w.client_config.ca_bundle == bundle)
+        {
+            return Ok(());
+        }
+        for webhook in config.webhooks.iter_mut().flatten() {
+            webhook.client_config.ca_bundle = bundle.clone();
+        }
+        match api
+            .replace(configuration, &PostParams::default(), &config)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
-    api.replace(configuration, &PostParams::default(), &config)
-        .await?;
-    Ok(())
+    anyhow::bail!("{configuration}: conflicting updates")
 }
 
 pub fn router(state: Arc<WebhookState>) -> Router {
