@@ -14,6 +14,7 @@ from pathlib import Path
 import redis
 
 from conftest import BINARY, Subscriber, free_udp_query, mesh_yaml, metrics, until_routed, wait_for
+from rawwire import command, dealer
 
 # ZMTP 3.0 greeting: signature, version 3.0, mechanism NULL, as-server 0, filler.
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
@@ -359,11 +360,9 @@ def test_a_full_transmitter_sends_new_cells_elsewhere():
         ready = json.loads(transmitter.stdout.readline().split(" ", 1)[1])
 
         def hello(cell_id):
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RCVTIMEO, 5000)
-            s.connect(ready["command"])
-            s.send(f'J HELO {{"id": "{cell_id}", "service": "s"}}'.encode())
+            """HELO on a new DEALER: the socket, and the answer's first frame as text."""
+            s = dealer(ctx, ready["command"])
+            s.send(command("HELO", {"id": cell_id, "service": "s"}))
             return s, s.recv_multipart()[0].decode()
 
         ids = [os.urandom(20).hex() for _ in range(3)]
@@ -398,13 +397,10 @@ def test_a_flood_of_peer_names_is_bounded_and_the_mesh_keeps_routing(start_mesh)
     target = m.transmitter(a["transmitter"])
     ctx = zmq.Context()
     try:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVTIMEO, 10000)
-        s.connect(target["command"])
+        s = dealer(ctx, target["command"], timeout_ms=10000)
         n = 1100
         for i in range(n):
-            s.send(json.dumps({"id": os.urandom(20).hex(), "name": f"fake-{i}", "mesh": "flood"}).encode().join([b"J PEER ", b""]))
+            s.send(command("PEER", {"id": os.urandom(20).hex(), "name": f"fake-{i}", "mesh": "flood"}))
         replies = [s.recv_multipart()[0] for _ in range(n)]
     finally:
         ctx.destroy(linger=0)

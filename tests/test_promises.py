@@ -3,8 +3,10 @@ would show: reference-counted subscriptions and cells that leave (remote PUBLISH
 a restarted peer carrying traffic again, a stuck receiver slowing only its publishers,
 the room-session rules on the wire, and several rendezvous points."""
 
+import hashlib
 import os
 import signal
+import struct
 import threading
 
 import zmq
@@ -12,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from conftest import Subscriber, free_udp_query, mesh_yaml, metrics, rendezvous_request, room_hosts, until_routed, wait_for
-from test_wire import dealer, recv_command
+from rawwire import RawCell, publish_records
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
 
@@ -94,11 +96,9 @@ def test_a_stuck_receiver_slows_only_its_own_publishers(start_mesh):
     slow_pub, other_pub, healthy = m.cells("s")
     ctx = zmq.Context()
     try:
-        sock = dealer(ctx, t["command"])
-        sock.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
-        assert recv_command(sock)[1] == "WLCM"
-        name = b"hot"
-        sock.send_multipart([b"B SUBS", bytes([0, 0]) + len(name).to_bytes(4, "little") + name])
+        stuck = RawCell(ctx, t["command"])  # never reads, never credits
+        stuck.hello()
+        stuck.subscribe(["hot"])
         good = Subscriber(m.redis(healthy), channels=["hot"])
         cold = Subscriber(m.redis(healthy), channels=["cold"])
         # No retry: redis-py 6+ resends a command that timed out, a second message.
@@ -149,32 +149,27 @@ spec: {mesh: wire, replicas: 1}
     other = next(t for t in m.endpoints["transmitters"] if t["name"] != host["name"])
     ctx = zmq.Context()
     try:
-        elsewhere = dealer(ctx, other["command"])
-        elsewhere.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "s", "room": "lobby"}}'.encode())
-        _, cmd, body, _ = recv_command(elsewhere)
-        assert cmd == "MOVE" and "not hosted here" in body["reason"], (cmd, body)
-        session = dealer(ctx, host["command"])
-        session.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "s", "room": "lobby"}}'.encode())
-        assert recv_command(session)[1] == "WLCM"
-        foreign = b"{den}x"
-        session.send_multipart([b"B SUBS", bytes([0, 2]) + len(foreign).to_bytes(4, "little") + foreign])
-        _, cmd, body, _ = recv_command(session)
+        body = RawCell(ctx, other["command"], service="s", room="lobby").hello(expect="MOVE")
+        assert "not hosted here" in body["reason"], body
+        session = RawCell(ctx, host["command"], service="s", room="lobby")
+        session.hello()
+        foreign = "{den}x"
+        session.subscribe([foreign], kind=2)
+        _, cmd, body, _ = session.recv()
         assert cmd == "ERRR" and "belong on the session of their room" in body["error"], (cmd, body)
         # A shard message of a room not hosted here: dropped, counted, acknowledged as 0.
         before = metrics(host["metrics"])['thynapse_transmitter_drops_total{reason="room_not_hosted"}']
-        record = bytes([1]) + (0).to_bytes(8, "little") + len(foreign).to_bytes(4, "little") + foreign + (1).to_bytes(4, "little") + b"m"
-        session.send_multipart([b"B PUBS", (1).to_bytes(8, "little") + record])
-        _, cmd, _, frames = recv_command(session)
-        assert cmd == "ACKS" and frames[0] == (1).to_bytes(8, "little") + (1).to_bytes(4, "little") + (0).to_bytes(4, "little")
+        session.send_binary("PUBS", struct.pack("<Q", 1) + publish_records([(foreign, "m", 1)]))
+        _, cmd, _, frames = session.recv()
+        # The exact ACKS frame: first seq 1, one message, 0 receivers.
+        assert cmd == "ACKS" and frames[0] == struct.pack("<QII", 1, 1, 0)
         after = metrics(host["metrics"])['thynapse_transmitter_drops_total{reason="room_not_hosted"}']
         assert after == before + 1
         # The mesh session (no room) may not take shard channels either.
-        mesh_session = dealer(ctx, host["command"])
-        mesh_session.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "s"}}'.encode())
-        assert recv_command(mesh_session)[1] == "WLCM"
-        own = b"{lobby}x"
-        mesh_session.send_multipart([b"B SUBS", bytes([0, 2]) + len(own).to_bytes(4, "little") + own])
-        assert recv_command(mesh_session)[1] == "ERRR"
+        mesh_session = RawCell(ctx, host["command"], service="s")
+        mesh_session.hello()
+        mesh_session.subscribe(["{lobby}x"], kind=2)
+        assert mesh_session.recv()[1] == "ERRR"
     finally:
         ctx.destroy(linger=0)
 
@@ -212,29 +207,25 @@ def test_raw_cell_limits_and_the_binary_event(start_mesh):
     """protocol.md on the wire: a HELO past its bounds is refused and counted; a payload
     over maxMessageBytes is answered as reaching nobody, told to the cell, and counted;
     `B EVNT` carries its payload in a frame and is acknowledged with its THID."""
-    import hashlib
-    import struct
-
     limit = 65536
     extra = f"  limits: {{maxMessageBytes: {limit}}}\n"
     m = start_mesh(mesh_yaml(name="rawlim", replicas=1, services=[("s", [])], extra=extra), cells={"s": 1})
     t = m.transmitter("rawlim-0")
     ctx = zmq.Context()
     try:
-        s = dealer(ctx, t["command"])
-        s.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "{"x" * 300}"}}'.encode())
-        _, cmd, body, _ = recv_command(s)
+        s = RawCell(ctx, t["command"])
+        s.send("HELO", {"id": os.urandom(20).hex(), "service": "x" * 300})
+        _, cmd, body, _ = s.recv()
         assert cmd == "ERRR" and "HELO refused" in body["error"], (cmd, body)
         assert metrics(t["metrics"])['thynapse_transmitter_refused_total{limit="hello"}'] == 1
-        s.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
-        assert recv_command(s)[1] == "WLCM"
+        s.hello()  # the same connection, a valid HELO
         sub = Subscriber(m.redis(m.cells("s")[0]), channels=["bin"])
         # B EVNT: the payload is the next frame, bytes of any value.
         payload = bytes(range(256))
 
         def sent():
-            s.send_multipart([b'B EVNT {"channel": "bin"}', payload])
-            _, cmd, ack, _ = recv_command(s)
+            s.send_binary("EVNT", payload, header={"channel": "bin"})
+            _, cmd, ack, _ = s.recv()
             return cmd == "ACKD" and ack["receivers"] == 1 and ack
 
         ack = wait_for(sent, what="B EVNT routed")
@@ -245,13 +236,12 @@ def test_raw_cell_limits_and_the_binary_event(start_mesh):
         sub.wait_count(1, prefix=payload[:8])
         # Over maxMessageBytes: ACKS 0 for it, an ERRR to the cell, a drop counted.
         big = b"x" * (limit + 1)
-        record = bytes([0]) + (0).to_bytes(8, "little") + (3).to_bytes(4, "little") + b"bin" + len(big).to_bytes(4, "little") + big
-        s.send_multipart([b"B PUBS", (1).to_bytes(8, "little") + record])
+        s.send_binary("PUBS", struct.pack("<Q", 1) + publish_records([("bin", big)]))
         seen = {}
         while "ACKS" not in seen or "ERRR" not in seen:
-            _, cmd, body, frames = recv_command(s)
+            _, cmd, body, frames = s.recv()
             seen[cmd] = (body, frames)
-        assert seen["ACKS"][1][0] == (1).to_bytes(8, "little") + (1).to_bytes(4, "little") + (0).to_bytes(4, "little")
+        assert seen["ACKS"][1][0] == struct.pack("<QII", 1, 1, 0)
         assert str(limit) in seen["ERRR"][0]["error"]
         assert metrics(t["metrics"])['thynapse_transmitter_drops_total{reason="too_large"}'] == 1
         sub.pubsub.close()
@@ -267,22 +257,17 @@ def test_quit_and_drain_on_the_wire(start_mesh):
     cells = lambda: metrics(t["metrics"])["thynapse_transmitter_cells"]  # noqa: E731
     ctx = zmq.Context()
     try:
-        a = dealer(ctx, t["command"])
-        a.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
-        assert recv_command(a)[1] == "WLCM"
-        b = dealer(ctx, t["command"])
-        b.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
-        assert recv_command(b)[1] == "WLCM"
+        a, b = RawCell(ctx, t["command"]), RawCell(ctx, t["command"])
+        a.hello()
+        b.hello()
         wait_for(lambda: cells() == 2, what="two cells")
-        b.send(b"J QUIT {}")
+        b.send("QUIT")
         wait_for(lambda: cells() == 1, timeout=2.5, what="the cell gone at QUIT, well before its 5 s expiry")
         m.allow_restarts = True  # stopped on purpose: `up` restarts it
         os.kill(t["pid"], signal.SIGTERM)
-        _, cmd, body, _ = recv_command(a)
+        _, cmd, body, _ = a.recv()
         assert (cmd, body.get("reason")) == ("MOVE", "draining"), (cmd, body)
-        c = dealer(ctx, t["command"])
-        c.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
-        _, cmd, body, _ = recv_command(c)
-        assert (cmd, body.get("reason")) == ("MOVE", "draining"), (cmd, body)
+        body = RawCell(ctx, t["command"]).hello(expect="MOVE")
+        assert body.get("reason") == "draining", body
     finally:
         ctx.destroy(linger=0)

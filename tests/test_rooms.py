@@ -20,6 +20,7 @@ from conftest import (
     until_sharded,
     wait_for,
 )
+from rawwire import command, dealer
 
 ROOMS = [f"room-{i}" for i in range(12)]
 
@@ -271,15 +272,12 @@ def test_an_idle_on_demand_room_is_forgotten_and_placed_again_when_used(start_me
         return sum(metrics(t["metrics"])["thynapse_transmitter_rooms"] for t in m.refresh()["transmitters"])
 
     hosts = wait_for(lambda: room_hosts(m, "temp"), what="the on-demand room placed")
-    command = next(t["command"] for t in m.endpoints["transmitters"] if t["name"] == hosts[0]["name"])
+    endpoint = next(t["command"] for t in m.endpoints["transmitters"] if t["name"] == hosts[0]["name"])
     wait_for(lambda: hosted() == 3, what="keep on one host, temp on two")
     ctx = zmq.Context()
     try:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVTIMEO, 5000)
-        s.connect(command)
-        s.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "s", "room": "temp"}}'.encode())
+        s = dealer(ctx, endpoint)
+        s.send(command("HELO", {"id": os.urandom(20).hex(), "service": "s", "room": "temp"}))
         assert s.recv_multipart()[0].startswith(b"J WLCM")
         # In use for more than twice the idle time: kept (the session is the input here).
         until = time.monotonic() + 5

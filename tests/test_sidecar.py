@@ -6,7 +6,6 @@ sidecar and of `up`, a subscription confirmation its transmitter never gives."""
 import os
 import signal
 import socket
-import subprocess
 import threading
 
 import pytest

@@ -1,7 +1,6 @@
 """The transmitter wire protocol from a libzmq client (pyzmq), and garbage on its socket."""
 
 import hashlib
-import json
 import os
 import struct
 import threading
@@ -9,21 +8,7 @@ import threading
 import zmq
 
 from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
-
-
-def dealer(ctx, endpoint):
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 5000)
-    s.connect(endpoint)
-    return s
-
-
-def recv_command(sock):
-    frames = sock.recv_multipart()
-    text = frames[0].decode()
-    enc, cmd, payload = text[0], text[2:6], text[7:]
-    return enc, cmd, (json.loads(payload) if payload else {}), frames[1:]
+from rawwire import RawCell, command, dealer, interest, recv_command
 
 
 def test_helo_wlcm_and_events_on_pub(start_mesh):
@@ -31,10 +16,10 @@ def test_helo_wlcm_and_events_on_pub(start_mesh):
     t = mesh.transmitter("demo-1")
     ctx = zmq.Context()
     try:
-        sock = dealer(ctx, t["command"])
-        cell_id = os.urandom(20).hex()
-        sock.send(f'J HELO {{"id": "{cell_id}", "service": "raw", "events": "pub"}}'.encode())
-        enc, cmd, body, _ = recv_command(sock)
+        cell = RawCell(ctx, t["command"])
+        # HELO by hand (not `hello()`): the answer's encoding is checked too.
+        cell.send("HELO", {"id": cell.id, "service": "raw", "events": "pub"})
+        enc, cmd, body, _ = cell.recv()
         assert (enc, cmd) == ("J", "WLCM")
         assert body["id"] == t["id"], "WLCM carries the transmitter's instance id"
         assert body["pub"] == t["event"]
@@ -42,21 +27,20 @@ def test_helo_wlcm_and_events_on_pub(start_mesh):
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVTIMEO, 5000)
         sub.connect(body["pub"])  # the pub endpoint is connectable
-        sub.setsockopt(zmq.SUBSCRIBE, cell_id.encode())
+        sub.setsockopt(zmq.SUBSCRIBE, cell.id.encode())
         # Subscribe through the binary interest list: op 0 (add), kind 0 (channel).
-        name = b"raw.events"
-        sock.send_multipart([b"B SUBS", bytes([0, 0]) + len(name).to_bytes(4, "little") + name])
+        cell.subscribe(["raw.events"])
         publisher = mesh.redis(mesh.cell("s-0"))
         until_routed(publisher, "raw.events", 1)
         publisher.publish("raw.events", b"hello raw")
         frames = wait_for(lambda: _recv_until(sub, b"hello raw"), what="event on the PUB socket")
-        assert frames[0] == cell_id.encode() and frames[1] == b"raw.events"
+        assert frames[0] == cell.id.encode() and frames[1] == b"raw.events"
         # A JSON event from the raw client reaches a Redis subscriber, and is acknowledged
         # with its THID (SHA-1 of the contents) and the cells it reached.
         redis_sub = Subscriber(mesh.redis(mesh.cell("s-0")), channels=["from.raw"])
         def sent():
-            sock.send(b'J EVNT {"channel": "from.raw", "data": "hi there"}')
-            _, cmd, ack, _ = recv_command(sock)
+            cell.send("EVNT", {"channel": "from.raw", "data": "hi there"})
+            _, cmd, ack, _ = cell.recv()
             assert cmd == "ACKD", cmd
             return ack["receivers"] >= 1 and ack
         ack = wait_for(sent, what="EVNT routed")
@@ -82,22 +66,21 @@ def test_garbage_frames_get_errors_and_the_transmitter_serves_on(start_mesh):
     before = metrics(t["metrics"])["thynapse_transmitter_malformed_frames_total"]
     ctx = zmq.Context()
     try:
-        sock = dealer(ctx, t["command"])
+        cell = RawCell(ctx, t["command"])
         garbage = [b"", b"\xff\xfe\x00\x01", b"J HE", b"X HELO {}", b"J helo {}", b"J HELO {not json", b"J HELO {\"id\": \"zz\"}"]
         for g in garbage:
-            sock.send(g)
-            enc, cmd, body, _ = recv_command(sock)
+            cell.sock.send(g)
+            enc, cmd, body, _ = cell.recv()
             assert cmd == "ERRR" and body["error"], (g, cmd, body)
-        cell_id = os.urandom(20).hex()
-        sock.send(f'J HELO {{"id": "{cell_id}", "service": "raw"}}'.encode())
-        assert recv_command(sock)[1] == "WLCM"
-        # A truncated binary batch, an unknown command, a batch with no payload frame.
-        sock.send_multipart([b"B PUBS", b"\x01\x00\x00"])
-        assert recv_command(sock)[1] == "ERRR"
-        sock.send(b"J ABCD {}")
-        assert "unknown command" in recv_command(sock)[2]["error"]
-        sock.send(b"B PUBS")
-        assert recv_command(sock)[1] == "ERRR"
+        cell.hello()
+        # A truncated binary batch, an unknown command, a batch with no payload frame
+        # (written by hand: malformed on purpose).
+        cell.sock.send_multipart([b"B PUBS", b"\x01\x00\x00"])
+        assert cell.recv()[1] == "ERRR"
+        cell.sock.send(b"J ABCD {}")
+        assert "unknown command" in cell.recv()[2]["error"]
+        cell.sock.send(b"B PUBS")
+        assert cell.recv()[1] == "ERRR"
         after = metrics(t["metrics"])["thynapse_transmitter_malformed_frames_total"]
         assert after - before >= len(garbage) + 3
     finally:
@@ -108,22 +91,6 @@ def test_garbage_frames_get_errors_and_the_transmitter_serves_on(start_mesh):
     until_routed(publisher, "after", 1)
     publisher.publish("after", b"still fine")
     sub.wait_count(1, prefix=b"still fine")
-
-
-def _envelopes(body):
-    """Decodes a DLVR envelope batch: (batch number, [payload, ...])."""
-    batch = int.from_bytes(body[:8], "little")
-    at, payloads = 8, []
-    while at < len(body):
-        at += 1 + 20 + 8 + 8  # kind, origin, seq, ts
-        n = int.from_bytes(body[at : at + 4], "little")
-        at += 4 + n  # channel
-        n = int.from_bytes(body[at : at + 4], "little")
-        payloads.append(body[at + 4 : at + 4 + n])
-        at += 4 + n
-        targets = int.from_bytes(body[at : at + 2], "little")
-        at += 2 + 20 * targets
-    return batch, payloads
 
 
 def test_a_cell_that_never_credits_is_bounded_and_the_rest_counted(start_mesh):
@@ -137,22 +104,19 @@ def test_a_cell_that_never_credits_is_bounded_and_the_rest_counted(start_mesh):
     drops = 'thynapse_transmitter_drops_total{reason="cell_backlog"}'
     ctx = zmq.Context()
     try:
-        sock = dealer(ctx, t["command"])
-        sock.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
-        assert recv_command(sock)[1] == "WLCM"
-        name = b"flow"
-        sock.send_multipart([b"B SUBS", bytes([0, 0]) + len(name).to_bytes(4, "little") + name])
-        got, last_batch = [], 0
+        cell = RawCell(ctx, t["command"])
+        cell.hello()
+        cell.subscribe(["flow"])
 
         def take():
-            # Keeps the cell alive (the transmitter drops silent cells) and takes what came.
-            sock.send(b"J PING {}")
-            while sock.poll(20):
-                _, cmd, _, frames = recv_command(sock)
-                if cmd == "DLVR":
-                    nonlocal last_batch
-                    last_batch, payloads = _envelopes(frames[0])
-                    got.extend(p for p in payloads if p != b"probe")
+            # Keeps the cell alive (the transmitter drops silent cells) and takes what came
+            # (RawCell keeps the DLVR batches).
+            cell.send("PING")
+            while cell.sock.poll(20):
+                cell.recv()
+
+        def flow():
+            return [m["payload"] for m in cell.delivered() if m["payload"] != b"probe"]
 
         publisher = mesh.redis(mesh.cell("s-0"))
         until_routed(publisher, "flow", 1)
@@ -171,18 +135,19 @@ def test_a_cell_that_never_credits_is_bounded_and_the_rest_counted(start_mesh):
 
         def accounted():
             take()
-            return len(got) + metrics(t["metrics"]).get(drops, 0) >= n and not publishing.is_alive()
+            return len(flow()) + metrics(t["metrics"]).get(drops, 0) >= n and not publishing.is_alive()
 
         wait_for(accounted, timeout=30, what="every message delivered or counted")
         publishing.join()
+        got = flow()
         dropped = metrics(t["metrics"])[drops]
         assert len(got) + dropped == n, "each message delivered once or counted as dropped"
         assert dropped > 0 and sum(len(p) for p in got) <= limit, "the cell got at most its link buffer"
         assert got == sent[: len(got)], "what the cell got came in order, from the start"
         assert len(replies) == n, "the publisher was answered"
         # Crediting everything taken lets messages flow again.
-        sock.send(f'J CRED {{"batch": {last_batch}}}'.encode())
-        wait_for(lambda: publisher.publish("flow", b"after") and (take() or b"after" in got), what="flow after CRED")
+        cell.credit()
+        wait_for(lambda: publisher.publish("flow", b"after") and (take() or b"after" in flow()), what="flow after CRED")
     finally:
         ctx.destroy(linger=0)
 
@@ -220,29 +185,28 @@ def test_subs_with_sync_is_confirmed_once_every_peer_applied_it(start_mesh):
     wait_for(lambda: all(metrics(t["metrics"])["thynapse_transmitter_peers"] == 1 for t in (t0, t1)), what="peers linked")
     ctx = zmq.Context()
     try:
-        cell = dealer(ctx, t0["command"])
         # Deliveries on the PUB socket (not read here): the DEALER carries only answers.
-        cell.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw", "events": "pub"}}'.encode())
-        assert recv_command(cell)[1] == "WLCM"
-        publisher = dealer(ctx, t1["command"])
-        publisher.send(f'J HELO {{"id": "{os.urandom(20).hex()}", "service": "raw"}}'.encode())
-        assert recv_command(publisher)[1] == "WLCM"
+        cell = RawCell(ctx, t0["command"], events="pub")
+        cell.hello()
+        publisher = RawCell(ctx, t1["command"])
+        publisher.hello()
         for i in range(50):
-            name = b"raw.sync.%d" % i
-            cell.send_multipart([b'B SUBS {"sync": %d}' % (i + 1), bytes([0, 0]) + len(name).to_bytes(4, "little") + name])
-            assert recv_command(cell)[:3] == ("J", "SUBD", {"sync": i + 1})
-            publisher.send(b'J EVNT {"channel": "%s", "data": "x"}' % name)
-            _, cmd, ack, _ = recv_command(publisher)
+            name = f"raw.sync.{i}"
+            # The very next answer must be the SUBD (not `subscribe(sync=…)`, which skips others).
+            cell.send_binary("SUBS", interest([name]), header={"sync": i + 1})
+            assert cell.recv()[:3] == ("J", "SUBD", {"sync": i + 1})
+            publisher.send("EVNT", {"channel": name, "data": "x"})
+            _, cmd, ack, _ = publisher.recv()
             assert (cmd, ack["receivers"]) == ("ACKD", 1), f"round {i}: {ack}"
         # A SUBS without a header asks for nothing and gets nothing back.
-        cell.send_multipart([b"B SUBS", bytes([1, 0]) + len(name).to_bytes(4, "little") + name])
-        cell.send(b"J PING {}")
-        assert recv_command(cell)[1] == "PONG"
+        cell.subscribe([name], op=1)
+        cell.send("PING")
+        assert cell.recv()[1] == "PONG"
         # The peer-side half, from a libzmq client introduced as a transmitter.
         peer = dealer(ctx, t0["command"])
-        peer.send(f'J PEER {{"id": "{os.urandom(20).hex()}", "name": "raw-peer", "mesh": "demo"}}'.encode())
+        peer.send(command("PEER", {"id": os.urandom(20).hex(), "name": "raw-peer", "mesh": "demo"}))
         assert recv_command(peer)[1] == "PWLC"
-        peer.send(b'J SYNC {"round": 17}')
+        peer.send(command("SYNC", {"round": 17}))
         assert recv_command(peer)[1:3] == ("SYND", {"round": 17})
         m = metrics(t0["metrics"])
         assert [m[f'thynapse_transmitter_interest_sync_gave_up_total{{reason="{r}"}}'] for r in ("timeout", "peer_lost")] == [0, 0]
