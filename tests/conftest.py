@@ -6,6 +6,7 @@ Every wait here is a condition polled against a deadline, never a bare sleep.
 import json
 import re
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -314,24 +315,34 @@ def drops(url, prefix="thynapse_transmitter_drops_total"):
 class Part:
     """One component started alone (not by `up`), with the status line it printed."""
 
-    def __init__(self, args, tmp):
+    def __init__(self, args, tmp, timeout=30):
         self.log = tmp / f"{args[0]}-{len(list(tmp.iterdir()))}.log"
-        self.proc = subprocess.Popen([str(BINARY), *args], stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True)
-        line = self.proc.stdout.readline()
-        assert line.startswith("READY "), f"{args}: {line!r}; {self.log.read_text()}"
-        self.ready = json.loads(line.split(" ", 1)[1])
+        self.stderr = open(self.log, "w")
+        self.proc = subprocess.Popen([str(BINARY), *args], stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         self.clients = []
+        # A sidecar prints READY once it joined a transmitter: never, when it cannot.
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.startswith("READY "):
+            self.stop()
+            raise AssertionError(f"{args}: no READY within {timeout}s ({line!r}); {self.log.read_text()[-2000:]}")
+        self.ready = json.loads(line.split(" ", 1)[1])
 
     def stop(self):
         for c in self.clients:
-            c.close()
+            try:
+                c.close()
+            except Exception:
+                pass
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.stderr.close()
 
 
 @pytest.fixture
@@ -346,6 +357,4 @@ def parts():
 
     yield start
     for p in reversed(started):
-        if p.proc.poll() is None:
-            p.proc.send_signal(signal.SIGCONT)
         p.stop()

@@ -233,8 +233,9 @@ class FakePeer:
 
     def link(self, endpoint):
         """A DEALER to a real transmitter, introduced with PEER; waits for PWLC."""
+        before = len(self.answered("PWLC"))
         self.outgoing.put(("link", endpoint, None))
-        wait_for(lambda: self.answered("PWLC"), what=f"PWLC from {endpoint}")
+        wait_for(lambda: len(self.answered("PWLC")) > before, what=f"PWLC from {endpoint}")
 
     def send(self, endpoint, frames):
         self.outgoing.put(("send", endpoint, frames))

@@ -4,6 +4,7 @@ datagrams a transmitter reads, `hosting` sent unasked and confirmed at once, the
 transmitters and rooms a rendezvous keeps, and a sidecar sent on by a full transmitter."""
 
 import json
+import os
 import socket
 
 import pytest
@@ -80,29 +81,36 @@ def test_a_transmitter_reads_discovery_datagrams_only_from_its_rendezvous_points
               "--rendezvous", f"udp://127.0.0.1:{point.getsockname()[1]}", "--announce-interval-ms", "250",
               "--expiry-multiplier", "20")
     _, transmitter = point.recvfrom(65536)  # its announcement: where it reads datagrams
-    # Known only from the datagrams below: they do not announce themselves.
-    forged_peer, real_peer = (FakePeer(ctx, "spoof", rendezvous.ready["address"], name=n, announcing=False)
-                              for n in ("forged", "listed"))
+    # Known only from the datagrams below: neither announces itself. The forged one is a
+    # bare TCP listener, which sees a connection attempt as soon as one is made.
+    forged_peer = socket.socket()
+    forged_peer.bind(("127.0.0.1", 0))
+    forged_peer.listen(8)
+    real_peer = FakePeer(ctx, "spoof", rendezvous.ready["address"], name="listed", announcing=False)
     try:
-        def datagrams(fake, room):
-            info = {"name": fake.name, "id": fake.id, "command": fake.endpoint, "event": "tcp://127.0.0.1:1"}
+        def datagrams(name, endpoint, room):
+            info = {"name": name, "id": os.urandom(20).hex(), "command": endpoint, "event": "tcp://127.0.0.1:1"}
             return [json.dumps({"type": "peers", "mesh": "spoof", "transmitters": [info]}).encode(),
                     json.dumps({"type": "hosting", "mesh": "spoof",
                                 "rooms": [{"room": room, "hosts": ["spoof-0"]}]}).encode()]
 
         stranger = udp()
-        for d in datagrams(forged_peer, "forged"):
+        for d in datagrams("forged", "tcp://127.0.0.1:%d" % forged_peer.getsockname()[1], "forged"):
             stranger.sendto(d, transmitter)
-        for d in datagrams(real_peer, "listed"):
+        for d in datagrams("listed", real_peer.endpoint, "listed"):
             point.sendto(d, transmitter)
-        # Read in order: once the point's datagrams took effect, the stranger's were read.
+        # Read in order: once the point's datagrams took effect, the stranger's were read,
+        # and a connection they started (before the point's) would have reached its
+        # listener before the point's peer heard PEER.
         wait_for(lambda: real_peer.received("PEER"), what="a link to the transmitter the point listed")
         wait_for(lambda: metrics(t.ready["metrics"])["thynapse_transmitter_rooms"] == 1, what="the point's room hosted")
-        assert not forged_peer.received("PEER"), "a forged `peers` started a connection"
+        forged_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            forged_peer.accept()  # a forged `peers` started a connection
         forged = RawCell(ctx, t.ready["command"], room="forged")
         assert forged.hello(expect="MOVE")["reason"] == 'room "forged" is not hosted here'
     finally:
-        forged_peer.stop()
+        forged_peer.close()
         real_peer.stop()
 
 
@@ -185,4 +193,4 @@ def test_a_sidecar_told_transmitter_full_joins_another(parts):
 
     assert sidecar("first").ready["transmitter"] == "cells-0"
     assert sidecar("second").ready["transmitter"] == "cells-1", "told the first is full, it joins the other"
-    assert metrics(full.ready["metrics"])['thynapse_transmitter_refused_total{limit="cells"}'] == 1, "it was not told"
+    assert metrics(full.ready["metrics"])['thynapse_transmitter_refused_total{limit="cells"}'] >= 1, "it was not told"

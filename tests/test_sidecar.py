@@ -134,7 +134,9 @@ def test_a_full_window_of_unacknowledged_publishes_stops_reading_clients_and_los
     conn.settimeout(60)
     answers = b""
     while answers.count(b"\r\n") < n:
-        answers += conn.recv(1 << 20)
+        chunk = conn.recv(1 << 20)
+        assert chunk, "the connection closed before every publish was answered"
+        answers += chunk
     assert answers == b":1\r\n" * n, "every publish answered, reaching the subscriber"
     try:
         sub.wait_count(n, prefix=b"w", timeout=120)

@@ -232,7 +232,9 @@ impl Rooms {
             return Vec::new();
         }
         let mut need = r.replicas - serving;
-        let cost = hosting_bytes(room, r.replicas, view.longest_name);
+        // The hosts it will have (more than `replicas` while a draining one stays).
+        let hosts = (r.replicas as usize).max(r.hosts.len() + need as usize);
+        let cost = hosting_bytes(room, hosts, view.longest_name);
         view.count(&self.rooms);
         let mut candidates: Vec<(f64, &TransmitterInfo)> = view
             .transmitters
@@ -358,8 +360,10 @@ impl Rooms {
 /// The bytes a room adds to its hosts' `hosting` datagrams, `{"room":…,"hosts":[…]},`,
 /// at most: each host's name is counted as long as the longest live one (names may have
 /// up to 256 bytes), so that the datagram stays within `MAX_DATAGRAM`.
-fn hosting_bytes(room: &str, replicas: u32, host_name_bytes: usize) -> usize {
-    room.len() + 24 + replicas as usize * (host_name_bytes + 3)
+fn hosting_bytes(room: &str, hosts: usize, host_name_bytes: usize) -> usize {
+    // As JSON writes it: a control character in a name takes six bytes.
+    let room = serde_json::to_string(room).map_or(room.len() * 6, |j| j.len());
+    room + 24 + hosts * (host_name_bytes + 3)
 }
 
 /// The live transmitters indexed by name, and the rooms (and hosting bytes) each hosts:
@@ -395,7 +399,8 @@ impl<'a> View<'a> {
             for h in &room.hosts {
                 let e = self.load.entry(h.name.clone()).or_default();
                 e.0 += 1;
-                e.1 += hosting_bytes(name, room.replicas, self.longest_name);
+                let hosts = (room.replicas as usize).max(room.hosts.len());
+                e.1 += hosting_bytes(name, hosts, self.longest_name);
             }
         }
     }
@@ -630,8 +635,16 @@ mod tests {
     /// Places rooms of `replicas` named `{i:0>len}` while every one goes to `a` (the
     /// others are far busier); returns how many `a` was given before one went elsewhere.
     fn fill_one_host(rooms: &mut Rooms, live: &[TransmitterInfo], len: usize) -> usize {
+        fill_one_host_with(rooms, live, |i| format!("{i:0>len$}"))
+    }
+
+    fn fill_one_host_with(
+        rooms: &mut Rooms,
+        live: &[TransmitterInfo],
+        name: impl Fn(usize) -> String,
+    ) -> usize {
         for i in 0..10_000 {
-            let (_, assigned) = rooms.locate(&format!("{i:0>len$}"), live).unwrap();
+            let (_, assigned) = rooms.locate(&name(i), live).unwrap();
             if !assigned.contains(&live[0].name) {
                 assert!(!assigned.is_empty(), "placed elsewhere");
                 return i;
@@ -689,10 +702,10 @@ mod tests {
             let placed: usize = rooms
                 .hosting("a")
                 .iter()
-                .map(|p| hosting_bytes(&p.room, p.hosts.len() as u32, 1))
+                .map(|p| hosting_bytes(&p.room, p.hosts.len(), 1))
                 .sum();
             assert!(placed <= MAX_HOSTING_BYTES, "{placed} bytes of placements");
-            let one_more = hosting_bytes(&format!("{given:0>name_len$}"), replicas, 1);
+            let one_more = hosting_bytes(&format!("{given:0>name_len$}"), replicas as usize, 1);
             assert!(
                 placed + one_more > MAX_HOSTING_BYTES,
                 "given up early: {placed}"
@@ -722,6 +735,27 @@ mod tests {
         assert!(
             hosting <= MAX_DATAGRAM,
             "{given} rooms: hosting {hosting} bytes"
+        );
+    }
+
+    #[test]
+    fn room_names_json_must_escape_still_fit_a_hosting_datagram() {
+        use thynapse_protocol::discovery::MAX_DATAGRAM;
+        // A client picks the hash tag: control characters take six bytes each in JSON.
+        let mut live: Vec<_> = ["a", "b"].map(t).to_vec();
+        live[1].rate = 1e9;
+        let one = RoomPolicy {
+            default_replicas: 1,
+            ..RoomPolicy::default()
+        };
+        let mut rooms = Rooms::new("m", one);
+        let given = fill_one_host_with(&mut rooms, &live, |i| {
+            format!("{i:04}{}", "\u{1}".repeat(MAX_ROOM_NAME - 4))
+        });
+        let (hosting, announce) = datagrams_of(&rooms, &live[0]);
+        assert!(
+            hosting <= MAX_DATAGRAM && announce <= MAX_DATAGRAM,
+            "{given} rooms: hosting {hosting} bytes, announcement {announce}"
         );
     }
 }

@@ -79,6 +79,8 @@ pub(crate) struct Client {
     /// What goes out before `out`, in order: earlier replies and the hub's pushes.
     pub(crate) chunks: VecDeque<Bytes>,
     pub(crate) close: bool,
+    /// The hub's kill switch (a slow subscriber), also heard while waiting to hand over.
+    pub(crate) kill: Arc<tokio::sync::Notify>,
 }
 
 /// The error for a subscription that would take the mesh session past

@@ -81,6 +81,7 @@ pub async fn serve(mut socket: TcpStream, id: ClientId, shared: Arc<Shared>) {
         out: BytesMut::with_capacity(16 * 1024),
         chunks: VecDeque::new(),
         close: false,
+        kill: kill.clone(),
     };
     // 64 KiB: a pipeline of a few hundred publishes arrives in one read and one hand-over.
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -425,12 +426,16 @@ impl Client {
             let mut p = std::mem::take(&mut self.publishes);
             p.records = self.batch.split().freeze();
             let share = p.records.len().min(PUBLISH_QUEUE_BYTES) as u32;
-            p.queued = shared
-                .publish_queue
-                .clone()
-                .acquire_many_owned(share)
-                .await
-                .ok();
+            let queue = shared.publish_queue.clone();
+            tokio::select! {
+                permit = queue.acquire_many_owned(share) => p.queued = permit.ok(),
+                // Killed while waiting: the connection ends, these publishes unanswered.
+                _ = self.kill.notified() => {
+                    self.kill.notify_one();
+                    self.close = true;
+                    return;
+                }
+            }
             let _ = shared.hub.send(HubCmd::Publish(self.id, p)).await;
         }
     }

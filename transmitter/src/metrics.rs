@@ -177,7 +177,7 @@ impl Metrics {
             refused: counter_vec(
                 &r,
                 "thynapse_transmitter_refused_total",
-                "Requests refused for going over a limit (the sender gets an ERRR), by limit.",
+                "Requests refused for going over a limit (the sender gets an ERRR), by limit; send_queue: connections dropped for not reading their replies and deliveries.",
                 "limit",
             ),
             redelivered: counter(
@@ -235,6 +235,7 @@ impl Metrics {
             "hello",
             "peers",
             "wire_message_bytes",
+            "send_queue",
         ] {
             m.refused.with_label_values(&[limit]);
         }

@@ -49,11 +49,11 @@ impl Default for Outbox {
 impl Outbox {
     /// Whether one more message of `size` bytes fits under `limit`.
     pub fn has_room(&self, size: usize, limit: usize) -> bool {
-        // The open batch is a frame too; a message starts a new one when it is empty or
-        // full (`open` closes a full one first).
-        let open = self.writer.byte_len();
-        let frames = self.inflight.len() + self.ready.len() + usize::from(open > 0);
-        let new_frame = open == 0 || open >= BATCH_BYTES;
+        // The open batch is a frame too; a message starts a new one when it has none yet
+        // or is full (`open` closes a full one first).
+        let open = !self.writer.is_empty();
+        let frames = self.inflight.len() + self.ready.len() + usize::from(open);
+        let new_frame = !open || self.writer.byte_len() >= BATCH_BYTES;
         frames + usize::from(new_frame) <= MAX_FRAMES_IN_FLIGHT
             && self.pending_bytes() + size <= limit
     }

@@ -31,7 +31,7 @@ use thynapse_protocol::wire::{self, cmd};
 use thynapse_protocol::Thid;
 use tokio::sync::{mpsc, watch};
 use zeromq::{
-    PubSocket, RouterSendHalf, RouterSocket, Socket, SocketOptions, SocketRecv, SocketSend,
+    PubSocket, RouterSendHalf, RouterSocket, Socket, SocketOptions, SocketRecv, ZmqError,
     ZmqMessage,
 };
 
@@ -486,7 +486,13 @@ impl Transmitter {
                     CommandFrame::new(Encoding::Binary, cmd::DLVR, Bytes::new()).to_bytes(),
                 );
                 m.push_back(frame);
-                if self.router.send(m).await.is_err() {
+                if let Err(e) = self.router.try_send(m).await {
+                    if matches!(e, ZmqError::BufferFull(_)) {
+                        self.metrics
+                            .refused
+                            .with_label_values(&["send_queue"])
+                            .inc();
+                    }
                     failed.push(*id);
                     break;
                 }
@@ -505,7 +511,19 @@ impl Transmitter {
     async fn send_replies(&mut self) {
         self.release_acks();
         for m in std::mem::take(&mut self.replies) {
-            let _ = self.router.send(m).await;
+            let identity = m.get(0).cloned();
+            if let Err(ZmqError::BufferFull(_)) = self.router.try_send(m).await {
+                // It asked for replies and read none: disconnected by the socket, and
+                // forgotten here (its sidecar, if it has one, joins again).
+                self.metrics
+                    .refused
+                    .with_label_values(&["send_queue"])
+                    .inc();
+                let cell = identity.and_then(|i| self.identities.get(&i).copied());
+                if let Some(id) = cell {
+                    self.drop_cell(id, Leaving::Unreachable);
+                }
+            }
         }
     }
 

@@ -175,6 +175,44 @@ impl GenericSocketBackend {
         }
     }
 
+    /// Like `send_to_peer`, without waiting: a peer whose send queue is full (it does
+    /// not read what it is sent) is disconnected, and `ZmqError::BufferFull` returned, so
+    /// that one peer that stops reading cannot hold up a sender serving many.
+    pub(crate) async fn try_send_to_peer(
+        &self,
+        peer_id: &PeerIdentity,
+        message: Message,
+    ) -> ZmqResult<()> {
+        const FULL: &str = "the peer's send queue is full (it does not read): disconnected";
+        let message = match self.try_send_cached_single_peer(message, Some(peer_id)) {
+            CachedSend::Sent => return Ok(()),
+            CachedSend::Full { peer_id, .. } => {
+                self.peer_disconnected(&peer_id);
+                return Err(ZmqError::BufferFull(FULL));
+            }
+            CachedSend::Disconnected { peer_id, error } => {
+                self.peer_disconnected(&peer_id);
+                return Err(error.into());
+            }
+            CachedSend::Miss(message) => message,
+        };
+        let sent = match self.peers.get_async(peer_id).await {
+            Some(mut peer) => peer.send_queue.try_send(message),
+            None => return Err(ZmqError::Other("Destination client not found by identity")),
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                self.peer_disconnected(peer_id);
+                if error.is_full() {
+                    Err(ZmqError::BufferFull(FULL))
+                } else {
+                    Err(error.into_send_error().into())
+                }
+            }
+        }
+    }
+
     fn try_send_cached_single_peer(
         &self,
         message: Message,

@@ -167,6 +167,24 @@ pub struct RouterRecvHalf {
     fair_queue: FairQueue<ZmqFramedRead, PeerIdentity>,
 }
 
+impl RouterSendHalf {
+    /// Sends without waiting for room: a peer whose send queue is full is disconnected
+    /// instead (`ZmqError::BufferFull`). `send` would wait for it, holding up every
+    /// other peer of the socket behind one that stopped reading.
+    pub async fn try_send(&mut self, mut message: ZmqMessage) -> ZmqResult<()> {
+        if message.len() <= 1 {
+            return Err(ZmqError::Socket(
+                "ROUTER send requires at least 2 frames: identity frame + message",
+            ));
+        }
+        let peer_id: PeerIdentity = message.pop_front().unwrap().try_into()?;
+        self.inner
+            .backend
+            .try_send_to_peer(&peer_id, Message::Message(message))
+            .await
+    }
+}
+
 #[async_trait]
 impl SocketSend for RouterSendHalf {
     async fn send(&mut self, mut message: ZmqMessage) -> ZmqResult<()> {
