@@ -88,6 +88,8 @@ class Mesh:
         self.log = open(tmp / "up.log", "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoints = wait_for(self._read_endpoints, timeout=30, what="endpoints file")
+        self.token = Path(self.endpoints["token_file"]).read_text().strip().encode()
+        self._register_token()
         self.clients = []
         # A test that kills or stops children sets this; otherwise a restart (a child
         # that crashed, which `up` would hide) fails the test.
@@ -107,7 +109,16 @@ class Mesh:
 
     def refresh(self):
         self.endpoints = json.loads(self.endpoints_path.read_text())
+        self._register_token()
         return self.endpoints
+
+    def _register_token(self):
+        """Raw wire clients of the tests (rawwire) authenticate with the mesh's token."""
+        import rawwire
+
+        for t in self.endpoints["transmitters"]:
+            if t.get("command"):
+                rawwire.TOKENS[t["command"]] = self.token
 
     def cells(self, service=None):
         return [c for c in self.endpoints["cells"] if service is None or c["service"] == service]
@@ -351,8 +362,8 @@ def parts():
     tmp = Path(tempfile.mkdtemp(prefix="thynapse-test-parts-"))
     started = []
 
-    def start(*args):
-        started.append(Part([str(a) for a in args], tmp))
+    def start(*args, timeout=30):
+        started.append(Part([str(a) for a in args], tmp, timeout=timeout))
         return started[-1]
 
     yield start

@@ -3,6 +3,8 @@
 posing as a peer (`FakePeer`). Tests use them to do what the sidecar and the transmitter
 never do on their own: withhold credit, vanish, forge, say QUIT at a chosen moment."""
 
+import hashlib
+import hmac
 import json
 import os
 import queue
@@ -14,6 +16,41 @@ import time
 import zmq
 
 from conftest import wait_for
+
+
+# The mesh token of each transmitter's command endpoint, as the meshes under test
+# registered it (`conftest.Mesh`): RawCell and FakePeer authenticate with it by default.
+TOKENS = {}
+AUTO = object()
+
+
+def mesh_key(token):
+    return hmac.new(token, b"thynapse mesh", hashlib.sha256).digest()
+
+
+def service_key(token, service):
+    return hmac.new(token, b"thynapse service " + service.encode(), hashlib.sha256).digest()
+
+
+def prove(key, role, nonce, context):
+    """HMAC-SHA-256 over each part preceded by its length as a little-endian u64."""
+    parts = b"".join(struct.pack("<Q", len(p)) + p for p in (role.encode(), nonce.encode(), context.encode()))
+    return hmac.new(key, parts, hashlib.sha256).hexdigest()
+
+
+def authenticate(sock, key, role, context):
+    """The client side of AUTH (docs/protocol.md): returns the server's answer to the
+    proof (AUTD, checked), or raises with the refusal."""
+    sock.send(command("AUTH", {"role": role, "context": context}))
+    _, cmd, body, _ = recv_command(sock)
+    assert cmd == "CHAL", (cmd, body)
+    mine = os.urandom(16).hex()
+    sock.send(command("AUTH", {"role": role, "context": context, "nonce": body["nonce"],
+                               "proof": prove(key, role, body["nonce"], context), "challenge": mine}))
+    _, cmd, body, _ = recv_command(sock)
+    assert cmd == "AUTD", (cmd, body)
+    assert hmac.compare_digest(body["proof"], prove(key, "server", mine, context)), "the server's proof is wrong"
+    return body
 
 
 def dealer(ctx, endpoint, timeout_ms=5000):
@@ -101,21 +138,32 @@ def envelope_batch(batch, messages):
 class RawCell:
     """A cell on one DEALER: greets with HELO, then sends and reads what a test says."""
 
-    def __init__(self, ctx, endpoint, service="raw", cell_id=None, **hello):
+    def __init__(self, ctx, endpoint, service="raw", cell_id=None, token=AUTO, **hello):
         self.sock = dealer(ctx, endpoint)
         self.id = cell_id or os.urandom(20).hex()
         self.service = service
+        # The mesh's token by default (none for a transmitter started without one).
+        self.token = TOKENS.get(endpoint) if token is AUTO else token
+        self.authenticated = False
         self.hello_fields = hello
         self.pending = []  # messages read while waiting for another command
         self.batches = []  # DLVR: (batch, [message dicts]), in arrival order
 
     def hello(self, expect="WLCM"):
-        """HELO; returns the answer's body, asserting its command when `expect` is set."""
+        """HELO (after AUTH with the Service key when the mesh has a token); returns the
+        answer's body, asserting its command when `expect` is set."""
+        self.authenticate()
         self.send("HELO", {"id": self.id, "service": self.service, **self.hello_fields})
         _, cmd, body, _ = self.recv()
         if expect:
             assert cmd == expect, (cmd, body)
         return body
+
+    def authenticate(self):
+        """AUTH with the Service key, once, when the mesh has a token."""
+        if self.token and not self.authenticated:
+            authenticate(self.sock, service_key(self.token, self.service), "cell", self.service)
+            self.authenticated = True
 
     def send(self, cmd, body=None):
         self.sock.send(command(cmd, body))
@@ -199,8 +247,11 @@ class FakePeer:
     sends on it. Everything it reads is kept in `inbound` (on the ROUTER) and `answers`
     (on its DEALERs), as (cmd, body, frames)."""
 
-    def __init__(self, ctx, mesh, rendezvous, name="fake-peer", interval_ms=250, multiplier=4, announcing=True):
+    def __init__(self, ctx, mesh, rendezvous, name="fake-peer", interval_ms=250, multiplier=4, announcing=True,
+                 token=None):
         self.ctx, self.mesh, self.name = ctx, mesh, name
+        self.key = mesh_key(token) if token else None
+        self.challenges = {}  # identity → the nonce given it
         self.id = os.urandom(20).hex()
         self.interval = interval_ms / 1000
         self.announcement = {"type": "announce", "mesh": mesh, "interval_ms": interval_ms, "multiplier": multiplier}
@@ -275,6 +326,8 @@ class FakePeer:
                     what, endpoint, frames = self.outgoing.get()
                     if what == "link":
                         d = dealer(self.ctx, endpoint)
+                        if self.key:
+                            authenticate(d, self.key, "peer", self.mesh)
                         self.dealers[endpoint] = d
                         poller.register(d, zmq.POLLIN)
                         d.send(command("PEER", self.hello()))
@@ -298,6 +351,18 @@ class FakePeer:
             self.router.close(linger=0)
             self.udp.close()
 
+    def _auth(self, identity, body):
+        """The server side of AUTH, for a transmitter linking to this fake."""
+        if "proof" not in body:
+            self.challenges[identity] = os.urandom(16).hex()
+            self.router.send_multipart([identity, command("CHAL", {"nonce": self.challenges[identity]})])
+            return
+        nonce = self.challenges.pop(identity, None)
+        good = nonce and hmac.compare_digest(body["proof"], prove(self.key, "peer", nonce, self.mesh))
+        reply = (command("AUTD", {"proof": prove(self.key, "server", body["challenge"], self.mesh)}) if good
+                 else command("ERRR", {"error": "AUTH refused"}))
+        self.router.send_multipart([identity, reply])
+
     def _inbound(self, frames):
         identity, rest = frames[0], frames[1:]
         _, cmd, body, more = parse_command(rest)
@@ -308,6 +373,9 @@ class FakePeer:
             with self.lock:
                 self.seen.update((m["origin"], m["seq"]) for m in envelopes(more[0])[1])
         if self.deaf:
+            return
+        if cmd == "AUTH" and self.key:
+            self._auth(identity, body)
             return
         if cmd in self.reply_once:
             self.router.send_multipart([identity, *self.reply_once.pop(cmd)])

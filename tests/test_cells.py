@@ -33,6 +33,7 @@ def test_wlcm_fields_and_the_bounds_of_helo_and_of_a_cells_interest(start_mesh, 
     # Delivery rules over 64 KiB of patterns: refused, counted.
     rules = [{"pattern": "p%05d" % i + "x" * 1000, "mode": "anycatch"} for i in range(66)]
     answer = RawCell(ctx, t["command"], rules=rules)
+    answer.authenticate()
     answer.send("HELO", {"id": answer.id, "service": "raw", "rules": rules})
     _, cmd, body, _ = answer.recv()
     assert cmd == "ERRR" and "HELO refused" in body["error"], (cmd, body)

@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 
 from conftest import BINARY, Subscriber, free_udp_query, mesh_yaml, metrics, until_routed, wait_for
-from rawwire import command, dealer
+from rawwire import authenticate, command, dealer, mesh_key, recv_command
 
 # ZMTP 3.0 greeting: signature, version 3.0, mechanism NULL, as-server 0, filler.
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
@@ -386,9 +386,9 @@ def test_a_full_transmitter_sends_new_cells_elsewhere():
 
 
 def test_a_flood_of_peer_names_is_bounded_and_the_mesh_keeps_routing(start_mesh):
-    """Anyone can say PEER under a new name: a transmitter knows at most 1,024 peers
-    (MAX_PEERS); past that a PEER is refused and counted, and the real peers keep their
-    links."""
+    """Only a connection that proved the mesh key may say PEER; even one that did can hold
+    at most 1,024 peer places (MAX_PEERS): past that a PEER is refused and counted, and the
+    real peers keep their links."""
     import zmq
 
     m = start_mesh(mesh_yaml(name="flood", replicas=2, services=[("s", [])]), cells={"s": 2})
@@ -397,7 +397,13 @@ def test_a_flood_of_peer_names_is_bounded_and_the_mesh_keeps_routing(start_mesh)
     target = m.transmitter(a["transmitter"])
     ctx = zmq.Context()
     try:
+        stranger = dealer(ctx, target["command"])
+        stranger.send(command("PEER", {"id": os.urandom(20).hex(), "name": "stranger", "mesh": "flood"}))
+        _, cmd, body, _ = recv_command(stranger)
+        assert cmd == "ERRR" and "authenticate first" in body["error"], (cmd, body)
+        assert metrics(target["metrics"])['thynapse_transmitter_refused_total{limit="auth"}'] == 1
         s = dealer(ctx, target["command"], timeout_ms=10000)
+        authenticate(s, mesh_key(m.token), "peer", "flood")
         n = 1100
         for i in range(n):
             s.send(command("PEER", {"id": os.urandom(20).hex(), "name": f"fake-{i}", "mesh": "flood"}))

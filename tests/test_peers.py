@@ -32,7 +32,7 @@ def ctx():
 
 
 def fake_peer(ctx, mesh, **kw):
-    fake = FakePeer(ctx, mesh.endpoints["mesh"], mesh.endpoints["rendezvous"][0]["address"], **kw)
+    fake = FakePeer(ctx, mesh.endpoints["mesh"], mesh.endpoints["rendezvous"][0]["address"], token=mesh.token, **kw)
     FAKES.append(fake)
     return fake
 
@@ -161,8 +161,10 @@ def test_messages_for_a_peer_wait_while_its_link_is_rebuilt(start_mesh, ctx):
 def test_forwarded_messages_for_cells_that_left_and_publishes_from_strangers_are_counted(start_mesh, ctx):
     m = start_mesh(mesh_yaml(name="gone", replicas=1), cells={})
     t = m.transmitter("gone-0")
-    # A PUBS from a connection that never said HELO: refused, counted `unknown_sender`.
+    # A PUBS from a connection that authenticated but never said HELO: refused, counted
+    # `unknown_sender`.
     stranger = RawCell(ctx, t["command"])
+    stranger.authenticate()
     stranger.send_binary("PUBS", (1).to_bytes(8, "little"))
     _, cmd, body, _ = stranger.recv()
     assert cmd == "ERRR" and "unknown cell" in body["error"], (cmd, body)

@@ -213,12 +213,14 @@ def test_raw_cell_limits_and_the_binary_event(start_mesh):
     t = m.transmitter("rawlim-0")
     ctx = zmq.Context()
     try:
-        s = RawCell(ctx, t["command"])
-        s.send("HELO", {"id": os.urandom(20).hex(), "service": "x" * 300})
-        _, cmd, body, _ = s.recv()
+        long_name = RawCell(ctx, t["command"], service="x" * 300)
+        long_name.authenticate()  # its Service's key proves a name of any length
+        long_name.send("HELO", {"id": os.urandom(20).hex(), "service": "x" * 300})
+        _, cmd, body, _ = long_name.recv()
         assert cmd == "ERRR" and "HELO refused" in body["error"], (cmd, body)
         assert metrics(t["metrics"])['thynapse_transmitter_refused_total{limit="hello"}'] == 1
-        s.hello()  # the same connection, a valid HELO
+        s = RawCell(ctx, t["command"])
+        s.hello()
         sub = Subscriber(m.redis(m.cells("s")[0]), channels=["bin"])
         # B EVNT: the payload is the next frame, bytes of any value.
         payload = bytes(range(256))

@@ -20,7 +20,7 @@ from conftest import (
     until_sharded,
     wait_for,
 )
-from rawwire import command, dealer
+from rawwire import RawCell
 
 ROOMS = [f"room-{i}" for i in range(12)]
 
@@ -276,9 +276,9 @@ def test_an_idle_on_demand_room_is_forgotten_and_placed_again_when_used(start_me
     wait_for(lambda: hosted() == 3, what="keep on one host, temp on two")
     ctx = zmq.Context()
     try:
-        s = dealer(ctx, endpoint)
-        s.send(command("HELO", {"id": os.urandom(20).hex(), "service": "s", "room": "temp"}))
-        assert s.recv_multipart()[0].startswith(b"J WLCM")
+        session = RawCell(ctx, endpoint, service="s", room="temp")
+        session.hello()
+        s = session.sock
         # In use for more than twice the idle time: kept (the session is the input here).
         until = time.monotonic() + 5
         while time.monotonic() < until:

@@ -8,7 +8,7 @@ import threading
 import zmq
 
 from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
-from rawwire import RawCell, command, dealer, interest, recv_command
+from rawwire import RawCell, authenticate, command, dealer, interest, mesh_key, recv_command
 
 
 def test_helo_wlcm_and_events_on_pub(start_mesh):
@@ -18,6 +18,7 @@ def test_helo_wlcm_and_events_on_pub(start_mesh):
     try:
         cell = RawCell(ctx, t["command"])
         # HELO by hand (not `hello()`): the answer's encoding is checked too.
+        cell.authenticate()
         cell.send("HELO", {"id": cell.id, "service": "raw", "events": "pub"})
         enc, cmd, body, _ = cell.recv()
         assert (enc, cmd) == ("J", "WLCM")
@@ -67,6 +68,7 @@ def test_garbage_frames_get_errors_and_the_transmitter_serves_on(start_mesh):
     ctx = zmq.Context()
     try:
         cell = RawCell(ctx, t["command"])
+        cell.authenticate()  # so that what follows is read as frames, not refused unread
         garbage = [b"", b"\xff\xfe\x00\x01", b"J HE", b"X HELO {}", b"J helo {}", b"J HELO {not json", b"J HELO {\"id\": \"zz\"}"]
         for g in garbage:
             cell.sock.send(g)
@@ -204,6 +206,7 @@ def test_subs_with_sync_is_confirmed_once_every_peer_applied_it(start_mesh):
         assert cell.recv()[1] == "PONG"
         # The peer-side half, from a libzmq client introduced as a transmitter.
         peer = dealer(ctx, t0["command"])
+        authenticate(peer, mesh_key(mesh.token), "peer", "demo")
         peer.send(command("PEER", {"id": os.urandom(20).hex(), "name": "raw-peer", "mesh": "demo"}))
         assert recv_command(peer)[1] == "PWLC"
         peer.send(command("SYNC", {"round": 17}))

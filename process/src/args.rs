@@ -97,6 +97,10 @@ pub struct TransmitterArgs {
     /// Cells (sidecar sessions) served at most; a HELO past it is answered `MOVE`.
     #[arg(long, default_value_t = 10_000)]
     pub max_cells: usize,
+    /// The mesh token (one per line; two during a rotation, the first proving this
+    /// transmitter): every connection must then authenticate (docs/security.md).
+    #[arg(long)]
+    pub token_file: Option<String>,
 }
 
 impl TransmitterArgs {
@@ -121,7 +125,8 @@ impl ToArgs for TransmitterArgs {
             .flag("expiry-multiplier", self.expiry_multiplier)
             .flag("max-message-bytes", self.max_message_bytes)
             .flag("link-buffer-bytes", self.link_buffer_bytes)
-            .flag("max-cells", self.max_cells);
+            .flag("max-cells", self.max_cells)
+            .each("token-file", &self.token_file);
         a.0
     }
 }
@@ -184,6 +189,13 @@ pub struct SidecarArgs {
     /// far before exiting (under Kubernetes' default grace period of 30 s).
     #[arg(long, default_value_t = 25)]
     pub drain_seconds: u64,
+    /// The mesh token, from which this cell's Service key is derived (first line).
+    #[arg(long, conflicts_with = "service_key_file")]
+    pub token_file: Option<String>,
+    /// This cell's Service key (64 hex digits): all a cell needs to authenticate, and
+    /// all the operator gives its pod.
+    #[arg(long)]
+    pub service_key_file: Option<String>,
 }
 
 impl SidecarArgs {
@@ -212,7 +224,9 @@ impl ToArgs for SidecarArgs {
                 "client-output-buffer-bytes",
                 self.client_output_buffer_bytes,
             )
-            .flag("drain-seconds", self.drain_seconds);
+            .flag("drain-seconds", self.drain_seconds)
+            .each("token-file", &self.token_file)
+            .each("service-key-file", &self.service_key_file);
         a.0
     }
 }
@@ -300,6 +314,7 @@ mod tests {
         round_trip(&t);
         t.advertise_host = "$(POD_IP)".into();
         t.link_buffer_bytes = 65536;
+        t.token_file = Some("/var/run/thynapse/token".into());
         round_trip(&t);
 
         let mut s = SidecarArgs::new("m", "orders", "orders-0", &points);
@@ -307,6 +322,7 @@ mod tests {
         round_trip(&s);
         s.rules = DeliveryRules(vec![DeliveryRule::new("jobs.*", Mode::Anycatch)]);
         s.prefer_transmitter = Some("m-1".into());
+        s.service_key_file = Some("/var/run/thynapse/service-key".into());
         round_trip(&s);
 
         let mut r = RendezvousArgs::new("m");

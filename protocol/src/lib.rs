@@ -6,6 +6,7 @@
 //! testable as plain values; the transmitter, sidecar and rendezvous crates put it on
 //! the wire.
 
+pub mod auth;
 pub mod batch;
 pub mod credit;
 pub mod dedup;

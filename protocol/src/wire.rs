@@ -34,6 +34,39 @@ pub mod cmd {
     pub const SUBD: &[u8; 4] = b"SUBD";
     pub const SYNC: &[u8; 4] = b"SYNC";
     pub const SYND: &[u8; 4] = b"SYND";
+    pub const AUTH: &[u8; 4] = b"AUTH";
+    pub const CHAL: &[u8; 4] = b"CHAL";
+    pub const AUTD: &[u8; 4] = b"AUTD";
+}
+
+/// `J AUTH`: the first message of a connection to an authenticated mesh (see
+/// `crate::auth`). Without `proof` it asks for a challenge; with it, it answers one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Auth {
+    /// "cell" (proving a Service) or "peer" (proving the mesh).
+    pub role: String,
+    /// The Service (role "cell") or the mesh (role "peer").
+    pub context: String,
+    /// The server's nonce (from `CHAL`) the proof is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+    /// The client's nonce, for the server to prove itself over in `AUTD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<String>,
+}
+
+/// `J CHAL`: the server's nonce.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Challenge {
+    pub nonce: String,
+}
+
+/// `J AUTD`: the client is authenticated; the server's own proof over its challenge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Authenticated {
+    pub proof: String,
 }
 
 /// Where a cell wants its messages: on its own command connection (reliable, batched,

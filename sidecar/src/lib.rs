@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use thynapse_protocol::auth::{tokens_from, Key};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 
@@ -57,6 +58,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
     let heartbeat = Duration::from_millis(args.announce_interval_ms);
     let interest_bytes = Arc::new(AtomicUsize::new(0));
+    let service_key = service_key(&args)?;
     let cfg = HubConfig {
         mesh: args.mesh.clone(),
         service: args.service.clone(),
@@ -72,6 +74,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         resp,
         metrics_url: format!("http://{metrics_addr}/metrics"),
         interest_bytes: interest_bytes.clone(),
+        service_key,
     };
     let (hub_tx, hub_rx) = mpsc::channel(1024);
     let shutdown = Arc::new(Notify::new());
@@ -121,4 +124,28 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         tokio::task::yield_now().await;
     }
     Ok(())
+}
+
+/// The Service key this cell proves itself with: given (`--service-key-file`, what the
+/// operator mounts), or derived from the mesh token (`--token-file`, what `thynapse up`
+/// gives). None: the mesh is not authenticated.
+fn service_key(args: &Args) -> anyhow::Result<Option<Key>> {
+    if let Some(path) = &args.service_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the Service key from {path}"))?;
+        let key = Key::from_hex(&text)
+            .with_context(|| format!("{path}: a Service key is 64 hex digits"))?;
+        return Ok(Some(key));
+    }
+    if let Some(path) = &args.token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the mesh token from {path}"))?;
+        let token = tokens_from(&text)
+            .into_iter()
+            .next()
+            .with_context(|| format!("{path} holds no token"))?;
+        return Ok(Some(Key::service(&token, &args.service)));
+    }
+    tracing::warn!("no --service-key-file or --token-file: joining an unauthenticated mesh");
+    Ok(None)
 }

@@ -6,6 +6,7 @@
 //! Pure logic lives in `routing` and `outbox`; `server` is the event loop and its I/O.
 
 pub mod backpressure;
+pub mod gate;
 pub mod interest_sync;
 pub mod metrics;
 pub mod outbox;

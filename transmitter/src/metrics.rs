@@ -177,7 +177,7 @@ impl Metrics {
             refused: counter_vec(
                 &r,
                 "thynapse_transmitter_refused_total",
-                "Requests refused for going over a limit (the sender gets an ERRR), by limit; send_queue: connections dropped for not reading their replies and deliveries.",
+                "Requests refused for going over a limit (the sender gets an ERRR), by limit; send_queue: connections dropped for not reading their replies and deliveries; auth: messages refused for want of a valid proof (AUTH).",
                 "limit",
             ),
             redelivered: counter(
@@ -236,6 +236,7 @@ impl Metrics {
             "peers",
             "wire_message_bytes",
             "send_queue",
+            "auth",
         ] {
             m.refused.with_label_values(&[limit]);
         }

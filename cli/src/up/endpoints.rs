@@ -11,6 +11,7 @@ use serde_json::Value;
 use thynapse_process::Ready;
 use tokio::sync::{mpsc, watch};
 
+use super::plan::Launch;
 use super::{Report, Role, Spec, State};
 
 /// Where a declared room lives, as the rendezvous says.
@@ -109,6 +110,9 @@ pub(super) async fn follow_rooms(
 #[derive(Serialize)]
 pub(super) struct Endpoints {
     mesh: String,
+    /// The mesh token's file, for a raw wire client to authenticate (docs/protocol.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_file: Option<String>,
     rendezvous: Vec<Value>,
     transmitters: Vec<Value>,
     cells: Vec<Value>,
@@ -121,8 +125,13 @@ pub(super) fn endpoints(
     states: &[State],
     rooms: &[RoomPlacement],
 ) -> Endpoints {
+    let token_file = specs.iter().find_map(|s| match &s.args {
+        Launch::Transmitter(a) => a.token_file.clone(),
+        _ => None,
+    });
     let mut e = Endpoints {
         mesh: mesh.to_string(),
+        token_file,
         rendezvous: vec![],
         transmitters: vec![],
         cells: vec![],

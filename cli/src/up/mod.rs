@@ -42,6 +42,10 @@ pub struct Args {
     /// Seconds to wait for every cell to connect.
     #[arg(long, default_value_t = 60)]
     pub ready_timeout: u64,
+    /// The mesh token (docs/security.md); by default a new one is generated for each run,
+    /// into a file only this user can read, named in the endpoints JSON (`token_file`).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -206,8 +210,18 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
             }
         }
     }
+    let token = match &args.token_file {
+        Some(path) => path.display().to_string(),
+        None => generate_token()?,
+    };
     let first = specs.len();
-    for spec in plan::plan(&cfg, &args.cells, &rendezvous) {
+    for mut spec in plan::plan(&cfg, &args.cells, &rendezvous) {
+        // Every transmitter and cell proves itself with the token, as in a cluster.
+        match &mut spec.args {
+            Launch::Transmitter(a) => a.token_file = Some(token.clone()),
+            Launch::Cell(a) => a.token_file = Some(token.clone()),
+            Launch::Rendezvous(_) => {}
+        }
         let index = specs.len();
         specs.push(spec.clone());
         states.push(State::default());
@@ -329,6 +343,34 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
         Some(f) => bail!(f),
         None => Ok(()),
     }
+}
+
+/// A fresh random mesh token, in a file only this user can read; its path.
+fn generate_token() -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let dir = std::env::temp_dir().join(format!("thynapse-up-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("token");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // 256 random bits, as hex.
+    let token = format!(
+        "{}{}",
+        thynapse_protocol::auth::nonce(),
+        thynapse_protocol::auth::nonce()
+    );
+    writeln!(file, "{token}")?;
+    Ok(path.display().to_string())
 }
 
 #[cfg(test)]

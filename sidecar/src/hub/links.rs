@@ -47,6 +47,11 @@ impl Hub {
             wait_for_preferred,
             max_message_bytes: self.cfg.max_message_bytes,
             spread: session::spread(&self.id, &key),
+            auth: self
+                .cfg
+                .service_key
+                .clone()
+                .map(|k| (k, self.cfg.service.clone())),
         };
         tokio::spawn(session::connect(plan, self.link_tx.clone()));
     }

@@ -56,6 +56,8 @@ pub struct HubConfig {
     pub metrics_url: String,
     /// The mesh session's subscription bytes, shared with the connections (`Shared`).
     pub interest_bytes: Arc<AtomicUsize>,
+    /// This cell's Service key, when the mesh is authenticated: every link proves it.
+    pub service_key: Option<thynapse_protocol::auth::Key>,
 }
 
 /// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
@@ -544,6 +546,7 @@ mod tests {
             resp: "127.0.0.1:6379".parse().unwrap(),
             metrics_url: String::new(),
             interest_bytes: Arc::default(),
+            service_key: None,
         };
         Hub::new(cfg, Metrics::new())
     }

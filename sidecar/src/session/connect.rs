@@ -6,11 +6,14 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
+use thynapse_protocol::auth::{ClientAuth, Key};
 use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
 use thynapse_protocol::limits::wire_limit;
 use thynapse_protocol::Thid;
 use tokio::sync::mpsc;
-use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, ZmqMessage};
+use zeromq::{
+    DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage,
+};
 
 use super::SessionKey;
 
@@ -51,6 +54,8 @@ pub struct ConnectPlan {
     /// Spreads the cells of a room over its hosts.
     pub spread: u64,
     pub max_message_bytes: usize,
+    /// The Service key and name every link proves, when the mesh is authenticated.
+    pub auth: Option<(Key, String)>,
 }
 
 /// Finds a transmitter for the session and opens a DEALER to it; the reader it starts
@@ -84,8 +89,15 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
         .max_message_size(wire_limit(plan.max_message_bytes))
         .count_oversized(WIRE_OVERSIZED.clone());
     let mut socket = DealerSocket::with_options(options);
-    if let Err(e) = socket.connect(&target.command).await {
-        tracing::warn!(transmitter = %target.name, "connect failed: {e}");
+    let mut connected = socket
+        .connect(&target.command)
+        .await
+        .map_err(anyhow::Error::from);
+    if let (Ok(()), Some((key, service))) = (&connected, &plan.auth) {
+        connected = authenticate(&mut socket, key, service, plan.heartbeat * 4).await;
+    }
+    if let Err(e) = connected {
+        tracing::warn!(transmitter = %target.name, "connect failed: {e:#}");
         let _ = events
             .send(LinkEvent::Failed {
                 key,
@@ -234,6 +246,31 @@ async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagr
 pub(crate) static WIRE_OVERSIZED: std::sync::LazyLock<
     std::sync::Arc<std::sync::atomic::AtomicU64>,
 > = std::sync::LazyLock::new(Default::default);
+
+/// Proves this cell's Service to a transmitter on a new link, and checks that the
+/// transmitter holds the mesh token too (one posing as it could not).
+async fn authenticate(
+    socket: &mut DealerSocket,
+    key: &Key,
+    service: &str,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let auth = ClientAuth::cell(key.clone(), service);
+    socket.send(ZmqMessage::from(auth.hello())).await?;
+    let challenge = receive(socket, wait).await?;
+    socket
+        .send(ZmqMessage::from(auth.on_challenge(&challenge)?))
+        .await?;
+    auth.on_done(&receive(socket, wait).await?)?;
+    Ok(())
+}
+
+async fn receive(socket: &mut DealerSocket, wait: Duration) -> anyhow::Result<Vec<u8>> {
+    let m = tokio::time::timeout(wait, socket.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer to AUTH within {wait:?}"))??;
+    Ok(m.get(0).map(|f| f.to_vec()).unwrap_or_default())
+}
 
 #[cfg(test)]
 mod tests {

@@ -119,6 +119,13 @@ impl Transmitter {
         identity: &Bytes,
         hello: wire::Hello,
     ) -> Result<(), FrameError> {
+        if !self.proved(identity, Some(&hello.service)) {
+            self.refuse(
+                identity,
+                "HELO refused: this connection proved another Service's key (AUTH)",
+            );
+            return Ok(());
+        }
         if self.draining.is_some() {
             let reason = "draining".to_string();
             self.replies

@@ -9,6 +9,7 @@
 //! (hosted rooms and announcements). The back-pressure bookkeeping is pure, in
 //! `crate::backpressure`.
 
+mod auth;
 mod cells;
 mod dispatch;
 mod interest;
@@ -24,6 +25,7 @@ use bytes::Bytes;
 // names; SipHash was a visible share of the hot path).
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::FutureExt;
+use thynapse_protocol::auth::{tokens_from, Verifier};
 use thynapse_protocol::discovery::TransmitterInfo;
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::limits;
@@ -36,6 +38,7 @@ use zeromq::{
 };
 
 use crate::backpressure::{DeferredAcks, HeldBatches};
+use crate::gate::Gate;
 use crate::interest_sync::InterestSync;
 use crate::metrics::{Hot, Metrics};
 use crate::routing::{Dispatch, PeerId, Table};
@@ -103,6 +106,8 @@ struct Transmitter {
     interest_sync: InterestSync,
     /// Peers with a ready link, as last printed (`LINKED`, which `thynapse up` waits on).
     linked_reported: Option<usize>,
+    /// Who proved what on each connection (when the mesh has a token).
+    gate: Gate,
 }
 
 fn reply_json<T: serde::Serialize>(identity: &Bytes, command: &[u8; 4], value: &T) -> ZmqMessage {
@@ -217,6 +222,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let (reports_tx, mut reports_rx) = mpsc::channel(4096);
     tokio::spawn(rooms::announce(args.clone(), info_rx, reports_tx.clone()));
 
+    let verifier = match &args.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the mesh token from {path}"))?;
+            let tokens = tokens_from(&text);
+            anyhow::ensure!(!tokens.is_empty(), "{path} holds no token");
+            Verifier::new(tokens)
+        }
+        None => {
+            tracing::warn!("no --token-file: this transmitter admits anyone who reaches it");
+            Verifier::default()
+        }
+    };
+    let gate = Gate::new(verifier, &args.mesh);
     let (router_tx, mut router_rx) = router.split();
     let mut t = Transmitter::new(
         args,
@@ -228,6 +247,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         reports_tx,
         info_tx,
     );
+    t.gate = gate;
     let heartbeat = t.heartbeat;
     Status::Ready(Ready::Transmitter(TransmitterReady {
         name: t.args.name.clone(),
@@ -344,6 +364,7 @@ impl Transmitter {
             announcement,
             interest_sync: InterestSync::default(),
             linked_reported: None,
+            gate: Gate::default(),
             args,
         }
     }
@@ -375,6 +396,9 @@ impl Transmitter {
         if ![cmd::PUBS, cmd::FWRD, cmd::EVNT].contains(&&frame.cmd) {
             self.held.room_freed();
         }
+        if !self.admit(&identity, &frame) {
+            return size;
+        }
         let body = frames.pop_front();
         let result = if let Some(&peer) = self.peer_identities.get(&identity) {
             self.on_peer_inbound(peer, &identity, frame, body)
@@ -398,6 +422,7 @@ impl Transmitter {
     /// draining transmitter.
     fn housekeeping(&mut self, now: Instant) {
         self.expire_cells(now);
+        self.prune_gate(now);
         self.peer_housekeeping(now);
         let oversized = WIRE_OVERSIZED.swap(0, std::sync::atomic::Ordering::Relaxed);
         self.metrics

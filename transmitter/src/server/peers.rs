@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use thynapse_protocol::auth::Key;
 use thynapse_protocol::batch::decode_envelopes;
 use thynapse_protocol::credit::CreditOwed;
 use thynapse_protocol::discovery::TransmitterInfo;
@@ -242,6 +243,13 @@ impl Transmitter {
         identity: &Bytes,
         hello: wire::PeerHello,
     ) -> Result<(), FrameError> {
+        if !self.proved(identity, None) {
+            self.refuse(
+                identity,
+                "PEER refused: this connection did not prove the mesh key (AUTH)",
+            );
+            return Ok(());
+        }
         if hello.mesh != self.args.mesh {
             let error = format!("this transmitter is in mesh {:?}", self.args.mesh);
             self.replies.push(error_reply(identity, &error));
@@ -485,11 +493,13 @@ impl Transmitter {
                 let generation = p.generation;
                 let events = self.reports_tx.clone();
                 let options = super::socket_options(self.args.max_message_bytes);
+                let auth = self.gate.mesh_key().map(|k| (k, self.args.mesh.clone()));
                 tokio::spawn(connect_peer(
                     peer,
                     generation,
                     info.command,
                     options,
+                    auth,
                     events,
                 ));
             }
@@ -528,12 +538,20 @@ async fn connect_peer(
     generation: u64,
     endpoint: String,
     mut options: SocketOptions,
+    auth: Option<(Key, String)>,
     events: mpsc::Sender<Report>,
 ) {
     options.connect_timeout(Duration::from_secs(2));
     let mut socket = DealerSocket::with_options(options);
-    if let Err(e) = socket.connect(&endpoint).await {
-        tracing::debug!(%endpoint, "connecting to peer failed: {e}");
+    let mut connected = socket.connect(&endpoint).await.map_err(anyhow::Error::from);
+    if let (Ok(()), Some((key, mesh))) = (&connected, &auth) {
+        connected = super::auth::authenticate(&mut socket, key, mesh, Duration::from_secs(2)).await;
+        if let Err(e) = &connected {
+            tracing::warn!(%endpoint, "peer not authenticated: {e:#}");
+        }
+    }
+    if let Err(e) = connected {
+        tracing::debug!(%endpoint, "connecting to peer failed: {e:#}");
         let _ = events
             .send(Report::PeerConnectFailed { peer, generation })
             .await;

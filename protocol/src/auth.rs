@@ -1,0 +1,356 @@
+//! Mesh authentication (docs/protocol.md, "Authentication"): a challenge–response with
+//! HMAC-SHA-256 (RustCrypto's `hmac` and `sha2`), keys derived from the mesh token.
+//!
+//! A connection's first exchange proves who is on each end before anything else is read:
+//! the client asks (`AUTH`), the server answers a fresh nonce (`CHAL`), the client proves it
+//! knows the key with an HMAC over that nonce and sends a nonce of its own, and the server
+//! proves the same over that one (`AUTD`). A proof is good for one nonce only, so a
+//! recorded one is worth nothing; no clock is involved.
+//!
+//! Cells prove their Service with that Service's key, `HMAC(token, "thynapse service " +
+//! name)`, which is all a cell's pod needs to hold; transmitters and rendezvous points use
+//! the mesh key, `HMAC(token, "thynapse mesh")`, and derive any Service's key from the
+//! token. During a rotation a server holds two tokens and accepts a proof by either.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Bytes of a nonce (hex on the wire).
+pub const NONCE_BYTES: usize = 16;
+
+/// A 32-byte key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key([u8; 32]);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(…)") // never logged
+    }
+}
+
+impl Key {
+    fn derive(secret: &[u8], label: &[u8]) -> Key {
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+        mac.update(label);
+        Key(mac.finalize().into_bytes().into())
+    }
+
+    /// The key of the mesh itself (transmitters, rendezvous points) from its token.
+    pub fn mesh(token: &[u8]) -> Key {
+        Key::derive(token, b"thynapse mesh")
+    }
+
+    /// The key of one Service's cells, from the mesh token.
+    pub fn service(token: &[u8], service: &str) -> Key {
+        Key::derive(token, format!("thynapse service {service}").as_bytes())
+    }
+
+    /// A key written as 64 hex digits (a Service key file), or None.
+    pub fn from_hex(text: &str) -> Option<Key> {
+        let bytes = hex::decode(text.trim()).ok()?;
+        Some(Key(bytes.try_into().ok()?))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// The proof of `role` ("cell", "peer", "server") over `nonce` and `context` (the
+    /// Service or mesh name), as hex.
+    pub fn prove(&self, role: &str, nonce: &str, context: &str) -> String {
+        hex::encode(self.mac(role, nonce, context).finalize().into_bytes())
+    }
+
+    /// Whether `proof` is this key's proof of `role` over `nonce` and `context`, compared
+    /// in constant time.
+    pub fn verify(&self, role: &str, nonce: &str, context: &str, proof: &str) -> bool {
+        match hex::decode(proof) {
+            Ok(bytes) => self.mac(role, nonce, context).verify_slice(&bytes).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    fn mac(&self, role: &str, nonce: &str, context: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        // Length-prefixed, so that no two (role, nonce, context) give the same input.
+        for part in [role, nonce, context] {
+            mac.update(&(part.len() as u64).to_le_bytes());
+            mac.update(part.as_bytes());
+        }
+        mac
+    }
+}
+
+/// A fresh random nonce, as hex.
+pub fn nonce() -> String {
+    hex::encode(rand::random::<[u8; NONCE_BYTES]>())
+}
+
+/// The tokens of a mesh from a token file: one per non-empty line (two during a
+/// rotation; the first is the one this process proves with).
+pub fn tokens_from(text: &str) -> Vec<Vec<u8>> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.as_bytes().to_vec())
+        .collect()
+}
+
+/// What a server checks proofs against: every token it holds.
+#[derive(Clone, Debug, Default)]
+pub struct Verifier {
+    tokens: Vec<Vec<u8>>,
+}
+
+impl Verifier {
+    pub fn new(tokens: Vec<Vec<u8>>) -> Verifier {
+        Verifier { tokens }
+    }
+
+    /// Whether authentication is on (some token configured).
+    pub fn enabled(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// The key that verifies a client's proof (`role` "cell" with its Service, or
+    /// "peer" with the mesh name), if any of the tokens does. The server proves itself
+    /// back with the same key.
+    pub fn check(&self, role: &str, nonce: &str, context: &str, proof: &str) -> Option<Key> {
+        self.tokens.iter().find_map(|t| {
+            let key = match role {
+                "cell" => Key::service(t, context),
+                _ => Key::mesh(t),
+            };
+            key.verify(role, nonce, context, proof).then_some(key)
+        })
+    }
+
+    /// The key this process proves itself with as a peer (the first token's).
+    pub fn mesh_key(&self) -> Option<Key> {
+        self.tokens.first().map(|t| Key::mesh(t))
+    }
+}
+
+/// The client's side of the exchange, without I/O: `hello` is sent first; the answer to
+/// it goes to `on_challenge`, whose result is sent; the answer to that goes to `on_done`.
+pub struct ClientAuth {
+    key: Key,
+    role: &'static str,
+    context: String,
+    challenge: String,
+}
+
+/// Why a server was not accepted (or refused us).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer {0:?}")]
+    Unexpected(String),
+    #[error("the server's proof is wrong: it does not hold the mesh token")]
+    BadServerProof,
+}
+
+impl ClientAuth {
+    /// A cell of `service` proving it with the Service's key.
+    pub fn cell(key: Key, service: &str) -> ClientAuth {
+        ClientAuth::new(key, "cell", service)
+    }
+
+    /// A transmitter of mesh `mesh` proving it with the mesh key.
+    pub fn peer(key: Key, mesh: &str) -> ClientAuth {
+        ClientAuth::new(key, "peer", mesh)
+    }
+
+    fn new(key: Key, role: &'static str, context: &str) -> ClientAuth {
+        ClientAuth {
+            key,
+            role,
+            context: context.to_string(),
+            challenge: nonce(),
+        }
+    }
+
+    /// `J AUTH` asking for a challenge.
+    pub fn hello(&self) -> Vec<u8> {
+        let auth = crate::wire::Auth {
+            role: self.role.into(),
+            context: self.context.clone(),
+            nonce: None,
+            proof: None,
+            challenge: None,
+        };
+        json_frame(crate::wire::cmd::AUTH, &auth)
+    }
+
+    /// The answer to `CHAL`: the proof over its nonce, and our own challenge.
+    pub fn on_challenge(&self, frame: &[u8]) -> Result<Vec<u8>, AuthError> {
+        let chal: crate::wire::Challenge = expect(frame, crate::wire::cmd::CHAL)?;
+        let auth = crate::wire::Auth {
+            role: self.role.into(),
+            context: self.context.clone(),
+            proof: Some(self.key.prove(self.role, &chal.nonce, &self.context)),
+            nonce: Some(chal.nonce),
+            challenge: Some(self.challenge.clone()),
+        };
+        Ok(json_frame(crate::wire::cmd::AUTH, &auth))
+    }
+
+    /// Checks `AUTD`: the server proved it holds the same key.
+    pub fn on_done(&self, frame: &[u8]) -> Result<(), AuthError> {
+        let done: crate::wire::Authenticated = expect(frame, crate::wire::cmd::AUTD)?;
+        if self
+            .key
+            .verify("server", &self.challenge, &self.context, &done.proof)
+        {
+            Ok(())
+        } else {
+            Err(AuthError::BadServerProof)
+        }
+    }
+}
+
+fn json_frame<T: serde::Serialize>(cmd: &[u8; 4], body: &T) -> Vec<u8> {
+    crate::frame::CommandFrame::json(cmd, body)
+        .to_bytes()
+        .to_vec()
+}
+
+fn expect<T: serde::de::DeserializeOwned>(frame: &[u8], cmd: &[u8; 4]) -> Result<T, AuthError> {
+    let unexpected = || {
+        let shown = &frame[..frame.len().min(200)];
+        AuthError::Unexpected(String::from_utf8_lossy(shown).into_owned())
+    };
+    let bytes = bytes::Bytes::copy_from_slice(frame);
+    let parsed = crate::frame::CommandFrame::parse(&bytes).map_err(|_| unexpected())?;
+    if &parsed.cmd == crate::wire::cmd::ERRR {
+        let error: crate::wire::ErrorReply = parsed.decode_json().map_err(|_| unexpected())?;
+        return Err(AuthError::Refused(error.error));
+    }
+    if &parsed.cmd != cmd {
+        return Err(unexpected());
+    }
+    parsed.decode_json().map_err(|_| unexpected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proof_holds_for_its_key_role_nonce_and_context_only() {
+        let key = Key::service(b"token", "orders");
+        let n = nonce();
+        let proof = key.prove("cell", &n, "orders");
+        assert!(key.verify("cell", &n, "orders", &proof));
+        assert!(
+            !key.verify("cell", &nonce(), "orders", &proof),
+            "another nonce"
+        );
+        assert!(
+            !key.verify("cell", &n, "billing", &proof),
+            "another Service"
+        );
+        assert!(!key.verify("peer", &n, "orders", &proof), "another role");
+        assert!(!Key::service(b"other", "orders").verify("cell", &n, "orders", &proof));
+        assert!(!key.verify("cell", &n, "orders", "zz"), "not hex");
+        assert!(!key.verify("cell", &n, "orders", &proof[..10]), "cut short");
+    }
+
+    #[test]
+    fn service_keys_differ_by_service_and_from_the_mesh_key() {
+        let (a, b) = (Key::service(b"t", "a"), Key::service(b"t", "b"));
+        assert_ne!(a, b);
+        assert_ne!(a, Key::mesh(b"t"));
+        assert_eq!(Key::from_hex(&a.to_hex()), Some(a));
+        assert_eq!(Key::from_hex("abc"), None);
+    }
+
+    #[test]
+    fn a_verifier_takes_either_token_during_a_rotation() {
+        let v = Verifier::new(tokens_from("new\nold\n\n"));
+        let n = nonce();
+        let old = Key::service(b"old", "s").prove("cell", &n, "s");
+        assert_eq!(
+            v.check("cell", &n, "s", &old),
+            Some(Key::service(b"old", "s"))
+        );
+        let peer = Key::mesh(b"new").prove("peer", &n, "mesh");
+        assert!(v.check("peer", &n, "mesh", &peer).is_some());
+        assert!(v
+            .check(
+                "cell",
+                &n,
+                "s",
+                &Key::service(b"x", "s").prove("cell", &n, "s")
+            )
+            .is_none());
+        assert_eq!(v.mesh_key(), Some(Key::mesh(b"new")));
+        assert!(!Verifier::default().enabled());
+    }
+
+    #[test]
+    fn a_client_and_a_server_prove_themselves_to_each_other() {
+        let token = b"token".to_vec();
+        let client = ClientAuth::cell(Key::service(&token, "orders"), "orders");
+        let asked: crate::wire::Auth = decode(&client.hello());
+        assert_eq!((asked.role.as_str(), asked.proof), ("cell", None));
+        // The server's side, as the transmitter does it.
+        let n = nonce();
+        let answer = client
+            .on_challenge(&json_frame(
+                crate::wire::cmd::CHAL,
+                &crate::wire::Challenge { nonce: n.clone() },
+            ))
+            .unwrap();
+        let auth: crate::wire::Auth = decode(&answer);
+        let server = Verifier::new(vec![token]);
+        let key = server
+            .check("cell", &n, "orders", auth.proof.as_deref().unwrap())
+            .expect("a good proof");
+        let proof = key.prove("server", auth.challenge.as_deref().unwrap(), "orders");
+        let done = json_frame(
+            crate::wire::cmd::AUTD,
+            &crate::wire::Authenticated { proof },
+        );
+        client.on_done(&done).unwrap();
+        // A server without the token cannot prove itself; a refusal reads as one.
+        let forged = Key::service(b"guess", "orders").prove(
+            "server",
+            auth.challenge.as_deref().unwrap(),
+            "orders",
+        );
+        let done = json_frame(
+            crate::wire::cmd::AUTD,
+            &crate::wire::Authenticated { proof: forged },
+        );
+        assert!(matches!(
+            client.on_done(&done),
+            Err(AuthError::BadServerProof)
+        ));
+        let refused = json_frame(crate::wire::cmd::ERRR, &serde_json::json!({"error": "no"}));
+        assert!(matches!(client.on_challenge(&refused), Err(AuthError::Refused(e)) if e == "no"));
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> T {
+        let bytes = bytes::Bytes::copy_from_slice(frame);
+        crate::frame::CommandFrame::parse(&bytes)
+            .unwrap()
+            .decode_json()
+            .unwrap()
+    }
+
+    #[test]
+    fn known_answer() {
+        // HMAC-SHA-256(key = HMAC-SHA-256("token", "thynapse mesh"),
+        //   u64le(4) "peer" u64le(2) "n1" u64le(4) "demo"), checked with Python's hmac.
+        let proof = Key::mesh(b"token").prove("peer", "n1", "demo");
+        assert_eq!(proof.len(), 64);
+        assert_eq!(proof, KNOWN_PEER_PROOF);
+    }
+
+    const KNOWN_PEER_PROOF: &str =
+        "779769ae1d4eac356cf634037cef77cfdf5c5191cd873e28f13b1ed10f8e107f";
+}

@@ -1,0 +1,106 @@
+//! The authentication gate on the command socket (`crate::gate` holds its state): `AUTH`
+//! answered, and nothing else read from a connection before it proved a Service or the
+//! mesh. Also the client side of the exchange, for this transmitter's links to its peers.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use thynapse_protocol::auth::{ClientAuth, Key};
+use thynapse_protocol::frame::CommandFrame;
+use thynapse_protocol::wire::{self, cmd};
+use zeromq::{DealerSocket, SocketRecv, SocketSend, ZmqMessage};
+
+use super::{error_reply, reply_json, Transmitter};
+use crate::gate::{Outcome, Party};
+
+impl Transmitter {
+    /// Whether a message from `identity` may be read: true when the mesh has no token,
+    /// or the connection authenticated; `AUTH` itself is answered here.
+    pub(super) fn admit(&mut self, identity: &Bytes, frame: &CommandFrame) -> bool {
+        if !self.gate.enabled() {
+            return true;
+        }
+        if &frame.cmd == cmd::AUTH {
+            match frame.decode_json::<wire::Auth>() {
+                Ok(auth) => self.on_auth(identity, &auth),
+                Err(e) => self.refuse(identity, &format!("AUTH refused: {e}")),
+            }
+            return false;
+        }
+        if self.gate.party(identity).is_none() {
+            self.refuse(
+                identity,
+                "authenticate first: AUTH (docs/protocol.md, \"Authentication\")",
+            );
+            return false;
+        }
+        true
+    }
+
+    fn on_auth(&mut self, identity: &Bytes, auth: &wire::Auth) {
+        match self.gate.on_auth(identity, auth, Instant::now()) {
+            Outcome::Challenge(nonce) => {
+                self.replies
+                    .push(reply_json(identity, cmd::CHAL, &wire::Challenge { nonce }))
+            }
+            Outcome::Passed(_, proof) => self.replies.push(reply_json(
+                identity,
+                cmd::AUTD,
+                &wire::Authenticated { proof },
+            )),
+            Outcome::Refused(why) => self.refuse(identity, why),
+        }
+    }
+
+    /// Refused for authentication: `ERRR`, counted, nothing else done.
+    pub(super) fn refuse(&mut self, identity: &Bytes, why: &str) {
+        self.metrics.refused.with_label_values(&["auth"]).inc();
+        self.replies.push(error_reply(identity, why));
+    }
+
+    /// Whether this connection may say HELO for `service` (it proved that Service, or
+    /// the mesh), or PEER (it proved the mesh).
+    pub(super) fn proved(&self, identity: &Bytes, service: Option<&str>) -> bool {
+        if !self.gate.enabled() {
+            return true;
+        }
+        match (self.gate.party(identity), service) {
+            (Some(Party::Peer), _) => true,
+            (Some(Party::Cell(s)), Some(service)) => s == service,
+            _ => false,
+        }
+    }
+
+    /// Authenticated connections with no cell or peer on them for a while are forgotten.
+    pub(super) fn prune_gate(&mut self, now: Instant) {
+        let max_age = (self.expiry * 2).max(Duration::from_secs(30));
+        let (cells, peers) = (&self.identities, &self.peer_identities);
+        self.gate.prune(now, max_age, |id| {
+            cells.contains_key(id) || peers.contains_key(id)
+        });
+    }
+}
+
+/// Proves this transmitter to a peer on a new link, and checks the peer's proof.
+pub(super) async fn authenticate(
+    socket: &mut DealerSocket,
+    key: &Key,
+    mesh: &str,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let auth = ClientAuth::peer(key.clone(), mesh);
+    socket.send(ZmqMessage::from(auth.hello())).await?;
+    let challenge = receive(socket, wait).await?;
+    socket
+        .send(ZmqMessage::from(auth.on_challenge(&challenge)?))
+        .await?;
+    auth.on_done(&receive(socket, wait).await?)?;
+    Ok(())
+}
+
+async fn receive(socket: &mut DealerSocket, wait: Duration) -> anyhow::Result<Vec<u8>> {
+    let m = tokio::time::timeout(wait, socket.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer to AUTH within {wait:?}"))??;
+    Ok(m.get(0).map(|f| f.to_vec()).unwrap_or_default())
+}
