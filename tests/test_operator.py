@@ -273,6 +273,28 @@ def test_room_status_shows_its_placement(cluster, operator):
     assert all(t.startswith("demo-") for t in room["status"]["transmitters"])
 
 
+def test_each_service_gets_its_key_and_transmitters_the_token(cluster, operator):
+    """The token stays with the transmitters (mounted from its Secret); each Service's
+    cells get only their Service's key, derived from it (docs/security.md)."""
+    import hashlib
+    import hmac
+
+    core = k8s.CoreV1Api(cluster.client)
+    token_secret = wait_for(lambda: found(core.read_namespaced_secret, "demo-token", NS), what="the mesh token")
+    token = base64.b64decode(token_secret.data["token"]).strip()
+    for service in ("workers", "audit"):
+        secret = wait_for(lambda s=service: found(core.read_namespaced_secret, f"{s}-thynapse-key", NS),
+                          what=f"{service}'s key")
+        expected = hmac.new(token, b"thynapse service " + service.encode(), hashlib.sha256).hexdigest()
+        assert base64.b64decode(secret.data["key"]).decode() == expected
+        assert secret.metadata.owner_references[0].kind == "Service"
+    sts = k8s.AppsV1Api(cluster.client).read_namespaced_stateful_set("demo-transmitter", NS)
+    pod = sts.spec.template.spec
+    assert pod.volumes[0].secret.secret_name == "demo-token"
+    args = pod.containers[0].args
+    assert args[args.index("--token-file") + 1] == pod.containers[0].volume_mounts[0].mount_path + "/token"
+
+
 def test_service_status_counts_running_cells(cluster, operator):
     core = k8s.CoreV1Api(cluster.client)
     pod = {
@@ -330,6 +352,9 @@ def test_webhook_injects_a_native_sidecar_over_https(cluster, operator):
     assert init["args"][init["args"].index("--resp-bind") + 1] == "127.0.0.1:6379"
     assert init["args"][init["args"].index("--service") + 1] == "workers"
     assert {"op": "add", "path": "/metadata/labels/thynapse.io~1mesh", "value": "demo"} in ops
+    assert init["args"][init["args"].index("--service-key-file") + 1] == "/var/run/thynapse/service/key"
+    volumes = next(op for op in ops if op["path"] == "/spec/volumes")["value"]
+    assert volumes[0]["secret"]["secretName"] == "workers-thynapse-key"
     # Idempotent: a pod that already has the sidecar is left alone.
     pod["spec"]["initContainers"] = [init]
     assert "patch" not in post_review(operator, pod)

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Pod, Probe,
-    TCPSocketAction,
+    SecretVolumeSource, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -69,6 +69,8 @@ pub fn sidecar(mesh: &TransmitterMesh, service: &Service, inputs: &Inputs) -> Co
     );
     args.resp_bind = std::net::SocketAddr::from(([127, 0, 0, 1], spec.sidecar.port));
     args.metrics_bind = builders::any_interface(SIDECAR_METRICS_PORT);
+    // Its Service's key, from the Secret the Service's reconcile keeps (never the token).
+    args.service_key_file = Some(format!("{}/key", builders::SERVICE_KEY_DIR));
     Container {
         name: SIDECAR.into(),
         image: Some(builders::image(mesh, inputs)),
@@ -104,7 +106,28 @@ pub fn sidecar(mesh: &TransmitterMesh, service: &Service, inputs: &Inputs) -> Co
             ..Probe::default()
         }),
         resources: spec.sidecar.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: KEY_VOLUME.into(),
+            mount_path: builders::SERVICE_KEY_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
         ..Container::default()
+    }
+}
+
+/// The pod volume holding its Service's key.
+const KEY_VOLUME: &str = "thynapse-service-key";
+
+fn key_volume(service: &Service) -> Volume {
+    Volume {
+        name: KEY_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(builders::service_key_secret_name(&service.name_any())),
+            default_mode: Some(0o400),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
     }
 }
 
@@ -137,6 +160,11 @@ pub fn patch(
         // First, so init containers after it can use the mesh too.
         Some(_) => ops.push(add("/spec/initContainers/0", container)),
         None => ops.push(add("/spec/initContainers", serde_json::json!([container]))),
+    }
+    let volume = serde_json::to_value(key_volume(service)).expect("volumes serialise");
+    match pod.spec.as_ref().and_then(|s| s.volumes.as_ref()) {
+        Some(_) => ops.push(add("/spec/volumes/-", volume)),
+        None => ops.push(add("/spec/volumes", serde_json::json!([volume]))),
     }
     if pod.metadata.labels.is_none() {
         ops.push(add("/metadata/labels", serde_json::json!({})));
@@ -251,6 +279,20 @@ mod tests {
         );
         assert_eq!(patched.labels()["thynapse.io/mesh"], "demo");
         assert_eq!(patched.annotations()[INJECTED], "true");
+        // Its Service's key, mounted from the Service's Secret, and read from the file.
+        assert_eq!(after("--service-key-file"), "/var/run/thynapse/service/key");
+        assert!(
+            !args.iter().any(|a| a == "--token-file"),
+            "a cell never holds the token"
+        );
+        let volumes = patched.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        let secret = volumes[0].secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("workers-thynapse-key"));
+        let mount = &c.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.read_only),
+            (volumes[0].name.as_str(), Some(true))
+        );
         assert_eq!(
             patched.spec.as_ref().unwrap().containers.len(),
             1,

@@ -210,9 +210,9 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
             }
         }
     }
-    let token = match &args.token_file {
-        Some(path) => path.display().to_string(),
-        None => generate_token()?,
+    let (token, generated) = match &args.token_file {
+        Some(path) => (path.display().to_string(), false),
+        None => (generate_token()?, true),
     };
     let first = specs.len();
     for mut spec in plan::plan(&cfg, &args.cells, &rendezvous) {
@@ -338,6 +338,12 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
+    }
+    if generated {
+        // The token of this run dies with it.
+        if let Some(dir) = std::path::Path::new(&token).parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
     match failure {
         Some(f) => bail!(f),

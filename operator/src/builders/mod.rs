@@ -3,6 +3,7 @@
 //! object is tested field by field; the controller only applies what this returns.
 
 mod config;
+pub use config::{service_key_secret, service_key_secret_name, SERVICE_KEY_DIR};
 mod network_policy;
 mod rendezvous;
 mod transmitters;
@@ -356,6 +357,45 @@ mod tests {
         );
         let yaml = &d.config.data.unwrap()["mesh.yaml"];
         assert!(yaml.contains("replicas: 4"));
+        // The transmitters read the token from the Secret, mounted as a file.
+        let pod = d.transmitters.spec.template.spec.unwrap();
+        let volume = &pod.volumes.as_ref().unwrap()[0];
+        assert_eq!(
+            volume.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("demo-token")
+        );
+        let c = &pod.containers[0];
+        let args = c.args.as_ref().unwrap();
+        let at = args.iter().position(|a| a == "--token-file").unwrap();
+        let mount = &c.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(args[at + 1], format!("{}/token", mount.mount_path));
+        assert!(
+            c.env.iter().flatten().all(|e| !e.name.contains("TOKEN")),
+            "never in the environment"
+        );
+    }
+
+    #[test]
+    fn a_services_key_secret_holds_its_key_and_not_the_token() {
+        let spec = serde_yaml::from_str("mesh: demo").unwrap();
+        let mut service = thynapse_resources::Service::new("workers", spec);
+        service.metadata.namespace = Some("apps".into());
+        service.metadata.uid = Some("u-1".into());
+        let secret = service_key_secret(&service, "s3cret");
+        assert_eq!(
+            secret.metadata.name.as_deref(),
+            Some("workers-thynapse-key")
+        );
+        let key = String::from_utf8(secret.data.unwrap()["key"].0.clone()).unwrap();
+        let expected = thynapse_protocol::auth::Key::service(b"s3cret", "workers");
+        assert_eq!(key, expected.to_hex());
+        assert!(!key.contains("s3cret"));
+        let owner = &secret.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("Service", "u-1"),
+            "goes with its Service"
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! and the PodDisruptionBudget that drains one at a time.
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
-use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{
+    Container, PodSpec, PodTemplateSpec, SecretVolumeSource, Service, ServiceSpec, Volume,
+    VolumeMount,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -12,9 +15,12 @@ use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
     any_interface, field_env, image, labels, meta, port, prometheus_annotations,
-    rendezvous_addresses, selector, service_port, tcp_probe, transmitter_name, Inputs,
+    rendezvous_addresses, secret_name, selector, service_port, tcp_probe, transmitter_name, Inputs,
     COMMAND_PORT, EVENT_PORT, METRICS_PORT,
 };
+
+/// Where a transmitter's mesh token is mounted.
+const TOKEN_DIR: &str = "/var/run/thynapse/mesh";
 
 /// The transmitters: a StatefulSet of peers, started and stopped all at once.
 pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulSet {
@@ -27,6 +33,8 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
     transmitter_args.event_bind = format!("tcp://0.0.0.0:{EVENT_PORT}");
     transmitter_args.advertise_host = "$(POD_IP)".into();
     transmitter_args.metrics_bind = any_interface(METRICS_PORT);
+    // The mesh token, from its Secret (a file, never an environment variable or a flag).
+    transmitter_args.token_file = Some(format!("{TOKEN_DIR}/token"));
     let transmitter_labels = labels(&name, "transmitter");
     StatefulSet {
         metadata: meta(mesh, transmitter_name(&name), "transmitter"),
@@ -67,8 +75,23 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
                         readiness_probe: Some(tcp_probe(COMMAND_PORT, 5)),
                         liveness_probe: Some(tcp_probe(COMMAND_PORT, 10)),
                         resources: spec.resources.clone(),
+                        volume_mounts: Some(vec![VolumeMount {
+                            name: "mesh-token".into(),
+                            mount_path: TOKEN_DIR.into(),
+                            read_only: Some(true),
+                            ..VolumeMount::default()
+                        }]),
                         ..Container::default()
                     }],
+                    volumes: Some(vec![Volume {
+                        name: "mesh-token".into(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(secret_name(&name)),
+                            default_mode: Some(0o400),
+                            ..SecretVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    }]),
                     ..PodSpec::default()
                 }),
             },

@@ -4,7 +4,7 @@
 use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service as CoreService;
+use k8s_openapi::api::core::v1::{Secret, Service as CoreService};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
@@ -28,6 +28,11 @@ where
     api.patch(&obj.name_any(), &params, &Patch::Apply(obj))
         .await?;
     Ok(())
+}
+
+/// A Secret the operator owns (a Service's key).
+pub(super) async fn secret(client: &Client, ns: &str, secret: &Secret) -> Result<(), kube::Error> {
+    apply(client, ns, secret).await
 }
 
 /// Every object of a mesh, then the rendezvous points beyond its replicas removed.

@@ -51,6 +51,23 @@ pub(super) async fn mesh_inputs(
     })
 }
 
+/// The token a mesh's Secret holds, if the mesh's reconcile made it already.
+pub(super) async fn mesh_token(
+    client: &Client,
+    ns: &str,
+    mesh: &str,
+) -> Result<Option<String>, kube::Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    Ok(secrets
+        .get_opt(&builders::secret_name(mesh))
+        .await?
+        .and_then(|s| {
+            s.data?
+                .get("token")
+                .map(|t| String::from_utf8_lossy(&t.0).into_owned())
+        }))
+}
+
 fn random_token() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 24];

@@ -224,6 +224,21 @@ pub async fn reconcile_service(service: Arc<Service>, ctx: Arc<Context>) -> Resu
         }
         (Ok(()), Some(_)) => None,
     };
+    // The Service's key, derived from the mesh's token once the mesh has one.
+    let mut requeue = Duration::from_secs(60);
+    if problem.is_none() {
+        match fetch::mesh_token(&ctx.client, &ns, &service.spec.mesh).await? {
+            Some(token) => {
+                apply::secret(
+                    &ctx.client,
+                    &ns,
+                    &builders::service_key_secret(&service, &token),
+                )
+                .await?
+            }
+            None => requeue = Duration::from_secs(2),
+        }
+    }
     let old = service.status.clone().unwrap_or_default();
     let generation = service.metadata.generation;
     let new = status::service(&old, problem, cells, generation, Timestamp::now());
@@ -231,7 +246,7 @@ pub async fn reconcile_service(service: Arc<Service>, ctx: Arc<Context>) -> Resu
         apply::status(&ctx.client, service.as_ref(), &new).await?;
     }
     ctx.observe("service", started);
-    Ok(Action::requeue(Duration::from_secs(60)))
+    Ok(Action::requeue(requeue))
 }
 
 fn error_policy<K: Resource<DynamicType = ()>>(
