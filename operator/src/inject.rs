@@ -106,6 +106,7 @@ pub fn sidecar(mesh: &TransmitterMesh, service: &Service, inputs: &Inputs) -> Co
             ..Probe::default()
         }),
         resources: spec.sidecar.resources.clone(),
+        security_context: Some(builders::restricted()),
         volume_mounts: Some(vec![VolumeMount {
             name: KEY_VOLUME.into(),
             mount_path: builders::SERVICE_KEY_DIR.into(),
@@ -124,7 +125,7 @@ fn key_volume(service: &Service) -> Volume {
         name: KEY_VOLUME.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(builders::service_key_secret_name(&service.name_any())),
-            default_mode: Some(0o400),
+            default_mode: Some(builders::SECRET_FILE_MODE),
             ..SecretVolumeSource::default()
         }),
         ..Volume::default()

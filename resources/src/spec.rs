@@ -45,6 +45,19 @@ pub struct TransmitterMeshSpec {
     /// The sidecar injected into cell pods (cluster mode).
     #[serde(default)]
     pub sidecar: SidecarSpec,
+    /// Who may scrape the transmitters' and rendezvous points' metrics (cluster mode).
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+}
+
+/// The metrics port, as the mesh's NetworkPolicy opens it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// Namespaces whose pods may reach the metrics port (where Prometheus runs); the
+    /// mesh's own namespace always may. Nothing else can: metrics name rooms and channels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_from_namespaces: Vec<String>,
 }
 
 /// The sidecar the webhook injects into the cell pods of the mesh's Services.

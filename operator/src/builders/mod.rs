@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Probe, Secret, Service,
-    ServicePort, TCPSocketAction,
+    Capabilities, ConfigMap, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Probe,
+    SeccompProfile, Secret, SecurityContext, Service, ServicePort, TCPSocketAction,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -70,6 +70,33 @@ pub fn secret_name(mesh: &str) -> String {
 
 /// Addresses of the mesh's rendezvous points, as transmitters and sidecars are given them.
 /// `0.0.0.0:port`: a pod's component listens on every interface.
+/// The container security context of every process the operator runs (transmitters,
+/// rendezvous points, injected sidecars): the image's non-root user, a read-only root
+/// filesystem (they write nothing), no privilege escalation, no capabilities, the
+/// runtime's default seccomp profile: Kubernetes' "restricted" Pod Security Standard.
+pub fn restricted() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// Mode of the files of a mounted Secret: readable by the container's non-root user (only
+/// the containers that mount the volume see it).
+pub const SECRET_FILE_MODE: i32 = 0o444;
+
 pub fn any_interface(port: i32) -> std::net::SocketAddr {
     let port = u16::try_from(port).expect("ports are 16 bits");
     std::net::SocketAddr::from(([0, 0, 0, 0], port))
@@ -344,6 +371,26 @@ mod tests {
             rules[2].ports.as_ref().unwrap()[0].port,
             Some(IntOrString::Int(9090))
         );
+        // Metrics: this namespace's pods only, by default; not anyone.
+        let from = rules[2].from.as_ref().expect("not from anywhere");
+        assert_eq!(from.len(), 1);
+        assert!(from[0].namespace_selector.is_none(), "this namespace");
+        let d = desired(
+            &mesh("replicas: 1\nmetrics: {allowFromNamespaces: [monitoring]}"),
+            &inputs(),
+        );
+        let from = d.network_policy.spec.unwrap().ingress.unwrap()[2]
+            .from
+            .clone()
+            .unwrap();
+        let named = from[1]
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(named["kubernetes.io/metadata.name"], "monitoring");
     }
 
     #[test]
@@ -373,6 +420,24 @@ mod tests {
             c.env.iter().flatten().all(|e| !e.name.contains("TOKEN")),
             "never in the environment"
         );
+    }
+
+    #[test]
+    fn every_container_runs_non_root_read_only_without_privileges() {
+        let d = desired(&mesh("replicas: 2"), &inputs());
+        let mut containers = d.transmitters.spec.template.spec.unwrap().containers;
+        for (deployment, _) in d.rendezvous {
+            containers.extend(deployment.spec.template.spec.unwrap().containers);
+        }
+        assert_eq!(containers.len(), 2);
+        for c in containers {
+            let sc = c.security_context.expect("a security context");
+            assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
+            assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+            assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+            assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        }
     }
 
     #[test]

@@ -70,17 +70,44 @@ pub(super) fn network_policy(mesh: &TransmitterMesh) -> NetworkPolicy {
                         ..NetworkPolicyPort::default()
                     }]),
                 },
-                // Prometheus, from anywhere, on the metrics port only.
+                // Prometheus, on the metrics port only: from this namespace and the ones
+                // the mesh names (`spec.metrics.allowFromNamespaces`), not from anywhere.
                 NetworkPolicyIngressRule {
+                    from: Some(metrics_sources(mesh)),
                     ports: Some(vec![NetworkPolicyPort {
                         port: Some(IntOrString::Int(METRICS_PORT)),
                         protocol: Some("TCP".into()),
                         ..NetworkPolicyPort::default()
                     }]),
-                    ..NetworkPolicyIngressRule::default()
                 },
             ]),
             ..NetworkPolicySpec::default()
         }),
     }
+}
+
+/// The pods that may scrape: every pod of the mesh's namespace, and of each namespace
+/// named in `spec.metrics.allowFromNamespaces` (by the label Kubernetes gives every
+/// namespace, `kubernetes.io/metadata.name`).
+fn metrics_sources(mesh: &TransmitterMesh) -> Vec<NetworkPolicyPeer> {
+    let own = NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector::default()),
+        ..NetworkPolicyPeer::default()
+    };
+    let named = mesh
+        .spec
+        .metrics
+        .allow_from_namespaces
+        .iter()
+        .map(|ns| NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_string(),
+                    ns.clone(),
+                )])),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        });
+    std::iter::once(own).chain(named).collect()
 }

@@ -50,6 +50,7 @@ pub(super) fn rendezvous_points(
                         spec: Some(PodSpec {
                             containers: vec![Container {
                                 name: "rendezvous".into(),
+                                security_context: Some(super::restricted()),
                                 image: Some(image.clone()),
                                 command: Some(vec!["thynapse".into()]),
                                 args: Some(args.to_args()),

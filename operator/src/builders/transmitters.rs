@@ -15,8 +15,8 @@ use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
     any_interface, field_env, image, labels, meta, port, prometheus_annotations,
-    rendezvous_addresses, secret_name, selector, service_port, tcp_probe, transmitter_name, Inputs,
-    COMMAND_PORT, EVENT_PORT, METRICS_PORT,
+    rendezvous_addresses, restricted, secret_name, selector, service_port, tcp_probe,
+    transmitter_name, Inputs, COMMAND_PORT, EVENT_PORT, METRICS_PORT, SECRET_FILE_MODE,
 };
 
 /// Where a transmitter's mesh token is mounted.
@@ -75,6 +75,7 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
                         readiness_probe: Some(tcp_probe(COMMAND_PORT, 5)),
                         liveness_probe: Some(tcp_probe(COMMAND_PORT, 10)),
                         resources: spec.resources.clone(),
+                        security_context: Some(restricted()),
                         volume_mounts: Some(vec![VolumeMount {
                             name: "mesh-token".into(),
                             mount_path: TOKEN_DIR.into(),
@@ -87,7 +88,7 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
                         name: "mesh-token".into(),
                         secret: Some(SecretVolumeSource {
                             secret_name: Some(secret_name(&name)),
-                            default_mode: Some(0o400),
+                            default_mode: Some(SECRET_FILE_MODE),
                             ..SecretVolumeSource::default()
                         }),
                         ..Volume::default()
