@@ -12,7 +12,8 @@ use crate::API_VERSION;
 pub enum Document {
     TransmitterMesh {
         name: String,
-        spec: TransmitterMeshSpec,
+        // Boxed: it is several times the size of the other specs.
+        spec: Box<TransmitterMeshSpec>,
     },
     Service {
         name: String,
@@ -101,7 +102,10 @@ pub fn parse_manifests(text: &str, source_name: &str) -> Result<Vec<Document>, L
                 let spec: TransmitterMeshSpec = parse_spec(spec, kind, &name, &invalid)?;
                 spec.validate()
                     .map_err(|e| invalid(kind, &name, e.to_string()))?;
-                Document::TransmitterMesh { name, spec }
+                Document::TransmitterMesh {
+                    name,
+                    spec: Box::new(spec),
+                }
             }
             "Service" => {
                 let spec: ServiceSpec = parse_spec(spec, kind, &name, &invalid)?;
@@ -187,7 +191,7 @@ impl MeshConfig {
         let meshes: Vec<(&String, &TransmitterMeshSpec)> = docs
             .iter()
             .filter_map(|d| match d {
-                Document::TransmitterMesh { name, spec } => Some((name, spec)),
+                Document::TransmitterMesh { name, spec } => Some((name, spec.as_ref())),
                 _ => None,
             })
             .collect();
