@@ -39,6 +39,40 @@ def by_kind(docs, kind):
     return [d for d in docs if d["kind"] == kind]
 
 
+# What the operator's code calls (operator/src: controller/{fetch,apply}.rs, the owned
+# watches in controller/mod.rs, webhook.rs, leader.rs), resource by resource: the chart
+# must grant exactly this. Server-side apply is `patch` (and `create` where it makes the
+# object); watching is `list` and `watch`.
+OPERATOR_NEEDS = {
+    ("thynapse.io", "transmittermeshes"): {"get", "list", "watch"},
+    ("thynapse.io", "services"): {"get", "list", "watch"},
+    ("thynapse.io", "rooms"): {"get", "list", "watch"},
+    ("thynapse.io", "transmittermeshes/status"): {"patch"},
+    ("thynapse.io", "services/status"): {"patch"},
+    ("thynapse.io", "rooms/status"): {"patch"},
+    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
+    ("apps", "deployments"): {"list", "watch", "create", "patch", "delete"},
+    ("", "services"): {"list", "watch", "create", "patch", "delete"},
+    ("", "configmaps"): {"list", "watch", "create", "patch"},
+    ("", "secrets"): {"get", "list", "watch", "create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"list", "watch", "create", "patch"},
+    ("policy", "poddisruptionbudgets"): {"list", "watch", "create", "patch"},
+    ("", "pods"): {"list", "watch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+
+
+def granted(rules):
+    """{(group, resource): verbs} of RBAC rules (none by resource name here)."""
+    out = {}
+    for r in rules:
+        assert "resourceNames" not in r
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                out.setdefault((g, res), set()).update(r["verbs"])
+    return out
+
+
 def test_lint_passes():
     report = helm.lint(CHART, strict=True, kube_version="v1.33.0")
     assert not report.get("errors"), report
@@ -50,8 +84,8 @@ def test_default_values_render_valid_manifests():
     validate_all(docs)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted([
-        "ClusterRole", "ClusterRoleBinding", "Deployment", "MutatingWebhookConfiguration",
-        "Role", "RoleBinding", "Service", "ServiceAccount",
+        "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Deployment",
+        "MutatingWebhookConfiguration", "Role", "RoleBinding", "Service", "ServiceAccount",
     ])
     deployment = by_kind(docs, "Deployment")[0]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -66,15 +100,17 @@ def test_default_values_render_valid_manifests():
     assert webhook["failurePolicy"] == "Ignore"
     assert webhook["rules"][0]["resources"] == ["pods"] and webhook["rules"][0]["operations"] == ["CREATE"]
     assert webhook["clientConfig"]["service"] == {"name": "thynapse", "namespace": "thynapse", "path": "/mutate", "port": 443}
-    # Least privilege: the webhook configuration only by name, only to set a generated CA.
-    rules = by_kind(docs, "ClusterRole")[0]["rules"]
-    hooks = [r for r in rules if "mutatingwebhookconfigurations" in r["resources"]]
-    assert hooks == [{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
-                      "resourceNames": ["thynapse"], "verbs": ["get", "update"]}]
-    assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules)
-    assert all("delete" not in r["verbs"] for r in rules if "thynapse.io" in r["apiGroups"])
-    lease_rules = by_kind(docs, "Role")[0]["rules"]
-    assert lease_rules == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
+    # Least privilege: exactly what the code calls (see the table), cluster-wide when
+    # every namespace is watched; the webhook configuration only by name.
+    roles = {r["metadata"]["name"]: r for r in by_kind(docs, "ClusterRole")}
+    assert granted(roles["thynapse"]["rules"]) == OPERATOR_NEEDS
+    assert roles["thynapse-webhook"]["rules"] == [{
+        "apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+        "resourceNames": ["thynapse"], "verbs": ["get", "update"]}]
+    own = by_kind(docs, "Role")[0]
+    assert own["metadata"]["namespace"] == "thynapse"
+    assert granted(own["rules"]) == {("coordination.k8s.io", "leases"): {"get", "create", "update"},
+                                     ("", "secrets"): {"get", "create"}}
 
 
 def test_non_default_values():
@@ -85,9 +121,14 @@ def test_non_default_values():
         "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     }, namespace="platform")
     validate_all(docs)
-    assert not by_kind(docs, "Role"), "no Lease permissions without leader election"
-    rules = by_kind(docs, "ClusterRole")[0]["rules"]
-    assert not [r for r in rules if "mutatingwebhookconfigurations" in r["resources"]]
+    # One namespace watched: a Role there, no ClusterRole at all (no generated
+    # certificate, no leader election: nothing in the operator's own namespace either).
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    [role] = by_kind(docs, "Role")
+    assert role["metadata"]["namespace"] == "apps" and granted(role["rules"]) == OPERATOR_NEEDS
+    [binding] = by_kind(docs, "RoleBinding")
+    assert binding["metadata"]["namespace"] == "apps"
+    assert binding["subjects"][0]["namespace"] == "platform"
     deployment = by_kind(docs, "Deployment")[0]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -100,7 +141,7 @@ def test_non_default_values():
     assert webhook["failurePolicy"] == "Fail" and webhook["clientConfig"]["caBundle"] == "Q0E="
     monitors = by_kind(docs, "PodMonitor")
     assert len(monitors) == 2 and monitors[0]["metadata"]["labels"]["release"] == "prom"
-    assert all(d["metadata"].get("namespace", "platform") == "platform" for d in docs)
+    assert all(d["metadata"].get("namespace", "platform") == "platform" for d in docs if d["kind"] not in ("Role", "RoleBinding"))
 
 
 def test_webhook_can_be_disabled():
