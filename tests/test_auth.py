@@ -163,3 +163,19 @@ def test_a_transmitter_with_another_token_is_not_linked(parts, tmp_path):
     wait_for(lambda: all(metrics(t.ready["metrics"])['thynapse_transmitter_refused_total{limit="auth"}'] >= 1
                          for t in (ta, tb)), what="each refused the other")
     assert all(metrics(t.ready["metrics"])["thynapse_transmitter_peers"] == 0 for t in (ta, tb))
+
+
+def test_a_cell_id_belongs_to_its_live_connection(start_mesh, ctx):
+    """Another connection, even one proving the same Service, cannot take over a live
+    cell's id (and with it its deliveries); once the cell has left, the id is free."""
+    m = start_mesh(mesh_yaml(name="bind", replicas=1), cells={})
+    t = m.transmitter("bind-0")
+    owner = RawCell(ctx, t["command"], service="orders")
+    owner.hello()
+    thief = RawCell(ctx, t["command"], service="orders", cell_id=owner.id)
+    body = thief.hello(expect="ERRR")
+    assert "in use on another live connection" in body["error"], body
+    owner.send("QUIT")
+    wait_for(lambda: metrics(t["metrics"])["thynapse_transmitter_cells"] == 0, what="the owner gone")
+    thief.send("HELO", {"id": owner.id, "service": "orders"})
+    assert thief.recv()[1] == "WLCM"

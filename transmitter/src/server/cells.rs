@@ -157,6 +157,22 @@ impl Transmitter {
                 .push(reply_json(identity, cmd::MOVE, &wire::Reason { reason }));
             return Ok(());
         }
+        if self.gate.enabled() {
+            // A cell id belongs to the connection that proved it while that one is alive:
+            // another connection may take it over only once it fell silent (a sidecar
+            // reconnecting has stopped using its old link by then).
+            let live_elsewhere = self.cells.get(&hello.id).is_some_and(|c| {
+                c.identity != *identity
+                    && Instant::now().duration_since(c.last_seen) < self.heartbeat * 2
+            });
+            if live_elsewhere {
+                self.refuse(
+                    identity,
+                    "HELO refused: this cell id is in use on another live connection",
+                );
+                return Ok(());
+            }
+        }
         if let Some(old) = self.identities.insert(identity.clone(), hello.id) {
             if old != hello.id {
                 self.drop_cell(old, Leaving::Replaced);
