@@ -10,6 +10,7 @@ owner references are checked rather than garbage collection.
 
 import base64
 import json
+import re
 import os
 import shutil
 import signal
@@ -20,11 +21,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "k8s"))
 
-from conftest import BINARY, ROOT, mesh_yaml, wait_for  # noqa: E402
+from conftest import BINARY, ROOT, Subscriber, mesh_yaml, until_routed, wait_for  # noqa: E402
 
 import kubernetes  # noqa: E402,F401
 from kubernetes import client as k8s  # noqa: E402
@@ -363,6 +365,84 @@ def test_webhook_injects_a_native_sidecar_over_https(cluster, operator):
              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}
     resp = post_review(operator, other)
     assert resp["allowed"] is True and "patch" not in resp
+
+
+def test_the_pods_the_operator_writes_run_and_carry_messages(cluster, operator, parts, tmp_path):
+    """No kubelet here: the containers of the rendezvous Deployment, the transmitter
+    StatefulSet and two injected sidecars run as local processes, with exactly their
+    args, the Secrets mounted where their volumes say, and only what a node would
+    provide substituted (pod names and IPs, DNS names of Services, node-free ports). They
+    must authenticate with those Secrets, link, and carry a message."""
+    apps = k8s.AppsV1Api(cluster.client)
+    core = k8s.CoreV1Api(cluster.client)
+    sts = wait_for(lambda: found(apps.read_namespaced_stateful_set, "demo-transmitter", NS), what="StatefulSet")
+    rv_pod = wait_for(lambda: found(apps.read_namespaced_deployment, "demo-rendezvous-0", NS),
+                      what="rendezvous Deployment").spec.template.spec
+
+    def mount(volumes, container, into):
+        """The Secret volumes of `container`, written where it mounts them (under `into`)."""
+        paths = {}
+        for m in container.volume_mounts or []:
+            volume = next(v for v in volumes if v.name == m.name)
+            name = volume.secret.secret_name
+            secret = wait_for(lambda n=name: found(core.read_namespaced_secret, n, NS), what=f"Secret {name}")
+            d = into / m.name
+            d.mkdir()
+            for key, value in secret.data.items():
+                (d / key).write_bytes(base64.b64decode(value))
+            paths[m.mount_path] = str(d)
+        return paths
+
+    def node(args, substitutions):
+        out = []
+        for a in args:
+            for old, new in substitutions.items():
+                a = a.replace(old, new)
+            out.append(a)
+        return out
+
+    def free(args):
+        """Ports of the pod network become any free loopback port."""
+        return [re.sub(r"0\.0\.0\.0:\d+", "127.0.0.1:0", a) for a in args]
+
+    rv = parts(*free(rv_pod.containers[0].args))
+    local_rv = rv.ready["address"].replace("udp://", "")
+    dns = {f"demo-rendezvous-0.{NS}.svc:7400": local_rv, f"demo-rendezvous-0.{NS}.svc.cluster.local:7400": local_rv}
+    pod = sts.spec.template.spec
+    for i in range(2):
+        c = pod.containers[0]
+        d = tmp_path / f"transmitter-{i}"
+        d.mkdir()
+        subs = {"$(POD_NAME)": f"demo-transmitter-{i}", "$(POD_IP)": "127.0.0.1", **dns, **mount(pod.volumes, c, d)}
+        parts(*free(node(c.args, subs)))
+    cells = []
+    for service in ("audit", "workers"):
+        review = {"apiVersion": "v1", "kind": "Pod",
+                  "metadata": {"name": f"{service}-pod", "labels": {"thynapse.io/service": service}},
+                  "spec": {"containers": [{"name": "app", "image": "app"}]}}
+        ops = json.loads(base64.b64decode(post_review(operator, review)["patch"]))
+        container = next(op for op in ops if op["path"] == "/spec/initContainers")["value"][0]
+        volumes = next(op for op in ops if op["path"] == "/spec/volumes")["value"]
+        d = tmp_path / service
+        d.mkdir()
+        mounts = {}
+        for m in container["volumeMounts"]:
+            volume = next(v for v in volumes if v["name"] == m["name"])
+            name = volume["secret"]["secretName"]
+            # A kubelet waits for a pod's Secrets to exist; so does this test.
+            secret = wait_for(lambda n=name: found(core.read_namespaced_secret, n, NS), what=f"Secret {name}")
+            (d / m["name"]).mkdir()
+            for key, value in secret.data.items():
+                (d / m["name"] / key).write_bytes(base64.b64decode(value))
+            mounts[m["mountPath"]] = str(d / m["name"])
+        subs = {"$(POD_NAME)": f"{service}-pod", **dns, **mounts, "127.0.0.1:6379": "127.0.0.1:0"}
+        cells.append(parts(*free(node(container["args"], subs))))
+    audit, workers = (redis.Redis(host="127.0.0.1", port=int(c.ready["resp"].rsplit(":", 1)[1])) for c in cells)
+    sub = Subscriber(audit, channels=["through.the.pods"])
+    until_routed(workers, "through.the.pods", 1, timeout=30)
+    workers.publish("through.the.pods", b"hello")
+    sub.wait_count(1, prefix=b"hello")
+    sub.pubsub.close()
 
 
 def test_operator_metrics(cluster, operator):
