@@ -38,18 +38,19 @@ def prove(key, role, nonce, context):
     return hmac.new(key, parts, hashlib.sha256).hexdigest()
 
 
-def authenticate(sock, key, role, context):
-    """The client side of AUTH (docs/protocol.md): returns the server's answer to the
-    proof (AUTD, checked), or raises with the refusal."""
+def authenticate(sock, key, role, context, endpoint):
+    """The client side of AUTH (docs/protocol.md): proofs over `context@endpoint`, the
+    endpoint dialed. Returns the server's AUTD (checked), or fails with the refusal."""
+    bound = f"{context}@{endpoint}"
     sock.send(command("AUTH", {"role": role, "context": context}))
     _, cmd, body, _ = recv_command(sock)
     assert cmd == "CHAL", (cmd, body)
     mine = os.urandom(16).hex()
     sock.send(command("AUTH", {"role": role, "context": context, "nonce": body["nonce"],
-                               "proof": prove(key, role, body["nonce"], context), "challenge": mine}))
+                               "proof": prove(key, role, body["nonce"], bound), "challenge": mine}))
     _, cmd, body, _ = recv_command(sock)
     assert cmd == "AUTD", (cmd, body)
-    assert hmac.compare_digest(body["proof"], prove(key, "server", mine, context)), "the server's proof is wrong"
+    assert hmac.compare_digest(body["proof"], prove(key, "server", mine, bound)), "the server's proof is wrong"
     return body
 
 
@@ -139,6 +140,7 @@ class RawCell:
     """A cell on one DEALER: greets with HELO, then sends and reads what a test says."""
 
     def __init__(self, ctx, endpoint, service="raw", cell_id=None, token=AUTO, **hello):
+        self.endpoint = endpoint
         self.sock = dealer(ctx, endpoint)
         self.id = cell_id or os.urandom(20).hex()
         self.service = service
@@ -162,7 +164,7 @@ class RawCell:
     def authenticate(self):
         """AUTH with the Service key, once, when the mesh has a token."""
         if self.token and not self.authenticated:
-            authenticate(self.sock, service_key(self.token, self.service), "cell", self.service)
+            authenticate(self.sock, service_key(self.token, self.service), "cell", self.service, self.endpoint)
             self.authenticated = True
 
     def send(self, cmd, body=None):
@@ -327,7 +329,7 @@ class FakePeer:
                     if what == "link":
                         d = dealer(self.ctx, endpoint)
                         if self.key:
-                            authenticate(d, self.key, "peer", self.mesh)
+                            authenticate(d, self.key, "peer", self.mesh, endpoint)
                         self.dealers[endpoint] = d
                         poller.register(d, zmq.POLLIN)
                         d.send(command("PEER", self.hello()))
@@ -358,8 +360,9 @@ class FakePeer:
             self.router.send_multipart([identity, command("CHAL", {"nonce": self.challenges[identity]})])
             return
         nonce = self.challenges.pop(identity, None)
-        good = nonce and hmac.compare_digest(body["proof"], prove(self.key, "peer", nonce, self.mesh))
-        reply = (command("AUTD", {"proof": prove(self.key, "server", body["challenge"], self.mesh)}) if good
+        bound = f"{self.mesh}@{self.endpoint}"
+        good = nonce and hmac.compare_digest(body["proof"], prove(self.key, "peer", nonce, bound))
+        reply = (command("AUTD", {"proof": prove(self.key, "server", body["challenge"], bound)}) if good
                  else command("ERRR", {"error": "AUTH refused"}))
         self.router.send_multipart([identity, reply])
 

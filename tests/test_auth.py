@@ -72,9 +72,10 @@ def test_replayed_stale_and_foreign_proofs_are_refused(start_mesh, ctx):
                                    "challenge": os.urandom(16).hex()}))
         return recv_command(sock)[1:3]
 
+    bound = "orders@" + t["command"]  # proofs are over the Service and the endpoint dialed
     first = dealer(ctx, t["command"])
     nonce = ask(first)
-    proof = prove(key, "cell", nonce, "orders")
+    proof = prove(key, "cell", nonce, bound)
     assert answer(first, nonce, proof)[0] == "AUTD"
     # Replayed on another connection, which was given a nonce of its own: refused.
     second = dealer(ctx, t["command"])
@@ -86,18 +87,22 @@ def test_replayed_stale_and_foreign_proofs_are_refused(start_mesh, ctx):
     assert cmd == "ERRR" and "no challenge pending" in body["error"], body
     # A proof made without asking (a stale one from elsewhere): no challenge pending.
     third = dealer(ctx, t["command"])
-    cmd, body = answer(third, "00" * 16, prove(key, "cell", "00" * 16, "orders"))
+    cmd, body = answer(third, "00" * 16, prove(key, "cell", "00" * 16, bound))
     assert cmd == "ERRR", body
     # Another Service's key, for this Service: refused.
     fourth = dealer(ctx, t["command"])
     n = ask(fourth)
-    cmd, body = answer(fourth, n, prove(service_key(m.token, "billing"), "cell", n, "orders"))
+    cmd, body = answer(fourth, n, prove(service_key(m.token, "billing"), "cell", n, bound))
     assert cmd == "ERRR" and "wrong proof" in body["error"], body
     # Another mesh's token: refused.
     n = ask(fourth)
-    cmd, body = answer(fourth, n, prove(service_key(b"guess", "orders"), "cell", n, "orders"))
+    cmd, body = answer(fourth, n, prove(service_key(b"guess", "orders"), "cell", n, bound))
     assert cmd == "ERRR" and "wrong proof" in body["error"], body
-    assert refused(t) == 5
+    # A good proof made for another transmitter's endpoint (relayed by one posing as it).
+    n = ask(fourth)
+    cmd, body = answer(fourth, n, prove(key, "cell", n, "orders@tcp://10.9.9.9:7000"))
+    assert cmd == "ERRR" and "another transmitter" in body["error"], body
+    assert refused(t) == 6
     # A refused connection stays refused.
     fourth.send(command("HELO", {"id": os.urandom(20).hex(), "service": "orders"}))
     assert "authenticate first" in recv_command(fourth)[2]["error"]
@@ -175,6 +180,9 @@ def test_a_cell_id_belongs_to_its_live_connection(start_mesh, ctx):
     thief = RawCell(ctx, t["command"], service="orders", cell_id=owner.id)
     body = thief.hello(expect="ERRR")
     assert "in use on another live connection" in body["error"], body
+    # Another Service may never have it (ids are not secret: deliveries carry them).
+    other = RawCell(ctx, t["command"], service="billing", cell_id=owner.id)
+    assert "belongs to another Service" in other.hello(expect="ERRR")["error"]
     owner.send("QUIT")
     wait_for(lambda: metrics(t["metrics"])["thynapse_transmitter_cells"] == 0, what="the owner gone")
     thief.send("HELO", {"id": owner.id, "service": "orders"})

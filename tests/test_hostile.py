@@ -403,7 +403,7 @@ def test_a_flood_of_peer_names_is_bounded_and_the_mesh_keeps_routing(start_mesh)
         assert cmd == "ERRR" and "authenticate first" in body["error"], (cmd, body)
         assert metrics(target["metrics"])['thynapse_transmitter_refused_total{limit="auth"}'] == 1
         s = dealer(ctx, target["command"], timeout_ms=10000)
-        authenticate(s, mesh_key(m.token), "peer", "flood")
+        authenticate(s, mesh_key(m.token), "peer", "flood", target["command"])
         n = 1100
         for i in range(n):
             s.send(command("PEER", {"id": os.urandom(20).hex(), "name": f"fake-{i}", "mesh": "flood"}))

@@ -5,15 +5,33 @@ import os
 import struct
 import threading
 
+import redis
 import zmq
 
 from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
 from rawwire import RawCell, authenticate, command, dealer, interest, mesh_key, recv_command
 
 
-def test_helo_wlcm_and_events_on_pub(start_mesh):
-    mesh = start_mesh(mesh_yaml(replicas=2, services=[("s", [])]), cells={"s": 1})
-    t = mesh.transmitter("demo-1")
+def test_helo_wlcm_and_events_on_pub(start_mesh, parts):
+    # An authenticated mesh refuses `events: "pub"`: its PUB socket cannot authenticate
+    # who subscribes.
+    mesh = start_mesh(mesh_yaml(replicas=1), cells={})
+    ctx = zmq.Context()
+    try:
+        cell = RawCell(ctx, mesh.transmitter("demo-0")["command"], events="pub")
+        assert 'events \"pub\" is not available' in cell.hello(expect="ERRR")["error"]
+    finally:
+        ctx.destroy(linger=0)
+    # Without a token (a transmitter started alone), the PUB socket delivers.
+    rv = parts("rendezvous", "--mesh", "pub").ready["address"]
+    ready = parts("transmitter", "--mesh", "pub", "--name", "pub-0", "--rendezvous", rv,
+                  "--announce-interval-ms", "250").ready
+    t = {"command": ready["command"], "id": ready["id"], "event": ready["event"]}
+    sidecar = parts("sidecar", "--mesh", "pub", "--service", "s", "--name", "s-0", "--rendezvous", rv,
+                    "--resp-bind", "127.0.0.1:0", "--announce-interval-ms", "250")
+    host, port = sidecar.ready["resp"].rsplit(":", 1)
+    clients = [redis.Redis(host=host, port=int(port), socket_timeout=10) for _ in range(2)]
+    sidecar.clients.extend(clients)
     ctx = zmq.Context()
     try:
         cell = RawCell(ctx, t["command"])
@@ -31,14 +49,14 @@ def test_helo_wlcm_and_events_on_pub(start_mesh):
         sub.setsockopt(zmq.SUBSCRIBE, cell.id.encode())
         # Subscribe through the binary interest list: op 0 (add), kind 0 (channel).
         cell.subscribe(["raw.events"])
-        publisher = mesh.redis(mesh.cell("s-0"))
+        publisher = clients[0]
         until_routed(publisher, "raw.events", 1)
         publisher.publish("raw.events", b"hello raw")
         frames = wait_for(lambda: _recv_until(sub, b"hello raw"), what="event on the PUB socket")
         assert frames[0] == cell.id.encode() and frames[1] == b"raw.events"
         # A JSON event from the raw client reaches a Redis subscriber, and is acknowledged
         # with its THID (SHA-1 of the contents) and the cells it reached.
-        redis_sub = Subscriber(mesh.redis(mesh.cell("s-0")), channels=["from.raw"])
+        redis_sub = Subscriber(clients[1], channels=["from.raw"])
         def sent():
             cell.send("EVNT", {"channel": "from.raw", "data": "hi there"})
             _, cmd, ack, _ = cell.recv()
@@ -187,26 +205,33 @@ def test_subs_with_sync_is_confirmed_once_every_peer_applied_it(start_mesh):
     wait_for(lambda: all(metrics(t["metrics"])["thynapse_transmitter_peers"] == 1 for t in (t0, t1)), what="peers linked")
     ctx = zmq.Context()
     try:
-        # Deliveries on the PUB socket (not read here): the DEALER carries only answers.
-        cell = RawCell(ctx, t0["command"], events="pub")
+        cell = RawCell(ctx, t0["command"])
         cell.hello()
+
+        def answer():
+            """The next message that is not a delivery (those are kept in `cell.batches`)."""
+            while True:
+                m = cell.recv()
+                if m[1] != "DLVR":
+                    return m
+
         publisher = RawCell(ctx, t1["command"])
         publisher.hello()
         for i in range(50):
             name = f"raw.sync.{i}"
             # The very next answer must be the SUBD (not `subscribe(sync=…)`, which skips others).
             cell.send_binary("SUBS", interest([name]), header={"sync": i + 1})
-            assert cell.recv()[:3] == ("J", "SUBD", {"sync": i + 1})
+            assert answer()[:3] == ("J", "SUBD", {"sync": i + 1})
             publisher.send("EVNT", {"channel": name, "data": "x"})
             _, cmd, ack, _ = publisher.recv()
             assert (cmd, ack["receivers"]) == ("ACKD", 1), f"round {i}: {ack}"
         # A SUBS without a header asks for nothing and gets nothing back.
         cell.subscribe([name], op=1)
         cell.send("PING")
-        assert cell.recv()[1] == "PONG"
+        assert answer()[1] == "PONG"
         # The peer-side half, from a libzmq client introduced as a transmitter.
         peer = dealer(ctx, t0["command"])
-        authenticate(peer, mesh_key(mesh.token), "peer", "demo")
+        authenticate(peer, mesh_key(mesh.token), "peer", "demo", t0["command"])
         peer.send(command("PEER", {"id": os.urandom(20).hex(), "name": "raw-peer", "mesh": "demo"}))
         assert recv_command(peer)[1] == "PWLC"
         peer.send(command("SYNC", {"round": 17}))

@@ -88,6 +88,13 @@ pub fn nonce() -> String {
     hex::encode(rand::random::<[u8; NONCE_BYTES]>())
 }
 
+/// What a proof is over: the Service (or mesh) and the command endpoint the client dialed,
+/// so that a proof made for one server is worth nothing at another (a relay: someone
+/// posing as a transmitter passes a real one's nonce to a cell, then its proof back).
+pub fn bound_to(context: &str, server: &str) -> String {
+    format!("{context}@{server}")
+}
+
 /// The tokens of a mesh from a token file: one per non-empty line (two during a
 /// rotation; the first is the one this process proves with).
 pub fn tokens_from(text: &str) -> Vec<Vec<u8>> {
@@ -99,9 +106,15 @@ pub fn tokens_from(text: &str) -> Vec<Vec<u8>> {
 }
 
 /// What a server checks proofs against: every token it holds.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Verifier {
     tokens: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Verifier({} tokens)", self.tokens.len()) // never the tokens
+    }
 }
 
 impl Verifier {
@@ -117,13 +130,26 @@ impl Verifier {
     /// The key that verifies a client's proof (`role` "cell" with its Service, or
     /// "peer" with the mesh name), if any of the tokens does. The server proves itself
     /// back with the same key.
-    pub fn check(&self, role: &str, nonce: &str, context: &str, proof: &str) -> Option<Key> {
+    pub fn check(&self, role: &str, context: &str, nonce: &str, proof: &str) -> Option<Key> {
+        self.check_bound(role, context, nonce, context, proof)
+    }
+
+    /// `check`, for a proof over `bound` (the context and the server it was meant for,
+    /// `bound_to`) with the key of `context`.
+    pub fn check_bound(
+        &self,
+        role: &str,
+        context: &str,
+        nonce: &str,
+        bound: &str,
+        proof: &str,
+    ) -> Option<Key> {
         self.tokens.iter().find_map(|t| {
             let key = match role {
                 "cell" => Key::service(t, context),
                 _ => Key::mesh(t),
             };
-            key.verify(role, nonce, context, proof).then_some(key)
+            key.verify(role, nonce, bound, proof).then_some(key)
         })
     }
 
@@ -139,6 +165,8 @@ pub struct ClientAuth {
     key: Key,
     role: &'static str,
     context: String,
+    /// The context and the server dialed: what the proofs are over.
+    bound: String,
     challenge: String,
 }
 
@@ -154,21 +182,23 @@ pub enum AuthError {
 }
 
 impl ClientAuth {
-    /// A cell of `service` proving it with the Service's key.
-    pub fn cell(key: Key, service: &str) -> ClientAuth {
-        ClientAuth::new(key, "cell", service)
+    /// A cell of `service` proving it with the Service's key to the transmitter whose
+    /// command endpoint is `server`.
+    pub fn cell(key: Key, service: &str, server: &str) -> ClientAuth {
+        ClientAuth::new(key, "cell", service, server)
     }
 
-    /// A transmitter of mesh `mesh` proving it with the mesh key.
-    pub fn peer(key: Key, mesh: &str) -> ClientAuth {
-        ClientAuth::new(key, "peer", mesh)
+    /// A transmitter of mesh `mesh` proving it with the mesh key to the peer at `server`.
+    pub fn peer(key: Key, mesh: &str, server: &str) -> ClientAuth {
+        ClientAuth::new(key, "peer", mesh, server)
     }
 
-    fn new(key: Key, role: &'static str, context: &str) -> ClientAuth {
+    fn new(key: Key, role: &'static str, context: &str, server: &str) -> ClientAuth {
         ClientAuth {
             key,
             role,
             context: context.to_string(),
+            bound: bound_to(context, server),
             challenge: nonce(),
         }
     }
@@ -191,7 +221,7 @@ impl ClientAuth {
         let auth = crate::wire::Auth {
             role: self.role.into(),
             context: self.context.clone(),
-            proof: Some(self.key.prove(self.role, &chal.nonce, &self.context)),
+            proof: Some(self.key.prove(self.role, &chal.nonce, &self.bound)),
             nonce: Some(chal.nonce),
             challenge: Some(self.challenge.clone()),
         };
@@ -203,7 +233,7 @@ impl ClientAuth {
         let done: crate::wire::Authenticated = expect(frame, crate::wire::cmd::AUTD)?;
         if self
             .key
-            .verify("server", &self.challenge, &self.context, &done.proof)
+            .verify("server", &self.challenge, &self.bound, &done.proof)
         {
             Ok(())
         } else {
@@ -274,16 +304,16 @@ mod tests {
         let n = nonce();
         let old = Key::service(b"old", "s").prove("cell", &n, "s");
         assert_eq!(
-            v.check("cell", &n, "s", &old),
+            v.check("cell", "s", &n, &old),
             Some(Key::service(b"old", "s"))
         );
         let peer = Key::mesh(b"new").prove("peer", &n, "mesh");
-        assert!(v.check("peer", &n, "mesh", &peer).is_some());
+        assert!(v.check("peer", "mesh", &n, &peer).is_some());
         assert!(v
             .check(
                 "cell",
-                &n,
                 "s",
+                &n,
                 &Key::service(b"x", "s").prove("cell", &n, "s")
             )
             .is_none());
@@ -294,7 +324,8 @@ mod tests {
     #[test]
     fn a_client_and_a_server_prove_themselves_to_each_other() {
         let token = b"token".to_vec();
-        let client = ClientAuth::cell(Key::service(&token, "orders"), "orders");
+        let server_at = "tcp://10.0.0.1:7000";
+        let client = ClientAuth::cell(Key::service(&token, "orders"), "orders", server_at);
         let asked: crate::wire::Auth = decode(&client.hello());
         assert_eq!((asked.role.as_str(), asked.proof), ("cell", None));
         // The server's side, as the transmitter does it.
@@ -307,10 +338,24 @@ mod tests {
             .unwrap();
         let auth: crate::wire::Auth = decode(&answer);
         let server = Verifier::new(vec![token]);
+        let proof = auth.proof.as_deref().unwrap();
+        let bound = bound_to("orders", server_at);
+        assert!(
+            server
+                .check_bound(
+                    "cell",
+                    "orders",
+                    &n,
+                    &bound_to("orders", "tcp://10.0.0.9:7000"),
+                    proof
+                )
+                .is_none(),
+            "a proof made for one server is refused by another (a relay)"
+        );
         let key = server
-            .check("cell", &n, "orders", auth.proof.as_deref().unwrap())
+            .check_bound("cell", "orders", &n, &bound, proof)
             .expect("a good proof");
-        let proof = key.prove("server", auth.challenge.as_deref().unwrap(), "orders");
+        let proof = key.prove("server", auth.challenge.as_deref().unwrap(), &bound);
         let done = json_frame(
             crate::wire::cmd::AUTD,
             &crate::wire::Authenticated { proof },

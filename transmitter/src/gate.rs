@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use thynapse_protocol::auth::{nonce, Verifier};
+use thynapse_protocol::auth::{bound_to, nonce, Verifier};
 use thynapse_protocol::wire::Auth;
 
 /// Challenges waiting for an answer; past this the oldest is dropped.
@@ -39,15 +39,18 @@ pub enum Outcome {
 pub struct Gate {
     verifier: Verifier,
     mesh: String,
+    /// This transmitter's command endpoint, as announced: proofs are bound to it.
+    endpoint: String,
     pending: HashMap<Bytes, (String, Instant)>,
     passed: HashMap<Bytes, (Party, Instant)>,
 }
 
 impl Gate {
-    pub fn new(verifier: Verifier, mesh: &str) -> Gate {
+    pub fn new(verifier: Verifier, mesh: &str, endpoint: &str) -> Gate {
         Gate {
             verifier,
             mesh: mesh.to_string(),
+            endpoint: endpoint.to_string(),
             ..Gate::default()
         }
     }
@@ -65,6 +68,18 @@ impl Gate {
     /// What a connection proved, if it did.
     pub fn party(&self, identity: &Bytes) -> Option<&Party> {
         self.passed.get(identity).map(|(p, _)| p)
+    }
+
+    /// Whether a connection proved something, noting that it was heard now (it is pruned
+    /// only after a silence, never while in use).
+    pub fn admit(&mut self, identity: &Bytes, now: Instant) -> bool {
+        match self.passed.get_mut(identity) {
+            Some((_, heard)) => {
+                *heard = now;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn on_auth(&mut self, identity: &Bytes, auth: &Auth, now: Instant) -> Outcome {
@@ -98,19 +113,19 @@ impl Gate {
             "peer" => return Outcome::Refused("AUTH refused: another mesh"),
             _ => return Outcome::Refused("AUTH refused: role is \"cell\" or \"peer\""),
         };
-        let Some(key) = self.verifier.check(&auth.role, &n, &auth.context, proof) else {
+        let bound = bound_to(&auth.context, &self.endpoint);
+        let Some(key) = self
+            .verifier
+            .check_bound(&auth.role, &auth.context, &n, &bound, proof)
+        else {
             return Outcome::Refused(
-                "AUTH refused: wrong proof (another token, or another Service's key)",
+                "AUTH refused: wrong proof (another token, another Service's key, or made for another transmitter's endpoint)",
             );
         };
         if self.passed.len() >= MAX_PASSED && !self.passed.contains_key(identity) {
             return Outcome::Refused("AUTH refused: too many connections");
         }
-        let ours = key.prove(
-            "server",
-            auth.challenge.as_deref().unwrap_or(""),
-            &auth.context,
-        );
+        let ours = key.prove("server", auth.challenge.as_deref().unwrap_or(""), &bound);
         self.passed.insert(identity.clone(), (party.clone(), now));
         Outcome::Passed(party, ours)
     }
@@ -121,8 +136,8 @@ impl Gate {
         self.pending.remove(identity);
     }
 
-    /// Drops challenges older than `max_age`, and authenticated connections older than it
-    /// that `in_use` does not claim (a cell or peer on them).
+    /// Drops challenges older than `max_age`, and authenticated connections silent for
+    /// longer that `in_use` does not claim (a cell or peer on them).
     pub fn prune(&mut self, now: Instant, max_age: Duration, in_use: impl Fn(&Bytes) -> bool) {
         self.pending
             .retain(|_, (_, at)| now.duration_since(*at) <= max_age);
@@ -136,8 +151,10 @@ mod tests {
     use super::*;
     use thynapse_protocol::auth::Key;
 
+    const AT: &str = "tcp://10.0.0.1:7000";
+
     fn gate() -> Gate {
-        Gate::new(Verifier::new(vec![b"token".to_vec()]), "demo")
+        Gate::new(Verifier::new(vec![b"token".to_vec()]), "demo", AT)
     }
 
     fn ask(role: &str, context: &str) -> Auth {
@@ -152,7 +169,7 @@ mod tests {
 
     fn answer(key: &Key, role: &str, context: &str, n: &str) -> Auth {
         Auth {
-            proof: Some(key.prove(role, n, context)),
+            proof: Some(key.prove(role, n, &bound_to(context, AT))),
             nonce: Some(n.into()),
             challenge: Some("c1".into()),
             ..ask(role, context)
@@ -174,10 +191,24 @@ mod tests {
         };
         assert_eq!(party, Party::Cell("orders".into()));
         assert!(
-            key.verify("server", "c1", "orders", &proof),
+            key.verify("server", "c1", &bound_to("orders", AT), &proof),
             "the server proves itself"
         );
         assert_eq!(g.party(&conn), Some(&Party::Cell("orders".into())));
+        // A proof made for another transmitter (relayed through one posing as it).
+        let other = Bytes::from_static(b"b");
+        let Outcome::Challenge(n2) = g.on_auth(&other, &ask("cell", "orders"), now) else {
+            panic!()
+        };
+        let relayed = Auth {
+            proof: Some(key.prove("cell", &n2, &bound_to("orders", "tcp://10.9.9.9:7000"))),
+            nonce: Some(n2),
+            ..ask("cell", "orders")
+        };
+        assert!(matches!(
+            g.on_auth(&other, &relayed, now),
+            Outcome::Refused(_)
+        ));
         // The same proof again (a replay): no challenge pending.
         assert!(matches!(
             g.on_auth(&conn, &answer(&key, "cell", "orders", &n), now),

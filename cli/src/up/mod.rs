@@ -355,17 +355,18 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
 fn generate_token() -> anyhow::Result<String> {
     use std::io::Write as _;
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let dir = std::env::temp_dir().join(format!("thynapse-up-{}", std::process::id()));
+    // A name nobody can guess, made here (not found): another local user cannot have
+    // prepared it, or a link in its place.
+    let name = format!("thynapse-up-{}", thynapse_protocol::auth::nonce());
+    let dir = std::env::temp_dir().join(name);
     std::fs::DirBuilder::new()
         .mode(0o700)
-        .recursive(true)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("token");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("writing {}", path.display()))?;

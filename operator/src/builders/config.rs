@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
-use thynapse_protocol::auth::Key;
+use thynapse_protocol::auth::{tokens_from, Key};
 use thynapse_resources::{Service, TransmitterMesh};
 
 use super::{meta, secret_name, Inputs, COMPONENT_LABEL, MANAGER, MESH_LABEL};
@@ -45,7 +45,9 @@ pub const SERVICE_KEY_DIR: &str = "/var/run/thynapse/service";
 /// (docs/security.md). Owned by the Service, so it goes with it.
 pub fn service_key_secret(service: &Service, token: &str) -> Secret {
     let name = service.name_any();
-    let key = Key::service(token.trim().as_bytes(), &name);
+    // The first line: during a rotation the Secret holds the new token, then the old one.
+    let first = tokens_from(token).into_iter().next().unwrap_or_default();
+    let key = Key::service(&first, &name);
     let mut labels = BTreeMap::from([
         (MESH_LABEL.to_string(), service.spec.mesh.clone()),
         (COMPONENT_LABEL.to_string(), "service-key".to_string()),

@@ -94,7 +94,8 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
         .await
         .map_err(anyhow::Error::from);
     if let (Ok(()), Some((key, service))) = (&connected, &plan.auth) {
-        connected = authenticate(&mut socket, key, service, plan.heartbeat * 4).await;
+        let wait = plan.heartbeat * 4;
+        connected = authenticate(&mut socket, key, service, &target.command, wait).await;
     }
     if let Err(e) = connected {
         tracing::warn!(transmitter = %target.name, "connect failed: {e:#}");
@@ -253,9 +254,10 @@ async fn authenticate(
     socket: &mut DealerSocket,
     key: &Key,
     service: &str,
+    endpoint: &str,
     wait: Duration,
 ) -> anyhow::Result<()> {
-    let auth = ClientAuth::cell(key.clone(), service);
+    let auth = ClientAuth::cell(key.clone(), service, endpoint);
     socket.send(ZmqMessage::from(auth.hello())).await?;
     let challenge = receive(socket, wait).await?;
     socket

@@ -27,7 +27,7 @@ impl Transmitter {
             }
             return false;
         }
-        if self.gate.party(identity).is_none() {
+        if !self.gate.admit(identity, Instant::now()) {
             self.refuse(
                 identity,
                 "authenticate first: AUTH (docs/protocol.md, \"Authentication\")",
@@ -86,9 +86,10 @@ pub(super) async fn authenticate(
     socket: &mut DealerSocket,
     key: &Key,
     mesh: &str,
+    endpoint: &str,
     wait: Duration,
 ) -> anyhow::Result<()> {
-    let auth = ClientAuth::peer(key.clone(), mesh);
+    let auth = ClientAuth::peer(key.clone(), mesh, endpoint);
     socket.send(ZmqMessage::from(auth.hello())).await?;
     let challenge = receive(socket, wait).await?;
     socket

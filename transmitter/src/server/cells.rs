@@ -157,6 +157,21 @@ impl Transmitter {
                 .push(reply_json(identity, cmd::MOVE, &wire::Reason { reason }));
             return Ok(());
         }
+        if self.gate.enabled() && self.id_of_another_service(&hello.id, &hello.service) {
+            // Ids are not secret (every delivery carries its origin's): a cell of another
+            // Service must not take one over, here or anywhere in the mesh.
+            self.refuse(
+                identity,
+                "HELO refused: this cell id belongs to another Service",
+            );
+            return Ok(());
+        }
+        if self.gate.enabled() && hello.events == Events::Pub {
+            // The PUB socket cannot authenticate its subscribers (the zeromq crate has no
+            // CURVE): anyone reaching it would read these deliveries.
+            self.refuse(identity, "HELO refused: events \"pub\" is not available in an authenticated mesh; use \"dealer\"");
+            return Ok(());
+        }
         if self.gate.enabled() {
             // A cell id belongs to the connection that proved it while that one is alive:
             // another connection may take it over only once it fell silent (a sidecar
@@ -260,6 +275,14 @@ impl Transmitter {
             self.interest_sync.request(identity, n);
         }
         Ok(())
+    }
+
+    /// Whether `id` is known, here or at a peer, as a cell of another Service than `service`.
+    fn id_of_another_service(&self, id: &Thid, service: &str) -> bool {
+        std::iter::once(Location::Local)
+            .chain(self.peers.keys().map(|p| Location::Peer(*p)))
+            .filter_map(|at| self.table.service_of(at, id))
+            .any(|s| s != service)
     }
 
     /// A publish batch. It may come in parts (each of whole records): all are checked

@@ -235,7 +235,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             Verifier::default()
         }
     };
-    let gate = Gate::new(verifier, &args.mesh);
+    let gate = Gate::new(verifier, &args.mesh, &command);
     let (router_tx, mut router_rx) = router.split();
     let mut t = Transmitter::new(
         args,
@@ -391,13 +391,13 @@ impl Transmitter {
                 return size;
             }
         };
+        if !self.admit(&identity, &frame) {
+            return size;
+        }
         // Anything but data may make room for held batches (credits, receivers leaving,
         // interest changes); trying them again is cheap next to routing.
         if ![cmd::PUBS, cmd::FWRD, cmd::EVNT].contains(&&frame.cmd) {
             self.held.room_freed();
-        }
-        if !self.admit(&identity, &frame) {
-            return size;
         }
         let body = frames.pop_front();
         let result = if let Some(&peer) = self.peer_identities.get(&identity) {

@@ -545,7 +545,8 @@ async fn connect_peer(
     let mut socket = DealerSocket::with_options(options);
     let mut connected = socket.connect(&endpoint).await.map_err(anyhow::Error::from);
     if let (Ok(()), Some((key, mesh))) = (&connected, &auth) {
-        connected = super::auth::authenticate(&mut socket, key, mesh, Duration::from_secs(2)).await;
+        let wait = Duration::from_secs(2);
+        connected = super::auth::authenticate(&mut socket, key, mesh, &endpoint, wait).await;
         if let Err(e) = &connected {
             tracing::warn!(%endpoint, "peer not authenticated: {e:#}");
         }
