@@ -285,6 +285,18 @@ def rendezvous_request(address, request):
         s.close()
 
 
+def until_an_expiry_passed(mesh, timeout=10):
+    """Waits, with the mesh's transmitters perhaps paused, until a little more than one
+    expiry (250 ms × 4) has passed since now, as a clock outside them says: the mesh's
+    rendezvous forgets an announcement made now (250 ms × 5) once it has."""
+    address, name = mesh.endpoints["rendezvous"][0]["address"], mesh.endpoints["mesh"]
+    clock = {"name": "clock", "id": "00" * 20, "command": "tcp://127.0.0.1:1", "event": "tcp://127.0.0.1:1"}
+    rendezvous_request(address, {"type": "announce", "mesh": name, "interval_ms": 250, "multiplier": 5,
+                                 "transmitter": clock})
+    wait_for(lambda: "clock" not in [t["name"] for t in free_udp_query(address, name)["transmitters"]],
+             timeout=timeout, what="an expiry passed")
+
+
 def free_udp_query(address, mesh):
     """Asks a rendezvous which transmitters are live."""
     return rendezvous_request(address, {"type": "query", "mesh": mesh})

@@ -9,7 +9,7 @@ import signal
 import pytest
 import zmq
 
-from conftest import Subscriber, drops, free_udp_query, rendezvous_request, mesh_yaml, metrics, wait_for
+from conftest import Subscriber, drops, mesh_yaml, metrics, until_an_expiry_passed, wait_for
 from rawwire import RawCell, publish_records
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
@@ -83,14 +83,8 @@ def test_a_transmitter_does_not_route_what_it_reads_late_from_a_cell_it_dropped(
     os.kill(t["pid"], signal.SIGSTOP)
     try:
         cell.send("EVNT", {"channel": "late", "data": "read late"})
-        # Paused past the cell's expiry, as a clock outside says: the rendezvous forgets
-        # an announcement sent after the event once a little more than that has passed.
-        rendezvous = m.endpoints["rendezvous"][0]["address"]
-        clock = {"name": "clock", "id": "00" * 20, "command": "tcp://127.0.0.1:1", "event": "tcp://127.0.0.1:1"}
-        rendezvous_request(rendezvous, {"type": "announce", "mesh": "late", "interval_ms": 250, "multiplier": 5,
-                                        "transmitter": clock})
-        wait_for(lambda: "clock" not in [x["name"] for x in free_udp_query(rendezvous, "late")["transmitters"]],
-                 timeout=10 * EXPIRY_S, what="an expiry passed")
+        # Paused past the cell's expiry, as a clock outside says.
+        until_an_expiry_passed(m, timeout=10 * EXPIRY_S)
     finally:
         os.kill(t["pid"], signal.SIGCONT)
     _, cmd, body, _ = cell.recv()

@@ -13,7 +13,7 @@ import zmq
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import Subscriber, drops, free_udp_query, mesh_yaml, metrics, rendezvous_request, wait_for
+from conftest import Subscriber, drops, mesh_yaml, metrics, until_an_expiry_passed, wait_for
 from rawwire import FakePeer, RawCell, command, envelope_batch, interest
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
@@ -218,13 +218,8 @@ def test_a_transmitter_does_not_route_what_it_reads_late_from_a_peer_it_forgot(s
     os.kill(t["pid"], signal.SIGSTOP)
     try:
         fake.send(t["command"], [b"B FWRD", envelope_batch(2, [{"origin": origin, "seq": 2, "channel": b"lp", "payload": b"read late"}])])
-        # Past the expiry, as a clock outside says (see test_cells.py).
-        rendezvous = m.endpoints["rendezvous"][0]["address"]
-        clock = {"name": "clock", "id": "00" * 20, "command": "tcp://127.0.0.1:1", "event": "tcp://127.0.0.1:1"}
-        rendezvous_request(rendezvous, {"type": "announce", "mesh": "latepeer", "interval_ms": 250, "multiplier": 5,
-                                        "transmitter": clock})
-        wait_for(lambda: "clock" not in [x["name"] for x in free_udp_query(rendezvous, "latepeer")["transmitters"]],
-                 timeout=10 * EXPIRY_S, what="an expiry passed")
+        # Past the expiry, as a clock outside says.
+        until_an_expiry_passed(m, timeout=10 * EXPIRY_S)
     finally:
         os.kill(t["pid"], signal.SIGCONT)
     wait_for(lambda: [a for a in fake.answered("ERRR") if "unknown cell" in a[1]["error"]], what="the peer told")
