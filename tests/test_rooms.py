@@ -171,11 +171,13 @@ def test_kill_9_of_a_host_re_places_the_room(start_mesh):
     for sub in subs:
         sub.wait_count(1, prefix=sent[-1])
         assert every_one_from_its_first(sub, sent, b"m:") <= len(sent) - len(tail)
-    missed = sum(len(set(before) - set(sub.data(b"p:"))) for sub in subs)
-    if missed:
-        counted = sum(v for t in mesh.refresh()["transmitters"] for k, v in metrics(t["metrics"]).items()
-                      if k.startswith("thynapse_transmitter_drops_total"))
-        assert missed <= counted, f"{missed} acknowledged messages neither delivered nor counted ({counted})"
+    # What the killed host had acknowledged and not yet written out is lost with it
+    # (docs/architecture.md, "Known limits": at-most-once, like Redis pub/sub), and its
+    # counters die with it. What that can cost is the tail of what passed through it:
+    # each subscriber got a prefix of `before`, in order, none twice, never a gap.
+    for sub in subs:
+        got = sub.data(b"p:")
+        assert got == before[: len(got)], f"not a prefix of what was published: {got[:5]}..{got[-5:]}"
     hosts_now = {h["name"] for h in room_hosts(mesh, "lobby")}
     counts = room_counts(mesh)
     for t, rooms in counts.items():
