@@ -119,6 +119,8 @@ class Mesh:
         for t in self.endpoints["transmitters"]:
             if t.get("command"):
                 rawwire.TOKENS[t["command"]] = self.token
+        for r in self.endpoints["rendezvous"]:
+            rawwire.TOKENS[r["address"]] = self.token
 
     def cells(self, service=None):
         return [c for c in self.endpoints["cells"] if service is None or c["service"] == service]
@@ -272,15 +274,33 @@ def until_routed(publisher, channel, receivers, timeout=15):
     )
 
 
-def rendezvous_request(address, request):
-    """Sends one JSON datagram to a rendezvous point and returns its answer."""
+def rendezvous_request(address, request, token=None):
+    """Sends one JSON datagram to a rendezvous point and returns its answer. Sealed as a
+    transmitter of the mesh (the mesh key) when the point's mesh has a token (`token`, or
+    the one a running `Mesh` registered for it); then only an answer sealed for this
+    request is read, and checked."""
+    import rawwire
+
+    token = token or rawwire.TOKENS.get(address)
     host, port = address.replace("udp://", "").rsplit(":", 1)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(1)
     try:
-        s.sendto(json.dumps(request).encode(), (host, int(port)))
-        data, _ = s.recvfrom(65536)
-        return json.loads(data)
+        body = json.dumps(request).encode()
+        if not token:
+            s.sendto(body, (host, int(port)))
+            return json.loads(s.recvfrom(65536)[0])
+        key = rawwire.mesh_key(token)
+        datagram, mac = rawwire.seal(body, key, "peer", request["mesh"])
+        s.sendto(datagram, (host, int(port)))
+        while True:
+            raw = s.recvfrom(65536)[0]
+            answer, sealed = rawwire.unseal(raw)
+            if sealed is None:
+                return answer  # a refusal: the point could not open the request
+            if sealed.get("re") == mac:
+                rawwire.unseal(raw, key)  # checks the seal
+                return answer
     finally:
         s.close()
 

@@ -38,6 +38,32 @@ def prove(key, role, nonce, context):
     return hmac.new(key, parts, hashlib.sha256).hexdigest()
 
 
+def seal(body, key, role, context, re="", ts_ms=None):
+    """A rendezvous datagram sealed (docs/protocol.md, "Sealed datagrams"): the body, a
+    newline, the seal. Returns (datagram, mac)."""
+    ts = int(time.time() * 1000) if ts_ms is None else ts_ms
+    nonce = os.urandom(16).hex()
+    parts = [b"thynapse datagram", role.encode(), context.encode(), str(ts).encode(), nonce.encode(), re.encode(), body]
+    mac = hmac.new(key, b"".join(struct.pack("<Q", len(p)) + p for p in parts), hashlib.sha256).hexdigest()
+    line = {"role": role, "context": context, "ts": ts, "nonce": nonce, **({"re": re} if re else {}), "mac": mac}
+    return body + b"\n" + json.dumps(line, separators=(",", ":")).encode(), mac
+
+
+def unseal(datagram, key=None):
+    """(body as JSON, seal or None); with `key`, fails unless the seal is that key's."""
+    body, _, line = datagram.partition(b"\n")
+    if not line:
+        assert key is None, f"an unsealed datagram: {body[:200]}"
+        return json.loads(body), None
+    s = json.loads(line)
+    if key is not None:
+        parts = [b"thynapse datagram", s["role"].encode(), s["context"].encode(), str(s["ts"]).encode(),
+                 s["nonce"].encode(), s.get("re", "").encode(), body]
+        mac = hmac.new(key, b"".join(struct.pack("<Q", len(p)) + p for p in parts), hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(mac, s["mac"]), "a seal that does not open with the key"
+    return json.loads(body), s
+
+
 def authenticate(sock, key, role, context, endpoint):
     """The client side of AUTH (docs/protocol.md): proofs over `context@endpoint`, the
     endpoint dialed. Returns the server's AUTD (checked), or fails with the refusal."""
@@ -316,7 +342,10 @@ class FakePeer:
         if not self.announcing:
             return
         info = {"name": self.name, "id": self.id, "command": self.endpoint, "event": "tcp://127.0.0.1:1"}
-        self.udp.sendto(json.dumps({**self.announcement, "transmitter": info}).encode(), self.rendezvous)
+        body = json.dumps({**self.announcement, "transmitter": info}).encode()
+        if self.key:
+            body, _ = seal(body, self.key, "peer", self.mesh)
+        self.udp.sendto(body, self.rendezvous)
 
     def _run(self):
         poller = zmq.Poller()

@@ -3,16 +3,19 @@ pyzmq clients with no proof, a replayed one, another Service's key, posing as a 
 a sidecar holding the wrong token: each is refused and counted, and nothing reaches it or
 comes from it."""
 
+import json
 import os
+import socket
 import stat
+import time
 from pathlib import Path
 
 import pytest
 import zmq
 
-from conftest import Subscriber, mesh_yaml, metrics, until_routed, wait_for
-from rawwire import (RawCell, command, dealer, interest, prove, publish_records, recv_command,
-                     service_key)
+from conftest import Subscriber, free_udp_query, mesh_yaml, metrics, until_routed, wait_for
+from rawwire import (FakePeer, RawCell, command, dealer, interest, mesh_key, prove, publish_records,
+                     recv_command, seal, service_key, unseal)
 
 
 @pytest.fixture
@@ -137,14 +140,16 @@ def test_a_sidecar_with_the_wrong_token_does_not_join_and_is_counted(parts, tmp_
     good, bad = tmp_path / "good", tmp_path / "bad"
     good.write_text("a-good-token\n")
     bad.write_text("not-the-token\n")
-    rv = parts("rendezvous", "--mesh", "creds").ready["address"]
+    point = parts("rendezvous", "--mesh", "creds", "--token-file", good)
+    rv = point.ready["address"]
     t = parts("transmitter", "--mesh", "creds", "--name", "creds-0", "--rendezvous", rv,
               "--announce-interval-ms", "250", "--token-file", good)
     common = ("--mesh", "creds", "--service", "s", "--rendezvous", rv, "--resp-bind", "127.0.0.1:0",
               "--announce-interval-ms", "250")
     with pytest.raises(AssertionError, match="no READY"):
         parts("sidecar", "--name", "intruder", "--token-file", bad, *common, timeout=5)
-    assert metrics(t.ready["metrics"])['thynapse_transmitter_refused_total{limit="auth"}'] >= 1
+    # Its first question, where is a transmitter, is refused: its seal does not open.
+    assert metrics(point.ready["metrics"])['thynapse_rendezvous_refused_total{limit="auth"}'] >= 1
     assert metrics(t.ready["metrics"])["thynapse_transmitter_cells"] == 0
     # The same with the right token joins; so does one given only its Service's key.
     parts("sidecar", "--name", "member", "--token-file", good, *common)
@@ -155,12 +160,14 @@ def test_a_sidecar_with_the_wrong_token_does_not_join_and_is_counted(parts, tmp_
 
 
 def test_a_transmitter_with_another_token_is_not_linked(parts, tmp_path):
-    """Two transmitters of one mesh name, with different tokens: neither links to the
-    other (each refuses the other's proof), so neither can read the other's traffic."""
-    a, b = tmp_path / "a", tmp_path / "b"
+    """Two transmitters of one mesh name, with different tokens, and a rendezvous that
+    holds both (as during a rotation, or by mistake): neither links to the other (each
+    refuses the other's proof), so neither can read the other's traffic."""
+    a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
     a.write_text("token-a\n")
     b.write_text("token-b\n")
-    rv = parts("rendezvous", "--mesh", "split").ready["address"]
+    both.write_text("token-a\ntoken-b\n")
+    rv = parts("rendezvous", "--mesh", "split", "--token-file", both).ready["address"]
     ta = parts("transmitter", "--mesh", "split", "--name", "split-0", "--rendezvous", rv,
                "--announce-interval-ms", "250", "--token-file", a)
     tb = parts("transmitter", "--mesh", "split", "--name", "split-1", "--rendezvous", rv,
@@ -187,3 +194,105 @@ def test_a_cell_id_belongs_to_its_live_connection(start_mesh, ctx):
     wait_for(lambda: metrics(t["metrics"])["thynapse_transmitter_cells"] == 0, what="the owner gone")
     thief.send("HELO", {"id": owner.id, "service": "orders"})
     assert thief.recv()[1] == "WLCM"
+
+
+def rendezvous_refused(address_metrics):
+    return metrics(address_metrics)['thynapse_rendezvous_refused_total{limit="auth"}']
+
+
+def test_a_spoofed_announce_or_a_replayed_request_changes_nothing(start_mesh):
+    """Announcements not sealed with the mesh key (none, a guessed token, a cell's Service
+    key, out of the time window) and a request sent twice are refused with an unsealed
+    error and counted; the intruder never appears among the live transmitters."""
+    m = start_mesh(mesh_yaml(name="rv", replicas=1, services=[("s", [])]), cells={})
+    point = m.endpoints["rendezvous"][0]
+    host, port = point["address"].replace("udp://", "").rsplit(":", 1)
+    before = rendezvous_refused(point["metrics"])
+    info = {"name": "intruder", "id": "ab" * 20, "command": "tcp://127.0.0.1:1", "event": "tcp://127.0.0.1:1"}
+    body = json.dumps({"type": "announce", "mesh": "rv", "interval_ms": 60_000, "multiplier": 2,
+                       "transmitter": info}).encode()
+    key = mesh_key(m.token)
+    forged = {
+        "unsealed": body,
+        "guessed token": seal(body, mesh_key(b"a-guess"), "peer", "rv")[0],
+        "a cell's key": seal(body, service_key(m.token, "s"), "cell", "s")[0],
+        "stale": seal(body, key, "peer", "rv", ts_ms=int(time.time() * 1000) - 31_000)[0],
+        "another mesh": seal(body.replace(b'"rv"', b'"vr"'), key, "peer", "vr")[0],
+    }
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    for what, datagram in forged.items():
+        s.sendto(datagram, (host, int(port)))
+        answer, sealed = unseal(s.recvfrom(65536)[0])
+        assert answer["type"] == "error", (what, answer)
+        # Unsealed, as the point could not open it; a cell's is opened, and refused.
+        assert (sealed is None) == (what != "a cell's key"), (what, sealed)
+    # A genuine request is answered once: sent again (a replay), it is refused.
+    query, mac = seal(json.dumps({"type": "query", "mesh": "rv"}).encode(), key, "peer", "rv")
+    s.sendto(query, (host, int(port)))
+    answer, sealed = unseal(s.recvfrom(65536)[0], key)
+    assert answer["type"] == "peers" and sealed["re"] == mac and sealed["role"] == "rendezvous"
+    s.sendto(query, (host, int(port)))
+    answer, sealed = unseal(s.recvfrom(65536)[0])
+    assert answer == {"type": "error", "error": "a replayed request"} and sealed is None
+    assert rendezvous_refused(point["metrics"]) == before + len(forged) + 1
+    live = [t["name"] for t in free_udp_query(point["address"], "rv")["transmitters"]]
+    assert live == ["rv-0"], live
+
+
+def test_a_transmitter_takes_only_answers_sealed_for_its_announcements(parts, ctx, tmp_path):
+    """Datagrams from its rendezvous point's own address that are not sealed for one of its
+    announcements (unsealed, a guessed token, a Service's key, an answer to somebody else's
+    request, a stale `hosting`) are counted and change nothing; the same content sealed
+    for its last announcement starts a link and hosts a room, so the test can tell."""
+    token = tmp_path / "token"
+    token.write_text("datagram-token\n")
+    key = mesh_key(b"datagram-token")
+    point = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    point.bind(("127.0.0.1", 0))
+    point.settimeout(5)
+    address = f"udp://127.0.0.1:{point.getsockname()[1]}"
+    t = parts("transmitter", "--mesh", "seal", "--name", "seal-0", "--rendezvous", address,
+              "--announce-interval-ms", "250", "--expiry-multiplier", "20", "--token-file", token)
+    raw, transmitter = point.recvfrom(65536)
+    announced, sealed = unseal(raw, key)  # its announcements are sealed with the mesh key
+    assert announced["type"] == "announce" and sealed["role"] == "peer" and sealed["context"] == "seal"
+    peer = FakePeer(ctx, "seal", address, name="listed", announcing=False, token=b"datagram-token")
+    try:
+        info = {"name": "listed", "id": peer.id, "command": peer.endpoint, "event": "tcp://127.0.0.1:1"}
+        peers = json.dumps({"type": "peers", "mesh": "seal", "transmitters": [info]}).encode()
+        hosting = json.dumps({"type": "hosting", "mesh": "seal",
+                              "rooms": [{"room": "lobby", "hosts": ["seal-0"]}]}).encode()
+        now = int(time.time() * 1000)
+        forged = []
+        for body in (peers, hosting):
+            forged += [
+                body,
+                seal(body, mesh_key(b"a-guess"), "rendezvous", "seal", re=sealed["mac"])[0],
+                seal(body, service_key(b"datagram-token", "s"), "rendezvous", "seal", re=sealed["mac"])[0],
+                seal(body, key, "rendezvous", "seal", re="00" * 32)[0],
+                seal(body, key, "peer", "seal", re=sealed["mac"])[0],
+            ]
+        forged.append(seal(hosting, key, "rendezvous", "seal", ts_ms=now - 31_000)[0])
+        before = refused({"metrics": t.ready["metrics"]})
+        for d in forged:
+            point.sendto(d, transmitter)
+        wait_for(lambda: refused({"metrics": t.ready["metrics"]}) >= before + len(forged),
+                 what="every forged datagram counted")
+        assert not peer.received("PEER"), "a forged peers list started a link"
+        assert metrics(t.ready["metrics"])["thynapse_transmitter_rooms"] == 0, "a forged hosting took a room"
+        # Sealed for its latest announcement, the same content is taken.
+        point.settimeout(0.05)
+        latest = None
+        try:
+            while True:
+                latest = point.recvfrom(65536)[0]
+        except socket.timeout:
+            pass
+        mac = unseal(latest or raw, key)[1]["mac"]
+        for body in (peers, hosting):
+            point.sendto(seal(body, key, "rendezvous", "seal", re=mac)[0], transmitter)
+        wait_for(lambda: peer.received("PEER"), what="a link to the peer the sealed answer listed")
+        wait_for(lambda: metrics(t.ready["metrics"])["thynapse_transmitter_rooms"] == 1, what="the room hosted")
+    finally:
+        peer.stop()

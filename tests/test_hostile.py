@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 
 from conftest import BINARY, Subscriber, free_udp_query, mesh_yaml, metrics, until_routed, wait_for
-from rawwire import authenticate, command, dealer, mesh_key, recv_command
+from rawwire import authenticate, command, dealer, mesh_key, recv_command, seal, unseal
 
 # ZMTP 3.0 greeting: signature, version 3.0, mechanism NULL, as-server 0, filler.
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
@@ -256,13 +256,14 @@ def test_one_poisoned_announcement_does_not_stop_discovery(start_mesh):
             "id": "cd" * 20,
             "command": "tcp://127.0.0.1:1",
             "event": "tcp://127.0.0.1:2",
-            "metrics": "x" * 59_500,
+            "metrics": "x" * 59_000,
         },
     }
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(2)
-    s.sendto(json.dumps(poison).encode(), (host, int(port)))
-    answer = json.loads(s.recvfrom(65536)[0])
+    # Sealed: whoever sends it holds the mesh key (a broken transmitter, say).
+    s.sendto(seal(json.dumps(poison).encode(), mesh_key(m.token), "peer", "poison")[0], (host, int(port)))
+    answer, _ = unseal(s.recvfrom(65536)[0])
     s.close()
     assert answer["type"] == "error", answer
     rv = metrics(m.endpoints["rendezvous"][0]["metrics"])
@@ -281,10 +282,13 @@ def test_one_poisoned_announcement_does_not_stop_discovery(start_mesh):
 
 def test_a_rendezvous_answers_a_thousand_transmitters_in_pages():
     """The CRD allows 1,000 transmitters: every one of them reaches whoever asks, each
-    datagram within the 60,000 bytes receivers read."""
+    datagram, seal included, within the 60,000 bytes receivers read."""
     tmp = Path(tempfile.mkdtemp(prefix="thynapse-pages-"))
+    (tmp / "token").write_text("pages-token\n")
+    key = mesh_key(b"pages-token")
     rendezvous = subprocess.Popen(
-        [str(BINARY), "rendezvous", "--mesh", "big"], stdout=subprocess.PIPE, stderr=open(tmp / "rv.log", "w"), text=True
+        [str(BINARY), "rendezvous", "--mesh", "big", "--token-file", str(tmp / "token")], stdout=subprocess.PIPE,
+        stderr=open(tmp / "rv.log", "w"), text=True
     )
     announcer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -294,13 +298,13 @@ def test_a_rendezvous_answers_a_thousand_transmitters_in_pages():
 
         def announce(i):
             ip = f"10.0.{i // 250}.{i % 250}"
-            announcer.sendto(json.dumps({
+            announcer.sendto(seal(json.dumps({
                 "type": "announce", "mesh": "big", "interval_ms": 60000, "multiplier": 20,
                 "transmitter": {
                     "name": f"big-{i:04}", "id": "%040x" % i, "command": f"tcp://{ip}:7000",
                     "event": f"tcp://{ip}:7001", "metrics": f"http://{ip}:9090/metrics",
                 },
-            }).encode(), target)
+            }).encode(), key, "peer", "big")[0], target)
 
         def known(wanted):
             """One query, read page by page until every name of `wanted` came (or none
@@ -311,14 +315,15 @@ def test_a_rendezvous_answers_a_thousand_transmitters_in_pages():
             # receive buffer, so a reader slower than the sender would lose the last).
             q.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 4 << 20)
             q.settimeout(1)
-            q.sendto(json.dumps({"type": "query", "mesh": "big"}).encode(), target)
+            query, mac = seal(json.dumps({"type": "query", "mesh": "big"}).encode(), key, "peer", "big")
+            q.sendto(query, target)
             names = []
             try:
                 while set(names) != wanted:
                     data = q.recvfrom(65536)[0]
                     assert len(data) <= 60_000, len(data)
-                    page = json.loads(data)
-                    assert page["type"] == "peers", page
+                    page, sealed = unseal(data, key)
+                    assert page["type"] == "peers" and sealed["re"] == mac, page
                     names += [t["name"] for t in page["transmitters"]]
             except socket.timeout:
                 pass

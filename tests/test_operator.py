@@ -136,7 +136,16 @@ def operator(cluster, tmp_path_factory):
         mesh_yaml(name="demo", replicas=3) + "---\n" + (ROOT / "examples" / "demo" / "rooms.yaml").read_text()
     )
     endpoints = tmp / "endpoints.json"
-    up = subprocess.Popen([str(BINARY), "up", "-f", str(tmp / "mesh"), "--endpoints", str(endpoints)],
+    # The mesh's token, given to the local mesh and put in the Secret the operator would
+    # otherwise generate (it keeps one that exists): the Room controller seals its
+    # questions to the rendezvous with it.
+    token = os.urandom(24).hex()
+    (tmp / "token").write_text(token + "\n")
+    k8s.CoreV1Api(cluster.client).create_namespaced_secret(NS, {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-token"},
+        "data": {"token": base64.b64encode(token.encode()).decode()}})
+    up = subprocess.Popen([str(BINARY), "up", "-f", str(tmp / "mesh"), "--endpoints", str(endpoints),
+                           "--token-file", str(tmp / "token")],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     rendezvous = wait_for(lambda: endpoints.exists() and json.loads(endpoints.read_text())["rendezvous"][0]["address"],
                           timeout=30, what="local mesh")
@@ -158,7 +167,8 @@ def operator(cluster, tmp_path_factory):
         for d in yaml.safe_load_all(path.read_text()):
             if d:
                 create(cluster, d)
-    yield {"webhook": lines["WEBHOOK"], "metrics": lines["METRICS"], "ca": ca, "log": tmp / "operator.log", "proc": proc}
+    yield {"webhook": lines["WEBHOOK"], "metrics": lines["METRICS"], "ca": ca, "log": tmp / "operator.log", "proc": proc,
+           "token": token}
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
@@ -203,7 +213,7 @@ def test_the_operator_creates_everything_a_mesh_owns(cluster, operator):
     assert core.read_namespaced_service("demo-rendezvous-0", NS).spec.ports[0].protocol == "UDP"
     assert "replicas: 3" in core.read_namespaced_config_map("demo-config", NS).data["mesh.yaml"]
     token = core.read_namespaced_secret("demo-token", NS).data["token"]
-    assert len(base64.b64decode(token)) == 48
+    assert base64.b64decode(token).decode() == operator["token"], "a token that exists is kept"
     assert k8s.NetworkingV1Api(cluster.client).read_namespaced_network_policy("demo", NS).spec.policy_types == ["Ingress"]
     assert k8s.PolicyV1Api(cluster.client).read_namespaced_pod_disruption_budget("demo-transmitter", NS).spec.max_unavailable == 1
     for obj in [headless, rendezvous, core.read_namespaced_secret("demo-token", NS)]:
@@ -405,7 +415,9 @@ def test_the_pods_the_operator_writes_run_and_carry_messages(cluster, operator, 
         """Ports of the pod network become any free loopback port."""
         return [re.sub(r"0\.0\.0\.0:\d+", "127.0.0.1:0", a) for a in args]
 
-    rv = parts(*free(rv_pod.containers[0].args))
+    (tmp_path / "rendezvous").mkdir()
+    rv_container = rv_pod.containers[0]
+    rv = parts(*free(node(rv_container.args, mount(rv_pod.volumes, rv_container, tmp_path / "rendezvous"))))
     local_rv = rv.ready["address"].replace("udp://", "")
     dns = {f"demo-rendezvous-0.{NS}.svc:7400": local_rv, f"demo-rendezvous-0.{NS}.svc.cluster.local:7400": local_rv}
     pod = sts.spec.template.spec

@@ -110,7 +110,7 @@ def test_a_transmitter_joining_later_takes_new_rooms(twelve_rooms):
     rendezvous = mesh.endpoints["rendezvous"][0]["address"]
     fifth = subprocess.Popen(
         [str(BINARY), "transmitter", "--mesh", "demo", "--name", "demo-4", "--rendezvous", rendezvous,
-         "--announce-interval-ms", "250", "--expiry-multiplier", "4"],
+         "--announce-interval-ms", "250", "--expiry-multiplier", "4", "--token-file", mesh.endpoints["token_file"]],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     try:

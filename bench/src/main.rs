@@ -206,7 +206,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let (_, command, _, pid) = setup.mesh.transmitters()[0].clone();
         let cells = if args.quick { 100 } else { 1000 };
-        let rss = transmitter_rss_with_cells(&command, pid, cells).await?;
+        let token = setup.mesh.tokens().and_then(|t| t.into_iter().next());
+        let rss = transmitter_rss_with_cells(&command, pid, cells, token.as_deref()).await?;
         results.add(
             &format!("memory: transmitter with {cells} cells (RSS)"),
             "MiB",

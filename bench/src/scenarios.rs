@@ -394,9 +394,19 @@ pub async fn settle(setup: &Setup) {
     let query = Datagram::Query {
         mesh: "bench".into(),
     };
+    let sealer = setup
+        .mesh
+        .tokens()
+        .and_then(|t| thynapse_protocol::seal::Sealer::peer(&t, "bench"));
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
-        let answer = thynapse_rendezvous::ask(&addresses, &query, Duration::from_millis(500)).await;
+        let answer = thynapse_rendezvous::ask(
+            &addresses,
+            &query,
+            Duration::from_millis(500),
+            sealer.as_ref(),
+        )
+        .await;
         if let Some(Datagram::Peers { transmitters, .. }) = answer {
             if transmitters.iter().all(|t| t.rate < 50.0) {
                 return;
@@ -406,8 +416,14 @@ pub async fn settle(setup: &Setup) {
     }
 }
 
-/// Opens `n` cells (raw DEALERs saying HELO) on one transmitter; returns its RSS then.
-pub async fn transmitter_rss_with_cells(command: &str, pid: u32, n: usize) -> anyhow::Result<u64> {
+/// Opens `n` cells (raw DEALERs saying HELO, after AUTH with the `token` when the mesh
+/// has one) on one transmitter; returns its RSS then.
+pub async fn transmitter_rss_with_cells(
+    command: &str,
+    pid: u32,
+    n: usize,
+    token: Option<&[u8]>,
+) -> anyhow::Result<u64> {
     use thynapse_protocol::frame::CommandFrame;
     use thynapse_protocol::wire::{cmd, Events, Hello};
     use thynapse_protocol::Thid;
@@ -416,6 +432,11 @@ pub async fn transmitter_rss_with_cells(command: &str, pid: u32, n: usize) -> an
     for i in 0..n {
         let mut s = zeromq::DealerSocket::new();
         s.connect(command).await?;
+        if let Some(token) = token {
+            let key = thynapse_protocol::auth::Key::service(token, "idle");
+            let auth = thynapse_protocol::auth::ClientAuth::cell(key, "idle", command);
+            thynapse_link::authenticate(&mut s, &auth, Duration::from_secs(5)).await?;
+        }
         let hello = Hello {
             id: Thid::random(),
             service: "idle".into(),
@@ -426,9 +447,15 @@ pub async fn transmitter_rss_with_cells(command: &str, pid: u32, n: usize) -> an
         };
         s.send(CommandFrame::json(cmd::HELO, &hello).to_bytes().into())
             .await?;
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.recv())
+        let welcome = tokio::time::timeout(Duration::from_secs(5), s.recv())
             .await
             .context("no WLCM")??;
+        let first = welcome.get(0).map(|f| f.to_vec()).unwrap_or_default();
+        anyhow::ensure!(
+            first.get(2..6) == Some(&b"WLCM"[..]),
+            "HELO answered {:?}",
+            String::from_utf8_lossy(&first)
+        );
         let mut subs = zeromq::ZmqMessage::from(
             CommandFrame::new(
                 thynapse_protocol::Encoding::Binary,

@@ -118,6 +118,13 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// The mesh tokens `up` generated (its endpoints' `token_file`), when it has any.
+    pub fn tokens(&self) -> Option<Vec<Vec<u8>>> {
+        let path = self.endpoints["token_file"].as_str()?;
+        let text = std::fs::read_to_string(path).ok()?;
+        Some(thynapse_protocol::auth::tokens_from(&text))
+    }
+
     /// Cells of a Service with the transmitter each joined.
     pub fn cells(&self, service: &str) -> Vec<(SocketAddr, String, u32)> {
         self.endpoints["cells"]

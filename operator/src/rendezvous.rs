@@ -4,10 +4,16 @@
 use std::time::{Duration, Instant};
 
 use thynapse_protocol::discovery::Datagram;
+use thynapse_protocol::seal::Sealer;
 
 /// The transmitters hosting `room`, asking each rendezvous address in turn; waits up to
 /// two seconds for a new placement to be confirmed (an empty list if it is not by then).
-pub async fn locate(addresses: &[String], mesh: &str, room: &str) -> Result<Vec<String>, String> {
+pub async fn locate(
+    addresses: &[String],
+    mesh: &str,
+    room: &str,
+    sealer: Option<&Sealer>,
+) -> Result<Vec<String>, String> {
     let request = Datagram::Locate {
         mesh: mesh.into(),
         room: room.into(),
@@ -15,7 +21,9 @@ pub async fn locate(addresses: &[String], mesh: &str, room: &str) -> Result<Vec<
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut answered = false;
     loop {
-        match thynapse_rendezvous::ask(addresses, &request, Duration::from_millis(500)).await {
+        match thynapse_rendezvous::ask(addresses, &request, Duration::from_millis(500), sealer)
+            .await
+        {
             Some(Datagram::Room { transmitters, .. }) if !transmitters.is_empty() => {
                 return Ok(transmitters.into_iter().map(|t| t.name).collect())
             }

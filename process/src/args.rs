@@ -255,6 +255,10 @@ pub struct RendezvousArgs {
     /// had a session in it (spec.rooms.forgetIdleAfterSeconds). Declared rooms are kept.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub forget_idle_rooms_after_seconds: u64,
+    /// The mesh token (one per line; two during a rotation): every datagram must then be
+    /// sealed with a key derived from it, and every answer is (docs/security.md).
+    #[arg(long)]
+    pub token_file: Option<String>,
 }
 
 impl RendezvousArgs {
@@ -275,7 +279,8 @@ impl ToArgs for RendezvousArgs {
             .flag(
                 "forget-idle-rooms-after-seconds",
                 self.forget_idle_rooms_after_seconds,
-            );
+            )
+            .each("token-file", &self.token_file);
         a.0
     }
 }

@@ -11,3 +11,15 @@ mod status;
 
 pub use args::{DeliveryRules, RendezvousArgs, SidecarArgs, ToArgs, TransmitterArgs};
 pub use status::{Linked, Ready, RendezvousReady, SidecarReady, Status, TransmitterReady};
+
+/// The mesh tokens in a token file (`--token-file`): one per non-empty line, two during
+/// a rotation (the first is the one a process proves itself with); at least one.
+pub fn read_tokens(path: &str) -> Result<Vec<Vec<u8>>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading the mesh token from {path}: {e}"))?;
+    let tokens = thynapse_protocol::auth::tokens_from(&text);
+    if tokens.is_empty() {
+        return Err(format!("{path} holds no token"));
+    }
+    Ok(tokens)
+}

@@ -15,7 +15,8 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-type HmacSha256 = Hmac<Sha256>;
+/// An HMAC-SHA-256 computation, finished by the caller (`finalize` or `verify_slice`).
+pub type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of a nonce (hex on the wire).
 pub const NONCE_BYTES: usize = 16;
@@ -73,11 +74,16 @@ impl Key {
     }
 
     fn mac(&self, role: &str, nonce: &str, context: &str) -> HmacSha256 {
+        self.mac_over(&[role.as_bytes(), nonce.as_bytes(), context.as_bytes()])
+    }
+
+    /// The HMAC over `parts`, each preceded by its length (a u64, little-endian), so that
+    /// no two lists of parts give the same input.
+    pub fn mac_over(&self, parts: &[&[u8]]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
-        // Length-prefixed, so that no two (role, nonce, context) give the same input.
-        for part in [role, nonce, context] {
+        for part in parts {
             mac.update(&(part.len() as u64).to_le_bytes());
-            mac.update(part.as_bytes());
+            mac.update(part);
         }
         mac
     }

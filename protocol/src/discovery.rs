@@ -98,6 +98,9 @@ impl Datagram {
 /// Largest datagram we send or accept; a Peers answer lists ~150 transmitters within it.
 pub const MAX_DATAGRAM: usize = 60_000;
 
+/// Largest datagram body: the rest is kept for its seal (`seal::MAX_SEAL_BYTES`).
+pub const MAX_BODY: usize = MAX_DATAGRAM - crate::seal::MAX_SEAL_BYTES;
+
 /// The announcement intervals and expiry multipliers a mesh may have: the CRD's ranges
 /// (`spec.rendezvous`), which `thynapse up` checks manifests against and the rendezvous
 /// checks every announcement against (so none asks to be kept past 20 minutes).
@@ -108,7 +111,7 @@ pub const EXPIRY_MULTIPLIER: std::ops::RangeInclusive<u32> = 2..=20;
 pub const MAX_ROOM_NAME: usize = 200;
 
 /// Bytes of room placements one transmitter may be given, so that its announcement and
-/// its `hosting` datagram stay within [`MAX_DATAGRAM`].
+/// its `hosting` datagram stay within [`MAX_BODY`].
 pub const MAX_HOSTING_BYTES: usize = 40_000;
 
 #[cfg(test)]

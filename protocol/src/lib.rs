@@ -16,6 +16,7 @@ pub mod frame;
 pub mod glob;
 pub mod limits;
 pub mod room;
+pub mod seal;
 pub mod thid;
 pub mod wire;
 

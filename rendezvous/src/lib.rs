@@ -13,8 +13,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use thynapse_protocol::discovery::{
-    Datagram, TransmitterInfo, ANNOUNCE_INTERVAL_MS, EXPIRY_MULTIPLIER, MAX_DATAGRAM,
+    Datagram, TransmitterInfo, ANNOUNCE_INTERVAL_MS, EXPIRY_MULTIPLIER, MAX_BODY, MAX_DATAGRAM,
 };
+use thynapse_protocol::seal::{self, Opener, RequestError, Sealer};
 use tokio::net::UdpSocket;
 
 use crate::metrics::Metrics;
@@ -78,12 +79,24 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// The wall clock in milliseconds since the Unix epoch: the time in datagram seals.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Sends `request` to each rendezvous point (`udp://host:port`) in turn, waiting up to
 /// `wait` for each, and returns the first answer. A point that knows no transmitter yet
-/// (just restarted) is not an answer: the next one is asked.
-pub async fn ask(addresses: &[String], request: &Datagram, wait: Duration) -> Option<Datagram> {
+/// (just restarted) is not an answer: the next one is asked. With a `sealer` (an
+/// authenticated mesh) the request is sealed and only an answer sealed for it is read.
+pub async fn ask(
+    addresses: &[String],
+    request: &Datagram,
+    wait: Duration,
+    sealer: Option<&Sealer>,
+) -> Option<Datagram> {
     let socket = bind_udp("0.0.0.0:0".parse().expect("valid address")).ok()?;
-    let bytes = request.to_bytes();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     for address in addresses {
         let target = address.trim_start_matches("udp://");
@@ -93,6 +106,11 @@ pub async fn ask(addresses: &[String], request: &Datagram, wait: Duration) -> Op
             .and_then(|mut a| a.next())
         else {
             continue;
+        };
+        // A fresh seal for each point: a point takes a request once.
+        let (bytes, mac) = match sealer {
+            Some(s) => s.request(&request.to_bytes(), wall_ms()),
+            None => (request.to_bytes(), String::new()),
         };
         if socket.send_to(&bytes, target).await.is_err() {
             continue;
@@ -106,7 +124,24 @@ pub async fn ask(addresses: &[String], request: &Datagram, wait: Duration) -> Op
             if from != target {
                 continue;
             }
-            match Datagram::parse(&buf[..n]) {
+            let body = match sealer {
+                None => seal::open(&buf[..n]).0,
+                Some(s) => match s.answer(&buf[..n], |re| re == mac) {
+                    Ok((body, _)) => body,
+                    Err(e) => {
+                        // A refusal is not sealed (the point could not open the request):
+                        // said, not acted on, as anyone could send it.
+                        match Datagram::parse(seal::open(&buf[..n]).0) {
+                            Ok(Datagram::Error { error }) => {
+                                tracing::warn!(rendezvous = %address, "refused (an unsealed answer): {error}")
+                            }
+                            _ => tracing::warn!(rendezvous = %address, "an answer not taken: {e}"),
+                        }
+                        continue;
+                    }
+                },
+            };
+            match Datagram::parse(body) {
                 Ok(Datagram::Peers { transmitters, .. }) if transmitters.is_empty() => {}
                 Ok(answer) => return Some(answer),
                 Err(e) => tracing::warn!(rendezvous = %address, "unreadable answer: {e}"),
@@ -142,7 +177,7 @@ pub fn check_announce(
 }
 
 /// The live transmitters of `mesh` as `peers` datagrams, written, that each fit in
-/// [`MAX_DATAGRAM`] (one for a mesh of up to about 150 transmitters; receivers add up the
+/// [`MAX_BODY`] (one for a mesh of up to about 150 transmitters; receivers add up the
 /// pages). Each transmitter is serialized once, to measure it and to send it.
 pub fn peers_pages(mesh: &str, live: &[TransmitterInfo]) -> Vec<Vec<u8>> {
     // `{"type":"peers","mesh":…,"transmitters":[` … `]}`, as serde writes the datagram.
@@ -158,7 +193,7 @@ pub fn peers_pages(mesh: &str, live: &[TransmitterInfo]) -> Vec<Vec<u8>> {
     for t in live {
         let entry = serde_json::to_vec(t).expect("transmitter infos always serialise");
         let first = page.len() == head.len();
-        if !first && page.len() + 1 + entry.len() + 2 > MAX_DATAGRAM {
+        if !first && page.len() + 1 + entry.len() + 2 > MAX_BODY {
             page.extend_from_slice(b"]}");
             pages.push(std::mem::replace(&mut page, start()));
         } else if !first {
@@ -182,6 +217,10 @@ pub fn query_pages(mesh: &str, mut live: Vec<TransmitterInfo>) -> Vec<Vec<u8>> {
 struct Server {
     mesh: String,
     socket: UdpSocket,
+    /// Opens sealed requests and seals what is sent, when the mesh has a token.
+    opener: Opener,
+    /// When an authentication refusal was last logged (a flood is counted, not logged).
+    refusal_logged: Option<Instant>,
     dir: Directory,
     rooms: Rooms,
     idle_rooms: Duration,
@@ -197,19 +236,42 @@ impl Server {
                     mesh: self.mesh.clone(),
                     rooms: self.rooms.hosting(name),
                 };
-                let _ = self.socket.send_to(&d.to_bytes(), addr).await;
+                let sealed = self.opener.unasked(&d.to_bytes(), wall_ms());
+                let _ = self.socket.send_to(&sealed, addr).await;
             }
         }
     }
 
     async fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
         let now = Instant::now();
+        let now_ms = wall_ms();
+        let mut taken = None;
+        let body = if self.opener.enabled() {
+            match self.opener.take(bytes, now_ms) {
+                Ok(t) => {
+                    let body = t.body;
+                    taken = Some(t);
+                    body
+                }
+                Err(e) => return self.refuse_unopened(e, from).await,
+            }
+        } else {
+            seal::open(bytes).0
+        };
+        let role = taken.as_ref().map(|t| t.role.as_str());
         let mut push = Vec::new();
         let refused = |error: String| {
             tracing::warn!(%from, "{error}");
             vec![Datagram::Error { error }.to_bytes()]
         };
-        let replies = match Datagram::parse(bytes) {
+        let replies = match Datagram::parse(body) {
+            Ok(Datagram::Announce { transmitter, .. }) if role == Some("cell") => {
+                self.metrics.refused("auth");
+                refused(format!(
+                    "announce of {:?} sealed by a cell: only a transmitter (the mesh key) announces",
+                    transmitter.name
+                ))
+            }
             Ok(Datagram::Announce {
                 mesh,
                 interval_ms,
@@ -298,9 +360,31 @@ impl Server {
             }
         };
         for reply in replies {
+            let reply = match &taken {
+                Some(t) => t.answer(&reply, now_ms),
+                None => reply,
+            };
             let _ = self.socket.send_to(&reply, from).await;
         }
         self.push_hosting(&push).await;
+    }
+
+    /// A datagram that is not a sealed request of this mesh: counted, and answered with
+    /// the reason, unsealed (the sender may hold no key) and no longer than a request.
+    async fn refuse_unopened(&mut self, e: RequestError, from: SocketAddr) {
+        self.metrics.refused("auth");
+        let now = Instant::now();
+        if self
+            .refusal_logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+        {
+            self.refusal_logged = Some(now);
+            tracing::warn!(%from, "datagram refused: {e} (more within 10 s are only counted)");
+        }
+        let error = Datagram::Error {
+            error: e.to_string(),
+        };
+        let _ = self.socket.send_to(&error.to_bytes(), from).await;
     }
 
     /// Forgets hosts that stopped announcing and re-places their rooms; forgets the
@@ -323,6 +407,13 @@ impl Server {
 
 /// Serves until the task is dropped. Prints `READY {"address": …}` on stdout once bound.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let tokens = match &args.token_file {
+        Some(path) => thynapse_process::read_tokens(path).map_err(anyhow::Error::msg)?,
+        None => {
+            tracing::warn!("no --token-file: this rendezvous answers anyone, unsealed");
+            Vec::new()
+        }
+    };
     let socket = bind_udp(args.bind)?;
     let local = socket.local_addr()?;
     let metrics = Metrics::new();
@@ -340,6 +431,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         allow_undeclared: !args.forbid_undeclared,
     };
     let mut server = Server {
+        opener: Opener::new(&args.mesh, tokens),
+        refusal_logged: None,
         rooms: Rooms::new(&args.mesh, policy),
         mesh: args.mesh,
         socket,
@@ -427,7 +520,7 @@ mod tests {
         assert!(pages.len() > 1);
         let mut names = Vec::new();
         for bytes in pages {
-            assert!(bytes.len() <= MAX_DATAGRAM, "{} bytes", bytes.len());
+            assert!(bytes.len() <= MAX_BODY, "{} bytes", bytes.len());
             match Datagram::parse(&bytes).unwrap() {
                 Datagram::Peers { transmitters, .. } => {
                     names.extend(transmitters.into_iter().map(|t| t.name))
@@ -518,7 +611,7 @@ mod tests {
         let query = Datagram::Query {
             mesh: "mesh".into(),
         };
-        let answer = ask(&[address], &query, Duration::from_secs(5)).await;
+        let answer = ask(&[address], &query, Duration::from_secs(5), None).await;
         match answer {
             Some(Datagram::Peers { transmitters, .. }) => assert_eq!(transmitters, first),
             other => panic!("{other:?}"),
@@ -549,7 +642,7 @@ mod tests {
         let query = Datagram::Query {
             mesh: "mesh".into(),
         };
-        match ask(&[address], &query, Duration::from_secs(5)).await {
+        match ask(&[address], &query, Duration::from_secs(5), None).await {
             Some(Datagram::Peers { transmitters, .. }) => assert_eq!(transmitters, expected),
             other => panic!("{other:?}"),
         }

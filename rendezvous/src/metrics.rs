@@ -14,7 +14,8 @@ pub struct Metrics {
 }
 
 /// Why a datagram was refused (the sender got an `error` answer).
-pub const REFUSALS: [&str; 6] = [
+pub const REFUSALS: [&str; 7] = [
+    "auth",
     "announce",
     "transmitters",
     "rooms",
@@ -36,7 +37,7 @@ impl Metrics {
             refused: counter_vec(
                 &r,
                 "thynapse_rendezvous_refused_total",
-                "Datagrams refused with an error answer, by reason: an announcement out of bounds (announce), the directory full (transmitters), the mesh's rooms full (rooms), an undeclared room where they are forbidden (undeclared), a bad room name (room_name), an unreadable datagram (malformed).",
+                "Datagrams refused with an error answer, by reason: not a sealed request of this mesh, stale or replayed, or an announcement sealed by a cell (auth), an announcement out of bounds (announce), the directory full (transmitters), the mesh's rooms full (rooms), an undeclared room where they are forbidden (undeclared), a bad room name (room_name), an unreadable datagram (malformed).",
                 "limit",
             ),
             rooms_forgotten: counter(

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use thynapse_protocol::auth::{tokens_from, Key};
+use thynapse_protocol::auth::Key;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 
@@ -138,13 +138,8 @@ fn service_key(args: &Args) -> anyhow::Result<Option<Key>> {
         return Ok(Some(key));
     }
     if let Some(path) = &args.token_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the mesh token from {path}"))?;
-        let token = tokens_from(&text)
-            .into_iter()
-            .next()
-            .with_context(|| format!("{path} holds no token"))?;
-        return Ok(Some(Key::service(&token, &args.service)));
+        let tokens = thynapse_process::read_tokens(path).map_err(anyhow::Error::msg)?;
+        return Ok(Some(Key::service(&tokens[0], &args.service)));
     }
     tracing::warn!("no --service-key-file or --token-file: joining an unauthenticated mesh");
     Ok(None)

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::Value;
 use thynapse_process::Ready;
+use thynapse_protocol::seal::Sealer;
 use tokio::sync::{mpsc, watch};
 
 use super::plan::Launch;
@@ -34,6 +35,7 @@ fn placement_order(mut names: Vec<String>) -> Vec<String> {
 pub(super) async fn follow_rooms(
     mesh: String,
     rendezvous: Vec<String>,
+    sealer: Option<Sealer>,
     names: Vec<String>,
     transmitters: usize,
     reports: mpsc::Sender<Report>,
@@ -42,8 +44,8 @@ pub(super) async fn follow_rooms(
     use thynapse_protocol::discovery::Datagram;
     let names = placement_order(names);
     let ask = |d: Datagram| {
-        let rendezvous = &rendezvous;
-        async move { thynapse_rendezvous::ask(rendezvous, &d, Duration::from_millis(500)).await }
+        let (rendezvous, sealer) = (&rendezvous, sealer.as_ref());
+        async move { thynapse_rendezvous::ask(rendezvous, &d, Duration::from_millis(500), sealer).await }
     };
     let pause = Duration::from_millis(20);
     // Wait until every transmitter has announced itself.

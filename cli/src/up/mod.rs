@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use children::supervise;
 use endpoints::{follow_rooms, print_table, write_endpoints, RoomPlacement};
 use plan::Launch;
+use thynapse_protocol::seal::Sealer;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -163,14 +164,26 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     let mut specs: Vec<Spec> = Vec::new();
     let mut states: Vec<State> = Vec::new();
+    // Every process proves itself with the token (and seals its datagrams), as in a
+    // cluster; a generated one is removed however `up` ends.
+    let token = match &args.token_file {
+        Some(path) => TokenFile::given(path),
+        None => TokenFile::generate()?,
+    };
+    let tokens = thynapse_process::read_tokens(&token.path).map_err(anyhow::Error::msg)?;
+    let sealer = Sealer::peer(&tokens, &cfg.name);
 
     // Rendezvous first: everyone else needs its address.
     for i in 0..cfg.spec.rendezvous.replicas {
+        let mut args = plan::rendezvous(&cfg);
+        if let Launch::Rendezvous(a) = &mut args {
+            a.token_file = Some(token.path.clone());
+        }
         specs.push(Spec {
             role: Role::Rendezvous,
             name: format!("{}-rendezvous-{i}", cfg.name),
             service: None,
-            args: plan::rendezvous(&cfg),
+            args,
         });
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout);
@@ -210,16 +223,11 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
             }
         }
     }
-    let (token, generated) = match &args.token_file {
-        Some(path) => (path.display().to_string(), false),
-        None => (generate_token()?, true),
-    };
     let first = specs.len();
     for mut spec in plan::plan(&cfg, &args.cells, &rendezvous) {
-        // Every transmitter and cell proves itself with the token, as in a cluster.
         match &mut spec.args {
-            Launch::Transmitter(a) => a.token_file = Some(token.clone()),
-            Launch::Cell(a) => a.token_file = Some(token.clone()),
+            Launch::Transmitter(a) => a.token_file = Some(token.path.clone()),
+            Launch::Cell(a) => a.token_file = Some(token.path.clone()),
             Launch::Rendezvous(_) => {}
         }
         let index = specs.len();
@@ -256,6 +264,7 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
             tasks.push(tokio::spawn(follow_rooms(
                 cfg.name.clone(),
                 rendezvous.clone(),
+                sealer.clone(),
                 names,
                 transmitters,
                 reports_tx.clone(),
@@ -339,15 +348,43 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
     for t in tasks {
         let _ = t.await;
     }
-    if generated {
-        // The token of this run dies with it.
-        if let Some(dir) = std::path::Path::new(&token).parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+    drop(token);
     match failure {
         Some(f) => bail!(f),
         None => Ok(()),
+    }
+}
+
+/// The token file of a run: given, or generated for it and removed when dropped.
+struct TokenFile {
+    path: String,
+    generated: bool,
+}
+
+impl TokenFile {
+    fn given(path: &std::path::Path) -> TokenFile {
+        TokenFile {
+            path: path.display().to_string(),
+            generated: false,
+        }
+    }
+
+    fn generate() -> anyhow::Result<TokenFile> {
+        Ok(TokenFile {
+            path: generate_token()?,
+            generated: true,
+        })
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        if self.generated {
+            // The token of this run dies with it.
+            if let Some(dir) = std::path::Path::new(&self.path).parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 }
 

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Probe,
-    SeccompProfile, Secret, SecurityContext, Service, ServicePort, TCPSocketAction,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -96,6 +97,30 @@ pub fn restricted() -> SecurityContext {
 /// Mode of the files of a mounted Secret: readable by the container's non-root user (only
 /// the containers that mount the volume see it).
 pub const SECRET_FILE_MODE: i32 = 0o444;
+
+/// Where the mesh token is mounted in transmitter and rendezvous pods.
+pub const TOKEN_DIR: &str = "/var/run/thynapse/mesh";
+
+/// The mesh token Secret as a volume, and its read-only mount at [`TOKEN_DIR`]: a file,
+/// never an environment variable or a flag.
+pub fn token_volume(mesh: &str) -> (Volume, VolumeMount) {
+    let volume = Volume {
+        name: "mesh-token".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name(mesh)),
+            default_mode: Some(SECRET_FILE_MODE),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let mount = VolumeMount {
+        name: "mesh-token".into(),
+        mount_path: TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    (volume, mount)
+}
 
 pub fn any_interface(port: i32) -> std::net::SocketAddr {
     let port = u16::try_from(port).expect("ports are 16 bits");

@@ -9,7 +9,7 @@ use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
     any_interface, image, labels, meta, port, prometheus_annotations, rendezvous_name, selector,
-    service_port, Inputs, METRICS_PORT, RENDEZVOUS_PORT,
+    service_port, Inputs, METRICS_PORT, RENDEZVOUS_PORT, TOKEN_DIR,
 };
 
 /// One Deployment and Service per rendezvous point: UDP announcements must all reach
@@ -33,6 +33,9 @@ pub(super) fn rendezvous_points(
             let mut args = flags::rendezvous(&name, spec, rooms);
             args.bind = any_interface(RENDEZVOUS_PORT);
             args.metrics_bind = any_interface(METRICS_PORT);
+            // It opens and seals every datagram with the mesh token.
+            args.token_file = Some(format!("{TOKEN_DIR}/token"));
+            let (token_volume, token_mount) = super::token_volume(&name);
             let deployment = Deployment {
                 metadata: meta(mesh, point.clone(), component),
                 spec: DeploymentSpec {
@@ -58,8 +61,10 @@ pub(super) fn rendezvous_points(
                                     port("discovery", RENDEZVOUS_PORT, "UDP"),
                                     port("metrics", METRICS_PORT, "TCP"),
                                 ]),
+                                volume_mounts: Some(vec![token_mount]),
                                 ..Container::default()
                             }],
+                            volumes: Some(vec![token_volume]),
                             ..PodSpec::default()
                         }),
                     },

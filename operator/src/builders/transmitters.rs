@@ -2,10 +2,7 @@
 //! and the PodDisruptionBudget that drains one at a time.
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
-use k8s_openapi::api::core::v1::{
-    Container, PodSpec, PodTemplateSpec, SecretVolumeSource, Service, ServiceSpec, Volume,
-    VolumeMount,
-};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec, Service, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -15,12 +12,9 @@ use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
     any_interface, field_env, image, labels, meta, port, prometheus_annotations,
-    rendezvous_addresses, restricted, secret_name, selector, service_port, tcp_probe,
-    transmitter_name, Inputs, COMMAND_PORT, EVENT_PORT, METRICS_PORT, SECRET_FILE_MODE,
+    rendezvous_addresses, restricted, selector, service_port, tcp_probe, transmitter_name, Inputs,
+    COMMAND_PORT, EVENT_PORT, METRICS_PORT, TOKEN_DIR,
 };
-
-/// Where a transmitter's mesh token is mounted.
-const TOKEN_DIR: &str = "/var/run/thynapse/mesh";
 
 /// The transmitters: a StatefulSet of peers, started and stopped all at once.
 pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulSet {
@@ -35,6 +29,7 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
     transmitter_args.metrics_bind = any_interface(METRICS_PORT);
     // The mesh token, from its Secret (a file, never an environment variable or a flag).
     transmitter_args.token_file = Some(format!("{TOKEN_DIR}/token"));
+    let (token_volume, token_mount) = super::token_volume(&name);
     let transmitter_labels = labels(&name, "transmitter");
     StatefulSet {
         metadata: meta(mesh, transmitter_name(&name), "transmitter"),
@@ -76,23 +71,10 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
                         liveness_probe: Some(tcp_probe(COMMAND_PORT, 10)),
                         resources: spec.resources.clone(),
                         security_context: Some(restricted()),
-                        volume_mounts: Some(vec![VolumeMount {
-                            name: "mesh-token".into(),
-                            mount_path: TOKEN_DIR.into(),
-                            read_only: Some(true),
-                            ..VolumeMount::default()
-                        }]),
+                        volume_mounts: Some(vec![token_mount]),
                         ..Container::default()
                     }],
-                    volumes: Some(vec![Volume {
-                        name: "mesh-token".into(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some(secret_name(&name)),
-                            default_mode: Some(SECRET_FILE_MODE),
-                            ..SecretVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(vec![token_volume]),
                     ..PodSpec::default()
                 }),
             },

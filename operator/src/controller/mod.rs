@@ -27,6 +27,8 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use thynapse_protocol::auth::tokens_from;
+use thynapse_protocol::seal::Sealer;
 use thynapse_resources::{Room, Service, TransmitterMesh};
 
 use crate::builders::{self, MANAGER, MESH_LABEL};
@@ -188,7 +190,20 @@ pub async fn reconcile_room(room: Arc<Room>, ctx: Arc<Context>) -> Result<Action
                 .spec
                 .replicas
                 .unwrap_or(mesh.spec.rooms.default_replicas);
-            match rendezvous::locate(&addresses, &mesh.name_any(), &room.name_any()).await {
+            // Asked as the mesh: sealed with its token (read from the mesh's Secret).
+            let tokens = fetch::mesh_token(&ctx.client, &ns, &mesh.name_any())
+                .await?
+                .map(|t| tokens_from(&t))
+                .unwrap_or_default();
+            let sealer = Sealer::peer(&tokens, &mesh.name_any());
+            match rendezvous::locate(
+                &addresses,
+                &mesh.name_any(),
+                &room.name_any(),
+                sealer.as_ref(),
+            )
+            .await
+            {
                 Ok(hosts) => RoomLookup::Located { hosts, replicas },
                 Err(e) => RoomLookup::Unreachable(e),
             }

@@ -9,11 +9,10 @@ use bytes::Bytes;
 use thynapse_protocol::auth::{ClientAuth, Key};
 use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
 use thynapse_protocol::limits::wire_limit;
+use thynapse_protocol::seal::Sealer;
 use thynapse_protocol::Thid;
 use tokio::sync::mpsc;
-use zeromq::{
-    DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage,
-};
+use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, ZmqMessage};
 
 use super::SessionKey;
 
@@ -95,7 +94,8 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
         .map_err(anyhow::Error::from);
     if let (Ok(()), Some((key, service))) = (&connected, &plan.auth) {
         let wait = plan.heartbeat * 4;
-        connected = authenticate(&mut socket, key, service, &target.command, wait).await;
+        let auth = ClientAuth::cell(key.clone(), service, &target.command);
+        connected = thynapse_link::authenticate(&mut socket, &auth, wait).await;
     }
     if let Err(e) = connected {
         tracing::warn!(transmitter = %target.name, "connect failed: {e:#}");
@@ -239,7 +239,11 @@ fn room_host<'a>(
 }
 
 async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagram> {
-    thynapse_rendezvous::ask(&plan.rendezvous, request, plan.heartbeat).await
+    let sealer = plan
+        .auth
+        .as_ref()
+        .map(|(key, service)| Sealer::cell(key.clone(), service));
+    thynapse_rendezvous::ask(&plan.rendezvous, request, plan.heartbeat, sealer.as_ref()).await
 }
 
 /// Messages from transmitters refused for the wire limit (each disconnects its link),
@@ -247,32 +251,6 @@ async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagr
 pub(crate) static WIRE_OVERSIZED: std::sync::LazyLock<
     std::sync::Arc<std::sync::atomic::AtomicU64>,
 > = std::sync::LazyLock::new(Default::default);
-
-/// Proves this cell's Service to a transmitter on a new link, and checks that the
-/// transmitter holds the mesh token too (one posing as it could not).
-async fn authenticate(
-    socket: &mut DealerSocket,
-    key: &Key,
-    service: &str,
-    endpoint: &str,
-    wait: Duration,
-) -> anyhow::Result<()> {
-    let auth = ClientAuth::cell(key.clone(), service, endpoint);
-    socket.send(ZmqMessage::from(auth.hello())).await?;
-    let challenge = receive(socket, wait).await?;
-    socket
-        .send(ZmqMessage::from(auth.on_challenge(&challenge)?))
-        .await?;
-    auth.on_done(&receive(socket, wait).await?)?;
-    Ok(())
-}
-
-async fn receive(socket: &mut DealerSocket, wait: Duration) -> anyhow::Result<Vec<u8>> {
-    let m = tokio::time::timeout(wait, socket.recv())
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer to AUTH within {wait:?}"))??;
-    Ok(m.get(0).map(|f| f.to_vec()).unwrap_or_default())
-}
 
 #[cfg(test)]
 mod tests {

@@ -5,10 +5,8 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use thynapse_protocol::auth::{ClientAuth, Key};
 use thynapse_protocol::frame::CommandFrame;
 use thynapse_protocol::wire::{self, cmd};
-use zeromq::{DealerSocket, SocketRecv, SocketSend, ZmqMessage};
 
 use super::{error_reply, reply_json, Transmitter};
 use crate::gate::{Outcome, Party};
@@ -79,29 +77,4 @@ impl Transmitter {
             cells.contains_key(id) || peers.contains_key(id)
         });
     }
-}
-
-/// Proves this transmitter to a peer on a new link, and checks the peer's proof.
-pub(super) async fn authenticate(
-    socket: &mut DealerSocket,
-    key: &Key,
-    mesh: &str,
-    endpoint: &str,
-    wait: Duration,
-) -> anyhow::Result<()> {
-    let auth = ClientAuth::peer(key.clone(), mesh, endpoint);
-    socket.send(ZmqMessage::from(auth.hello())).await?;
-    let challenge = receive(socket, wait).await?;
-    socket
-        .send(ZmqMessage::from(auth.on_challenge(&challenge)?))
-        .await?;
-    auth.on_done(&receive(socket, wait).await?)?;
-    Ok(())
-}
-
-async fn receive(socket: &mut DealerSocket, wait: Duration) -> anyhow::Result<Vec<u8>> {
-    let m = tokio::time::timeout(wait, socket.recv())
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer to AUTH within {wait:?}"))??;
-    Ok(m.get(0).map(|f| f.to_vec()).unwrap_or_default())
 }

@@ -25,10 +25,11 @@ use bytes::Bytes;
 // names; SipHash was a visible share of the hot path).
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::FutureExt;
-use thynapse_protocol::auth::{tokens_from, Verifier};
+use thynapse_protocol::auth::Verifier;
 use thynapse_protocol::discovery::TransmitterInfo;
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::limits;
+use thynapse_protocol::seal::Sealer;
 use thynapse_protocol::wire::{self, cmd};
 use thynapse_protocol::Thid;
 use tokio::sync::{mpsc, watch};
@@ -159,6 +160,9 @@ pub(super) enum Report {
         from: std::net::SocketAddr,
         rooms: Vec<thynapse_protocol::discovery::Placement>,
     },
+    /// A datagram from a rendezvous point's address that did not open (forged, replayed,
+    /// or from a point without the token): counted as `refused_total{limit="auth"}`.
+    RefusedDatagram,
 }
 
 /// Options of every socket of the transmitter: a peer that sends a message over the wire
@@ -219,22 +223,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         rooms: Vec::new(),
         active: Vec::new(),
     });
-    let (reports_tx, mut reports_rx) = mpsc::channel(4096);
-    tokio::spawn(rooms::announce(args.clone(), info_rx, reports_tx.clone()));
-
-    let verifier = match &args.token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the mesh token from {path}"))?;
-            let tokens = tokens_from(&text);
-            anyhow::ensure!(!tokens.is_empty(), "{path} holds no token");
-            Verifier::new(tokens)
-        }
+    let tokens = match &args.token_file {
+        Some(path) => thynapse_process::read_tokens(path).map_err(anyhow::Error::msg)?,
         None => {
             tracing::warn!("no --token-file: this transmitter admits anyone who reaches it");
-            Verifier::default()
+            Vec::new()
         }
     };
+    let (reports_tx, mut reports_rx) = mpsc::channel(4096);
+    let sealer = Sealer::peer(&tokens, &args.mesh);
+    tokio::spawn(rooms::announce(
+        args.clone(),
+        sealer,
+        info_rx,
+        reports_tx.clone(),
+    ));
+    let verifier = Verifier::new(tokens);
     let gate = Gate::new(verifier, &args.mesh, &command);
     let (router_tx, mut router_rx) = router.split();
     let mut t = Transmitter::new(

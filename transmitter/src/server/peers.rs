@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use thynapse_protocol::auth::Key;
+use thynapse_protocol::auth::{ClientAuth, Key};
 use thynapse_protocol::batch::decode_envelopes;
 use thynapse_protocol::credit::CreditOwed;
 use thynapse_protocol::discovery::TransmitterInfo;
@@ -361,6 +361,7 @@ impl Transmitter {
         match report {
             Report::Discovered(list) => self.on_discovered(list),
             Report::Hosting { from, rooms } => self.on_hosting(from, rooms),
+            Report::RefusedDatagram => self.metrics.refused.with_label_values(&["auth"]).inc(),
             Report::PeerConnected {
                 peer,
                 generation,
@@ -546,7 +547,8 @@ async fn connect_peer(
     let mut connected = socket.connect(&endpoint).await.map_err(anyhow::Error::from);
     if let (Ok(()), Some((key, mesh))) = (&connected, &auth) {
         let wait = Duration::from_secs(2);
-        connected = super::auth::authenticate(&mut socket, key, mesh, &endpoint, wait).await;
+        let auth = ClientAuth::peer(key.clone(), mesh, &endpoint);
+        connected = thynapse_link::authenticate(&mut socket, &auth, wait).await;
         if let Err(e) = &connected {
             tracing::warn!(%endpoint, "peer not authenticated: {e:#}");
         }

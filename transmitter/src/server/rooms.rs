@@ -10,6 +10,8 @@ use thynapse_protocol::wire::{self, cmd};
 
 use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
 use thynapse_protocol::room::room_of;
+use thynapse_protocol::seal::{self, Sealer};
+use thynapse_rendezvous::wall_ms;
 use tokio::sync::{mpsc, watch};
 
 use super::{reply_json, Report, Transmitter};
@@ -42,9 +44,12 @@ pub(super) struct HostingFrom {
 /// Announces this transmitter to every rendezvous at the configured rate and passes what
 /// they answer (live transmitters, rooms to host) to the event loop. A change worth
 /// telling at once (a room taken, draining) is announced without waiting for the next
-/// interval, so that the rendezvous can hand a new room out quickly.
+/// interval, so that the rendezvous can hand a new room out quickly. With a `sealer`
+/// (an authenticated mesh) announcements are sealed and only answers sealed for them, or
+/// fresh `hosting` datagrams sealed with the mesh key, are read.
 pub(super) async fn announce(
     args: Args,
+    sealer: Option<Sealer>,
     mut info: watch::Receiver<Announcement>,
     events: mpsc::Sender<Report>,
 ) {
@@ -65,6 +70,7 @@ pub(super) async fn announce(
     // Where the rendezvous points were last found: only their datagrams are read (a
     // forged `hosting` would assign rooms, a forged `peers` start connections).
     let mut points: Vec<SocketAddr> = Vec::new();
+    let mut check = Answers::new(sealer);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -79,7 +85,8 @@ pub(super) async fn announce(
                     tracing::debug!(%from, "a datagram not from a rendezvous point: ignored");
                     continue;
                 }
-                let event = match Datagram::parse(&buf[..n]) {
+                let event = match check.read(&buf[..n], from) {
+                    Err(()) => Report::RefusedDatagram,
                     Ok(Datagram::Peers { transmitters, .. }) => Report::Discovered(transmitters),
                     Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting { from, rooms },
                     Ok(Datagram::Error { error }) => {
@@ -97,7 +104,7 @@ pub(super) async fn announce(
                 continue;
             }
         }
-        let datagram = {
+        let body = {
             let a = info.borrow_and_update();
             Datagram::Announce {
                 mesh: args.mesh.clone(),
@@ -120,10 +127,85 @@ pub(super) async fn announce(
                 continue;
             };
             points.push(point);
+            // Sealed for each point: a point takes a request once.
+            let datagram = check.request(&body);
             if let Err(e) = socket.send_to(&datagram, point).await {
                 tracing::debug!(%target, "announce failed: {e}");
             }
         }
+    }
+}
+
+/// Announcements whose answers are still read (a point answers within milliseconds;
+/// several announcements may be out at once, one per point and a change told early).
+const ANSWERED: usize = 16;
+
+/// Which datagrams from the rendezvous points are read, in an authenticated mesh: answers
+/// sealed for one of our recent announcements, and `hosting` sent unasked that is fresh and
+/// newer than the last from the same point (a replayed one would take rooms back).
+struct Answers {
+    sealer: Option<Sealer>,
+    asked: std::collections::VecDeque<String>,
+    newest_hosting: Vec<(SocketAddr, u64)>,
+    /// The last time an unsealed answer was logged (said once per minute at most).
+    unsealed_logged: Option<Instant>,
+}
+
+impl Answers {
+    fn new(sealer: Option<Sealer>) -> Answers {
+        Answers {
+            sealer,
+            asked: Default::default(),
+            newest_hosting: Vec::new(),
+            unsealed_logged: None,
+        }
+    }
+
+    fn request(&mut self, body: &[u8]) -> Vec<u8> {
+        let Some(sealer) = &self.sealer else {
+            return body.to_vec();
+        };
+        let (datagram, mac) = sealer.request(body, wall_ms());
+        if self.asked.len() == ANSWERED {
+            self.asked.pop_front();
+        }
+        self.asked.push_back(mac);
+        datagram
+    }
+
+    /// The datagram, if it is to be read; Err for one that does not open.
+    fn read(&mut self, datagram: &[u8], from: SocketAddr) -> Result<Datagram, ()> {
+        let Some(sealer) = &self.sealer else {
+            return Datagram::parse(seal::open(datagram).0).map_err(|_| ());
+        };
+        let asked = &self.asked;
+        let (body, ts) = match sealer.answer(datagram, |re| asked.iter().any(|m| m == re)) {
+            Ok(read) => read,
+            Err(seal::AnswerError::NotOurs) => {
+                sealer.unasked(datagram, wall_ms()).map_err(|_| ())?
+            }
+            Err(e) => {
+                let now = Instant::now();
+                if self
+                    .unsealed_logged
+                    .is_none_or(|at| now - at > Duration::from_secs(60))
+                {
+                    self.unsealed_logged = Some(now);
+                    let body = Datagram::parse(seal::open(datagram).0);
+                    tracing::warn!(%from, "a datagram from the rendezvous not taken ({e}): {body:?}");
+                }
+                return Err(());
+            }
+        };
+        let d = Datagram::parse(body).map_err(|_| ())?;
+        if matches!(d, Datagram::Hosting { .. }) {
+            match self.newest_hosting.iter_mut().find(|(p, _)| *p == from) {
+                Some((_, newest)) if *newest > ts => return Err(()),
+                Some((_, newest)) => *newest = ts,
+                None => self.newest_hosting.push((from, ts)),
+            }
+        }
+        Ok(d)
     }
 }
 
