@@ -89,7 +89,7 @@ class Poller(threading.Thread):
                 page = metrics(p["metrics"])
             except Exception:
                 continue
-            drops = sum(v for k, v in page.items() if k.startswith(DROP_METRICS))
+            drops = Counter({k: v for k, v in page.items() if k.startswith(DROP_METRICS) and v})
             again = page.get("thynapse_transmitter_anycatch_redelivered_total", 0)
             with self.lock:
                 self.drops[(p["metrics"], p.get("pid"))] = drops
@@ -107,7 +107,12 @@ class Poller(threading.Thread):
     def counted(self):
         self.scrape()
         with self.lock:
-            return sum(self.drops.values()), sum(self.redelivered.values())
+            return sum(sum(d.values()) for d in self.drops.values()), sum(self.redelivered.values())
+
+    def by_reason(self):
+        """The drops counted, by metric and reason, over every process seen."""
+        with self.lock:
+            return sum(self.drops.values(), Counter())
 
 
 def alive(pid):
@@ -260,4 +265,5 @@ def test_chaos_every_acknowledged_message_delivered_once_or_counted(start_mesh):
           f"{len(kills)} transmitter kills")
     assert short <= counted, (
         f"{short} acknowledged deliveries neither made nor counted ({counted} counted); "
-        f"short by (kind, second): {sorted(buckets.items(), key=lambda kv: kv[0][1])}; faults: {log}")
+        f"short by (kind, second): {sorted(buckets.items(), key=lambda kv: kv[0][1])}; "
+        f"counted: {dict(poller.by_reason())}; faults: {log}")

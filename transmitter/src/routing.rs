@@ -56,6 +56,8 @@ pub struct Route {
     pub local: Vec<Thid>,
     /// Peers hosting at least one multicatch cell for the channel.
     pub peers: Vec<PeerId>,
+    /// How many multicatch cells each of `peers` hosts (same order).
+    pub peer_cells: Vec<u32>,
     /// One group per Service that wants anycatch here: the candidates to pick from.
     pub anycatch: Vec<AnycatchGroup>,
     /// How many multicatch cells there are mesh-wide.
@@ -448,11 +450,13 @@ impl Table {
                     route.multicatch_cells += 1;
                     match at {
                         Location::Local => route.local.push(id),
-                        Location::Peer(p) => {
-                            if !route.peers.contains(&p) {
-                                route.peers.push(p)
+                        Location::Peer(p) => match route.peers.iter().position(|q| *q == p) {
+                            Some(i) => route.peer_cells[i] += 1,
+                            None => {
+                                route.peers.push(p);
+                                route.peer_cells.push(1);
                             }
-                        }
+                        },
                     }
                 }
                 Mode::Anycatch => groups
@@ -480,9 +484,12 @@ impl Table {
         (mode_for(&cell.rules, channel) == Mode::Anycatch).then(|| cell.service.clone())
     }
 
-    /// Whether cells behind `peer` take every message on `channel` (multicatch).
-    pub fn multicatch_at(&mut self, kind: Kind, channel: &[u8], peer: PeerId) -> bool {
-        self.route(kind, channel).peers.contains(&peer)
+    /// How many cells behind `peer` take every message on `channel` (multicatch): the
+    /// deliveries a message forwarded there is worth, as the PUBLISH count has them.
+    pub fn multicatch_at(&mut self, kind: Kind, channel: &[u8], peer: PeerId) -> u32 {
+        let route = self.route(kind, channel);
+        let at = route.peers.iter().position(|p| *p == peer);
+        at.map_or(0, |i| route.peer_cells[i])
     }
 
     /// Another pick of `service`'s anycatch cells for a message whose first pick is gone
@@ -841,7 +848,7 @@ mod tests {
         }
         t.remove_cell(Location::Peer(3), b);
         assert_eq!(t.pick_again(Kind::Mesh, b"work.1", "svc"), None);
-        assert!(!t.multicatch_at(Kind::Mesh, b"work.1", 3));
+        assert_eq!(t.multicatch_at(Kind::Mesh, b"work.1", 3), 0);
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl Transmitter {
             self.deliver_local(*cell, m, dests);
         }
         for (peer, targets) in dispatch.peers() {
-            self.forward(*peer, m, targets, dests);
+            self.forward(*peer, m, targets, true, dests);
         }
         let receivers = dispatch.receivers;
         self.dispatch = dispatch;
@@ -378,24 +378,39 @@ impl Transmitter {
         true
     }
 
-    /// Queues `m` for `peer` (with its anycatch `targets` there); false when it was not
-    /// (dropped and counted).
+    /// Queues `m` for `peer` (with its anycatch `targets` there, and `for_multicatch`:
+    /// for its multicatch cells too); false when it was not (dropped and counted once per
+    /// cell that loses it).
     pub(super) fn forward(
         &mut self,
         peer: PeerId,
         m: &Message,
         targets: &[Thid],
+        for_multicatch: bool,
         dests: &mut Vec<Link>,
     ) -> bool {
         let limit = self.args.link_buffer_bytes;
-        let Some(p) = self.peers.get_mut(&peer) else {
-            self.metrics.drop(DropReason::PeerLost, 1);
-            return false;
-        };
-        if !p.outbox.has_room(m.size() + 20 * targets.len(), limit) {
-            self.metrics.drop(DropReason::PeerBacklog, 1);
+        if !self
+            .peers
+            .get(&peer)
+            .is_some_and(|p| p.outbox.has_room(m.size() + 20 * targets.len(), limit))
+        {
+            // Counted once per cell there that loses it, as the PUBLISH count has them.
+            let multicatch = if for_multicatch {
+                u64::from(self.table.multicatch_at(m.kind, m.channel, peer))
+            } else {
+                0
+            };
+            let cells = multicatch + targets.len() as u64;
+            let reason = if self.peers.contains_key(&peer) {
+                DropReason::PeerBacklog
+            } else {
+                DropReason::PeerLost
+            };
+            self.metrics.drop(reason, cells.max(1));
             return false;
         }
+        let p = self.peers.get_mut(&peer).expect("checked above");
         p.outbox
             .open()
             .push(m.kind, m.origin, m.seq, m.ts, m.channel, m.payload, targets);

@@ -791,6 +791,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lost_peer_counts_one_drop_per_cell_that_loses_a_message() {
+        let mut t = transmitter(args());
+        let instance = Thid::random();
+        t.on_discovered(vec![info("p", instance)]);
+        let p = t.peer_ids["p"];
+        link_up(&mut t, p);
+        let from_peer = conn(9);
+        peer_hello(&mut t, &from_peer, "p", instance);
+        // Two multicatch cells behind the peer take `c`.
+        for _ in 0..2 {
+            let header = serde_json::to_vec(&wire::CellInfo {
+                id: Thid::random(),
+                service: "s".into(),
+                rules: Vec::new(),
+            })
+            .unwrap();
+            let cell = CommandFrame::new(Encoding::Binary, cmd::CELL, header).to_bytes();
+            let interest = wire::encode_interest([(Op::Add, Interest::Channel, &b"c"[..])]);
+            t.on_router(inbound(&from_peer, [cell, interest]));
+        }
+        let publisher = conn(1);
+        hello(&mut t, &publisher, Thid::random(), None);
+        t.replies.clear();
+        publish(&mut t, &publisher, 1, Kind::Mesh, b"c", &[b"m1", b"m2", b"m3"]);
+        let acks = t.replies[0].get(2).unwrap().clone();
+        assert_eq!(decode_acks(&acks).unwrap(), (1, vec![2, 2, 2]), "two cells each");
+        // The peer is lost before crediting: three messages, six deliveries lost.
+        t.forget_peer(p, false);
+        let lost = t.metrics.drops.with_label_values(&[DropReason::PeerLost.label()]);
+        assert_eq!(lost.get(), 6, "counted in deliveries, as the PUBLISH count is");
+    }
+
+    #[tokio::test]
     async fn a_transmitter_adds_up_every_peers_page() {
         let mut t = transmitter(args());
         let long = "x".repeat(200);

@@ -1,7 +1,8 @@
 //! What a receiver that is gone was sent and never credited. An anycatch message promises
 //! one cell of its Service, not a particular cell: it goes to another cell of the Service
 //! when there is one (the seed's "delivered to precisely one cell"; a cell that did take
-//! it and died before crediting makes this at least once). The rest is counted lost.
+//! it and died before crediting makes this at least once). The rest is counted lost, once
+//! per cell that loses it (a PUBLISH's count is in cells, and so are drops).
 //!
 //! A copy forwarded to a peer for its anycatch target also reaches that peer's multicatch
 //! cells for the channel, which drop it as a second copy of `(origin, seq)`.
@@ -24,11 +25,11 @@ pub(super) enum Gone {
     Peer(PeerId),
 }
 
-/// For one message: the Services whose anycatch pick it was, and whether others (the
+/// For one message: the Services whose anycatch pick it was, and how many cells (the
 /// multicatch cells there) lose it whatever happens.
 struct Plan {
     services: Vec<Arc<str>>,
-    lost: bool,
+    lost: u64,
 }
 
 impl Transmitter {
@@ -45,22 +46,26 @@ impl Transmitter {
                     Gone::Cell(id) => {
                         let service = self.table.anycatch_service(Location::Local, &id, e.channel);
                         Plan {
-                            lost: service.is_none(),
+                            lost: u64::from(service.is_none()),
                             services: service.into_iter().collect(),
                         }
                     }
                     Gone::Peer(peer) => {
                         let at = Location::Peer(peer);
-                        let (mut services, mut unknown) = (Vec::new(), false);
+                        let (mut services, mut lost) = (Vec::new(), 0u64);
                         for t in e.targets() {
                             match self.table.anycatch_service(at, &t, e.channel) {
                                 Some(service) => services.push(service),
-                                None => unknown = true,
+                                None => lost += 1,
                             }
                         }
-                        let lost = unknown
-                            || e.targets().len() == 0
-                            || self.table.multicatch_at(e.kind, e.channel, peer);
+                        let cells = u64::from(self.table.multicatch_at(e.kind, e.channel, peer));
+                        // Sent for multicatch cells that have all left since: one, at least.
+                        lost += if e.targets().len() == 0 {
+                            cells.max(1)
+                        } else {
+                            cells
+                        };
                         Plan { services, lost }
                     }
                 };
@@ -71,7 +76,7 @@ impl Transmitter {
     }
 
     /// Sends each anycatch message of `r` to another cell of its Service, and counts under
-    /// `reason` every message that some receiver loses.
+    /// `reason` every cell that loses a message.
     pub(super) fn redeliver(&mut self, r: Redelivery, reason: DropReason) {
         let mut plans = r.plans.into_iter();
         let mut dests = Vec::new();
@@ -84,20 +89,21 @@ impl Transmitter {
             for e in envelopes {
                 let Some(plan) = plans.next() else { break };
                 let m = Message::of(&e);
-                let mut missed = plan.lost;
+                lost += plan.lost;
                 for service in &plan.services {
                     // Queued, or dropped and counted where it failed (or no cell left).
                     let queued = match self.table.pick_again(e.kind, e.channel, service) {
                         Some((Location::Local, cell)) => self.deliver_local(cell, &m, &mut dests),
-                        Some((Location::Peer(p), cell)) => self.forward(p, &m, &[cell], &mut dests),
+                        Some((Location::Peer(p), cell)) => {
+                            self.forward(p, &m, &[cell], false, &mut dests)
+                        }
                         None => {
-                            missed = true;
+                            lost += 1;
                             false
                         }
                     };
                     again += u64::from(queued);
                 }
-                lost += u64::from(missed);
             }
         }
         self.metrics.drop(reason, lost);

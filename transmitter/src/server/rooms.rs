@@ -409,4 +409,53 @@ mod tests {
         assert!(!counts.contains_key("r256"));
         assert_eq!(counts[OTHER_ROOMS], 300 - 256);
     }
+
+    #[test]
+    fn only_answers_to_recent_announcements_and_newer_hosting_are_read() {
+        use thynapse_protocol::seal::Opener;
+        let tokens = vec![b"token".to_vec()];
+        let mut answers = Answers::new(Sealer::peer(&tokens, "m"));
+        let mut rv = Opener::new("m", tokens);
+        let point: SocketAddr = "127.0.0.1:7".parse().unwrap();
+        let peers = Datagram::Peers {
+            mesh: "m".into(),
+            transmitters: Vec::new(),
+        }
+        .to_bytes();
+        let hosting = |room: &str| {
+            Datagram::Hosting {
+                mesh: "m".into(),
+                rooms: vec![placement(room)],
+            }
+            .to_bytes()
+        };
+        let first = answers.request(b"{}");
+        let answer_to_first = rv
+            .take(&first, wall_ms())
+            .unwrap()
+            .answer(&peers, wall_ms());
+        assert!(answers.read(&answer_to_first, point).is_ok());
+        // Once ANSWERED more announcements went out, the first one's answers are not read.
+        for _ in 0..ANSWERED {
+            answers.request(b"{}");
+        }
+        assert!(answers.read(&answer_to_first, point).is_err());
+        // Unasked hosting: a later one is read, an older one after it is not.
+        let now = wall_ms();
+        let older = rv.unasked(&hosting("a"), now - 10);
+        let newer = rv.unasked(&hosting("b"), now);
+        assert!(answers.read(&newer, point).is_ok());
+        assert!(answers.read(&older, point).is_err(), "older than the last");
+        let other_point: SocketAddr = "127.0.0.1:8".parse().unwrap();
+        assert!(
+            answers.read(&older, other_point).is_ok(),
+            "each point on its own"
+        );
+        // Unsealed, or sealed by somebody else: not read.
+        assert!(answers.read(&peers, point).is_err());
+        let guess = Opener::new("m", vec![b"guess".to_vec()]);
+        assert!(answers
+            .read(&guess.unasked(&hosting("c"), now + 1), point)
+            .is_err());
+    }
 }
