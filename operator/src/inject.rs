@@ -63,7 +63,7 @@ pub fn sidecar(mesh: &TransmitterMesh, service: &Service, inputs: &Inputs) -> Co
         &mesh.name_any(),
         &service.name_any(),
         "$(POD_NAME)",
-        &service.spec.delivery,
+        &service.spec,
         spec,
         &builders::rendezvous_addresses(mesh),
     );

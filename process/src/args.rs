@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use clap::Parser;
+use thynapse_protocol::permissions::Permissions;
 use thynapse_protocol::{DeliveryRule, DEFAULT_MAX_MESSAGE_BYTES};
 
 /// Writes flags back as the command line that parses to them.
@@ -152,6 +153,28 @@ impl fmt::Display for DeliveryRules {
     }
 }
 
+/// A Service's permissions, given as JSON: `{"publish": ["orders.*"], "subscribe": []}`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PermissionsArg(pub Permissions);
+
+impl FromStr for PermissionsArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let p: Permissions = serde_json::from_str(s)
+            .map_err(|e| format!("not a JSON object of publish and subscribe globs: {e}"))?;
+        p.check()?;
+        Ok(PermissionsArg(p))
+    }
+}
+
+impl fmt::Display for PermissionsArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let json = serde_json::to_string(&self.0).map_err(|_| fmt::Error)?;
+        f.write_str(&json)
+    }
+}
+
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct SidecarArgs {
     #[arg(long)]
@@ -165,6 +188,11 @@ pub struct SidecarArgs {
     /// The Service's delivery rules as JSON: `[{"pattern": "jobs.*", "mode": "anycatch"}]`.
     #[arg(long, default_value = "[]")]
     pub rules: DeliveryRules,
+    /// What the Service's cells may publish and subscribe to, as JSON (`{"publish":
+    /// [globs], "subscribe": [globs]}`; an absent list allows everything). Part of the
+    /// cell's identity: its Service key is derived with it (docs/security.md).
+    #[arg(long, default_value = "{}")]
+    pub permissions: PermissionsArg,
     /// Rendezvous points, `udp://host:port` (repeat for several).
     #[arg(long = "rendezvous", required = true)]
     pub rendezvous: Vec<String>,
@@ -213,6 +241,7 @@ impl ToArgs for SidecarArgs {
             .flag("service", &self.service)
             .flag("name", &self.name)
             .flag("rules", &self.rules)
+            .flag("permissions", &self.permissions)
             .each("rendezvous", &self.rendezvous)
             .flag("resp-bind", self.resp_bind)
             .flag("metrics-bind", self.metrics_bind)
@@ -328,6 +357,8 @@ mod tests {
         s.rules = DeliveryRules(vec![DeliveryRule::new("jobs.*", Mode::Anycatch)]);
         s.prefer_transmitter = Some("m-1".into());
         s.service_key_file = Some("/var/run/thynapse/service-key".into());
+        round_trip(&s);
+        s.permissions.0.subscribe = Some(vec!["news.*".into()]);
         round_trip(&s);
 
         let mut r = RendezvousArgs::new("m");

@@ -9,7 +9,9 @@
 mod args;
 mod status;
 
-pub use args::{DeliveryRules, RendezvousArgs, SidecarArgs, ToArgs, TransmitterArgs};
+pub use args::{
+    DeliveryRules, PermissionsArg, RendezvousArgs, SidecarArgs, ToArgs, TransmitterArgs,
+};
 pub use status::{Linked, Ready, RendezvousReady, SidecarReady, Status, TransmitterReady};
 
 /// The mesh tokens in a token file (`--token-file`): one per non-empty line, two during

@@ -80,6 +80,7 @@ impl Envelope<'_> {
     }
 }
 
+#[derive(Clone)]
 struct Reader<'a> {
     buf: &'a [u8],
 }
@@ -199,6 +200,7 @@ fn read_publish<'a>(r: &mut Reader<'a>) -> Result<Publish<'a>, FrameError> {
 }
 
 /// The messages of a checked `PUBS` batch, in order, without allocating.
+#[derive(Clone)]
 pub struct PublishRecords<'a> {
     r: Reader<'a>,
     count: usize,

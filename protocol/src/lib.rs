@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod frame;
 pub mod glob;
 pub mod limits;
+pub mod permissions;
 pub mod room;
 pub mod seal;
 pub mod thid;

@@ -26,11 +26,12 @@ pub const WINDOW_MS: u64 = 30_000;
 
 /// Room kept for the seal in every datagram: bodies are built within
 /// `MAX_DATAGRAM - MAX_SEAL_BYTES`.
-pub const MAX_SEAL_BYTES: usize = 600;
+pub const MAX_SEAL_BYTES: usize = 2_400;
 
-/// The longest context (a Service or mesh name) a seal may carry, so a seal fits in
+/// The longest context (a mesh name, or a cell's identity: its Service's name and
+/// permissions, `permissions::Permissions::identity`) a seal may carry, so a seal fits in
 /// [`MAX_SEAL_BYTES`].
-pub const MAX_CONTEXT_BYTES: usize = 253;
+pub const MAX_CONTEXT_BYTES: usize = 2_048;
 
 /// A datagram's seal: the line after its body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -2,10 +2,11 @@
 //! by the operator's builders, so that local mode and a cluster run the same
 //! configuration. Launchers then set what only they know (addresses, pod fields).
 
-use thynapse_process::{DeliveryRules, RendezvousArgs, SidecarArgs, TransmitterArgs};
-use thynapse_protocol::DeliveryRule;
+use thynapse_process::{
+    DeliveryRules, PermissionsArg, RendezvousArgs, SidecarArgs, TransmitterArgs,
+};
 
-use crate::spec::TransmitterMeshSpec;
+use crate::spec::{ServiceSpec, TransmitterMeshSpec};
 
 fn size(bytes: u64) -> usize {
     usize::try_from(bytes).unwrap_or(usize::MAX)
@@ -31,12 +32,13 @@ pub fn sidecar(
     mesh: &str,
     service: &str,
     name: &str,
-    rules: &[DeliveryRule],
+    service_spec: &ServiceSpec,
     spec: &TransmitterMeshSpec,
     rendezvous: &[String],
 ) -> SidecarArgs {
     let mut a = SidecarArgs::new(mesh, service, name, rendezvous);
-    a.rules = DeliveryRules(rules.to_vec());
+    a.rules = DeliveryRules(service_spec.delivery.clone());
+    a.permissions = PermissionsArg(service_spec.permissions.clone());
     a.announce_interval_ms = spec.rendezvous.announce_interval_ms;
     a.expiry_multiplier = spec.rendezvous.expiry_multiplier;
     a.max_message_bytes = size(spec.limits.max_message_bytes);
@@ -86,8 +88,12 @@ mod tests {
         );
         assert_eq!(t.link_buffer_bytes, 65536);
         assert_eq!(t.rendezvous, points);
-        let s = sidecar("m", "orders", "orders-0", &[], &spec, &points);
+        let orders: ServiceSpec =
+            serde_json::from_str(r#"{"mesh": "m", "permissions": {"publish": ["orders.*"]}}"#)
+                .unwrap();
+        let s = sidecar("m", "orders", "orders-0", &orders, &spec, &points);
         assert_eq!(s.client_output_buffer_bytes, 33554432);
+        assert_eq!(s.permissions.0.publish, Some(vec!["orders.*".to_string()]));
         assert_eq!(s.announce_interval_ms, 250);
         let r = rendezvous("m", &spec, [("lobby", None), ("game", Some(1))]);
         assert!(r.forbid_undeclared);

@@ -5,6 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use thynapse_protocol::permissions::Permissions;
 use thynapse_protocol::DeliveryRule;
 
 /// A mesh of transmitters with its rendezvous point(s).
@@ -223,6 +224,11 @@ pub struct ServiceSpec {
     /// Labels selecting the cell pods; by default `thynapse.io/service: <name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<BTreeMap<String, String>>,
+    /// What the cells may publish and subscribe to (globs; an absent list allows
+    /// everything). Enforced by the transmitters, answered `-NOPERM` as Redis ACL does;
+    /// a change takes effect as the cells restart (docs/security.md).
+    #[serde(default, skip_serializing_if = "Permissions::unrestricted")]
+    pub permissions: Permissions,
 }
 
 /// What the operator reports of a Service.

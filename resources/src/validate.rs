@@ -86,6 +86,9 @@ impl ServiceSpec {
                 )));
             }
         }
+        self.permissions
+            .check()
+            .map_err(|e| field(format!("spec.permissions: {e}")))?;
         Ok(())
     }
 }

@@ -41,6 +41,9 @@ pub struct Shared {
     /// bytes), kept by the hub: a SUBSCRIBE past `MAX_INTEREST_BYTES` is refused here
     /// with an error rather than by the transmitter, which the client would never see.
     pub interest_bytes: Arc<AtomicUsize>,
+    /// What this cell's Service may publish and subscribe to: refused here with
+    /// `-NOPERM` (the transmitter enforces it too, for anyone bypassing the sidecar).
+    pub permissions: thynapse_protocol::permissions::Permissions,
 }
 
 pub(crate) enum Pending {

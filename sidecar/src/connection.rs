@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use thynapse_protocol::permissions::refusal;
 
 use bytes::{Buf, Bytes, BytesMut};
 use thynapse_protocol::batch::{put_publish, Kind};
@@ -385,6 +386,11 @@ impl Client {
         shard: bool,
         shared: &Shared,
     ) -> bool {
+        if !shared.permissions.may_publish(channel) {
+            shared.refused.with_label_values(&["permission"]).inc();
+            self.reply(Reply::error(refusal(&shared.service, channel)));
+            return false;
+        }
         let refused = if payload.len() > shared.max_message_bytes {
             Some((
                 "message_size",

@@ -58,7 +58,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         thynapse_telemetry::serve_metrics(args.metrics_bind, metrics.registry.clone()).await?;
     let heartbeat = Duration::from_millis(args.announce_interval_ms);
     let interest_bytes = Arc::new(AtomicUsize::new(0));
-    let service_key = service_key(&args)?;
+    let identity = args.permissions.0.identity(&args.service);
+    let service_key = service_key(&args, &identity)?;
     let cfg = HubConfig {
         mesh: args.mesh.clone(),
         service: args.service.clone(),
@@ -75,6 +76,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         metrics_url: format!("http://{metrics_addr}/metrics"),
         interest_bytes: interest_bytes.clone(),
         service_key,
+        identity,
     };
     let (hub_tx, hub_rx) = mpsc::channel(1024);
     let shutdown = Arc::new(Notify::new());
@@ -98,6 +100,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         total_connections: AtomicU64::new(0),
         total_commands: AtomicU64::new(0),
         interest_bytes,
+        permissions: args.permissions.0.clone(),
     });
     tracing::info!(%resp, service = %args.service, "sidecar listening");
 
@@ -129,7 +132,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 /// The Service key this cell proves itself with: given (`--service-key-file`, what the
 /// operator mounts), or derived from the mesh token (`--token-file`, what `thynapse up`
 /// gives). None: the mesh is not authenticated.
-fn service_key(args: &Args) -> anyhow::Result<Option<Key>> {
+fn service_key(args: &Args, identity: &str) -> anyhow::Result<Option<Key>> {
     if let Some(path) = &args.service_key_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the Service key from {path}"))?;
@@ -139,7 +142,7 @@ fn service_key(args: &Args) -> anyhow::Result<Option<Key>> {
     }
     if let Some(path) = &args.token_file {
         let tokens = thynapse_process::read_tokens(path).map_err(anyhow::Error::msg)?;
-        return Ok(Some(Key::service(&tokens[0], &args.service)));
+        return Ok(Some(Key::service(&tokens[0], identity)));
     }
     tracing::warn!("no --service-key-file or --token-file: joining an unauthenticated mesh");
     Ok(None)

@@ -66,7 +66,7 @@ impl Metrics {
             refused: counter_vec(
                 &r,
                 "thynapse_sidecar_refused_total",
-                "Commands refused with an error for going over a limit, by limit.",
+                "Commands refused with an error for going over a limit, or (permission) for what the Service may not publish or subscribe to (-NOPERM), by limit.",
                 "limit",
             ),
             duplicates: counter(
@@ -118,6 +118,7 @@ impl Metrics {
             "name_length",
             "interest_bytes",
             "wire_message_bytes",
+            "permission",
         ] {
             m.refused.with_label_values(&[limit]);
         }

@@ -4,8 +4,11 @@
 //! messages and asks it before routing anything else. Both maps are bounded, since anyone
 //! who reaches the port can open connections.
 
+use std::sync::Arc;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use thynapse_protocol::permissions::Permissions;
 
 use bytes::Bytes;
 use thynapse_protocol::auth::{bound_to, nonce, Verifier};
@@ -19,8 +22,9 @@ pub const MAX_PASSED: usize = 2 * (10_000 + 1024);
 /// What a connection proved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Party {
-    /// A cell of this Service.
-    Cell(String),
+    /// A cell of this Service, with what the Service may publish and subscribe to (its
+    /// key was derived with them: `thynapse_protocol::permissions`).
+    Cell(String, Arc<Permissions>),
     /// A transmitter of this mesh.
     Peer,
 }
@@ -108,7 +112,12 @@ impl Gate {
             return Outcome::Refused("AUTH refused: not the nonce this connection was given");
         }
         let party = match auth.role.as_str() {
-            "cell" => Party::Cell(auth.context.clone()),
+            "cell" => match Permissions::of_identity(&auth.context) {
+                Ok((service, p)) => Party::Cell(service.to_string(), Arc::new(p)),
+                Err(_) => {
+                    return Outcome::Refused("AUTH refused: unreadable permissions in the context")
+                }
+            },
             "peer" if auth.context == self.mesh => Party::Peer,
             "peer" => return Outcome::Refused("AUTH refused: another mesh"),
             _ => return Outcome::Refused("AUTH refused: role is \"cell\" or \"peer\""),
@@ -189,12 +198,15 @@ mod tests {
         let Outcome::Passed(party, proof) = passed else {
             panic!("{passed:?}")
         };
-        assert_eq!(party, Party::Cell("orders".into()));
+        assert_eq!(party, Party::Cell("orders".into(), Default::default()));
         assert!(
             key.verify("server", "c1", &bound_to("orders", AT), &proof),
             "the server proves itself"
         );
-        assert_eq!(g.party(&conn), Some(&Party::Cell("orders".into())));
+        assert_eq!(
+            g.party(&conn),
+            Some(&Party::Cell("orders".into(), Default::default()))
+        );
         // A proof made for another transmitter (relayed through one posing as it).
         let other = Bytes::from_static(b"b");
         let Outcome::Challenge(n2) = g.on_auth(&other, &ask("cell", "orders"), now) else {

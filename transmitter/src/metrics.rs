@@ -177,7 +177,7 @@ impl Metrics {
             refused: counter_vec(
                 &r,
                 "thynapse_transmitter_refused_total",
-                "Requests refused for going over a limit (the sender gets an ERRR), by limit; send_queue: connections dropped for not reading their replies and deliveries; auth: messages refused for want of a valid proof (AUTH).",
+                "Requests refused for going over a limit (the sender gets an ERRR), by limit; send_queue: connections dropped for not reading their replies and deliveries; auth: messages refused for want of a valid proof (AUTH), and rendezvous datagrams that did not open; permission: subscriptions and publishes its Service may not make (spec.permissions).",
                 "limit",
             ),
             redelivered: counter(
@@ -237,6 +237,7 @@ impl Metrics {
             "wire_message_bytes",
             "send_queue",
             "auth",
+            "permission",
         ] {
             m.refused.with_label_values(&[limit]);
         }

@@ -55,8 +55,7 @@ pub(super) fn plan(cfg: &MeshConfig, cells: &[(String, u32)], rendezvous: &[Stri
             .map_or(1, |(_, n)| *n);
         for i in 0..n {
             let name = format!("{service}-{i}");
-            let mut args =
-                flags::sidecar(&cfg.name, service, &name, &sspec.delivery, spec, rendezvous);
+            let mut args = flags::sidecar(&cfg.name, service, &name, sspec, spec, rendezvous);
             args.resp_bind = SocketAddr::from(([127, 0, 0, 1], 0));
             // Spread cells over the transmitters, as a scheduler would spread pods.
             args.prefer_transmitter =

@@ -47,7 +47,8 @@ pub fn service_key_secret(service: &Service, token: &str) -> Secret {
     let name = service.name_any();
     // The first line: during a rotation the Secret holds the new token, then the old one.
     let first = tokens_from(token).into_iter().next().unwrap_or_default();
-    let key = Key::service(&first, &name);
+    // Derived with the Service's permissions: its cells can prove no wider ones.
+    let key = Key::service(&first, &service.spec.permissions.identity(&name));
     let mut labels = BTreeMap::from([
         (MESH_LABEL.to_string(), service.spec.mesh.clone()),
         (COMPONENT_LABEL.to_string(), "service-key".to_string()),

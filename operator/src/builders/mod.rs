@@ -486,6 +486,14 @@ mod tests {
             ("Service", "u-1"),
             "goes with its Service"
         );
+        // A restricted Service's key is derived with its permissions.
+        let spec = serde_yaml::from_str("{mesh: demo, permissions: {publish: []}}").unwrap();
+        let reader = thynapse_resources::Service::new("reader", spec);
+        let secret = service_key_secret(&reader, "s3cret");
+        let key = String::from_utf8(secret.data.unwrap()["key"].0.clone()).unwrap();
+        let identity = r#"reader {"publish":[]}"#;
+        let expected = thynapse_protocol::auth::Key::service(b"s3cret", identity);
+        assert_eq!(key, expected.to_hex());
     }
 
     #[test]

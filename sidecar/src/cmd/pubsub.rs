@@ -2,6 +2,7 @@
 //! connection's fast path (`Client::try_publish`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use thynapse_protocol::permissions::refusal;
 
 use bytes::Bytes;
 use thynapse_protocol::room::room_of;
@@ -66,6 +67,15 @@ impl Client {
             if let Some(error) = name_too_long(n) {
                 shared.refused.with_label_values(&["name_length"]).inc();
                 replies.push(Reply::error(error));
+                continue;
+            }
+            let permitted = match kind {
+                SubKind::Pattern => shared.permissions.may_psubscribe(n),
+                _ => shared.permissions.may_subscribe(n),
+            };
+            if !permitted {
+                shared.refused.with_label_values(&["permission"]).inc();
+                replies.push(Reply::error(refusal(&shared.service, n)));
                 continue;
             }
             let new_here = !self.set_of(kind).contains(n);

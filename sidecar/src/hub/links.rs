@@ -51,7 +51,7 @@ impl Hub {
                 .cfg
                 .service_key
                 .clone()
-                .map(|k| (k, self.cfg.service.clone())),
+                .map(|k| (k, self.cfg.identity.clone())),
         };
         tokio::spawn(session::connect(plan, self.link_tx.clone()));
     }

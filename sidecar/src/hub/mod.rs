@@ -58,6 +58,9 @@ pub struct HubConfig {
     pub interest_bytes: Arc<AtomicUsize>,
     /// This cell's Service key, when the mesh is authenticated: every link proves it.
     pub service_key: Option<thynapse_protocol::auth::Key>,
+    /// What the key proves: the Service and its permissions
+    /// (`thynapse_protocol::permissions::Permissions::identity`).
+    pub identity: String,
 }
 
 /// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
@@ -547,6 +550,7 @@ mod tests {
             metrics_url: String::new(),
             interest_bytes: Arc::default(),
             service_key: None,
+            identity: "s".into(),
         };
         Hub::new(cfg, Metrics::new())
     }

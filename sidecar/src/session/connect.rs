@@ -53,7 +53,8 @@ pub struct ConnectPlan {
     /// Spreads the cells of a room over its hosts.
     pub spread: u64,
     pub max_message_bytes: usize,
-    /// The Service key and name every link proves, when the mesh is authenticated.
+    /// The Service key and the identity (Service and permissions) every link proves, when
+    /// the mesh is authenticated.
     pub auth: Option<(Key, String)>,
 }
 
@@ -92,9 +93,9 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
         .connect(&target.command)
         .await
         .map_err(anyhow::Error::from);
-    if let (Ok(()), Some((key, service))) = (&connected, &plan.auth) {
+    if let (Ok(()), Some((key, identity))) = (&connected, &plan.auth) {
         let wait = plan.heartbeat * 4;
-        let auth = ClientAuth::cell(key.clone(), service, &target.command);
+        let auth = ClientAuth::cell(key.clone(), identity, &target.command);
         connected = thynapse_link::authenticate(&mut socket, &auth, wait).await;
     }
     if let Err(e) = connected {
@@ -242,7 +243,7 @@ async fn ask_rendezvous(plan: &ConnectPlan, request: &Datagram) -> Option<Datagr
     let sealer = plan
         .auth
         .as_ref()
-        .map(|(key, service)| Sealer::cell(key.clone(), service));
+        .map(|(key, identity)| Sealer::cell(key.clone(), identity));
     thynapse_rendezvous::ask(&plan.rendezvous, request, plan.heartbeat, sealer.as_ref()).await
 }
 

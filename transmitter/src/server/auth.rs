@@ -2,7 +2,10 @@
 //! answered, and nothing else read from a connection before it proved a Service or the
 //! mesh. Also the client side of the exchange, for this transmitter's links to its peers.
 
+use std::sync::Arc;
+
 use std::time::{Duration, Instant};
+use thynapse_protocol::permissions::Permissions;
 
 use bytes::Bytes;
 use thynapse_protocol::frame::CommandFrame;
@@ -64,8 +67,17 @@ impl Transmitter {
         }
         match (self.gate.party(identity), service) {
             (Some(Party::Peer), _) => true,
-            (Some(Party::Cell(s)), Some(service)) => s == service,
+            (Some(Party::Cell(s, _)), Some(service)) => s == service,
             _ => false,
+        }
+    }
+
+    /// What a connection that proved a restricted Service may publish and subscribe to;
+    /// None: everything.
+    pub(super) fn permissions_of(&self, identity: &Bytes) -> Option<Arc<Permissions>> {
+        match self.gate.party(identity) {
+            Some(Party::Cell(_, p)) if !p.unrestricted() => Some(p.clone()),
+            _ => None,
         }
     }
 

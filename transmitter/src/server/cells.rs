@@ -2,15 +2,18 @@
 //! its interest (SUBS), publishes (PUBS, EVNT), credits deliveries (CRED) and leaves
 //! (QUIT, or silence past the expiry).
 
+use std::sync::Arc;
+
 use std::collections::VecDeque;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use thynapse_protocol::permissions::Permissions;
 
 use bytes::Bytes;
 use thynapse_protocol::batch::{decode_publish_records, decode_publishes, Kind};
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::limits::MAX_INTEREST_BYTES;
 use thynapse_protocol::room::room_of;
-use thynapse_protocol::wire::{self, cmd, Events, Interest};
+use thynapse_protocol::wire::{self, cmd, Events, Interest, Op};
 use thynapse_protocol::Thid;
 
 use super::dispatch::{HeldBatch, Message};
@@ -30,6 +33,9 @@ pub(super) struct LocalCell {
     pub(super) last_seq: u64,
     /// A room session carries the shard channels of this room only.
     pub(super) room: Option<String>,
+    /// What its Service may publish and subscribe to, as its connection proved; None:
+    /// everything.
+    pub(super) permissions: Option<Arc<Permissions>>,
 }
 
 /// Why a cell left (logged; only a loss is counted).
@@ -114,6 +120,19 @@ impl Transmitter {
         Ok(())
     }
 
+    /// Subscriptions or publishes the connection's Service may not make: counted, and
+    /// the connection told (`ERRR`), as Redis ACL words it.
+    fn refuse_permission(&mut self, identity: &Bytes, refused: usize, what: &str) {
+        self.metrics
+            .refused
+            .with_label_values(&["permission"])
+            .inc_by(refused as u64);
+        let error = format!(
+            "NOPERM {refused} {what} refused: this Service may not make them (spec.permissions)"
+        );
+        self.replies.push(error_reply(identity, &error));
+    }
+
     pub(super) fn on_hello(
         &mut self,
         identity: &Bytes,
@@ -188,6 +207,7 @@ impl Transmitter {
                 return Ok(());
             }
         }
+        let permissions = self.permissions_of(identity);
         if let Some(old) = self.identities.insert(identity.clone(), hello.id) {
             if old != hello.id {
                 self.drop_cell(old, Leaving::Replaced);
@@ -201,6 +221,7 @@ impl Transmitter {
             last_seen: now,
             last_seq: 0,
             room: hello.room.clone(),
+            permissions: None,
         });
         if cell.identity != *identity {
             // The same cell on a new connection.
@@ -211,6 +232,7 @@ impl Transmitter {
             cell.outbox.resend_unconfirmed();
         }
         cell.events = hello.events;
+        cell.permissions = permissions;
         cell.last_seen = now;
         cell.room = hello.room.clone();
         self.table
@@ -241,6 +263,21 @@ impl Transmitter {
     ) -> Result<(), FrameError> {
         let mut changes = wire::decode_interest(body)?;
         let room = self.cells.get(&id).and_then(|c| c.room.clone());
+        if let Some(p) = self.cells.get(&id).and_then(|c| c.permissions.clone()) {
+            // Only a client bypassing its sidecar (which answers -NOPERM) gets here.
+            let before = changes.len();
+            changes.retain(|(op, kind, name)| {
+                *op == Op::Remove
+                    || match kind {
+                        Interest::Pattern => p.may_psubscribe(name),
+                        _ => p.may_subscribe(name),
+                    }
+            });
+            let refused = before - changes.len();
+            if refused > 0 {
+                self.refuse_permission(identity, refused, "subscriptions");
+            }
+        }
         let before = changes.len();
         changes.retain(|(_, kind, name)| {
             *kind != Interest::ShardChannel
@@ -303,6 +340,18 @@ impl Transmitter {
         let count: usize = records.iter().map(ExactSizeIterator::len).sum();
         if first.checked_add(count as u64).is_none() {
             return Err(FrameError::BadBatch("sequence numbers past 2^64"));
+        }
+        if let Some(p) = self.cells.get(&id).and_then(|c| c.permissions.clone()) {
+            // The whole batch or nothing (a sidecar never sends what it may not).
+            let refused = records
+                .iter()
+                .flat_map(|r| r.clone())
+                .filter(|m| !p.may_publish(m.channel))
+                .count();
+            if refused > 0 {
+                self.refuse_permission(identity, refused, "publishes");
+                return Ok(());
+            }
         }
         let source = Link::Cell(id);
         let mut progress = Progress::default();

@@ -814,13 +814,31 @@ mod tests {
         let publisher = conn(1);
         hello(&mut t, &publisher, Thid::random(), None);
         t.replies.clear();
-        publish(&mut t, &publisher, 1, Kind::Mesh, b"c", &[b"m1", b"m2", b"m3"]);
+        publish(
+            &mut t,
+            &publisher,
+            1,
+            Kind::Mesh,
+            b"c",
+            &[b"m1", b"m2", b"m3"],
+        );
         let acks = t.replies[0].get(2).unwrap().clone();
-        assert_eq!(decode_acks(&acks).unwrap(), (1, vec![2, 2, 2]), "two cells each");
+        assert_eq!(
+            decode_acks(&acks).unwrap(),
+            (1, vec![2, 2, 2]),
+            "two cells each"
+        );
         // The peer is lost before crediting: three messages, six deliveries lost.
         t.forget_peer(p, false);
-        let lost = t.metrics.drops.with_label_values(&[DropReason::PeerLost.label()]);
-        assert_eq!(lost.get(), 6, "counted in deliveries, as the PUBLISH count is");
+        let lost = t
+            .metrics
+            .drops
+            .with_label_values(&[DropReason::PeerLost.label()]);
+        assert_eq!(
+            lost.get(),
+            6,
+            "counted in deliveries, as the PUBLISH count is"
+        );
     }
 
     #[tokio::test]
