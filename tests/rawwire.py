@@ -165,11 +165,15 @@ def envelope_batch(batch, messages):
 class RawCell:
     """A cell on one DEALER: greets with HELO, then sends and reads what a test says."""
 
-    def __init__(self, ctx, endpoint, service="raw", cell_id=None, token=AUTO, **hello):
+    def __init__(self, ctx, endpoint, service="raw", cell_id=None, token=AUTO, identity=None, key=None, **hello):
         self.endpoint = endpoint
         self.sock = dealer(ctx, endpoint)
         self.id = cell_id or os.urandom(20).hex()
         self.service = service
+        # What AUTH proves: the Service, with its permissions when restricted (its key is
+        # derived from the token and this identity, unless `key` is given).
+        self.identity = identity or service
+        self.key = key
         # The mesh's token by default (none for a transmitter started without one).
         self.token = TOKENS.get(endpoint) if token is AUTO else token
         self.authenticated = False
@@ -189,8 +193,9 @@ class RawCell:
 
     def authenticate(self):
         """AUTH with the Service key, once, when the mesh has a token."""
-        if self.token and not self.authenticated:
-            authenticate(self.sock, service_key(self.token, self.service), "cell", self.service, self.endpoint)
+        if (self.token or self.key) and not self.authenticated:
+            key = self.key or service_key(self.token, self.identity)
+            authenticate(self.sock, key, "cell", self.identity, self.endpoint)
             self.authenticated = True
 
     def send(self, cmd, body=None):

@@ -4,13 +4,16 @@ a sidecar holding the wrong token: each is refused and counted, and nothing reac
 comes from it."""
 
 import json
+import re
 import os
 import socket
 import stat
+import struct
 import time
 from pathlib import Path
 
 import pytest
+import redis
 import zmq
 
 from conftest import Subscriber, free_udp_query, mesh_yaml, metrics, until_routed, wait_for
@@ -296,3 +299,78 @@ def test_a_transmitter_takes_only_answers_sealed_for_its_announcements(parts, ct
         wait_for(lambda: metrics(t.ready["metrics"])["thynapse_transmitter_rooms"] == 1, what="the room hosted")
     finally:
         peer.stop()
+
+
+READER = '{"publish":["open.*"],"subscribe":["news.*","open.*"]}'
+
+
+def permissions_yaml():
+    """Service `writer` may do anything; `reader` publish only `open.*`, subscribe to
+    `news.*` and `open.*` (and PSUBSCRIBE exactly those)."""
+    return mesh_yaml(name="perm", replicas=2, services=[("writer", [])]) + """---
+apiVersion: thynapse.io/v1alpha1
+kind: Service
+metadata: {name: reader}
+spec: {mesh: perm, permissions: {publish: ["open.*"], subscribe: ["news.*", "open.*"]}}
+"""
+
+
+def test_a_service_gets_noperm_for_what_it_may_not_do_and_nobody_receives_it(start_mesh):
+    m = start_mesh(permissions_yaml(), cells={"writer": 1, "reader": 1})
+    writer, reader = m.redis(m.cells("writer")[0]), m.redis(m.cells("reader")[0])
+    sidecar = m.cells("reader")[0]["metrics"]
+    at_writer = Subscriber(writer, channels=["secret", "open.x"])
+    # Publishing where it may not: refused as Redis ACL refuses it (redis-py reads the
+    # NOPERM code as NoPermissionError), never routed.
+    with pytest.raises(redis.exceptions.NoPermissionError,
+                       match="User reader has no permissions to access the 'secret' channel"):
+        reader.publish("secret", b"leak")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        reader.spublish("{lobby}secret", b"leak")
+    # Where it may: delivered; what was refused before it would have come first.
+    until_routed(reader, "open.x", 1)
+    reader.publish("open.x", b"after")
+    at_writer.wait_count(1, prefix=b"after")
+    assert not at_writer.data(b"leak"), "a refused publish was delivered"
+    # Subscribing: channels by glob; patterns only as granted, literally.
+    p = reader.pubsub()
+    p.subscribe("news.sport")
+    p.psubscribe("news.*")
+    for name in ("secret", "news.s*"):
+        with pytest.raises(redis.exceptions.NoPermissionError, match=re.escape(f"'{name}' channel")):
+            (p.psubscribe if "*" in name else p.subscribe)(name)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # (wait_for would take the error as "not yet")
+                p.get_message(timeout=0.1)
+    until_routed(writer, "news.sport", 1)
+    p.close()
+    assert metrics(sidecar)['thynapse_sidecar_refused_total{limit="permission"}'] == 4
+
+
+def test_a_cell_bypassing_its_sidecar_is_held_to_its_permissions_and_cannot_widen_them(start_mesh, ctx):
+    m = start_mesh(permissions_yaml(), cells={"writer": 1})
+    writer = m.redis(m.cells("writer")[0])
+    at_writer = Subscriber(writer, channels=["secret"])
+    t = m.transmitter(m.cells("writer")[0]["transmitter"])
+    identity = "reader " + READER
+    raw = RawCell(ctx, t["command"], service="reader", identity=identity)
+    raw.hello()
+    before = metrics(t["metrics"])['thynapse_transmitter_refused_total{limit="permission"}']
+    raw.subscribe([b"secret", b"news.a"])
+    assert raw.expect("ERRR")[2]["error"].startswith("NOPERM 1 subscriptions refused")
+    raw.send_binary("PUBS", struct.pack("<Q", 1) + publish_records([("secret", b"leak"), ("open.y", b"ok")]))
+    assert raw.expect("ERRR")[2]["error"].startswith("NOPERM 1 publishes refused")
+    after = metrics(t["metrics"])['thynapse_transmitter_refused_total{limit="permission"}']
+    assert after == before + 2
+    # Allowed: its publish reaches the writer's subscriber of open.y, so the refused one
+    # would have been seen by now.
+    sub_open = Subscriber(writer, channels=["open.y"])
+    until_routed(writer, "open.y", 1)
+    assert raw.publish(2, [("open.y", b"ok")]) == [1]
+    sub_open.wait_count(1, prefix=b"ok")
+    assert not at_writer.data(b"leak")
+    # Its key proves only these permissions: claiming none (everything) is refused.
+    key = service_key(m.token, identity)
+    wider = RawCell(ctx, t["command"], service="reader", key=key)
+    with pytest.raises(AssertionError, match="wrong proof"):
+        wider.hello()
