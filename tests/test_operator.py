@@ -503,6 +503,39 @@ def test_two_replicas_share_one_generated_certificate_and_both_inject(cluster, o
             r.wait(timeout=10)
 
 
+def test_a_rotated_token_rolls_the_pods_and_derives_every_service_key_again(cluster, operator):
+    """docs/security.md's rotation, as the operator sees it: each change of the token
+    Secret changes the transmitter and rendezvous pod templates (Kubernetes rolls them),
+    and once the new token is first every Service's key is derived from it. (Near the end
+    of the module: the local mesh keeps the old token, so rooms are not placed after.)"""
+    import hashlib
+    import hmac
+
+    apps, core = k8s.AppsV1Api(cluster.client), k8s.CoreV1Api(cluster.client)
+
+    def versions():
+        sts = apps.read_namespaced_stateful_set("demo-transmitter", NS).spec.template.metadata.annotations
+        rv = apps.read_namespaced_deployment("demo-rendezvous-0", NS).spec.template.metadata.annotations
+        return sts["thynapse.io/token-version"], rv["thynapse.io/token-version"]
+
+    def set_token(text):
+        core.patch_namespaced_secret("demo-token", NS, {"data": {"token": base64.b64encode(text.encode()).decode()}})
+
+    def key_of(service):
+        return base64.b64decode(core.read_namespaced_secret(f"{service}-thynapse-key", NS).data["key"]).decode()
+
+    old, new = operator["token"], os.urandom(24).hex()
+    before = wait_for(versions, what="token versions")
+    assert key_of("workers") == hmac.new(old.encode(), b"thynapse service workers", hashlib.sha256).hexdigest()
+    set_token(f"{old}\n{new}")  # 1: every pod accepts both, still proves with the old
+    step1 = wait_for(lambda: (lambda v: v[0] != before[0] and v[1] != before[1] and v)(versions()),
+                     what="both templates changed")
+    set_token(f"{new}\n{old}")  # 2: the new one first
+    wait_for(lambda: versions() not in (before, step1), what="both templates changed again")
+    expected = hmac.new(new.encode(), b"thynapse service workers", hashlib.sha256).hexdigest()
+    wait_for(lambda: key_of("workers") == expected, timeout=30, what="the Service's key derived from the new token")
+
+
 def test_a_second_replica_waits_and_takes_over(cluster, operator, tmp_path):
     """Two replicas: the second does not reconcile while the first holds the Lease, and
     leads once the first is gone and the Lease expires (15 s)."""

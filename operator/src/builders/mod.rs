@@ -219,6 +219,23 @@ fn tcp_probe(port: i32, period: i32) -> Probe {
     }
 }
 
+/// Pod-template annotation naming the mesh token's version (a truncated SHA-256, which
+/// tells nothing of the token): a token changed in its Secret changes the pod templates,
+/// so Kubernetes rolls the transmitters and rendezvous points onto it, one at a time.
+pub const TOKEN_VERSION: &str = "thynapse.io/token-version";
+
+fn token_version(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(token.as_bytes())[..8])
+}
+
+/// The annotations of a pod that reads the mesh token (transmitters, rendezvous points).
+fn token_pod_annotations(port: i32, token: &str) -> BTreeMap<String, String> {
+    let mut a = prometheus_annotations(port);
+    a.insert(TOKEN_VERSION.into(), token_version(token));
+    a
+}
+
 fn prometheus_annotations(port: i32) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("prometheus.io/scrape".to_string(), "true".to_string()),
@@ -274,6 +291,26 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_new_token_rolls_the_transmitters_and_rendezvous_points() {
+        let m = mesh("replicas: 3\nrendezvous: {replicas: 2}");
+        let version = |d: &Desired| {
+            let sts = d.transmitters.spec.template.metadata.clone();
+            let rv = d.rendezvous[0].0.spec.template.metadata.clone();
+            let of = |m: Option<ObjectMeta>| m.unwrap().annotations.unwrap()[TOKEN_VERSION].clone();
+            (of(sts), of(rv))
+        };
+        let before = version(&desired(&m, &inputs()));
+        assert_eq!(before, version(&desired(&m, &inputs())), "stable");
+        let rotated = Inputs {
+            token: "s3cret\nn3w".into(),
+            ..inputs()
+        };
+        let after = version(&desired(&m, &rotated));
+        assert!(after.0 != before.0 && after.1 != before.1, "both roll");
+        assert!(!after.0.contains("s3cret") && after.0.len() == 16);
     }
 
     #[test]

@@ -8,8 +8,8 @@ use thynapse_process::ToArgs;
 use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
-    any_interface, image, labels, meta, port, prometheus_annotations, rendezvous_name, selector,
-    service_port, Inputs, METRICS_PORT, RENDEZVOUS_PORT, TOKEN_DIR,
+    any_interface, image, labels, meta, port, rendezvous_name, selector, service_port,
+    token_pod_annotations, Inputs, METRICS_PORT, RENDEZVOUS_PORT, TOKEN_DIR,
 };
 
 /// One Deployment and Service per rendezvous point: UDP announcements must all reach
@@ -47,7 +47,7 @@ pub(super) fn rendezvous_points(
                     template: PodTemplateSpec {
                         metadata: Some(ObjectMeta {
                             labels: Some(pod_labels),
-                            annotations: Some(prometheus_annotations(METRICS_PORT)),
+                            annotations: Some(token_pod_annotations(METRICS_PORT, &inputs.token)),
                             ..ObjectMeta::default()
                         }),
                         spec: Some(PodSpec {

@@ -11,8 +11,8 @@ use thynapse_process::ToArgs;
 use thynapse_resources::{flags, TransmitterMesh};
 
 use super::{
-    any_interface, field_env, image, labels, meta, port, prometheus_annotations,
-    rendezvous_addresses, restricted, selector, service_port, tcp_probe, transmitter_name, Inputs,
+    any_interface, field_env, image, labels, meta, port, rendezvous_addresses, restricted,
+    selector, service_port, tcp_probe, token_pod_annotations, transmitter_name, Inputs,
     COMMAND_PORT, EVENT_PORT, METRICS_PORT, TOKEN_DIR,
 };
 
@@ -45,7 +45,7 @@ pub(super) fn stateful_set(mesh: &TransmitterMesh, inputs: &Inputs) -> StatefulS
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(transmitter_labels),
-                    annotations: Some(prometheus_annotations(METRICS_PORT)),
+                    annotations: Some(token_pod_annotations(METRICS_PORT, &inputs.token)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {

@@ -31,7 +31,7 @@ use thynapse_protocol::auth::tokens_from;
 use thynapse_protocol::seal::Sealer;
 use thynapse_resources::{Room, Service, TransmitterMesh};
 
-use crate::builders::{self, MANAGER, MESH_LABEL};
+use crate::builders::{self, COMPONENT_LABEL, MANAGER, MESH_LABEL};
 use crate::conditions::MeshObservation;
 use crate::inject;
 use crate::metrics::Metrics;
@@ -312,7 +312,23 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
 
     let services = Controller::new(api::<Service>(&client, &namespace), wc.clone());
     let store = services.store();
+    let by_mesh = store.clone();
     let services = services
+        // A mesh token changed (a rotation): every Service of the mesh derives its key again.
+        .watches(
+            api::<Secret>(&client, &namespace),
+            watcher::Config::default().labels(&format!("{COMPONENT_LABEL}=token")),
+            move |secret| {
+                let ns = secret.namespace();
+                let mesh = secret.labels().get(MESH_LABEL).cloned();
+                by_mesh
+                    .state()
+                    .into_iter()
+                    .filter(|s| Some(&s.spec.mesh) == mesh.as_ref() && s.namespace() == ns)
+                    .map(|s| ObjectRef::from_obj(s.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         // Cells coming and going change a Service's count.
         .watches(
             api::<Pod>(&client, &namespace),
