@@ -139,6 +139,8 @@ def test_non_default_values():
     assert pod["volumes"] == [{"name": "tls", "secret": {"secretName": "thynapse-tls"}}]
     webhook = by_kind(docs, "MutatingWebhookConfiguration")[0]["webhooks"][0]
     assert webhook["failurePolicy"] == "Fail" and webhook["clientConfig"]["caBundle"] == "Q0E="
+    # Only the watched namespace's pods reach the webhook.
+    assert webhook["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}
     monitors = by_kind(docs, "PodMonitor")
     assert len(monitors) == 2 and monitors[0]["metadata"]["labels"]["release"] == "prom"
     assert all(d["metadata"].get("namespace", "platform") == "platform" for d in docs if d["kind"] not in ("Role", "RoleBinding"))
