@@ -12,7 +12,7 @@ const NOW: u64 = 1_800_000_000_000;
 fuzz_target!(|data: &[u8]| {
     let (body, _) = seal::open(data);
     // What the rendezvous does with it: a datagram from the fuzzer never opens.
-    let mut opener = Opener::new("fuzz", vec![b"token".to_vec()]);
+    let mut opener = Opener::new("fuzz", vec![b"token".to_vec()], 0);
     assert!(opener.take(data, NOW).is_err());
     // Sealed for real, the same body is taken once.
     let sealer = Sealer::peer(&[b"token".to_vec()], "fuzz").expect("a token");

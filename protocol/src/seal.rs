@@ -13,7 +13,7 @@
 //! Service's key (role `cell`, context the Service); the rendezvous, which holds the token,
 //! answers with the key that opened the request (role `rendezvous`).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 
 use hmac::Mac;
 use serde::{Deserialize, Serialize};
@@ -248,13 +248,13 @@ pub enum RequestError {
     Unreadable(String),
     #[error("a seal must be by role \"peer\" of this mesh or \"cell\" of a Service")]
     Role,
-    #[error("the seal does not open with the mesh token")]
+    #[error("the seal does not open with a key of this mesh's token (another token, or a cell's key derived for other permissions than it names)")]
     BadSeal,
     #[error(
         "the seal's time is more than 30 s from this rendezvous' clock (are the clocks right?)"
     )]
     Stale,
-    #[error("a replayed request")]
+    #[error("a replayed request (or one sealed before this rendezvous started, or older than what it had to forget)")]
     Replayed,
 }
 
@@ -289,27 +289,69 @@ impl Taken<'_> {
 pub struct Opener {
     mesh: String,
     tokens: Vec<Vec<u8>>,
+    /// Seals taken within the window, one memory per role: what cells send (any Service's
+    /// key) can crowd out only other cells' requests, never the transmitters'.
+    peers: Memory,
+    cells: Memory,
+}
+
+/// The seals one role had taken, by time: full, it forgets the oldest time first, and
+/// takes nothing at or before a time it forgot, so forgetting never lets a replay in.
+struct Memory {
     seen: HashSet<[u8; 32]>,
-    order: VecDeque<(u64, [u8; 32])>,
-    /// The newest time forgotten early (the memory was full): nothing at or before it is
-    /// taken, so forgetting never lets a replay in.
+    by_time: BTreeSet<(u64, [u8; 32])>,
     floor: u64,
     capacity: usize,
 }
 
-impl Opener {
-    pub fn new(mesh: &str, tokens: Vec<Vec<u8>>) -> Opener {
-        Opener::remembering(mesh, tokens, MAX_REMEMBERED)
+impl Memory {
+    fn new(capacity: usize, started_ms: u64) -> Memory {
+        Memory {
+            seen: HashSet::new(),
+            by_time: BTreeSet::new(),
+            // A request sealed before this process started was meant for another (a
+            // previous instance took it, perhaps): not taken.
+            floor: started_ms.saturating_sub(1),
+            capacity,
+        }
     }
 
-    fn remembering(mesh: &str, tokens: Vec<Vec<u8>>, capacity: usize) -> Opener {
+    /// Whether `(ts, mac)` is new; remembers it.
+    fn take(&mut self, ts: u64, mac: [u8; 32], now_ms: u64) -> bool {
+        let horizon = now_ms.saturating_sub(WINDOW_MS);
+        while let Some(&(t, m)) = self.by_time.first() {
+            if t >= horizon {
+                break;
+            }
+            self.by_time.pop_first();
+            self.seen.remove(&m);
+        }
+        if ts <= self.floor || !self.seen.insert(mac) {
+            return false;
+        }
+        self.by_time.insert((ts, mac));
+        if self.by_time.len() > self.capacity {
+            if let Some((t, m)) = self.by_time.pop_first() {
+                self.seen.remove(&m);
+                self.floor = self.floor.max(t);
+            }
+        }
+        true
+    }
+}
+
+impl Opener {
+    /// `started_ms`: when this process started (its clock).
+    pub fn new(mesh: &str, tokens: Vec<Vec<u8>>, started_ms: u64) -> Opener {
+        Opener::remembering(mesh, tokens, MAX_REMEMBERED, started_ms)
+    }
+
+    fn remembering(mesh: &str, tokens: Vec<Vec<u8>>, capacity: usize, started_ms: u64) -> Opener {
         Opener {
             mesh: mesh.into(),
             tokens,
-            seen: HashSet::new(),
-            order: VecDeque::new(),
-            floor: 0,
-            capacity,
+            peers: Memory::new(capacity, started_ms),
+            cells: Memory::new(capacity, started_ms),
         }
     }
 
@@ -331,11 +373,12 @@ impl Opener {
         let seal = seal
             .ok_or(RequestError::Unsealed)?
             .map_err(RequestError::Unreadable)?;
+        // Bounded as written in a seal (JSON escapes), so every answer's seal fits.
+        let fits =
+            || serde_json::to_string(&seal.context).map_or(0, |c| c.len()) <= MAX_CONTEXT_BYTES;
         let key_of = |t: &[u8]| match seal.role.as_str() {
             "peer" if seal.context == self.mesh => Some(Key::mesh(t)),
-            "cell" if seal.context.len() <= MAX_CONTEXT_BYTES => {
-                Some(Key::service(t, &seal.context))
-            }
+            "cell" if fits() => Some(Key::service(t, &seal.context)),
             _ => None,
         };
         if self.tokens.first().and_then(|t| key_of(t)).is_none() {
@@ -354,16 +397,13 @@ impl Opener {
             .ok()
             .and_then(|m| m.try_into().ok())
             .ok_or(RequestError::BadSeal)?;
-        self.forget(now_ms);
-        if seal.ts <= self.floor || !self.seen.insert(mac) {
+        let memory = if seal.role == "peer" {
+            &mut self.peers
+        } else {
+            &mut self.cells
+        };
+        if !memory.take(seal.ts, mac, now_ms) {
             return Err(RequestError::Replayed);
-        }
-        self.order.push_back((seal.ts, mac));
-        if self.order.len() > self.capacity {
-            if let Some((ts, old)) = self.order.pop_front() {
-                self.seen.remove(&old);
-                self.floor = self.floor.max(ts);
-            }
         }
         Ok(Taken {
             body,
@@ -374,20 +414,9 @@ impl Opener {
         })
     }
 
-    /// Forgets requests too old to be taken anyway.
-    fn forget(&mut self, now_ms: u64) {
-        let horizon = now_ms.saturating_sub(WINDOW_MS);
-        while let Some(&(ts, mac)) = self.order.front() {
-            if ts >= horizon {
-                break;
-            }
-            self.order.pop_front();
-            self.seen.remove(&mac);
-        }
-    }
-
+    /// Seals remembered, both roles.
     pub fn remembered(&self) -> usize {
-        self.order.len()
+        self.peers.by_time.len() + self.cells.by_time.len()
     }
 }
 
@@ -403,7 +432,7 @@ mod tests {
 
     #[test]
     fn a_sealed_request_is_taken_once_and_its_answer_opens_for_the_asker_only() {
-        let mut rv = Opener::new("demo", vec![b"token".to_vec()]);
+        let mut rv = Opener::new("demo", vec![b"token".to_vec()], 0);
         let t = transmitter();
         let (request, mac) = t.request(br#"{"type":"query","mesh":"demo"}"#, NOW);
         let taken = rv.take(&request, NOW + 5).unwrap();
@@ -443,7 +472,7 @@ mod tests {
 
     #[test]
     fn unsealed_forged_stale_or_foreign_requests_are_refused() {
-        let mut rv = Opener::new("demo", vec![b"token".to_vec()]);
+        let mut rv = Opener::new("demo", vec![b"token".to_vec()], 0);
         assert_eq!(rv.take(b"{}", NOW).unwrap_err(), RequestError::Unsealed);
         assert!(matches!(
             rv.take(b"{}\nnope", NOW),
@@ -480,7 +509,7 @@ mod tests {
 
     #[test]
     fn either_token_opens_during_a_rotation_and_answers_use_the_askers() {
-        let mut rv = Opener::new("demo", vec![b"new".to_vec(), b"old".to_vec()]);
+        let mut rv = Opener::new("demo", vec![b"new".to_vec(), b"old".to_vec()], 0);
         let old = Sealer::peer(&[b"old".to_vec()], "demo").unwrap();
         let (request, mac) = old.request(b"{}", NOW);
         let answer = rv.take(&request, NOW).unwrap().answer(b"{}", NOW);
@@ -509,7 +538,7 @@ mod tests {
 
     #[test]
     fn replays_stay_refused_when_the_memory_is_full() {
-        let mut rv = Opener::remembering("demo", vec![b"token".to_vec()], 100);
+        let mut rv = Opener::remembering("demo", vec![b"token".to_vec()], 100, 0);
         let t = transmitter();
         let first = t.request(b"{}", NOW).0;
         rv.take(&first, NOW).unwrap();
@@ -526,6 +555,34 @@ mod tests {
         let later = NOW + WINDOW_MS + 10;
         rv.take(&t.request(b"{}", later).0, later).unwrap();
         assert_eq!(rv.remembered(), 1);
+    }
+
+    #[test]
+    fn cells_flooding_future_seals_cannot_lock_the_transmitters_out() {
+        let mut rv = Opener::remembering("demo", vec![b"token".to_vec()], 100, 0);
+        // A cell (any Service's key will do) floods seals 29 s ahead: once its memory is
+        // full, cells' requests older than the flood are refused (a limit, documented)...
+        let cell = Sealer::cell(Key::service(b"token", "s"), "s");
+        for _ in 0..300 {
+            let _ = rv.take(&cell.request(b"{}", NOW + 29_000).0, NOW);
+        }
+        assert_eq!(
+            rv.take(&cell.request(b"{}", NOW).0, NOW).unwrap_err(),
+            RequestError::Replayed
+        );
+        // ...but transmitters keep their own memory: their announcements are taken.
+        for i in 0..10 {
+            rv.take(&transmitter().request(b"{}", NOW + i).0, NOW)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_request_sealed_before_the_rendezvous_started_is_not_taken() {
+        let mut rv = Opener::new("demo", vec![b"token".to_vec()], NOW);
+        let early = transmitter().request(b"{}", NOW - 5).0;
+        assert_eq!(rv.take(&early, NOW).unwrap_err(), RequestError::Replayed);
+        rv.take(&transmitter().request(b"{}", NOW).0, NOW).unwrap();
     }
 
     #[test]

@@ -253,7 +253,7 @@ impl Server {
                     taken = Some(t);
                     body
                 }
-                Err(e) => return self.refuse_unopened(e, from).await,
+                Err(e) => return self.refuse_unopened(e, from, bytes.len()).await,
             }
         } else {
             seal::open(bytes).0
@@ -370,8 +370,9 @@ impl Server {
     }
 
     /// A datagram that is not a sealed request of this mesh: counted, and answered with
-    /// the reason, unsealed (the sender may hold no key) and no longer than a request.
-    async fn refuse_unopened(&mut self, e: RequestError, from: SocketAddr) {
+    /// the reason, unsealed (the sender may hold no key), only when the answer is no
+    /// longer than the datagram (the source address may be forged: no amplification).
+    async fn refuse_unopened(&mut self, e: RequestError, from: SocketAddr, asked: usize) {
         self.metrics.refused("auth");
         let now = Instant::now();
         if self
@@ -383,8 +384,11 @@ impl Server {
         }
         let error = Datagram::Error {
             error: e.to_string(),
-        };
-        let _ = self.socket.send_to(&error.to_bytes(), from).await;
+        }
+        .to_bytes();
+        if error.len() <= asked {
+            let _ = self.socket.send_to(&error, from).await;
+        }
     }
 
     /// Forgets hosts that stopped announcing and re-places their rooms; forgets the
@@ -431,7 +435,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         allow_undeclared: !args.forbid_undeclared,
     };
     let mut server = Server {
-        opener: Opener::new(&args.mesh, tokens),
+        opener: Opener::new(&args.mesh, tokens, wall_ms()),
         refusal_logged: None,
         rooms: Rooms::new(&args.mesh, policy),
         mesh: args.mesh,
@@ -593,6 +597,33 @@ mod tests {
         let mut all: Vec<String> = live.into_iter().map(|t| t.name).collect();
         all.sort();
         assert_eq!(names, all, "every live transmitter, once");
+    }
+
+    #[test]
+    fn a_full_page_sealed_for_the_longest_identity_fits_a_datagram() {
+        use thynapse_protocol::auth::Key;
+        use thynapse_protocol::permissions::Permissions;
+        // Globs of quotes and backslashes: the most escaping a seal can meet.
+        let mut p = Permissions::default();
+        let mut globs: Vec<String> = Vec::new();
+        loop {
+            globs.push("\"\\\"".into());
+            p.publish = Some(globs.clone());
+            if p.check().is_err() {
+                globs.pop();
+                p.publish = Some(globs);
+                break;
+            }
+        }
+        let identity = p.identity(&"s".repeat(253));
+        let cell = Sealer::cell(Key::service(b"t", &identity), &identity);
+        let mut opener = Opener::new("mesh", vec![b"t".to_vec()], 0);
+        let (request, _) = cell.request(b"{}", 1_000);
+        let taken = opener.take(&request, 1_000).unwrap();
+        for page in peers_pages("mesh", &large_mesh(400)) {
+            let sealed = taken.answer(&page, 1_000);
+            assert!(sealed.len() <= MAX_DATAGRAM, "{} bytes", sealed.len());
+        }
     }
 
     #[tokio::test]

@@ -42,6 +42,16 @@ impl Client {
     pub(crate) async fn subscribe(&mut self, name: &str, args: &[Bytes], shared: &Shared) {
         let kind = sub_kind(name);
         let names: Vec<Bytes> = args[1..].to_vec();
+        // As Redis ACL: one channel the Service may not have refuses the whole command.
+        let permitted = |n: &Bytes| match kind {
+            SubKind::Pattern => shared.permissions.may_psubscribe(n),
+            _ => shared.permissions.may_subscribe(n),
+        };
+        if let Some(n) = names.iter().find(|n| !permitted(n)) {
+            shared.refused.with_label_values(&["permission"]).inc();
+            self.reply(Reply::error(refusal(&shared.service, n)));
+            return;
+        }
         let refused = if kind == SubKind::Shard {
             // A name over the limit is refused below, without asking for its room.
             let admissible: Vec<Bytes> = names
@@ -67,15 +77,6 @@ impl Client {
             if let Some(error) = name_too_long(n) {
                 shared.refused.with_label_values(&["name_length"]).inc();
                 replies.push(Reply::error(error));
-                continue;
-            }
-            let permitted = match kind {
-                SubKind::Pattern => shared.permissions.may_psubscribe(n),
-                _ => shared.permissions.may_subscribe(n),
-            };
-            if !permitted {
-                shared.refused.with_label_values(&["permission"]).inc();
-                replies.push(Reply::error(refusal(&shared.service, n)));
                 continue;
             }
             let new_here = !self.set_of(kind).contains(n);

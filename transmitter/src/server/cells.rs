@@ -392,6 +392,12 @@ impl Transmitter {
             (Encoding::Json, None, _) => Bytes::new(),
         };
         let channel = Bytes::from(event.channel);
+        if let Some(p) = self.cells.get(&id).and_then(|c| c.permissions.clone()) {
+            if !p.may_publish(&channel) {
+                self.refuse_permission(identity, 1, "publishes");
+                return Ok(());
+            }
+        }
         let seq = self.cells.get_mut(&id).map_or(0, |c| {
             c.last_seq += 1;
             c.last_seq

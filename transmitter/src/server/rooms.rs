@@ -71,6 +71,7 @@ pub(super) async fn announce(
     // forged `hosting` would assign rooms, a forged `peers` start connections).
     let mut points: Vec<SocketAddr> = Vec::new();
     let mut check = Answers::new(sealer);
+    let mut error_logged: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -90,7 +91,12 @@ pub(super) async fn announce(
                     Ok(Datagram::Peers { transmitters, .. }) => Report::Discovered(transmitters),
                     Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting { from, rooms },
                     Ok(Datagram::Error { error }) => {
-                        tracing::warn!("rendezvous: {error}");
+                        // Said once a minute: it comes back with every announcement.
+                        let now = Instant::now();
+                        if error_logged.is_none_or(|at| now - at > Duration::from_secs(60)) {
+                            error_logged = Some(now);
+                            tracing::warn!("rendezvous: {error} (said once a minute)");
+                        }
                         continue;
                     }
                     _ => {
@@ -179,10 +185,12 @@ impl Answers {
             return Datagram::parse(seal::open(datagram).0).map_err(|_| ());
         };
         let asked = &self.asked;
-        let (body, ts) = match sealer.answer(datagram, |re| asked.iter().any(|m| m == re)) {
-            Ok(read) => read,
+        let (body, ts, unasked) = match sealer.answer(datagram, |re| asked.iter().any(|m| m == re))
+        {
+            Ok((body, ts)) => (body, ts, false),
             Err(seal::AnswerError::NotOurs) => {
-                sealer.unasked(datagram, wall_ms()).map_err(|_| ())?
+                let (body, ts) = sealer.unasked(datagram, wall_ms()).map_err(|_| ())?;
+                (body, ts, true)
             }
             Err(e) => {
                 let now = Instant::now();
@@ -199,9 +207,11 @@ impl Answers {
         };
         let d = Datagram::parse(body).map_err(|_| ())?;
         if matches!(d, Datagram::Hosting { .. }) {
+            // An answer is bound to our announcement; a datagram sent unasked is read only
+            // if no later one (asked or not) came from that point.
             match self.newest_hosting.iter_mut().find(|(p, _)| *p == from) {
-                Some((_, newest)) if *newest > ts => return Err(()),
-                Some((_, newest)) => *newest = ts,
+                Some((_, newest)) if unasked && *newest > ts => return Err(()),
+                Some((_, newest)) => *newest = (*newest).max(ts),
                 None => self.newest_hosting.push((from, ts)),
             }
         }
@@ -415,7 +425,7 @@ mod tests {
         use thynapse_protocol::seal::Opener;
         let tokens = vec![b"token".to_vec()];
         let mut answers = Answers::new(Sealer::peer(&tokens, "m"));
-        let mut rv = Opener::new("m", tokens);
+        let mut rv = Opener::new("m", tokens, 0);
         let point: SocketAddr = "127.0.0.1:7".parse().unwrap();
         let peers = Datagram::Peers {
             mesh: "m".into(),
@@ -453,7 +463,7 @@ mod tests {
         );
         // Unsealed, or sealed by somebody else: not read.
         assert!(answers.read(&peers, point).is_err());
-        let guess = Opener::new("m", vec![b"guess".to_vec()]);
+        let guess = Opener::new("m", vec![b"guess".to_vec()], 0);
         assert!(answers
             .read(&guess.unasked(&hosting("c"), now + 1), point)
             .is_err());
