@@ -35,6 +35,10 @@ fn builder(s: &Scenario, addr: &str) -> Builder {
     }
     let mut builder = Builder::from_config(config);
     builder.set_policy(ReconnectPolicy::default());
+    // fred hands messages out through a broadcast channel of 32 by default: a reader
+    // slowed by a loaded machine (CI) lags behind the 60 messages of phase 1 and fred
+    // drops them on its side. Room for all of them; the test is about the mesh.
+    builder.with_performance_config(|p| p.broadcast_channel_capacity = 4096);
     builder
 }
 
