@@ -380,3 +380,23 @@ def test_a_cell_bypassing_its_sidecar_is_held_to_its_permissions_and_cannot_wide
     wider = RawCell(ctx, t["command"], service="reader", key=key)
     with pytest.raises(AssertionError, match="wrong proof"):
         wider.hello()
+
+
+def test_a_restricted_cell_taking_over_an_id_keeps_only_the_subscriptions_it_may_have(start_mesh, ctx):
+    """A cell id taken over (its first connection silent for two heartbeats) keeps its
+    subscriptions: a connection proving narrower permissions (say, after they were
+    narrowed) keeps only those its permissions allow."""
+    m = start_mesh(permissions_yaml().replace("expiryMultiplier: 4", "expiryMultiplier: 20"), cells={"writer": 1})
+    writer = m.redis(m.cells("writer")[0])
+    t = m.transmitter(m.cells("writer")[0]["transmitter"])
+    # The key of "reader" before it was restricted: everything allowed.
+    wide = RawCell(ctx, t["command"], service="reader")
+    wide.hello()
+    wide.subscribe([b"secret", b"news.a"], sync=1)
+    assert writer.publish("secret", b"x") == 1 and writer.publish("news.a", b"x") == 1
+    # Silent now (the expiry is 5 s); the same id proves the restricted identity from
+    # another connection, taking it over once two heartbeats passed.
+    narrow = RawCell(ctx, t["command"], service="reader", identity="reader " + READER, cell_id=wide.id)
+    wait_for(lambda: "error" not in narrow.hello(expect=None), timeout=4, interval=0.1, what="the id taken over")
+    assert writer.publish("secret", b"x") == 0, "a subscription it may not have was kept"
+    assert writer.publish("news.a", b"x") == 1, "one it may have stays"

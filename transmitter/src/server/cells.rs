@@ -120,6 +120,24 @@ impl Transmitter {
         Ok(())
     }
 
+    /// Removes the subscriptions of local cell `id` that `p` does not allow.
+    fn retain_permitted(&mut self, id: Thid, p: &Permissions) {
+        let Some((_, _, subs)) = self.table.interest_of(&id) else {
+            return;
+        };
+        let removals: Vec<_> = subs
+            .into_iter()
+            .filter(|(_, kind, name)| match kind {
+                Interest::Pattern => !p.may_psubscribe(name),
+                _ => !p.may_subscribe(name),
+            })
+            .map(|(_, kind, name)| (Op::Remove, kind, name))
+            .collect();
+        if !removals.is_empty() {
+            self.table.apply(Location::Local, id, &removals);
+        }
+    }
+
     /// Subscriptions or publishes the connection's Service may not make: counted, and
     /// the connection told (`ERRR`), as Redis ACL words it.
     fn refuse_permission(&mut self, identity: &Bytes, refused: usize, what: &str) {
@@ -232,12 +250,17 @@ impl Transmitter {
             cell.outbox.resend_unconfirmed();
         }
         cell.events = hello.events;
-        cell.permissions = permissions;
+        cell.permissions = permissions.clone();
         cell.last_seen = now;
         cell.room = hello.room.clone();
         self.table
             .upsert_cell(Location::Local, hello.id, &hello.service, &hello.rules);
         self.table.rejoined(Location::Local, &hello.id);
+        if let Some(p) = permissions {
+            // A cell id taken over keeps its subscriptions: only those this connection's
+            // permissions allow.
+            self.retain_permitted(hello.id, &p);
+        }
         self.dirty.insert(hello.id);
         self.metrics.cells.set(self.cells.len() as i64);
         tracing::info!(cell = %hello.id, service = %hello.service, "cell joined");
