@@ -38,13 +38,19 @@ def prove(key, role, nonce, context):
     return hmac.new(key, parts, hashlib.sha256).hexdigest()
 
 
+def datagram_mac(key, role, context, ts, nonce, re, body):
+    """A seal's MAC: over "thynapse datagram", its fields and the body, each part after
+    its length as a little-endian u64 (as `prove` does for AUTH)."""
+    parts = [b"thynapse datagram", role.encode(), context.encode(), str(ts).encode(), nonce.encode(), re.encode(), body]
+    return hmac.new(key, b"".join(struct.pack("<Q", len(p)) + p for p in parts), hashlib.sha256).hexdigest()
+
+
 def seal(body, key, role, context, re="", ts_ms=None):
     """A rendezvous datagram sealed (docs/protocol.md, "Sealed datagrams"): the body, a
     newline, the seal. Returns (datagram, mac)."""
     ts = int(time.time() * 1000) if ts_ms is None else ts_ms
     nonce = os.urandom(16).hex()
-    parts = [b"thynapse datagram", role.encode(), context.encode(), str(ts).encode(), nonce.encode(), re.encode(), body]
-    mac = hmac.new(key, b"".join(struct.pack("<Q", len(p)) + p for p in parts), hashlib.sha256).hexdigest()
+    mac = datagram_mac(key, role, context, ts, nonce, re, body)
     line = {"role": role, "context": context, "ts": ts, "nonce": nonce, **({"re": re} if re else {}), "mac": mac}
     return body + b"\n" + json.dumps(line, separators=(",", ":")).encode(), mac
 
@@ -57,9 +63,7 @@ def unseal(datagram, key=None):
         return json.loads(body), None
     s = json.loads(line)
     if key is not None:
-        parts = [b"thynapse datagram", s["role"].encode(), s["context"].encode(), str(s["ts"]).encode(),
-                 s["nonce"].encode(), s.get("re", "").encode(), body]
-        mac = hmac.new(key, b"".join(struct.pack("<Q", len(p)) + p for p in parts), hashlib.sha256).hexdigest()
+        mac = datagram_mac(key, s["role"], s["context"], s["ts"], s["nonce"], s.get("re", ""), body)
         assert hmac.compare_digest(mac, s["mac"]), "a seal that does not open with the key"
     return json.loads(body), s
 

@@ -98,6 +98,7 @@ pub async fn ask(
 ) -> Option<Datagram> {
     let socket = bind_udp("0.0.0.0:0".parse().expect("valid address")).ok()?;
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let body = request.to_bytes();
     for address in addresses {
         let target = address.trim_start_matches("udp://");
         let Some(target) = tokio::net::lookup_host(target)
@@ -109,8 +110,8 @@ pub async fn ask(
         };
         // A fresh seal for each point: a point takes a request once.
         let (bytes, mac) = match sealer {
-            Some(s) => s.request(&request.to_bytes(), wall_ms()),
-            None => (request.to_bytes(), String::new()),
+            Some(s) => s.request(&body, wall_ms()),
+            None => (body.clone(), String::new()),
         };
         if socket.send_to(&bytes, target).await.is_err() {
             continue;
@@ -219,8 +220,8 @@ struct Server {
     socket: UdpSocket,
     /// Opens sealed requests and seals what is sent, when the mesh has a token.
     opener: Opener,
-    /// When an authentication refusal was last logged (a flood is counted, not logged).
-    refusal_logged: Option<Instant>,
+    /// Authentication refusals are logged once in 10 s at most (a flood is counted, not logged).
+    refusal_said: thynapse_telemetry::Throttle,
     dir: Directory,
     rooms: Rooms,
     idle_rooms: Duration,
@@ -374,12 +375,7 @@ impl Server {
     /// longer than the datagram (the source address may be forged: no amplification).
     async fn refuse_unopened(&mut self, e: RequestError, from: SocketAddr, asked: usize) {
         self.metrics.refused("auth");
-        let now = Instant::now();
-        if self
-            .refusal_logged
-            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
-        {
-            self.refusal_logged = Some(now);
+        if self.refusal_said.ready(Duration::from_secs(10)) {
             tracing::warn!(%from, "datagram refused: {e} (more within 10 s are only counted)");
         }
         let error = Datagram::Error {
@@ -436,7 +432,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut server = Server {
         opener: Opener::new(&args.mesh, tokens, wall_ms()),
-        refusal_logged: None,
+        refusal_said: Default::default(),
         rooms: Rooms::new(&args.mesh, policy),
         mesh: args.mesh,
         socket,

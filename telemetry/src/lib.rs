@@ -33,6 +33,25 @@ impl StopSignals {
     }
 }
 
+/// Whether a log line that a peer can make repeat (a refusal, an error answered on every
+/// announcement) may be written now: at most once per period, so a flood is counted in a
+/// metric rather than logged.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Option<std::time::Instant>,
+}
+
+impl Throttle {
+    pub fn ready(&mut self, every: std::time::Duration) -> bool {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|at| now.duration_since(at) < every) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`). Stdout stays free for the
 /// machine-readable `READY` line that `thynapse up` reads.
 pub fn init_tracing() {

@@ -34,15 +34,8 @@ pub(super) async fn mesh_inputs(
             (r.name_any(), replicas)
         })
         .collect();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let token = secrets
-        .get_opt(&builders::secret_name(&name))
+    let token = mesh_token(client, &ns, &name)
         .await?
-        .and_then(|s| {
-            s.data?
-                .get("token")
-                .map(|t| String::from_utf8_lossy(&t.0).into_owned())
-        })
         .unwrap_or_else(random_token);
     Ok(Inputs {
         default_image: default_image.to_string(),
@@ -51,7 +44,8 @@ pub(super) async fn mesh_inputs(
     })
 }
 
-/// The token a mesh's Secret holds, if the mesh's reconcile made it already.
+/// The token a mesh's Secret holds, if the mesh's reconcile made it already (or the user
+/// created it first).
 pub(super) async fn mesh_token(
     client: &Client,
     ns: &str,

@@ -390,11 +390,17 @@ impl Transmitter {
         dests: &mut Vec<Link>,
     ) -> bool {
         let limit = self.args.link_buffer_bytes;
-        if !self
-            .peers
-            .get(&peer)
-            .is_some_and(|p| p.outbox.has_room(m.size() + 20 * targets.len(), limit))
-        {
+        let refused = match self.peers.get_mut(&peer) {
+            Some(p) if p.outbox.has_room(m.size() + 20 * targets.len(), limit) => {
+                p.outbox
+                    .open()
+                    .push(m.kind, m.origin, m.seq, m.ts, m.channel, m.payload, targets);
+                None
+            }
+            Some(_) => Some(DropReason::PeerBacklog),
+            None => Some(DropReason::PeerLost),
+        };
+        if let Some(reason) = refused {
             // Counted once per cell there that loses it, as the PUBLISH count has them.
             let multicatch = if for_multicatch {
                 u64::from(self.table.multicatch_at(m.kind, m.channel, peer))
@@ -402,18 +408,9 @@ impl Transmitter {
                 0
             };
             let cells = multicatch + targets.len() as u64;
-            let reason = if self.peers.contains_key(&peer) {
-                DropReason::PeerBacklog
-            } else {
-                DropReason::PeerLost
-            };
             self.metrics.drop(reason, cells.max(1));
             return false;
         }
-        let p = self.peers.get_mut(&peer).expect("checked above");
-        p.outbox
-            .open()
-            .push(m.kind, m.origin, m.seq, m.ts, m.channel, m.payload, targets);
         self.hot.out_peer.inc();
         self.hot.bytes_out_peer.inc_by(m.payload.len() as u64);
         if !dests.contains(&Link::Peer(peer)) {

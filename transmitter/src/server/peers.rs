@@ -630,6 +630,19 @@ mod tests {
         ));
     }
 
+    /// A cell of service "s" behind the peer on `conn`, subscribed to `channel` (CELL).
+    fn remote_cell(t: &mut Transmitter, conn: &Bytes, channel: &[u8]) {
+        let header = serde_json::to_vec(&wire::CellInfo {
+            id: Thid::random(),
+            service: "s".into(),
+            rules: Vec::new(),
+        })
+        .unwrap();
+        let cell = CommandFrame::new(Encoding::Binary, cmd::CELL, header).to_bytes();
+        let interest = wire::encode_interest([(Op::Add, Interest::Channel, channel)]);
+        t.on_router(inbound(conn, [cell, interest]));
+    }
+
     /// Our link to `peer` comes up (a DEALER connected to nothing: nothing is sent on it
     /// here).
     fn link_up(t: &mut Transmitter, peer: PeerId) {
@@ -743,15 +756,7 @@ mod tests {
         // The peer has a cell subscribed to `c`.
         let from_peer = conn(9);
         peer_hello(&mut t, &from_peer, "p", instance);
-        let header = serde_json::to_vec(&wire::CellInfo {
-            id: Thid::random(),
-            service: "s".into(),
-            rules: Vec::new(),
-        })
-        .unwrap();
-        let cell = CommandFrame::new(Encoding::Binary, cmd::CELL, header).to_bytes();
-        let interest = wire::encode_interest([(Op::Add, Interest::Channel, &b"c"[..])]);
-        t.on_router(inbound(&from_peer, [cell, interest]));
+        remote_cell(&mut t, &from_peer, b"c");
         // A local cell publishes for it; then our link to it closes, and the cell
         // publishes again meanwhile.
         let publisher = conn(1);
@@ -801,15 +806,7 @@ mod tests {
         peer_hello(&mut t, &from_peer, "p", instance);
         // Two multicatch cells behind the peer take `c`.
         for _ in 0..2 {
-            let header = serde_json::to_vec(&wire::CellInfo {
-                id: Thid::random(),
-                service: "s".into(),
-                rules: Vec::new(),
-            })
-            .unwrap();
-            let cell = CommandFrame::new(Encoding::Binary, cmd::CELL, header).to_bytes();
-            let interest = wire::encode_interest([(Op::Add, Interest::Channel, &b"c"[..])]);
-            t.on_router(inbound(&from_peer, [cell, interest]));
+            remote_cell(&mut t, &from_peer, b"c");
         }
         let publisher = conn(1);
         hello(&mut t, &publisher, Thid::random(), None);

@@ -12,6 +12,7 @@ use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DAT
 use thynapse_protocol::room::room_of;
 use thynapse_protocol::seal::{self, Sealer};
 use thynapse_rendezvous::wall_ms;
+use thynapse_telemetry::Throttle;
 use tokio::sync::{mpsc, watch};
 
 use super::{reply_json, Report, Transmitter};
@@ -71,7 +72,7 @@ pub(super) async fn announce(
     // forged `hosting` would assign rooms, a forged `peers` start connections).
     let mut points: Vec<SocketAddr> = Vec::new();
     let mut check = Answers::new(sealer);
-    let mut error_logged: Option<Instant> = None;
+    let mut error_said = Throttle::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -92,9 +93,7 @@ pub(super) async fn announce(
                     Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting { from, rooms },
                     Ok(Datagram::Error { error }) => {
                         // Said once a minute: it comes back with every announcement.
-                        let now = Instant::now();
-                        if error_logged.is_none_or(|at| now - at > Duration::from_secs(60)) {
-                            error_logged = Some(now);
+                        if error_said.ready(Duration::from_secs(60)) {
                             tracing::warn!("rendezvous: {error} (said once a minute)");
                         }
                         continue;
@@ -153,8 +152,8 @@ struct Answers {
     sealer: Option<Sealer>,
     asked: std::collections::VecDeque<String>,
     newest_hosting: Vec<(SocketAddr, u64)>,
-    /// The last time an unsealed answer was logged (said once per minute at most).
-    unsealed_logged: Option<Instant>,
+    /// A datagram not taken is logged once a minute at most.
+    refusal_said: Throttle,
 }
 
 impl Answers {
@@ -163,7 +162,7 @@ impl Answers {
             sealer,
             asked: Default::default(),
             newest_hosting: Vec::new(),
-            unsealed_logged: None,
+            refusal_said: Throttle::default(),
         }
     }
 
@@ -193,12 +192,7 @@ impl Answers {
                 (body, ts, true)
             }
             Err(e) => {
-                let now = Instant::now();
-                if self
-                    .unsealed_logged
-                    .is_none_or(|at| now - at > Duration::from_secs(60))
-                {
-                    self.unsealed_logged = Some(now);
+                if self.refusal_said.ready(Duration::from_secs(60)) {
                     let body = Datagram::parse(seal::open(datagram).0);
                     tracing::warn!(%from, "a datagram from the rendezvous not taken ({e}): {body:?}");
                 }
