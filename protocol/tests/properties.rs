@@ -10,8 +10,12 @@ use thynapse_protocol::batch::{
 };
 use thynapse_protocol::discovery::Datagram;
 use thynapse_protocol::frame::{CommandFrame, Encoding};
+use thynapse_protocol::seal::{Opener, Sealer};
 use thynapse_protocol::wire::{decode_interest, encode_interest, Interest, Op};
 use thynapse_protocol::Thid;
+
+/// A time for seals (ms since the epoch).
+const NOW: u64 = 1_800_000_000_000;
 
 fn kind() -> impl Strategy<Value = Kind> {
     prop_oneof![Just(Kind::Mesh), Just(Kind::Shard)]
@@ -143,6 +147,21 @@ proptest! {
     #[test]
     fn datagrams_never_panic(input in bytes(256)) {
         let _ = Datagram::parse(&input);
+    }
+
+    #[test]
+    fn seals_open_once_and_not_after_any_change(body in bytes(256), flip in any::<prop::sample::Index>()) {
+        let body: Vec<u8> = body.into_iter().filter(|b| *b != b'\n').collect();
+        let mut rv = Opener::new("m", vec![b"t".to_vec()], 0);
+        prop_assert!(rv.take(&body, NOW).is_err(), "unsealed");
+        let sealer = Sealer::peer(&[b"t".to_vec()], "m").unwrap();
+        let (sealed, _) = sealer.request(&body, NOW);
+        let mut changed = sealed.clone();
+        let at = flip.index(changed.len());
+        changed[at] ^= 0x01;
+        prop_assert!(rv.take(&changed, NOW).is_err(), "a changed byte at {}", at);
+        prop_assert_eq!(rv.take(&sealed, NOW).unwrap().body, &body[..]);
+        prop_assert!(rv.take(&sealed, NOW).is_err(), "taken once");
     }
 
     #[test]
