@@ -407,6 +407,9 @@ impl Server {
 
 /// Serves until the task is dropped. Prints `READY {"address": …}` on stdout once bound.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Before READY is printed: whoever reads READY and seals at once seals after this
+    // (a later start time refused the first requests of a fast client as replays).
+    let started_ms = wall_ms();
     let tokens = match &args.token_file {
         Some(path) => thynapse_process::read_tokens(path).map_err(anyhow::Error::msg)?,
         None => {
@@ -431,7 +434,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         allow_undeclared: !args.forbid_undeclared,
     };
     let mut server = Server {
-        opener: Opener::new(&args.mesh, tokens, wall_ms()),
+        opener: Opener::new(&args.mesh, tokens, started_ms),
         refusal_said: Default::default(),
         rooms: Rooms::new(&args.mesh, policy),
         mesh: args.mesh,
