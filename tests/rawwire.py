@@ -14,6 +14,8 @@ import threading
 import time
 
 import zmq
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from conftest import wait_for
 
@@ -36,6 +38,11 @@ def prove(key, role, nonce, context):
     """HMAC-SHA-256 over each part preceded by its length as a little-endian u64."""
     parts = b"".join(struct.pack("<Q", len(p)) + p for p in (role.encode(), nonce.encode(), context.encode()))
     return hmac.new(key, parts, hashlib.sha256).hexdigest()
+
+
+def parts_mac(key, parts):
+    """HMAC-SHA-256 over each part after its length as a little-endian u64."""
+    return hmac.new(key, b"".join(struct.pack("<Q", len(p)) + p for p in parts), hashlib.sha256).digest()
 
 
 def datagram_mac(key, role, context, ts, nonce, re, body):
@@ -82,6 +89,72 @@ def authenticate(sock, key, role, context, endpoint):
     assert cmd == "AUTD", (cmd, body)
     assert hmac.compare_digest(body["proof"], prove(key, "server", mine, bound)), "the server's proof is wrong"
     return body
+
+
+class Sealed:
+    """A DEALER on an encrypted connection (docs/protocol.md, "Encryption"): every message
+    one frame, `counter u64le ‖ ChaCha20-Poly1305(frames, each after its u32le length)`,
+    the nonce four zero bytes and the counter."""
+
+    def __init__(self, sock, send_key, recv_key):
+        self.sock, self.tx, self.rx = sock, ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
+        self.next, self.last = 0, -1
+
+    def seal(self, frames):
+        counter = struct.pack("<Q", self.next)
+        self.next += 1
+        plain = b"".join(struct.pack("<I", len(f)) + f for f in frames)
+        return counter + self.tx.encrypt(b"\0" * 4 + counter, plain, None)
+
+    def send_multipart(self, frames):
+        self.sock.send(self.seal(frames))
+
+    def send(self, frame):
+        self.send_multipart([frame])
+
+    def recv_multipart(self):
+        frames = self.sock.recv_multipart()
+        assert len(frames) == 1, f"not sealed: {frames[0][:200]}"
+        (counter,) = struct.unpack_from("<Q", frames[0])
+        assert counter > self.last, "a counter that does not grow"
+        self.last = counter
+        plain = self.rx.decrypt(b"\0" * 4 + frames[0][:8], frames[0][8:], None)
+        out, at = [], 0
+        while at < len(plain):
+            (n,) = struct.unpack_from("<I", plain, at)
+            out.append(plain[at + 4:at + 4 + n])
+            at += 4 + n
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def authenticate_encrypted(sock, key, role, context, endpoint):
+    """AUTH asking for encryption: an ephemeral X25519 key in the proof's answer, covered
+    by both proofs; the keys from the shared secret and the exchange. Returns the socket
+    wrapped (`Sealed`)."""
+    bound = f"{context}@{endpoint}"
+    private = X25519PrivateKey.generate()
+    mine = private.public_key().public_bytes_raw().hex()
+    sock.send(command("AUTH", {"role": role, "context": context}))
+    _, cmd, body, _ = recv_command(sock)
+    assert cmd == "CHAL", (cmd, body)
+    nonce, challenge = body["nonce"], os.urandom(16).hex()
+    sock.send(command("AUTH", {"role": role, "context": context, "nonce": nonce, "challenge": challenge,
+                               "proof": prove(key, role, nonce, f"{bound} encrypt {mine}"), "encrypt": mine}))
+    _, cmd, body, _ = recv_command(sock)
+    assert cmd == "AUTD", (cmd, body)
+    theirs = body["encrypt"]
+    expected = prove(key, "server", challenge, f"{bound} encrypt {mine} encrypt {theirs}")
+    assert hmac.compare_digest(body["proof"], expected), "the server's proof is wrong"
+    secret = private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(theirs)))
+    transcript = [x.encode() for x in (nonce, challenge, bound, mine, theirs)]
+
+    def direction(label):
+        return parts_mac(key, [b"thynapse encrypt", label, secret, *transcript])
+
+    return Sealed(sock, direction(b"client to server"), direction(b"server to client"))
 
 
 def dealer(ctx, endpoint, timeout_ms=5000):
@@ -169,9 +242,13 @@ def envelope_batch(batch, messages):
 class RawCell:
     """A cell on one DEALER: greets with HELO, then sends and reads what a test says."""
 
-    def __init__(self, ctx, endpoint, service="raw", cell_id=None, token=AUTO, identity=None, key=None, **hello):
+    def __init__(self, ctx, endpoint, service="raw", cell_id=None, token=AUTO, identity=None, key=None,
+                 encrypt=False, dial=None, **hello):
+        # `dial`: where to connect instead of `endpoint` (a relay); proofs stay bound to
+        # `endpoint`, the transmitter's.
         self.endpoint = endpoint
-        self.sock = dealer(ctx, endpoint)
+        self.encrypt = encrypt
+        self.sock = dealer(ctx, dial or endpoint)
         self.id = cell_id or os.urandom(20).hex()
         self.service = service
         # What AUTH proves: the Service, with its permissions when restricted (its key is
@@ -199,7 +276,10 @@ class RawCell:
         """AUTH with the Service key, once, when the mesh has a token."""
         if (self.token or self.key) and not self.authenticated:
             key = self.key or service_key(self.token, self.identity)
-            authenticate(self.sock, key, "cell", self.identity, self.endpoint)
+            if self.encrypt:
+                self.sock = authenticate_encrypted(self.sock, key, "cell", self.identity, self.endpoint)
+            else:
+                authenticate(self.sock, key, "cell", self.identity, self.endpoint)
             self.authenticated = True
 
     def send(self, cmd, body=None):

@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import redis
 import zmq
 
 from conftest import Subscriber, free_udp_query, mesh_yaml, metrics, until_routed, wait_for
-from rawwire import (FakePeer, RawCell, command, dealer, interest, mesh_key, prove, publish_records,
-                     recv_command, seal, service_key, unseal)
+from rawwire import (FakePeer, RawCell, command, dealer, interest, mesh_key, parse_command, prove,
+                     publish_records, recv_command, seal, service_key, unseal)
 
 
 @pytest.fixture
@@ -400,3 +401,95 @@ def test_a_restricted_cell_taking_over_an_id_keeps_only_the_subscriptions_it_may
     wait_for(lambda: "error" not in narrow.hello(expect=None), timeout=4, interval=0.1, what="the id taken over")
     assert writer.publish("secret", b"x") == 0, "a subscription it may not have was kept"
     assert writer.publish("news.a", b"x") == 1, "one it may have stays"
+
+
+class Relay:
+    """A TCP relay that keeps every byte it passes, both ways: what someone on the network
+    path between a cell and its transmitter sees."""
+
+    def __init__(self, target):
+        host, port = target.replace("tcp://", "").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.bytes = bytearray()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self):
+        return f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def seen(self):
+        with self.lock:
+            return bytes(self.bytes)
+
+    def _accept(self):
+        while True:
+            try:
+                inbound, _ = self.listener.accept()
+            except OSError:
+                return
+            outbound = socket.create_connection(self.target)
+            for a, b in ((inbound, outbound), (outbound, inbound)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while data := src.recv(65536):
+                with self.lock:
+                    self.bytes += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    def close(self):
+        self.listener.close()
+
+
+ENCRYPTED = "  security: {encryption: true}\n"
+SECRET = b"the launch code is 0000"
+
+
+def test_an_encrypted_mesh_hides_messages_on_the_wire_and_refuses_plain_connections(start_mesh, ctx):
+    m = start_mesh(mesh_yaml(name="enc", replicas=2, services=[("s", [])], extra=ENCRYPTED), cells={"s": 2})
+    t0, t1 = m.transmitter("enc-0"), m.transmitter("enc-1")
+    # Stock Redis clients, through sidecars whose links are encrypted (or refused).
+    a, b = (m.redis(c) for c in m.cells("s"))
+    sub = Subscriber(a, channels=["news"])
+    until_routed(b, "news", 1)
+    b.publish("news", b"through sidecars")
+    sub.wait_count(1, prefix=b"through")
+    # A cell that does not ask for encryption is refused, and counted.
+    before = refused(t0)
+    with pytest.raises(AssertionError, match="encrypts every connection"):
+        RawCell(ctx, t0["command"], service="s").authenticate()
+    assert refused(t0) == before + 1
+    # A cell written from docs/protocol.md, behind a relay that keeps every byte,
+    # subscribes on enc-1; another publishes on enc-0: across the peer link (encrypted,
+    # or the transmitters would not have linked), and back to the reader sealed.
+    relay = Relay(t1["command"])
+    try:
+        reader = RawCell(ctx, t1["command"], service="s", encrypt=True, dial=relay.endpoint)
+        reader.hello()
+        reader.subscribe(["secret"], sync=1)
+        writer = RawCell(ctx, t0["command"], service="s", encrypt=True)
+        writer.hello()
+        assert writer.publish(1, [("secret", SECRET)]) == [1]
+        [got] = reader.read_deliveries(1)
+        assert (got["channel"], got["payload"]) == (b"secret", SECRET)
+        seen = relay.seen()
+        assert b"AUTH" in seen, "the relay saw the exchange"
+        assert SECRET not in seen and b"secret" not in seen, "the message crossed the wire in clear"
+    finally:
+        relay.close()
+    # A sealed message changed on the way does not open: refused in clear, counted, and
+    # the connection has to authenticate again.
+    before = refused(t0)
+    sealed = bytearray(writer.sock.seal([command("PING")]))
+    sealed[-1] ^= 1
+    writer.sock.sock.send(bytes(sealed))
+    _, cmd, body, _ = parse_command(writer.sock.sock.recv_multipart())
+    assert cmd == "ERRR" and "authenticate again" in body["error"], body
+    assert refused(t0) == before + 1

@@ -435,7 +435,7 @@ pub async fn transmitter_rss_with_cells(
         if let Some(token) = token {
             let key = thynapse_protocol::auth::Key::service(token, "idle");
             let auth = thynapse_protocol::auth::ClientAuth::cell(key, "idle", command);
-            thynapse_link::authenticate(&mut s, &auth, Duration::from_secs(5)).await?;
+            thynapse_link::authenticate(&mut s, auth, Duration::from_secs(5)).await?;
         }
         let hello = Hello {
             id: Thid::random(),

@@ -102,6 +102,10 @@ pub struct TransmitterArgs {
     /// transmitter): every connection must then authenticate (docs/security.md).
     #[arg(long)]
     pub token_file: Option<String>,
+    /// Encrypt every connection: links to peers are, and cells and peers that do not
+    /// ask for it are refused (needs --token-file; docs/security.md, "Encryption").
+    #[arg(long, requires = "token_file")]
+    pub encrypt: bool,
 }
 
 impl TransmitterArgs {
@@ -127,7 +131,8 @@ impl ToArgs for TransmitterArgs {
             .flag("max-message-bytes", self.max_message_bytes)
             .flag("link-buffer-bytes", self.link_buffer_bytes)
             .flag("max-cells", self.max_cells)
-            .each("token-file", &self.token_file);
+            .each("token-file", &self.token_file)
+            .switch("encrypt", self.encrypt);
         a.0
     }
 }
@@ -224,6 +229,10 @@ pub struct SidecarArgs {
     /// all the operator gives its pod.
     #[arg(long)]
     pub service_key_file: Option<String>,
+    /// Encrypt every link to a transmitter (needs a token or Service key; docs/security.md,
+    /// "Encryption").
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 impl SidecarArgs {
@@ -255,7 +264,8 @@ impl ToArgs for SidecarArgs {
             )
             .flag("drain-seconds", self.drain_seconds)
             .each("token-file", &self.token_file)
-            .each("service-key-file", &self.service_key_file);
+            .each("service-key-file", &self.service_key_file)
+            .switch("encrypt", self.encrypt);
         a.0
     }
 }
@@ -350,6 +360,8 @@ mod tests {
         t.link_buffer_bytes = 65536;
         t.token_file = Some("/var/run/thynapse/token".into());
         round_trip(&t);
+        t.encrypt = true;
+        round_trip(&t);
 
         let mut s = SidecarArgs::new("m", "orders", "orders-0", &points);
         assert_eq!(s.resp_bind.port(), 6379);
@@ -357,6 +369,7 @@ mod tests {
         s.rules = DeliveryRules(vec![DeliveryRule::new("jobs.*", Mode::Anycatch)]);
         s.prefer_transmitter = Some("m-1".into());
         s.service_key_file = Some("/var/run/thynapse/service-key".into());
+        s.encrypt = true;
         round_trip(&s);
         s.permissions.0.subscribe = Some(vec!["news.*".into()]);
         round_trip(&s);

@@ -15,6 +15,8 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::crypt::{Channel, CryptError, Ephemeral, Side};
+
 /// An HMAC-SHA-256 computation, finished by the caller (`finalize` or `verify_slice`).
 pub type HmacSha256 = Hmac<Sha256>;
 
@@ -101,6 +103,27 @@ pub fn bound_to(context: &str, server: &str) -> String {
     format!("{context}@{server}")
 }
 
+/// What the proofs of an encrypted connection are over: the bound and the ephemeral
+/// public keys (the client's in its proof, both in the server's), so that nobody in
+/// between can swap them or strip the request for encryption.
+pub fn bound_with_keys(bound: &str, public_keys: &[&str]) -> String {
+    public_keys
+        .iter()
+        .fold(bound.to_string(), |b, k| format!("{b} encrypt {k}"))
+}
+
+/// What an encrypted connection's keys are derived over, besides the Diffie–Hellman
+/// secret: the whole exchange, as both ends saw it.
+pub fn transcript<'a>(
+    server_nonce: &'a str,
+    challenge: &'a str,
+    bound: &'a str,
+    client_key: &'a str,
+    server_key: &'a str,
+) -> [&'a [u8]; 5] {
+    [server_nonce, challenge, bound, client_key, server_key].map(str::as_bytes)
+}
+
 /// The tokens of a mesh from a token file: one per non-empty line (two during a
 /// rotation; the first is the one this process proves with).
 pub fn tokens_from(text: &str) -> Vec<Vec<u8>> {
@@ -174,6 +197,10 @@ pub struct ClientAuth {
     /// The context and the server dialed: what the proofs are over.
     bound: String,
     challenge: String,
+    /// Our ephemeral key, when we ask for encryption.
+    ephemeral: Option<Ephemeral>,
+    /// The server's nonce, once `CHAL` came.
+    server_nonce: String,
 }
 
 /// Why a server was not accepted (or refused us).
@@ -185,6 +212,10 @@ pub enum AuthError {
     Unexpected(String),
     #[error("the server's proof is wrong: it does not hold the mesh token")]
     BadServerProof,
+    #[error("the server did not agree to encrypt the connection")]
+    NotEncrypted,
+    #[error("encryption: {0}")]
+    Crypt(#[from] CryptError),
 }
 
 impl ClientAuth {
@@ -206,7 +237,15 @@ impl ClientAuth {
             context: context.to_string(),
             bound: bound_to(context, server),
             challenge: nonce(),
+            ephemeral: None,
+            server_nonce: String::new(),
         }
+    }
+
+    /// Asks that the connection be encrypted: `on_done` then gives its channel.
+    pub fn encrypted(mut self) -> ClientAuth {
+        self.ephemeral = Some(Ephemeral::new());
+        self
     }
 
     /// `J AUTH` asking for a challenge.
@@ -217,34 +256,62 @@ impl ClientAuth {
             nonce: None,
             proof: None,
             challenge: None,
+            encrypt: None,
         };
         json_frame(crate::wire::cmd::AUTH, &auth)
     }
 
+    fn public_key(&self) -> Option<&str> {
+        self.ephemeral.as_ref().map(Ephemeral::public)
+    }
+
     /// The answer to `CHAL`: the proof over its nonce, and our own challenge.
-    pub fn on_challenge(&self, frame: &[u8]) -> Result<Vec<u8>, AuthError> {
+    pub fn on_challenge(&mut self, frame: &[u8]) -> Result<Vec<u8>, AuthError> {
         let chal: crate::wire::Challenge = expect(frame, crate::wire::cmd::CHAL)?;
+        let mine: Vec<&str> = self.public_key().into_iter().collect();
+        let over = bound_with_keys(&self.bound, &mine);
         let auth = crate::wire::Auth {
             role: self.role.into(),
             context: self.context.clone(),
-            proof: Some(self.key.prove(self.role, &chal.nonce, &self.bound)),
-            nonce: Some(chal.nonce),
+            proof: Some(self.key.prove(self.role, &chal.nonce, &over)),
+            nonce: Some(chal.nonce.clone()),
             challenge: Some(self.challenge.clone()),
+            encrypt: self.public_key().map(str::to_string),
         };
+        self.server_nonce = chal.nonce;
         Ok(json_frame(crate::wire::cmd::AUTH, &auth))
     }
 
-    /// Checks `AUTD`: the server proved it holds the same key.
-    pub fn on_done(&self, frame: &[u8]) -> Result<(), AuthError> {
+    /// Checks `AUTD`: the server proved it holds the same key. When we asked for
+    /// encryption, the connection's channel (and a server that did not agree is refused).
+    pub fn on_done(&mut self, frame: &[u8]) -> Result<Option<Channel>, AuthError> {
         let done: crate::wire::Authenticated = expect(frame, crate::wire::cmd::AUTD)?;
-        if self
+        let keys: Vec<&str> = self
+            .public_key()
+            .into_iter()
+            .chain(done.encrypt.as_deref())
+            .collect();
+        let over = bound_with_keys(&self.bound, &keys);
+        if !self
             .key
-            .verify("server", &self.challenge, &self.bound, &done.proof)
+            .verify("server", &self.challenge, &over, &done.proof)
         {
-            Ok(())
-        } else {
-            Err(AuthError::BadServerProof)
+            return Err(AuthError::BadServerProof);
         }
+        let Some(ephemeral) = self.ephemeral.take() else {
+            return Ok(None);
+        };
+        let theirs = done.encrypt.as_deref().ok_or(AuthError::NotEncrypted)?;
+        let mine = ephemeral.public().to_string();
+        let t = transcript(
+            &self.server_nonce,
+            &self.challenge,
+            &self.bound,
+            &mine,
+            theirs,
+        );
+        let channel = ephemeral.agree(theirs, Side::Client, &self.key, &t)?;
+        Ok(Some(channel))
     }
 }
 
@@ -331,7 +398,7 @@ mod tests {
     fn a_client_and_a_server_prove_themselves_to_each_other() {
         let token = b"token".to_vec();
         let server_at = "tcp://10.0.0.1:7000";
-        let client = ClientAuth::cell(Key::service(&token, "orders"), "orders", server_at);
+        let mut client = ClientAuth::cell(Key::service(&token, "orders"), "orders", server_at);
         let asked: crate::wire::Auth = decode(&client.hello());
         assert_eq!((asked.role.as_str(), asked.proof), ("cell", None));
         // The server's side, as the transmitter does it.
@@ -364,9 +431,12 @@ mod tests {
         let proof = key.prove("server", auth.challenge.as_deref().unwrap(), &bound);
         let done = json_frame(
             crate::wire::cmd::AUTD,
-            &crate::wire::Authenticated { proof },
+            &crate::wire::Authenticated {
+                proof,
+                encrypt: None,
+            },
         );
-        client.on_done(&done).unwrap();
+        assert!(client.on_done(&done).unwrap().is_none(), "not encrypted");
         // A server without the token cannot prove itself; a refusal reads as one.
         let forged = Key::service(b"guess", "orders").prove(
             "server",
@@ -375,7 +445,10 @@ mod tests {
         );
         let done = json_frame(
             crate::wire::cmd::AUTD,
-            &crate::wire::Authenticated { proof: forged },
+            &crate::wire::Authenticated {
+                proof: forged,
+                encrypt: None,
+            },
         );
         assert!(matches!(
             client.on_done(&done),

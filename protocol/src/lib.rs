@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod batch;
 pub mod credit;
+pub mod crypt;
 pub mod dedup;
 pub mod delivery;
 pub mod discovery;

@@ -55,6 +55,10 @@ pub struct Auth {
     /// The client's nonce, for the server to prove itself over in `AUTD`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub challenge: Option<String>,
+    /// With the proof: the client's ephemeral X25519 public key (64 hex), asking that
+    /// the connection be encrypted (`crate::crypt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<String>,
 }
 
 /// `J CHAL`: the server's nonce.
@@ -67,6 +71,10 @@ pub struct Challenge {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Authenticated {
     pub proof: String,
+    /// The server's ephemeral X25519 public key, when the client asked for encryption:
+    /// every later message is sealed (`crate::crypt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<String>,
 }
 
 /// Where a cell wants its messages: on its own command connection (reliable, batched,

@@ -24,6 +24,7 @@ pub fn transmitter(
     a.expiry_multiplier = spec.rendezvous.expiry_multiplier;
     a.max_message_bytes = size(spec.limits.max_message_bytes);
     a.link_buffer_bytes = size(spec.limits.link_buffer_bytes);
+    a.encrypt = spec.security.encryption;
     a
 }
 
@@ -43,6 +44,7 @@ pub fn sidecar(
     a.expiry_multiplier = spec.rendezvous.expiry_multiplier;
     a.max_message_bytes = size(spec.limits.max_message_bytes);
     a.client_output_buffer_bytes = size(spec.limits.client_output_buffer_bytes);
+    a.encrypt = spec.security.encryption;
     a
 }
 
@@ -73,7 +75,7 @@ mod tests {
     #[test]
     fn flags_follow_the_spec() {
         let spec: TransmitterMeshSpec = serde_yaml::from_str(
-            "replicas: 1\nrendezvous: {announceIntervalMs: 250}\nrooms: {allowUndeclared: false, defaultReplicas: 3}\nlimits: {linkBufferBytes: 65536}",
+            "replicas: 1\nrendezvous: {announceIntervalMs: 250}\nrooms: {allowUndeclared: false, defaultReplicas: 3}\nlimits: {linkBufferBytes: 65536}\nsecurity: {encryption: true}",
         )
         .unwrap();
         let points = ["udp://a:1".to_string()];
@@ -87,6 +89,7 @@ mod tests {
             (250, 3, 1048576)
         );
         assert_eq!(t.link_buffer_bytes, 65536);
+        assert!(t.encrypt);
         assert_eq!(t.rendezvous, points);
         let orders: ServiceSpec =
             serde_json::from_str(r#"{"mesh": "m", "permissions": {"publish": ["orders.*"]}}"#)
@@ -95,6 +98,7 @@ mod tests {
         assert_eq!(s.client_output_buffer_bytes, 33554432);
         assert_eq!(s.permissions.0.publish, Some(vec!["orders.*".to_string()]));
         assert_eq!(s.announce_interval_ms, 250);
+        assert!(s.encrypt);
         let r = rendezvous("m", &spec, [("lobby", None), ("game", Some(1))]);
         assert!(r.forbid_undeclared);
         assert_eq!(r.default_replicas, 3);

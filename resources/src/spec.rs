@@ -49,6 +49,20 @@ pub struct TransmitterMeshSpec {
     /// Who may scrape the transmitters' and rendezvous points' metrics (cluster mode).
     #[serde(default)]
     pub metrics: MetricsSpec,
+    #[serde(default)]
+    pub security: SecuritySpec,
+}
+
+/// How the mesh protects its traffic beyond authentication (docs/security.md).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecuritySpec {
+    /// Encrypt every connection to a transmitter (ChaCha20-Poly1305, keys per connection
+    /// from an X25519 exchange and the token): transmitters refuse the ones that do not
+    /// ask, sidecars ask. Not needed where the cluster encrypts pod traffic already (a
+    /// CNI with WireGuard or IPsec); a change reaches cells as their pods restart.
+    #[serde(default)]
+    pub encryption: bool,
 }
 
 /// The metrics port, as the mesh's NetworkPolicy opens it.

@@ -60,6 +60,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let interest_bytes = Arc::new(AtomicUsize::new(0));
     let identity = args.permissions.0.identity(&args.service);
     let service_key = service_key(&args, &identity)?;
+    if args.encrypt && service_key.is_none() {
+        anyhow::bail!(
+            "--encrypt needs --service-key-file or --token-file: the keys are derived from it"
+        );
+    }
     let cfg = HubConfig {
         mesh: args.mesh.clone(),
         service: args.service.clone(),
@@ -77,6 +82,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         interest_bytes: interest_bytes.clone(),
         service_key,
         identity,
+        encrypt: args.encrypt,
     };
     let (hub_tx, hub_rx) = mpsc::channel(1024);
     let shutdown = Arc::new(Notify::new());

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use thynapse_protocol::permissions::Permissions;
 
 use bytes::Bytes;
-use thynapse_protocol::auth::{bound_to, nonce, Verifier};
+use thynapse_protocol::auth::{bound_to, bound_with_keys, nonce, transcript, Verifier};
+use thynapse_protocol::crypt::{Channel, Ephemeral, Side};
 use thynapse_protocol::wire::Auth;
+use zeromq::ZmqMessage;
 
 /// Challenges waiting for an answer; past this the oldest is dropped.
 pub const MAX_PENDING: usize = 4096;
@@ -29,12 +31,13 @@ pub enum Party {
     Peer,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Send `CHAL` with this nonce.
     Challenge(String),
-    /// Send `AUTD` with this proof of our own: the connection may speak as `Party`.
-    Passed(Party, String),
+    /// Send `AUTD` with this proof of our own (and our public key when the connection
+    /// is encrypted from now on): the connection may speak as `Party`.
+    Passed(Party, String, Option<String>),
     /// Send `ERRR` with this; counted.
     Refused(&'static str),
 }
@@ -45,8 +48,18 @@ pub struct Gate {
     mesh: String,
     /// This transmitter's command endpoint, as announced: proofs are bound to it.
     endpoint: String,
+    /// Whether a connection that does not ask for encryption is refused.
+    require_encryption: bool,
     pending: HashMap<Bytes, (String, Instant)>,
-    passed: HashMap<Bytes, (Party, Instant)>,
+    passed: HashMap<Bytes, Passed>,
+}
+
+/// An authenticated connection.
+struct Passed {
+    party: Party,
+    heard: Instant,
+    /// Boxed: two key schedules, which plain connections do not pay for.
+    channel: Option<Box<Channel>>,
 }
 
 impl Gate {
@@ -57,6 +70,12 @@ impl Gate {
             endpoint: endpoint.to_string(),
             ..Gate::default()
         }
+    }
+
+    /// Refuses connections that do not ask for encryption (`--encrypt`).
+    pub fn requiring_encryption(mut self, required: bool) -> Gate {
+        self.require_encryption = required;
+        self
     }
 
     /// Whether connections must authenticate (the mesh has a token).
@@ -71,15 +90,20 @@ impl Gate {
 
     /// What a connection proved, if it did.
     pub fn party(&self, identity: &Bytes) -> Option<&Party> {
-        self.passed.get(identity).map(|(p, _)| p)
+        self.passed.get(identity).map(|p| &p.party)
+    }
+
+    /// The channel of a connection that asked for encryption.
+    pub fn channel(&mut self, identity: &Bytes) -> Option<&mut Channel> {
+        self.passed.get_mut(identity)?.channel.as_deref_mut()
     }
 
     /// Whether a connection proved something, noting that it was heard now (it is pruned
     /// only after a silence, never while in use).
     pub fn admit(&mut self, identity: &Bytes, now: Instant) -> bool {
         match self.passed.get_mut(identity) {
-            Some((_, heard)) => {
-                *heard = now;
+            Some(p) => {
+                p.heard = now;
                 true
             }
             None => false,
@@ -122,10 +146,17 @@ impl Gate {
             "peer" => return Outcome::Refused("AUTH refused: another mesh"),
             _ => return Outcome::Refused("AUTH refused: role is \"cell\" or \"peer\""),
         };
+        let client_key = auth.encrypt.as_deref();
+        if self.require_encryption && client_key.is_none() {
+            return Outcome::Refused(
+                "AUTH refused: this mesh encrypts every connection; ask with \"encrypt\" (docs/protocol.md, \"Encryption\")",
+            );
+        }
         let bound = bound_to(&auth.context, &self.endpoint);
+        let over = bound_with_keys(&bound, &Vec::from_iter(client_key));
         let Some(key) = self
             .verifier
-            .check_bound(&auth.role, &auth.context, &n, &bound, proof)
+            .check_bound(&auth.role, &auth.context, &n, &over, proof)
         else {
             return Outcome::Refused(
                 "AUTH refused: wrong proof (another token, another Service's key, or made for another transmitter's endpoint)",
@@ -134,9 +165,61 @@ impl Gate {
         if self.passed.len() >= MAX_PASSED && !self.passed.contains_key(identity) {
             return Outcome::Refused("AUTH refused: too many connections");
         }
-        let ours = key.prove("server", auth.challenge.as_deref().unwrap_or(""), &bound);
-        self.passed.insert(identity.clone(), (party.clone(), now));
-        Outcome::Passed(party, ours)
+        let challenge = auth.challenge.as_deref().unwrap_or("");
+        let (channel, server_key) =
+            match client_key {
+                None => (None, None),
+                Some(theirs) => {
+                    let ephemeral = Ephemeral::new();
+                    let mine = ephemeral.public().to_string();
+                    let t = transcript(&n, challenge, &bound, theirs, &mine);
+                    match ephemeral.agree(theirs, Side::Server, &key, &t) {
+                        Ok(c) => (Some(Box::new(c)), Some(mine)),
+                        Err(_) => return Outcome::Refused(
+                            "AUTH refused: \"encrypt\" is not an X25519 public key (64 hex digits)",
+                        ),
+                    }
+                }
+            };
+        let keys: Vec<&str> = client_key
+            .into_iter()
+            .chain(server_key.as_deref())
+            .collect();
+        let ours = key.prove("server", challenge, &bound_with_keys(&bound, &keys));
+        let heard = now;
+        let passed = Passed {
+            party: party.clone(),
+            heard,
+            channel,
+        };
+        self.passed.insert(identity.clone(), passed);
+        Outcome::Passed(party, ours, server_key)
+    }
+
+    /// `m` (to the connection its first frame names) as that connection carries it:
+    /// sealed when it is encrypted. None when it cannot be (a counter run out: never in
+    /// practice; the connection is forgotten).
+    pub fn seal(&mut self, m: ZmqMessage) -> Option<ZmqMessage> {
+        let identity = m.get(0)?.clone();
+        let Some(channel) = self.channel(&identity) else {
+            return Some(m);
+        };
+        // AUTD goes in clear: it carries the key the client derives the channel from.
+        if m.get(1).is_some_and(|f| f.starts_with(b"J AUTD")) {
+            return Some(m);
+        }
+        match channel.seal.seal(m.iter().skip(1).map(|f| &f[..])) {
+            Ok(sealed) => {
+                let mut out = ZmqMessage::from(identity);
+                out.push_back(sealed);
+                Some(out)
+            }
+            Err(e) => {
+                tracing::warn!("not sent: {e}");
+                self.forget(&identity);
+                None
+            }
+        }
     }
 
     /// Forgets a connection that is gone.
@@ -151,7 +234,7 @@ impl Gate {
         self.pending
             .retain(|_, (_, at)| now.duration_since(*at) <= max_age);
         self.passed
-            .retain(|id, (_, at)| now.duration_since(*at) <= max_age || in_use(id));
+            .retain(|id, p| now.duration_since(p.heard) <= max_age || in_use(id));
     }
 }
 
@@ -173,6 +256,7 @@ mod tests {
             nonce: None,
             proof: None,
             challenge: None,
+            encrypt: None,
         }
     }
 
@@ -195,7 +279,7 @@ mod tests {
         };
         let key = Key::service(b"token", "orders");
         let passed = g.on_auth(&conn, &answer(&key, "cell", "orders", &n), now);
-        let Outcome::Passed(party, proof) = passed else {
+        let Outcome::Passed(party, proof, None) = passed else {
             panic!("{passed:?}")
         };
         assert_eq!(party, Party::Cell("orders".into(), Default::default()));
@@ -258,6 +342,100 @@ mod tests {
         g.on_auth(&b, &ask("peer", "demo"), now);
         let outcome = g.on_auth(&b, &answer(&Key::mesh(b"token"), "peer", "demo", &n), now);
         assert!(matches!(outcome, Outcome::Refused(_)), "{outcome:?}");
+    }
+
+    /// The client's side as sidecars run it, against the gate: `(gate's outcome of the
+    /// proof, what the client made of AUTD)`.
+    fn exchange(
+        g: &mut Gate,
+        conn: &Bytes,
+        encrypted: bool,
+        tamper: impl FnOnce(&mut Auth),
+    ) -> (
+        Outcome,
+        Option<Result<Option<Channel>, thynapse_protocol::auth::AuthError>>,
+    ) {
+        use thynapse_protocol::auth::ClientAuth;
+        use thynapse_protocol::frame::CommandFrame;
+        use thynapse_protocol::wire::{cmd, Authenticated, Challenge};
+        let now = Instant::now();
+        let client = ClientAuth::cell(Key::service(b"token", "orders"), "orders", AT);
+        let mut client = if encrypted {
+            client.encrypted()
+        } else {
+            client
+        };
+        let Outcome::Challenge(nonce) = g.on_auth(conn, &ask("cell", "orders"), now) else {
+            panic!()
+        };
+        let chal = CommandFrame::json(cmd::CHAL, &Challenge { nonce }).to_bytes();
+        let answer = Bytes::from(client.on_challenge(&chal).unwrap());
+        let mut auth: Auth = CommandFrame::parse(&answer).unwrap().decode_json().unwrap();
+        tamper(&mut auth);
+        let outcome = g.on_auth(conn, &auth, now);
+        let Outcome::Passed(_, proof, encrypt) = outcome.clone() else {
+            return (outcome, None);
+        };
+        let done = CommandFrame::json(cmd::AUTD, &Authenticated { proof, encrypt }).to_bytes();
+        (outcome, Some(client.on_done(&done)))
+    }
+
+    #[test]
+    fn an_encrypted_connection_seals_everything_after_autd_both_ways() {
+        let mut g = gate().requiring_encryption(true);
+        let conn = Bytes::from_static(b"cell");
+        let (outcome, done) = exchange(&mut g, &conn, true, |_| {});
+        assert!(
+            matches!(outcome, Outcome::Passed(_, _, Some(_))),
+            "{outcome:?}"
+        );
+        let mut client = done.unwrap().unwrap().expect("a channel");
+        // Server to client: AUTD itself in clear, then sealed.
+        let autd = ZmqMessage::try_from(vec![conn.clone(), Bytes::from("J AUTD {}")]).unwrap();
+        assert_eq!(g.seal(autd.clone()).unwrap().into_vec(), autd.into_vec());
+        let pong = ZmqMessage::try_from(vec![conn.clone(), Bytes::from("J PONG {}")]).unwrap();
+        let sealed = g.seal(pong).unwrap();
+        assert_eq!(sealed.len(), 2);
+        assert_eq!(
+            client.open.open(&sealed.get(1).unwrap()[..]).unwrap(),
+            [Bytes::from("J PONG {}")]
+        );
+        // Client to server.
+        let ping = client.seal.seal([&b"J PING {}"[..]]).unwrap();
+        let opened = g.channel(&conn).unwrap().open.open(&ping).unwrap();
+        assert_eq!(opened, [Bytes::from("J PING {}")]);
+        // Another connection's messages are not sealed.
+        let other = ZmqMessage::try_from(vec![Bytes::from("x"), Bytes::from("J PONG {}")]).unwrap();
+        assert_eq!(g.seal(other.clone()).unwrap().into_vec(), other.into_vec());
+    }
+
+    #[test]
+    fn encryption_cannot_be_stripped_swapped_or_skipped() {
+        let conn = Bytes::from_static(b"cell");
+        // Required, not asked.
+        let (outcome, _) = exchange(&mut gate().requiring_encryption(true), &conn, false, |_| {});
+        assert!(
+            matches!(outcome, Outcome::Refused(why) if why.contains("encrypts")),
+            "{outcome:?}"
+        );
+        // Asked, the request stripped in between: the proof covered it.
+        let (outcome, _) = exchange(&mut gate(), &conn, true, |a| a.encrypt = None);
+        assert!(
+            matches!(outcome, Outcome::Refused(why) if why.contains("wrong proof")),
+            "{outcome:?}"
+        );
+        // Asked, the client's key swapped for one in between's: the proof covered it.
+        let theirs = Ephemeral::new().public().to_string();
+        let (outcome, _) = exchange(&mut gate(), &conn, true, |a| a.encrypt = Some(theirs));
+        assert!(matches!(outcome, Outcome::Refused(_)), "{outcome:?}");
+        // Not required and not asked: a plain connection, no channel.
+        let mut g = gate();
+        let (outcome, done) = exchange(&mut g, &conn, false, |_| {});
+        assert!(matches!(outcome, Outcome::Passed(_, _, None)));
+        assert!(done.unwrap().unwrap().is_none() && g.channel(&conn).is_none());
+        // Not required, asked: encrypted.
+        let (_, done) = exchange(&mut g, &Bytes::from_static(b"b"), true, |_| {});
+        assert!(done.unwrap().unwrap().is_some());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use thynapse_protocol::batch::{decode_acks, decode_envelopes};
 use thynapse_protocol::frame::CommandFrame;
 use thynapse_protocol::room::room_of;
 use thynapse_protocol::wire::{self, cmd, Interest, Op};
-use zeromq::{SocketSend, ZmqMessage};
+use zeromq::ZmqMessage;
 
 use super::delivery::Subscriptions;
 use super::{Hub, HubConfig, CONFIRM_BOUND_EXPIRIES, ROOM_IDLE};
@@ -52,6 +52,7 @@ impl Hub {
                 .service_key
                 .clone()
                 .map(|k| (k, self.cfg.identity.clone())),
+            encrypt: self.cfg.encrypt,
         };
         tokio::spawn(session::connect(plan, self.link_tx.clone()));
     }
@@ -137,7 +138,7 @@ impl Hub {
         key: SessionKey,
         generation: u64,
         name: String,
-        sender: zeromq::DealerSendHalf,
+        sender: thynapse_link::LinkSender,
     ) {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;

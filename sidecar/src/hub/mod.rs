@@ -31,7 +31,7 @@ use thynapse_protocol::room::room_of;
 use thynapse_protocol::wire::Op;
 use thynapse_protocol::{glob, DeliveryRule, Thid};
 use tokio::sync::{mpsc, Notify};
-use zeromq::{SocketSend, ZmqMessage};
+use zeromq::ZmqMessage;
 
 pub use crate::api::{ClientHandle, ClientId, ClientPublishes, HubCmd, HubInfo, Out, SubKind};
 use crate::metrics::Metrics;
@@ -61,6 +61,8 @@ pub struct HubConfig {
     /// What the key proves: the Service and its permissions
     /// (`thynapse_protocol::permissions::Permissions::identity`).
     pub identity: String,
+    /// Every link asks to be encrypted (`--encrypt`).
+    pub encrypt: bool,
 }
 
 /// Publishes not yet acknowledged (all sessions) beyond which the hub stops taking new ones.
@@ -551,6 +553,7 @@ mod tests {
             interest_bytes: Arc::default(),
             service_key: None,
             identity: "s".into(),
+            encrypt: false,
         };
         Hub::new(cfg, Metrics::new())
     }
@@ -679,7 +682,7 @@ mod tests {
         // What it sends a new transmitter after a move: every publish not acknowledged.
         let s = hub.sessions.get_mut(&None).unwrap();
         assert!(s.begin_connect(1).is_some());
-        let (sender, _) = zeromq::DealerSocket::new().split();
+        let (sender, _) = thynapse_link::split(zeromq::DealerSocket::new(), None);
         assert!(s.linked(1, "t2".into(), sender, bare_frame(cmd::HELO), Vec::new()));
         let mut out = Vec::new();
         s.outgoing(&mut out);
@@ -709,7 +712,7 @@ mod tests {
         let mut hub = hub(expiry, 32 << 20);
         let s = hub.session(&None);
         assert!(s.begin_connect(1).is_some());
-        let (sender, _) = zeromq::DealerSocket::new().split();
+        let (sender, _) = thynapse_link::split(zeromq::DealerSocket::new(), None);
         assert!(s.linked(1, "t1".into(), sender, bare_frame(cmd::HELO), Vec::new()));
         let dlvr = |batch| {
             let mut w = EnvelopeBatchWriter::default();

@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
+use thynapse_link::LinkSender;
 use thynapse_protocol::auth::{ClientAuth, Key};
 use thynapse_protocol::discovery::{Datagram, TransmitterInfo};
 use thynapse_protocol::limits::wire_limit;
 use thynapse_protocol::seal::Sealer;
 use thynapse_protocol::Thid;
 use tokio::sync::mpsc;
-use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, ZmqMessage};
+use zeromq::{DealerSocket, Socket, SocketOptions, ZmqMessage};
 
 use super::SessionKey;
 
@@ -24,7 +25,7 @@ pub enum LinkEvent {
         key: SessionKey,
         generation: u64,
         name: String,
-        sender: DealerSendHalf,
+        sender: LinkSender,
     },
     /// No link this time. `refused` is the rendezvous' reason when it will not place the
     /// room; `avoid` a transmitter that did not answer.
@@ -56,6 +57,8 @@ pub struct ConnectPlan {
     /// The Service key and the identity (Service and permissions) every link proves, when
     /// the mesh is authenticated.
     pub auth: Option<(Key, String)>,
+    /// Whether the link asks to be encrypted (with `auth` only).
+    pub encrypt: bool,
 }
 
 /// Finds a transmitter for the session and opens a DEALER to it; the reader it starts
@@ -92,25 +95,30 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
     let mut connected = socket
         .connect(&target.command)
         .await
+        .map(|()| None)
         .map_err(anyhow::Error::from);
-    if let (Ok(()), Some((key, identity))) = (&connected, &plan.auth) {
+    if let (Ok(_), Some((key, identity))) = (&connected, &plan.auth) {
         let wait = plan.heartbeat * 4;
         let auth = ClientAuth::cell(key.clone(), identity, &target.command);
-        connected = thynapse_link::authenticate(&mut socket, &auth, wait).await;
+        let auth = if plan.encrypt { auth.encrypted() } else { auth };
+        connected = thynapse_link::authenticate(&mut socket, auth, wait).await;
     }
-    if let Err(e) = connected {
-        tracing::warn!(transmitter = %target.name, "connect failed: {e:#}");
-        let _ = events
-            .send(LinkEvent::Failed {
-                key,
-                generation,
-                refused: None,
-                avoid: Some(target.name),
-            })
-            .await;
-        return;
-    }
-    let (sender, mut receiver) = socket.split();
+    let channel = match connected {
+        Ok(channel) => channel,
+        Err(e) => {
+            tracing::warn!(transmitter = %target.name, "connect failed: {e:#}");
+            let _ = events
+                .send(LinkEvent::Failed {
+                    key,
+                    generation,
+                    refused: None,
+                    avoid: Some(target.name),
+                })
+                .await;
+            return;
+        }
+    };
+    let (sender, mut receiver) = thynapse_link::split(socket, channel);
     let reader_events = events.clone();
     let reader_key = key.clone();
     tokio::spawn(async move {
@@ -122,7 +130,8 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
                         return;
                     }
                 }
-                Err(_) => {
+                Err(e) => {
+                    tracing::debug!(room = ?reader_key, "link closed: {e:#}");
                     let _ = reader_events
                         .send(LinkEvent::Closed(reader_key, generation))
                         .await;

@@ -23,7 +23,7 @@ use thynapse_protocol::limits::BATCH_BYTES;
 use thynapse_protocol::wire::{cmd, Interest, Op};
 use thynapse_protocol::Thid;
 use tokio::sync::oneshot;
-use zeromq::{DealerSendHalf, ZmqMessage};
+use zeromq::ZmqMessage;
 
 use crate::api::ClientId;
 use crate::confirm::Confirmations;
@@ -121,7 +121,7 @@ pub enum Heard {
     NotOurs,
 }
 
-pub struct Session<S = DealerSendHalf> {
+pub struct Session<S = thynapse_link::LinkSender> {
     /// The HELO id, and the origin receivers deduplicate this session's messages by.
     pub id: Thid,
     pub room: Option<String>,

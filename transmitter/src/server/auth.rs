@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thynapse_protocol::permissions::Permissions;
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
+use thynapse_protocol::crypt::CryptError;
 use thynapse_protocol::frame::CommandFrame;
 use thynapse_protocol::wire::{self, cmd};
 
@@ -44,12 +47,38 @@ impl Transmitter {
                 self.replies
                     .push(reply_json(identity, cmd::CHAL, &wire::Challenge { nonce }))
             }
-            Outcome::Passed(_, proof) => self.replies.push(reply_json(
+            Outcome::Passed(_, proof, encrypt) => self.replies.push(reply_json(
                 identity,
                 cmd::AUTD,
-                &wire::Authenticated { proof },
+                &wire::Authenticated { proof, encrypt },
             )),
             Outcome::Refused(why) => self.refuse(identity, why),
+        }
+    }
+
+    /// The frames of a message from `identity`, opened when its connection is encrypted.
+    /// None when it does not open: the connection is forgotten (it must authenticate
+    /// again), told so in clear, and counted.
+    pub(super) fn open_sealed(
+        &mut self,
+        identity: &Bytes,
+        frames: VecDeque<Bytes>,
+    ) -> Option<VecDeque<Bytes>> {
+        let Some(channel) = self.gate.channel(identity) else {
+            return Some(frames);
+        };
+        let opened = match (frames.len(), frames.front()) {
+            (1, Some(sealed)) => channel.open.open(sealed),
+            _ => Err(CryptError::Framing),
+        };
+        match opened {
+            Ok(frames) => Some(frames.into()),
+            Err(e) => {
+                self.gate.forget(identity);
+                let why = format!("{e} on an encrypted connection: authenticate again");
+                self.refuse(identity, &why);
+                None
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use thynapse_protocol::frame::CommandFrame;
 use thynapse_protocol::wire::{self, cmd};
 use thynapse_protocol::Thid;
-use zeromq::{SocketSend, ZmqMessage};
+use zeromq::ZmqMessage;
 
 use super::{reply_json, Transmitter};
 use crate::routing::PeerId;

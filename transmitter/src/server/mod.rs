@@ -139,7 +139,7 @@ pub(super) enum Report {
     PeerConnected {
         peer: PeerId,
         generation: u64,
-        sender: zeromq::DealerSendHalf,
+        sender: thynapse_link::LinkSender,
     },
     PeerConnectFailed {
         peer: PeerId,
@@ -239,7 +239,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         reports_tx.clone(),
     ));
     let verifier = Verifier::new(tokens);
-    let gate = Gate::new(verifier, &args.mesh, &command);
+    let gate = Gate::new(verifier, &args.mesh, &command).requiring_encryption(args.encrypt);
     let (router_tx, mut router_rx) = router.split();
     let mut t = Transmitter::new(
         args,
@@ -384,6 +384,9 @@ impl Transmitter {
             return 0;
         };
         let size: usize = frames.iter().map(|f| f.len()).sum();
+        let Some(mut frames) = self.open_sealed(&identity, frames) else {
+            return size;
+        };
         let Some(first) = frames.pop_front() else {
             self.malformed(&identity, FrameError::Empty);
             return size;
@@ -515,6 +518,10 @@ impl Transmitter {
                     CommandFrame::new(Encoding::Binary, cmd::DLVR, Bytes::new()).to_bytes(),
                 );
                 m.push_back(frame);
+                let Some(m) = self.gate.seal(m) else {
+                    failed.push(*id);
+                    break;
+                };
                 if let Err(e) = self.router.try_send(m).await {
                     if matches!(e, ZmqError::BufferFull(_)) {
                         self.metrics
@@ -541,6 +548,9 @@ impl Transmitter {
         self.release_acks();
         for m in std::mem::take(&mut self.replies) {
             let identity = m.get(0).cloned();
+            let Some(m) = self.gate.seal(m) else {
+                continue;
+            };
             if let Err(ZmqError::BufferFull(_)) = self.router.try_send(m).await {
                 // It asked for replies and read none: disconnected by the socket, and
                 // forgotten here (its sidecar, if it has one, joins again).

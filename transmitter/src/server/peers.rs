@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use thynapse_protocol::auth::{ClientAuth, Key};
+use thynapse_link::LinkSender;
+use thynapse_protocol::auth::ClientAuth;
 use thynapse_protocol::batch::decode_envelopes;
 use thynapse_protocol::credit::CreditOwed;
 use thynapse_protocol::discovery::TransmitterInfo;
@@ -14,9 +15,7 @@ use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::wire::{self, cmd};
 use thynapse_protocol::Thid;
 use tokio::sync::mpsc;
-use zeromq::{
-    DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage,
-};
+use zeromq::{DealerSocket, Socket, SocketOptions, ZmqMessage};
 
 use super::cells::UNKNOWN_CELL;
 use super::dispatch::{Forwarded, HeldBatch};
@@ -29,7 +28,7 @@ use crate::routing::{Location, PeerId};
 
 /// Our DEALER to a peer.
 pub(super) struct PeerOut {
-    pub(super) sender: DealerSendHalf,
+    pub(super) sender: LinkSender,
     pub(super) last_heard: Instant,
     /// Introduced and sent the interest snapshot: ready for updates and batches.
     pub(super) synced: bool,
@@ -494,7 +493,13 @@ impl Transmitter {
                 let generation = p.generation;
                 let events = self.reports_tx.clone();
                 let options = super::socket_options(self.args.max_message_bytes);
-                let auth = self.gate.mesh_key().map(|k| (k, self.args.mesh.clone()));
+                let auth = self.gate.mesh_key().map(|k| {
+                    let auth = ClientAuth::peer(k, &self.args.mesh, &info.command);
+                    match self.args.encrypt {
+                        true => auth.encrypted(),
+                        false => auth,
+                    }
+                });
                 tokio::spawn(connect_peer(
                     peer,
                     generation,
@@ -539,28 +544,34 @@ async fn connect_peer(
     generation: u64,
     endpoint: String,
     mut options: SocketOptions,
-    auth: Option<(Key, String)>,
+    auth: Option<ClientAuth>,
     events: mpsc::Sender<Report>,
 ) {
     options.connect_timeout(Duration::from_secs(2));
     let mut socket = DealerSocket::with_options(options);
-    let mut connected = socket.connect(&endpoint).await.map_err(anyhow::Error::from);
-    if let (Ok(()), Some((key, mesh))) = (&connected, &auth) {
+    let mut connected = socket
+        .connect(&endpoint)
+        .await
+        .map(|()| None)
+        .map_err(anyhow::Error::from);
+    if let (Ok(_), Some(auth)) = (&connected, auth) {
         let wait = Duration::from_secs(2);
-        let auth = ClientAuth::peer(key.clone(), mesh, &endpoint);
-        connected = thynapse_link::authenticate(&mut socket, &auth, wait).await;
+        connected = thynapse_link::authenticate(&mut socket, auth, wait).await;
         if let Err(e) = &connected {
             tracing::warn!(%endpoint, "peer not authenticated: {e:#}");
         }
     }
-    if let Err(e) = connected {
-        tracing::debug!(%endpoint, "connecting to peer failed: {e:#}");
-        let _ = events
-            .send(Report::PeerConnectFailed { peer, generation })
-            .await;
-        return;
-    }
-    let (sender, mut receiver) = socket.split();
+    let channel = match connected {
+        Ok(channel) => channel,
+        Err(e) => {
+            tracing::debug!(%endpoint, "connecting to peer failed: {e:#}");
+            let _ = events
+                .send(Report::PeerConnectFailed { peer, generation })
+                .await;
+            return;
+        }
+    };
+    let (sender, mut receiver) = thynapse_link::split(socket, channel);
     if events
         .send(Report::PeerConnected {
             peer,
@@ -587,7 +598,8 @@ async fn connect_peer(
                     return;
                 }
             }
-            Err(_) => {
+            Err(e) => {
+                tracing::debug!(%endpoint, "peer link closed: {e:#}");
                 let _ = events.send(Report::PeerClosed { peer, generation }).await;
                 return;
             }
@@ -647,7 +659,7 @@ mod tests {
     /// here).
     fn link_up(t: &mut Transmitter, peer: PeerId) {
         let generation = t.peers[&peer].generation;
-        let (sender, _) = DealerSocket::new().split();
+        let (sender, _) = thynapse_link::split(DealerSocket::new(), None);
         t.on_report(Report::PeerConnected {
             peer,
             generation,
