@@ -23,6 +23,7 @@ def test_quick_benchmark_runs_and_loses_nothing(tmp_path):
     scenarios = [r["scenario"] for r in results["rows"]]
     assert any(s.startswith("throughput 1→1, 64 B, different") for s in scenarios)
     assert any(s.startswith("rooms: 64 rooms") for s in scenarios)
+    assert any(s.endswith("different transmitter, encrypted") for s in scenarios)
     for row in results["rows"]:
         for system, samples in row["row"]["samples"].items():
             for s in samples:

@@ -19,7 +19,7 @@ use clap::Parser;
 use cpu::{server_processes, tally, CpuSnapshot, CpuTally};
 use results::{median, percentile_sample, Results, Sample, System, SYSTEMS};
 use scenarios::{
-    endpoints, latency, rooms, settle, subscribe_round_trips, throughput,
+    endpoints, endpoints_on, latency, rooms, settle, subscribe_round_trips, throughput,
     transmitter_rss_with_cells, Setup,
 };
 
@@ -163,6 +163,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (_redis_proc, redis) = servers::redis(at)?;
     let (_nats_proc, nats) = servers::nats(at)?;
     let mesh = servers::mesh(&args.dir, args.transmitters, at)?;
+    // Running beside the main mesh throughout (its idle cost, two transmitters' worth,
+    // is in every row), so that its rows interleave with the others like every row does.
+    let wanted = Results {
+        filter: args.filter.clone(),
+        ..Results::default()
+    };
+    let encrypted_rows = [(64, "64 B"), (1024, "1 KiB")].map(|(size, label)| {
+        let scenario = format!("throughput 1→1, {label}, different transmitter, encrypted");
+        (size, scenario)
+    });
+    let wants_encrypted = encrypted_rows.iter().any(|(_, s)| wanted.wants(s));
+    let encrypted = if !args.rooms_only && wants_encrypted {
+        Some(servers::encrypted_mesh(&args.dir.join("encrypted"), at)?)
+    } else {
+        None
+    };
     let setup = Setup {
         redis,
         nats,
@@ -254,6 +270,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         }
                         results.add(&scenario, "msg/s", true, system, s);
                     }
+                }
+            }
+            // What encryption in transit costs: the same rows on the encrypted mesh (Redis
+            // and NATS measured again beside them, unencrypted, as every row's baseline).
+            for (size, scenario) in &encrypted_rows {
+                let Some(mesh) = encrypted.as_ref().filter(|_| results.wants(scenario)) else {
+                    continue;
+                };
+                let size = *size;
+                for system in SYSTEMS {
+                    let (p, subs) = endpoints_on(&setup, mesh, system, 1, false, "bench");
+                    let prefix = format!("e{rep}{size}");
+                    let s = throughput(system, &p, &subs, &prefix, size, sizes.count, false)
+                        .await?;
+                    results.add(scenario, "msg/s", true, system, s);
                 }
             }
             let fanout = results.wants("fan-out");

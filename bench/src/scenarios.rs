@@ -28,6 +28,18 @@ pub fn endpoints(
     same_transmitter: bool,
     service: &str,
 ) -> (Endpoint, Vec<Endpoint>) {
+    endpoints_on(setup, &setup.mesh, system, subscribers, same_transmitter, service)
+}
+
+/// `endpoints`, Thynapse's on `mesh` (the encrypted one, say).
+pub fn endpoints_on(
+    setup: &Setup,
+    mesh: &servers::Mesh,
+    system: System,
+    subscribers: usize,
+    same_transmitter: bool,
+    service: &str,
+) -> (Endpoint, Vec<Endpoint>) {
     match system {
         System::Redis => (
             Endpoint::Resp(setup.redis),
@@ -38,17 +50,15 @@ pub fn endpoints(
             vec![Endpoint::Nats(setup.nats.clone()); subscribers],
         ),
         System::Thynapse => {
-            let publisher = setup.mesh.cells("bench")[0].clone();
+            let publisher = mesh.cells("bench")[0].clone();
             let candidates: Vec<_> = if service == "bench" {
-                setup
-                    .mesh
-                    .cells("bench")
+                mesh.cells("bench")
                     .into_iter()
                     .skip(1)
                     .filter(|c| (c.1 == publisher.1) == same_transmitter)
                     .collect()
             } else {
-                setup.mesh.cells(service)
+                mesh.cells(service)
             };
             let subs = (0..subscribers)
                 .map(|i| Endpoint::Resp(candidates[i % candidates.len()].0))

@@ -172,9 +172,26 @@ pub fn thynapse_binary() -> PathBuf {
 /// `thynapse up` with `transmitters`, 12 multicatch cells (`bench`), 4 anycatch cells
 /// (`workers`, anycatch on `any.*`), and on-demand rooms of one host each.
 pub fn mesh(dir: &Path, transmitters: u32, at: Placement) -> anyhow::Result<Mesh> {
+    start_mesh(dir, transmitters, at, "", &["bench=12", "workers=4"])
+}
+
+/// A second, small mesh with `spec.security.encryption` on: 2 transmitters, 4 `bench`
+/// cells (so some are on each), for the encrypted rows.
+pub fn encrypted_mesh(dir: &Path, at: Placement) -> anyhow::Result<Mesh> {
+    let security = "  security: {encryption: true}\n";
+    start_mesh(dir, 2, at, security, &["bench=4"])
+}
+
+fn start_mesh(
+    dir: &Path,
+    transmitters: u32,
+    at: Placement,
+    extra_spec: &str,
+    cells: &[&str],
+) -> anyhow::Result<Mesh> {
     std::fs::create_dir_all(dir)?;
     let manifest = format!(
-        "apiVersion: thynapse.io/v1alpha1\nkind: TransmitterMesh\nmetadata: {{name: bench}}\nspec:\n  replicas: {transmitters}\n  rooms: {{defaultReplicas: 1}}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: bench}}\nspec: {{mesh: bench}}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: workers}}\nspec: {{mesh: bench, delivery: [{{pattern: 'any.*', mode: anycatch}}]}}\n"
+        "apiVersion: thynapse.io/v1alpha1\nkind: TransmitterMesh\nmetadata: {{name: bench}}\nspec:\n  replicas: {transmitters}\n  rooms: {{defaultReplicas: 1}}\n{extra_spec}---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: bench}}\nspec: {{mesh: bench}}\n---\napiVersion: thynapse.io/v1alpha1\nkind: Service\nmetadata: {{name: workers}}\nspec: {{mesh: bench, delivery: [{{pattern: 'any.*', mode: anycatch}}]}}\n"
     );
     std::fs::write(dir.join("mesh.yaml"), manifest)?;
     let endpoints = dir.join("endpoints.json");
@@ -185,7 +202,8 @@ pub fn mesh(dir: &Path, transmitters: u32, at: Placement) -> anyhow::Result<Mesh
     let child = cmd
         .args(["up", "-f"])
         .arg(dir)
-        .args(["--cells", "bench=12", "--cells", "workers=4", "--endpoints"])
+        .args(cells.iter().flat_map(|c| ["--cells", c]))
+        .arg("--endpoints")
         .arg(&endpoints)
         .stdout(Stdio::null())
         .stderr(log)
