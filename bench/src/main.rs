@@ -282,8 +282,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 for system in SYSTEMS {
                     let (p, subs) = endpoints_on(&setup, mesh, system, 1, false, "bench");
                     let prefix = format!("e{rep}{size}");
-                    let s = throughput(system, &p, &subs, &prefix, size, sizes.count, false)
-                        .await?;
+                    let s =
+                        throughput(system, &p, &subs, &prefix, size, sizes.count, false).await?;
                     results.add(scenario, "msg/s", true, system, s);
                 }
             }

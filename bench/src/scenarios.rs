@@ -28,7 +28,14 @@ pub fn endpoints(
     same_transmitter: bool,
     service: &str,
 ) -> (Endpoint, Vec<Endpoint>) {
-    endpoints_on(setup, &setup.mesh, system, subscribers, same_transmitter, service)
+    endpoints_on(
+        setup,
+        &setup.mesh,
+        system,
+        subscribers,
+        same_transmitter,
+        service,
+    )
 }
 
 /// `endpoints`, Thynapse's on `mesh` (the encrypted one, say).

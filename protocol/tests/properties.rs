@@ -4,10 +4,12 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use thynapse_protocol::auth::Key;
 use thynapse_protocol::batch::{
     decode_acks, decode_envelopes, decode_publish_records, decode_publishes, encode_acks,
     EnvelopeBatchWriter, Kind, PublishBatchWriter,
 };
+use thynapse_protocol::crypt::{Ephemeral, Side};
 use thynapse_protocol::discovery::Datagram;
 use thynapse_protocol::frame::{CommandFrame, Encoding};
 use thynapse_protocol::seal::{Opener, Sealer};
@@ -162,6 +164,28 @@ proptest! {
         prop_assert!(rv.take(&changed, NOW).is_err(), "a changed byte at {}", at);
         prop_assert_eq!(rv.take(&sealed, NOW).unwrap().body, &body[..]);
         prop_assert!(rv.take(&sealed, NOW).is_err(), "taken once");
+    }
+
+    #[test]
+    fn sealed_messages_carry_any_frames_and_nothing_else(
+        frames in prop::collection::vec(bytes(300), 0..5),
+        garbage in bytes(200),
+        flip in any::<prop::sample::Index>(),
+    ) {
+        let key = Key::mesh(b"t");
+        let (c, s) = (Ephemeral::new(), Ephemeral::new());
+        let (cp, sp) = (c.public().to_string(), s.public().to_string());
+        let mut client = c.agree(&sp, Side::Client, &key, &[b"x"]).unwrap();
+        let mut server = s.agree(&cp, Side::Server, &key, &[b"x"]).unwrap();
+        prop_assert!(server.open.open(&garbage).is_err(), "anything not sealed");
+        let sealed = client.seal.seal(frames.iter().map(|f| &f[..])).unwrap();
+        let mut changed = sealed.to_vec();
+        let at = flip.index(changed.len());
+        changed[at] ^= 0x01;
+        prop_assert!(server.open.open(&changed).is_err(), "a changed byte at {}", at);
+        let opened = server.open.open(&sealed).unwrap();
+        prop_assert_eq!(opened.iter().map(|f| f.to_vec()).collect::<Vec<_>>(), frames);
+        prop_assert!(server.open.open(&sealed).is_err(), "opened once");
     }
 
     #[test]
