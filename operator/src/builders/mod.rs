@@ -485,6 +485,27 @@ mod tests {
     }
 
     #[test]
+    fn encryption_reaches_the_transmitters_and_the_injected_sidecars() {
+        for (spec, on) in [
+            ("replicas: 2", false),
+            ("replicas: 2\nsecurity: {encryption: true}", true),
+        ] {
+            let m = mesh(spec);
+            let d = desired(&m, &inputs());
+            let pod = d.transmitters.spec.template.spec.unwrap();
+            let args = pod.containers[0].args.clone().unwrap();
+            assert_eq!(args.iter().any(|a| a == "--encrypt"), on, "{spec}");
+            let service = thynapse_resources::Service::new(
+                "workers",
+                serde_json::from_str(r#"{"mesh": "demo"}"#).unwrap(),
+            );
+            let sidecar = crate::inject::sidecar(&m, &service, &inputs());
+            let args = sidecar.args.unwrap();
+            assert_eq!(args.iter().any(|a| a == "--encrypt"), on, "{spec}");
+        }
+    }
+
+    #[test]
     fn every_container_runs_non_root_read_only_without_privileges() {
         let d = desired(&mesh("replicas: 2"), &inputs());
         let mut containers = d.transmitters.spec.template.spec.unwrap().containers;
