@@ -142,13 +142,16 @@ def test_messages_for_a_peer_wait_while_its_link_is_rebuilt(start_mesh, ctx):
         assert pub.publish("wait.ch", p) == 1
     wait_for(lambda: len(fake.seen) == 20, what="the first messages forwarded")
     # The fake stops answering on the link the transmitter opened to it (no PONG, no PWLC,
-    # no FACK): the transmitter drops that link and tries again, while the fake's own
-    # link keeps it known, and its cell with it.
+    # no FACK): once something on it waits (a batch to credit), the transmitter drops
+    # that link and tries again, while the fake's own link keeps it known, and its cell
+    # with it.
     reconnects = lambda: metrics(t["metrics"])["thynapse_transmitter_peer_reconnects_total"]  # noqa: E731
     first = reconnects()
     fake.deaf = True
+    for p in sent[20:30]:
+        assert pub.publish("wait.ch", p) == 1
     wait_for(lambda: reconnects() > first, timeout=10 * EXPIRY_S, what="the silent link dropped")
-    for p in sent[20:]:
+    for p in sent[30:]:
         assert pub.publish("wait.ch", p) == 1, "the fake's cell was forgotten with the link"
     fake.deaf = False
     wait_for(lambda: len(fake.seen) == len(sent), timeout=10 * EXPIRY_S,

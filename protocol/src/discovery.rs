@@ -59,13 +59,34 @@ pub enum Datagram {
         /// of their hosts reports for a while are forgotten.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         active: Vec<u32>,
+        /// The membership digest of this point's last complete answer: when the mesh
+        /// is still that, the answer is `unchanged` rather than every transmitter again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        view: Option<String>,
     },
     /// Cell → rendezvous: who is live?
     Query { mesh: String },
     /// Rendezvous → anyone: the live transmitters of a mesh.
     Peers {
         mesh: String,
+        /// In answers to announcements: the digest of the whole membership these pages
+        /// list (`membership_digest`), so the asker knows when it has them all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+        /// The rendezvous started less than an expiry ago: it may not have heard every
+        /// live transmitter yet, so an absence means nothing.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        partial: bool,
+        /// Last, so that pages can be written around it (`peers_pages`).
         transmitters: Vec<TransmitterInfo>,
+    },
+    /// Rendezvous → transmitter: the membership is still the `view` its announcement
+    /// gave (every transmitter listed then is live, and no other).
+    Unchanged {
+        mesh: String,
+        digest: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        partial: bool,
     },
     /// Rendezvous → transmitter, after each announcement and whenever a placement changes:
     /// the rooms it must host, each with all of its hosts.
@@ -92,6 +113,71 @@ impl Datagram {
 
     pub fn parse(bytes: &[u8]) -> Result<Datagram, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+/// The digest of a mesh's membership: each live transmitter's name, instance and command
+/// endpoint, in name order, through SHA-256 (16 hex digits kept). Both ends compute it,
+/// so a transmitter can tell when the pages of an answer add up to the whole mesh.
+pub fn membership_digest<'a>(live: impl IntoIterator<Item = &'a TransmitterInfo>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut members: Vec<(&str, &Thid, &str)> = live
+        .into_iter()
+        .map(|t| (t.name.as_str(), &t.id, t.command.as_str()))
+        .collect();
+    members.sort();
+    members.dedup_by(|a, b| a.0 == b.0);
+    let mut h = Sha256::new();
+    for (name, id, command) in members {
+        for part in [name.as_bytes(), &id.0[..], command.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+/// A transmitter's view of one rendezvous point's membership: the pages of its answers
+/// assembled until they add up to the digest they carry.
+#[derive(Debug, Default)]
+pub struct MembershipView {
+    /// The last complete membership: its digest and names.
+    pub digest: Option<String>,
+    pub names: Vec<String>,
+    assembling: Option<(String, Vec<TransmitterInfo>)>,
+}
+
+/// Past this many entries an answer being assembled is dropped (the CRD allows 1,000
+/// transmitters; pages of older answers do not pile up).
+const MAX_ASSEMBLED: usize = 2_048;
+
+impl MembershipView {
+    /// One page of an answer; the whole membership's names once the pages add up.
+    pub fn on_page(&mut self, digest: &str, page: &[TransmitterInfo]) -> Option<&[String]> {
+        let fresh = !matches!(&self.assembling, Some((d, _)) if d == digest);
+        if fresh {
+            self.assembling = Some((digest.to_string(), Vec::new()));
+        }
+        let (_, members) = self.assembling.as_mut().expect("set above");
+        members.extend(page.iter().cloned());
+        if members.len() > MAX_ASSEMBLED {
+            self.assembling = None;
+            return None;
+        }
+        if membership_digest(members.iter()) != digest {
+            return None;
+        }
+        let (digest, members) = self.assembling.take().expect("set above");
+        self.names = members.into_iter().map(|t| t.name).collect();
+        self.names.sort();
+        self.names.dedup();
+        self.digest = Some(digest);
+        Some(&self.names)
+    }
+
+    /// `unchanged` with `digest`: the names, when it is the view we hold.
+    pub fn on_unchanged(&self, digest: &str) -> Option<&[String]> {
+        (self.digest.as_deref() == Some(digest)).then_some(&self.names[..])
     }
 }
 
@@ -127,6 +213,52 @@ mod tests {
         assert_eq!(s, r#"{"type":"query","mesh":"demo"}"#);
         assert_eq!(Datagram::parse(s.as_bytes()).unwrap(), d);
         assert!(Datagram::parse(b"{\"type\":\"nope\"}").is_err());
+    }
+
+    fn info(name: &str, id: u8) -> TransmitterInfo {
+        TransmitterInfo {
+            name: name.into(),
+            id: Thid([id; 20]),
+            command: format!("tcp://{name}:7000"),
+            event: String::new(),
+            metrics: String::new(),
+            cells: 0,
+            rate: 0.0,
+            draining: false,
+            rooms: 0,
+        }
+    }
+
+    #[test]
+    fn a_view_completes_when_its_pages_add_up_to_the_digest() {
+        let mesh = [info("a", 1), info("b", 2), info("c", 3)];
+        let digest = membership_digest(&mesh);
+        let mut load = mesh.clone();
+        load[0].cells = 7;
+        load[1].rate = 3.5;
+        assert_eq!(
+            membership_digest(load.iter().rev()),
+            digest,
+            "order and load do not count"
+        );
+        let mut restarted = mesh.clone();
+        restarted[2].id = Thid([9; 20]);
+        assert_ne!(membership_digest(&restarted), digest, "a new instance does");
+        assert_ne!(membership_digest(&mesh[..2]), digest, "a member gone does");
+
+        let mut view = MembershipView::default();
+        assert!(view.on_unchanged(&digest).is_none(), "nothing held yet");
+        assert!(
+            view.on_page(&digest, &mesh[..2]).is_none(),
+            "one page of two"
+        );
+        assert_eq!(view.on_page(&digest, &mesh[2..]).unwrap(), ["a", "b", "c"]);
+        assert_eq!(view.on_unchanged(&digest).unwrap(), ["a", "b", "c"]);
+        // A page of a newer answer starts over; the older view holds until it completes.
+        let newer = membership_digest(&mesh[..2]);
+        assert!(view.on_unchanged(&newer).is_none());
+        assert_eq!(view.on_page(&newer, &mesh[..2]).unwrap(), ["a", "b"]);
+        assert!(view.on_unchanged(&digest).is_none(), "the old view is gone");
     }
 
     #[test]

@@ -29,6 +29,9 @@ use thynapse_process::{Ready, RendezvousReady, Status};
 #[derive(Default)]
 pub struct Directory {
     entries: HashMap<String, (TransmitterInfo, Instant, SocketAddr)>,
+    /// The membership digest, and until when it holds (the first expiry then): every
+    /// announcement asks for it, and it changes rarely.
+    digest: Option<(String, Instant)>,
 }
 
 /// Transmitters a rendezvous keeps at most (the CRD allows 1,000 per mesh): a flood of
@@ -50,9 +53,32 @@ impl Directory {
                 return false;
             }
         }
+        let member = |i: &TransmitterInfo| (i.id, i.command.clone());
+        let changed = self
+            .entries
+            .get(&info.name)
+            .is_none_or(|(known, expires, _)| *expires <= now || member(known) != member(&info));
+        if changed {
+            self.digest = None;
+        }
         self.entries
             .insert(info.name.clone(), (info, now + ttl, from));
         true
+    }
+
+    /// The digest of the live membership (`membership_digest`), computed again only
+    /// when a member came, changed or expired.
+    pub fn digest(&mut self, now: Instant) -> String {
+        match &self.digest {
+            Some((d, until)) if now < *until => d.clone(),
+            _ => {
+                let live = self.live(now);
+                let until = self.entries.values().map(|(_, e, _)| *e).min();
+                let d = thynapse_protocol::discovery::membership_digest(&live);
+                self.digest = Some((d.clone(), until.unwrap_or(now + Duration::from_secs(3600))));
+                d
+            }
+        }
     }
 
     /// Live transmitters by name, forgetting expired ones.
@@ -181,9 +207,21 @@ pub fn check_announce(
 /// [`MAX_BODY`] (one for a mesh of up to about 150 transmitters; receivers add up the
 /// pages). Each transmitter is serialized once, to measure it and to send it.
 pub fn peers_pages(mesh: &str, live: &[TransmitterInfo]) -> Vec<Vec<u8>> {
+    membership_pages(mesh, live, None, false)
+}
+
+/// `peers_pages` in answer to an announcement: each page with the membership's digest.
+pub fn membership_pages(
+    mesh: &str,
+    live: &[TransmitterInfo],
+    digest: Option<String>,
+    partial: bool,
+) -> Vec<Vec<u8>> {
     // `{"type":"peers","mesh":…,"transmitters":[` … `]}`, as serde writes the datagram.
     let empty = Datagram::Peers {
         mesh: mesh.to_string(),
+        digest,
+        partial,
         transmitters: Vec::new(),
     }
     .to_bytes();
@@ -226,6 +264,9 @@ struct Server {
     rooms: Rooms,
     idle_rooms: Duration,
     metrics: Metrics,
+    started: Instant,
+    /// The longest expiry of the announcements taken so far.
+    longest_ttl: Duration,
 }
 
 impl Server {
@@ -280,6 +321,7 @@ impl Server {
                 transmitter,
                 rooms,
                 active,
+                view,
             }) if mesh == self.mesh => 'announce: {
                 let ttl = match check_announce(interval_ms, multiplier, &transmitter) {
                     Ok(ttl) => ttl,
@@ -301,7 +343,21 @@ impl Server {
                 self.rooms.announced(&transmitter, &rooms);
                 self.rooms.active(&rooms, &active, now);
                 let hosting = self.rooms.hosting(&transmitter.name);
-                let mut replies = peers_pages(&mesh, &self.dir.live(now));
+                // Until it has been up for the longest expiry announced to it, this point
+                // may not have heard every live transmitter: it says so.
+                self.longest_ttl = self.longest_ttl.max(ttl);
+                let partial = now.duration_since(self.started) < self.longest_ttl;
+                let digest = self.dir.digest(now);
+                let mut replies = if view.as_deref() == Some(digest.as_str()) {
+                    let d = Datagram::Unchanged {
+                        mesh: mesh.clone(),
+                        digest,
+                        partial,
+                    };
+                    vec![d.to_bytes()]
+                } else {
+                    membership_pages(&mesh, &self.dir.live(now), Some(digest), partial)
+                };
                 if !hosting.is_empty() || !rooms.is_empty() {
                     let d = Datagram::Hosting {
                         mesh,
@@ -442,6 +498,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         dir: Directory::default(),
         idle_rooms: Duration::from_secs(args.forget_idle_rooms_after_seconds),
         metrics,
+        started: Instant::now(),
+        longest_ttl: Duration::ZERO,
     };
     let mut buf = vec![0u8; MAX_DATAGRAM];
     // Frequent enough that a room is re-placed well within one announcement expiry.

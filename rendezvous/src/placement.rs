@@ -676,6 +676,8 @@ mod tests {
             },
             active: (0..names.len() as u32).collect(),
             rooms: names,
+            // The longest view there is.
+            view: Some("f".repeat(16)),
         };
         (hosting.to_bytes().len(), announce.to_bytes().len())
     }

@@ -122,6 +122,15 @@ impl InterestSync {
         *a = (*a).max(round);
     }
 
+    /// Whether a round waits for `peer`'s answer (its link is then pinged, so that its
+    /// silence is noticed).
+    pub fn waiting_on(&self, peer: PeerId) -> bool {
+        let answered = self.answered.get(&peer).copied().unwrap_or(0);
+        self.waiting
+            .iter()
+            .any(|b| b.round > answered && b.peers.contains(&peer))
+    }
+
     /// A peer is forgotten: its answers go with it.
     pub fn forget(&mut self, peer: PeerId) {
         self.answered.remove(&peer);

@@ -65,13 +65,12 @@ impl Transmitter {
         }
         self.sync_interest().await;
         self.report_linked();
-        if std::mem::take(&mut self.ping_peers) {
-            let ping =
-                ZmqMessage::from(CommandFrame::json(cmd::PING, &serde_json::json!({})).to_bytes());
-            for p in self.peers.values_mut() {
-                if let Some(out) = p.synced_out() {
-                    let _ = out.sender.send(ping.clone()).await;
-                }
+        let ping =
+            ZmqMessage::from(CommandFrame::json(cmd::PING, &serde_json::json!({})).to_bytes());
+        for p in self.peers.values_mut() {
+            if let Some(out) = p.synced_out().filter(|o| o.ping_due) {
+                out.ping_due = false;
+                let _ = out.sender.send(ping.clone()).await;
             }
         }
     }

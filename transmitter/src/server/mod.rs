@@ -94,7 +94,11 @@ struct Transmitter {
     heartbeat: Duration,
     dispatch: Dispatch,
     scratch: Vec<Thid>,
-    ping_peers: bool,
+    /// Each rendezvous point's last complete membership: whether an idle peer lives.
+    listings: HashMap<std::net::SocketAddr, peers::Listing>,
+    /// When the event loop last turned: a longer pause than an expiry (SIGSTOP, a
+    /// frozen VM) means peers waiting on us may have given up (`Transmitter::woke`).
+    last_turn: Instant,
     routed: u64,
     rate: f64,
     rooms: HashMap<String, HostedRoom>,
@@ -155,6 +159,13 @@ pub(super) enum Report {
         generation: u64,
     },
     Discovered(Vec<TransmitterInfo>),
+    /// A rendezvous point's whole membership, complete: its names (None: the same as
+    /// the last time). `partial`: the point may not have heard everyone yet.
+    Listed {
+        from: std::net::SocketAddr,
+        names: Option<Vec<String>>,
+        partial: bool,
+    },
     /// A rendezvous point's whole list of the rooms this transmitter hosts.
     Hosting {
         from: std::net::SocketAddr,
@@ -274,6 +285,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             biased;
             msg = router_rx.recv() => {
                 let msg = msg.context("command socket closed")?;
+                t.woke(Instant::now());
                 let mut bytes = t.on_router(msg);
                 let mut n = 1;
                 while n < MAX_BURST && bytes < MAX_BURST_BYTES {
@@ -288,6 +300,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 }
             }
             Some(report) = reports_rx.recv() => {
+                t.woke(Instant::now());
                 t.on_report(report);
                 while let Ok(report) = reports_rx.try_recv() {
                     t.on_report(report);
@@ -295,6 +308,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                t.woke(now);
                 let dt = now.duration_since(last_tick).as_secs_f64().max(1e-3);
                 last_tick = now;
                 t.rate = 0.7 * t.rate + 0.3 * (t.routed as f64 / dt);
@@ -359,7 +373,8 @@ impl Transmitter {
             heartbeat,
             dispatch: Dispatch::default(),
             scratch: Vec::new(),
-            ping_peers: false,
+            listings: HashMap::new(),
+            last_turn: Instant::now(),
             routed: 0,
             rate: 0.0,
             rooms: HashMap::new(),

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use std::collections::HashSet;
 use thynapse_link::LinkSender;
 use thynapse_protocol::auth::ClientAuth;
 use thynapse_protocol::batch::decode_envelopes;
@@ -17,7 +18,6 @@ use thynapse_protocol::Thid;
 use tokio::sync::mpsc;
 use zeromq::{DealerSocket, Socket, SocketOptions, ZmqMessage};
 
-use super::cells::UNKNOWN_CELL;
 use super::dispatch::{Forwarded, HeldBatch};
 use super::redeliver::Gone;
 use super::{error_reply, reply_json, Report, Transmitter};
@@ -32,6 +32,18 @@ pub(super) struct PeerOut {
     pub(super) last_heard: Instant,
     /// Introduced and sent the interest snapshot: ready for updates and batches.
     pub(super) synced: bool,
+    /// Something on this link waits for the peer (batches to credit, a SYNC round): it
+    /// is pinged, and given up when silent for an expiry. An idle link costs nothing.
+    pub(super) active: bool,
+    pub(super) ping_due: bool,
+}
+
+/// A rendezvous point's last complete membership (`Report::Listed`).
+pub(super) struct Listing {
+    pub(super) names: HashSet<String>,
+    pub(super) at: Instant,
+    /// The point may not have heard every live transmitter yet.
+    pub(super) partial: bool,
 }
 
 pub(super) struct Peer {
@@ -54,6 +66,8 @@ pub(super) struct Peer {
     /// Its last instances replaced by newer ones: a lagging rendezvous point's listing of
     /// one of them is ignored.
     pub(super) retired: Vec<Thid>,
+    /// Forgotten since no rendezvous point lists it (until it is listed or heard again).
+    pub(super) unlisted: bool,
 }
 
 /// Replaced instances remembered per peer.
@@ -73,6 +87,7 @@ impl Peer {
             fack: CreditOwed::default(),
             left: None,
             retired: Vec::new(),
+            unlisted: false,
         }
     }
 
@@ -121,7 +136,10 @@ impl Transmitter {
         }
     }
 
-    /// Peer liveness and what peers are owed, once per half heartbeat.
+    /// Peer liveness and what peers are owed, once per half heartbeat. A peer is known
+    /// alive by the rendezvous points, which hear every transmitter anyway: links are
+    /// pinged only while something on them waits for the peer, so that an idle mesh
+    /// costs each transmitter its announcements, not a ping per peer (issue 18).
     pub(super) fn peer_housekeeping(&mut self, now: Instant) {
         // Credit owed on their links to us.
         for p in self.peers.values_mut() {
@@ -130,35 +148,142 @@ impl Transmitter {
                     .push(reply_json(identity, cmd::FACK, &wire::Credit { batch }));
             }
         }
-        // Peers whose DEALER to us went silent: their cells are unreachable.
-        let silent: Vec<PeerId> = self
+        // Links waiting on their peer are pinged; one silent for an expiry since it
+        // started waiting has a dead or paused peer: its cells are unreachable.
+        let mut unanswered = Vec::new();
+        for (&id, p) in self.peers.iter_mut() {
+            let waiting = !p.outbox.idle() || self.interest_sync.waiting_on(id);
+            let Some(out) = p.out.as_mut() else { continue };
+            if !waiting {
+                out.active = false;
+                continue;
+            }
+            if !out.active {
+                // Idle until now: silence is counted from here.
+                out.active = true;
+                out.last_heard = now;
+            }
+            if now.duration_since(out.last_heard) > self.expiry {
+                unanswered.push(id);
+            } else {
+                out.ping_due = true;
+            }
+        }
+        for peer in unanswered {
+            self.metrics.peer_reconnects.inc();
+            let p = self.peers.get_mut(&peer).expect("listed above");
+            let heard = p.inbound.as_ref().map(|(_, at)| *at);
+            if heard.is_some_and(|at| now.duration_since(at) <= self.expiry) {
+                // It speaks on its own link to us: only ours is broken. Its cells stay
+                // known; what waits for them is sent again on the next link.
+                tracing::info!(peer = %p.name, "peer not answering on our link; linking again");
+                p.drop_link();
+            } else {
+                tracing::info!(peer = %p.name, "peer not answering; forgetting its cells");
+                self.forget_peer(peer, false);
+            }
+        }
+        self.forget_unlisted(now);
+        self.update_peer_gauge();
+    }
+
+    /// Peers that no rendezvous point lists any more, and that said nothing for an
+    /// expiry, are gone (killed, paused, cut off): their cells are forgotten. A point
+    /// that just started (partial) or stopped answering is no evidence; with no point
+    /// answering at all, nobody is forgotten for it.
+    fn forget_unlisted(&mut self, now: Instant) {
+        let fresh: Vec<&Listing> = self
+            .listings
+            .values()
+            .filter(|l| !l.partial && now.duration_since(l.at) <= self.expiry)
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let expiry = self.expiry;
+        let gone: Vec<PeerId> = self
             .peers
             .iter()
+            .filter(|(_, p)| !p.unlisted && (p.is_live() || p.left.is_none()))
+            .filter(|(_, p)| !fresh.iter().any(|l| l.names.contains(&p.name)))
             .filter(|(_, p)| {
-                p.inbound
-                    .as_ref()
-                    .is_some_and(|(_, heard)| now.duration_since(*heard) > self.expiry)
+                let heard = p.inbound.as_ref().map(|(_, at)| *at);
+                let answered = p.out.as_ref().map(|o| o.last_heard);
+                heard
+                    .into_iter()
+                    .chain(answered)
+                    .all(|at| now.duration_since(at) > expiry)
             })
             .map(|(id, _)| *id)
             .collect();
-        for peer in silent {
-            tracing::info!(peer = %self.peers[&peer].name, "peer silent; forgetting its cells");
+        for peer in gone {
+            tracing::info!(peer = %self.peers[&peer].name, "peer no longer listed by the rendezvous; forgetting its cells");
             self.forget_peer(peer, false);
-        }
-        // Our links to peers that stopped answering get rebuilt by the next discovery.
-        for p in self.peers.values_mut() {
-            if p.out
-                .as_ref()
-                .is_some_and(|o| now.duration_since(o.last_heard) > self.expiry)
-            {
-                tracing::info!(peer = %p.name, "peer not answering; dropping the link");
-                self.metrics.peer_reconnects.inc();
-                p.drop_link();
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.unlisted = true;
             }
         }
-        // Heartbeats, sent at the next flush.
-        self.ping_peers = true;
-        self.update_peer_gauge();
+    }
+
+    /// A rendezvous point's whole membership: who lives, for `forget_unlisted`; and a
+    /// listed peer without a link is linked (an `unchanged` answer lists no addresses:
+    /// they are known from the first).
+    pub(super) fn on_listed(
+        &mut self,
+        from: std::net::SocketAddr,
+        names: Option<Vec<String>>,
+        partial: bool,
+    ) {
+        let now = Instant::now();
+        match (names, self.listings.get_mut(&from)) {
+            (Some(names), _) => {
+                let names = names.into_iter().collect();
+                self.listings.insert(
+                    from,
+                    Listing {
+                        names,
+                        at: now,
+                        partial,
+                    },
+                );
+            }
+            (None, Some(l)) => {
+                l.at = now;
+                l.partial = partial;
+            }
+            (None, None) => return,
+        }
+        let unlinked: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.out.is_none() && !p.connecting && p.command.is_some())
+            .filter(|(_, p)| p.left.is_none() || p.left != p.instance)
+            .filter(|(_, p)| self.listings[&from].names.contains(&p.name))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in unlinked {
+            self.link(peer);
+        }
+    }
+
+    /// After a pause of this process longer than an expiry, every peer that waited on
+    /// us may have given up: forwarded our anycatch messages elsewhere, forgotten our
+    /// cells. What they sent before that must not be delivered now (duplicates), and
+    /// they must hear our cells again: every peer is forgotten, and links again.
+    pub(super) fn woke(&mut self, now: Instant) {
+        let paused = now.duration_since(self.last_turn);
+        self.last_turn = now;
+        if paused <= self.expiry {
+            return;
+        }
+        tracing::warn!(
+            ?paused,
+            "this transmitter was paused past the expiry; linking every peer again"
+        );
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.forget_peer(peer, false);
+        }
     }
 
     /// Messages from a peer's DEALER, on our ROUTER.
@@ -170,17 +295,11 @@ impl Transmitter {
         body: Option<Bytes>,
     ) -> Result<(), FrameError> {
         let now = Instant::now();
+        // Silence on a link is no sign of death any more (idle links are not pinged):
+        // a peer that gave up on us forgot our link's identity (its messages are
+        // answered UNKNOWN_CELL there), and one of us paused forgets every peer on
+        // waking (`woke`).
         if let Some((_, heard)) = self.peers.get_mut(&peer).and_then(|p| p.inbound.as_mut()) {
-            if now.duration_since(*heard) > self.expiry && &frame.cmd != cmd::PEER {
-                // Silent past the expiry (it or we were paused), read before the check
-                // ran: forgotten as it would have been. It has forgotten us too, and sent
-                // the anycatch messages it forwarded here to other cells: these are not
-                // delivered. Told so, it links again.
-                tracing::info!(peer = %self.peers[&peer].name, "message from a peer silent past the expiry; forgetting it");
-                self.forget_peer(peer, false);
-                self.replies.push(error_reply(identity, UNKNOWN_CELL));
-                return Ok(());
-            }
             *heard = now;
         }
         let at = Location::Peer(peer);
@@ -267,8 +386,16 @@ impl Transmitter {
         let p = self.peers.get_mut(&peer).expect("peer_id creates");
         p.instance = Some(hello.id);
         p.left = None;
+        p.unlisted = false;
         if let Some((old, _)) = p.inbound.replace((identity.clone(), Instant::now())) {
             self.peer_identities.remove(&old);
+            if old != identity {
+                // It linked again: it may have forgotten our cells (it thought us gone,
+                // or was paused): it hears them again, on our link to it.
+                if let Some(out) = p.out.as_mut() {
+                    out.synced = false;
+                }
+            }
         }
         p.fack = CreditOwed::default();
         self.peer_identities.insert(identity.clone(), peer);
@@ -361,6 +488,11 @@ impl Transmitter {
             Report::Discovered(list) => self.on_discovered(list),
             Report::Hosting { from, rooms } => self.on_hosting(from, rooms),
             Report::RefusedDatagram => self.metrics.refused.with_label_values(&["auth"]).inc(),
+            Report::Listed {
+                from,
+                names,
+                partial,
+            } => self.on_listed(from, names, partial),
             Report::PeerConnected {
                 peer,
                 generation,
@@ -380,6 +512,8 @@ impl Transmitter {
                     sender,
                     last_heard: Instant::now(),
                     synced: false,
+                    active: false,
+                    ping_due: false,
                 });
                 self.update_peer_gauge();
             }
@@ -487,30 +621,38 @@ impl Transmitter {
             }
             let p = self.peers.get_mut(&peer).expect("peer_id creates");
             p.instance = Some(info.id);
-            p.command = Some(info.command.clone());
+            p.command = Some(info.command);
+            p.unlisted = false;
             if p.out.is_none() && !p.connecting {
-                p.connecting = true;
-                let generation = p.generation;
-                let events = self.reports_tx.clone();
-                let options = super::socket_options(self.args.max_message_bytes);
-                let auth = self.gate.mesh_key().map(|k| {
-                    let auth = ClientAuth::peer(k, &self.args.mesh, &info.command);
-                    match self.args.encrypt {
-                        true => auth.encrypted(),
-                        false => auth,
-                    }
-                });
-                tokio::spawn(connect_peer(
-                    peer,
-                    generation,
-                    info.command,
-                    options,
-                    auth,
-                    events,
-                ));
+                self.link(peer);
             }
         }
         self.update_peer_gauge();
+    }
+
+    /// Opens our link to a peer whose command endpoint is known.
+    fn link(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(command) = p.command.clone() else {
+            return;
+        };
+        p.connecting = true;
+        p.unlisted = false;
+        let generation = p.generation;
+        let events = self.reports_tx.clone();
+        let options = super::socket_options(self.args.max_message_bytes);
+        let auth = self.gate.mesh_key().map(|k| {
+            let auth = ClientAuth::peer(k, &self.args.mesh, &command);
+            match self.args.encrypt {
+                true => auth.encrypted(),
+                false => auth,
+            }
+        });
+        tokio::spawn(connect_peer(
+            peer, generation, command, options, auth, events,
+        ));
     }
 
     pub(super) async fn leave(&mut self) {
@@ -680,6 +822,122 @@ mod tests {
 
     fn subd_sent(t: &Transmitter, cell: &Bytes) -> bool {
         replies(t).contains(&(cell.clone(), "SUBD".to_string()))
+    }
+
+    /// A rendezvous point's complete membership, as heard `at`.
+    fn listed_at(t: &mut Transmitter, names: &[&str], partial: bool, at: Instant) {
+        let names = names.iter().map(|n| n.to_string()).collect();
+        let from = "127.0.0.1:7400".parse().unwrap();
+        t.listings.insert(from, Listing { names, at, partial });
+    }
+
+    fn ping_due(t: &Transmitter, peer: PeerId) -> bool {
+        t.peers[&peer].out.as_ref().is_some_and(|o| o.ping_due)
+    }
+
+    #[tokio::test]
+    async fn only_links_that_wait_on_their_peer_are_pinged_and_given_up() {
+        let mut t = transmitter(args());
+        t.on_discovered(vec![info("x", Thid::random())]);
+        let x = t.peer_ids["x"];
+        link_up(&mut t, x);
+        t.send_interest().await;
+        let t0 = Instant::now();
+        t.peer_housekeeping(t0);
+        assert!(!ping_due(&t, x), "an idle link is not pinged");
+        t.peer_housekeeping(t0 + t.expiry * 3);
+        assert!(t.peers[&x].out.is_some(), "nor given up, however long idle");
+        // A confirmation round waits for x: pinged, and given up after an expiry of
+        // silence counted from then.
+        let cell = conn(1);
+        hello(&mut t, &cell, Thid::random(), None);
+        subscribe(&mut t, &cell, Interest::Channel, b"c", Some(7));
+        t.sync_interest().await;
+        assert!(t.interest_sync.waiting_on(x));
+        let t1 = t0 + t.expiry * 4;
+        t.peer_housekeeping(t1);
+        assert!(ping_due(&t, x), "waited on: pinged");
+        t.peer_housekeeping(t1 + t.expiry / 2);
+        assert!(t.peers[&x].out.is_some());
+        t.peer_housekeeping(t1 + t.expiry * 2);
+        assert!(
+            t.peers[&x].out.is_none(),
+            "silent while waited on: forgotten"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_no_rendezvous_point_lists_is_forgotten_once_silent_for_an_expiry() {
+        let mut t = transmitter(args());
+        peer_hello(&mut t, &conn(9), "x", Thid::random());
+        remote_cell(&mut t, &conn(9), b"c");
+        let x = t.peer_ids["x"];
+        let known = |t: &Transmitter| t.table.cell_count(Location::Peer(x));
+        let later = Instant::now() + t.expiry * 3;
+        // A point just started (partial) is no evidence; one that lists x keeps it.
+        listed_at(&mut t, &[], true, later);
+        t.peer_housekeeping(later);
+        assert_eq!(known(&t), 1);
+        listed_at(&mut t, &["x"], false, later);
+        t.peer_housekeeping(later);
+        assert_eq!(known(&t), 1);
+        // Not listed, but heard within the expiry: kept.
+        listed_at(&mut t, &[], false, Instant::now());
+        t.peer_housekeeping(Instant::now());
+        assert_eq!(known(&t), 1);
+        // With no fresh listing (the points unreachable), nobody is forgotten.
+        t.peer_housekeeping(later);
+        assert_eq!(known(&t), 1);
+        // Not listed, and silent for an expiry: gone, with its cells.
+        listed_at(&mut t, &[], false, later);
+        t.peer_housekeeping(later);
+        assert_eq!(known(&t), 0);
+        assert!(t.peers[&x].inbound.is_none() && t.peers[&x].unlisted);
+        // Heard again (it links again): known again.
+        let instance = t.peers[&x].instance.unwrap();
+        peer_hello(&mut t, &conn(10), "x", instance);
+        remote_cell(&mut t, &conn(10), b"c");
+        assert_eq!(known(&t), 1);
+        assert!(!t.peers[&x].unlisted);
+    }
+
+    #[tokio::test]
+    async fn after_a_pause_past_the_expiry_every_peer_is_forgotten_and_what_it_sent_is_not_delivered(
+    ) {
+        let mut t = transmitter(args());
+        peer_hello(&mut t, &conn(9), "x", Thid::random());
+        remote_cell(&mut t, &conn(9), b"c");
+        let x = t.peer_ids["x"];
+        let now = Instant::now();
+        t.woke(now);
+        assert_eq!(t.table.cell_count(Location::Peer(x)), 1, "no pause");
+        t.woke(now + t.expiry * 2);
+        assert_eq!(t.table.cell_count(Location::Peer(x)), 0);
+        assert!(t.peers[&x].inbound.is_none());
+        // What it sent before hearing of it is not taken: it is told, and links again.
+        t.replies.clear();
+        remote_cell(&mut t, &conn(9), b"d");
+        assert_eq!(t.table.cell_count(Location::Peer(x)), 0);
+        assert_eq!(replies(&t), [(conn(9), "ERRR".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_links_again_hears_our_cells_again() {
+        let mut t = transmitter(args());
+        let id = Thid::random();
+        peer_hello(&mut t, &conn(9), "x", id);
+        let x = t.peer_ids["x"];
+        link_up(&mut t, x);
+        t.send_interest().await;
+        let synced = |t: &Transmitter| t.peers[&x].out.as_ref().unwrap().synced;
+        assert!(synced(&t));
+        peer_hello(&mut t, &conn(9), "x", id);
+        assert!(synced(&t), "the same connection: nothing to send again");
+        peer_hello(&mut t, &conn(10), "x", id);
+        assert!(
+            !synced(&t),
+            "a new connection (it may have forgotten us): the snapshot again"
+        );
     }
 
     #[tokio::test]

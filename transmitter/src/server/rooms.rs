@@ -8,7 +8,10 @@ use bytes::Bytes;
 use foldhash::HashSet;
 use thynapse_protocol::wire::{self, cmd};
 
-use thynapse_protocol::discovery::{Datagram, Placement, TransmitterInfo, MAX_DATAGRAM};
+use foldhash::HashMap;
+use thynapse_protocol::discovery::{
+    Datagram, MembershipView, Placement, TransmitterInfo, MAX_DATAGRAM,
+};
 use thynapse_protocol::room::room_of;
 use thynapse_protocol::seal::{self, Sealer};
 use thynapse_rendezvous::wall_ms;
@@ -73,6 +76,9 @@ pub(super) async fn announce(
     let mut points: Vec<SocketAddr> = Vec::new();
     let mut check = Answers::new(sealer);
     let mut error_said = Throttle::default();
+    // Each point's membership as its last complete answer gave it: announced back as
+    // `view`, so that while nothing changes a point answers `unchanged`, not everyone.
+    let mut views: HashMap<SocketAddr, MembershipView> = HashMap::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -87,9 +93,29 @@ pub(super) async fn announce(
                     tracing::debug!(%from, "a datagram not from a rendezvous point: ignored");
                     continue;
                 }
+                let mut listed = None;
                 let event = match check.read(&buf[..n], from) {
                     Err(()) => Report::RefusedDatagram,
-                    Ok(Datagram::Peers { transmitters, .. }) => Report::Discovered(transmitters),
+                    Ok(Datagram::Peers { transmitters, digest, partial, .. }) => {
+                        if let Some(digest) = digest {
+                            let view = views.entry(from).or_default();
+                            if let Some(names) = view.on_page(&digest, &transmitters) {
+                                let names = Some(names.to_vec());
+                                listed = Some(Report::Listed { from, names, partial });
+                            }
+                        }
+                        Report::Discovered(transmitters)
+                    }
+                    Ok(Datagram::Unchanged { digest, partial, .. }) => {
+                        match views.get(&from).and_then(|v| v.on_unchanged(&digest)) {
+                            Some(_) => Report::Listed { from, names: None, partial },
+                            None => {
+                                // Not the view we hold (a late answer): ask for all of it.
+                                views.remove(&from);
+                                continue;
+                            }
+                        }
+                    }
                     Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting { from, rooms },
                     Ok(Datagram::Error { error }) => {
                         // Said once a minute: it comes back with every announcement.
@@ -103,21 +129,24 @@ pub(super) async fn announce(
                         continue;
                     }
                 };
-                if events.send(event).await.is_err() {
-                    return;
+                for event in std::iter::once(event).chain(listed) {
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
                 }
                 continue;
             }
         }
-        let body = {
-            let a = info.borrow_and_update();
+        let announcement = info.borrow_and_update().clone();
+        let body = |view: Option<String>| {
             Datagram::Announce {
                 mesh: args.mesh.clone(),
                 interval_ms: args.announce_interval_ms,
                 multiplier: args.expiry_multiplier,
-                transmitter: a.info.clone(),
-                rooms: a.rooms.clone(),
-                active: a.active.clone(),
+                transmitter: announcement.info.clone(),
+                rooms: announcement.rooms.clone(),
+                active: announcement.active.clone(),
+                view,
             }
             .to_bytes()
         };
@@ -133,7 +162,8 @@ pub(super) async fn announce(
             };
             points.push(point);
             // Sealed for each point: a point takes a request once.
-            let datagram = check.request(&body);
+            let view = views.get(&point).and_then(|v| v.digest.clone());
+            let datagram = check.request(&body(view));
             if let Err(e) = socket.send_to(&datagram, point).await {
                 tracing::debug!(%target, "announce failed: {e}");
             }
@@ -423,6 +453,8 @@ mod tests {
         let point: SocketAddr = "127.0.0.1:7".parse().unwrap();
         let peers = Datagram::Peers {
             mesh: "m".into(),
+            digest: None,
+            partial: false,
             transmitters: Vec::new(),
         }
         .to_bytes();
