@@ -1,0 +1,61 @@
+"""A mesh of sixty transmitters on this machine (issue 18): it comes up, routes between
+cells on transmitters far apart both ways, and survives a `kill -9` of one of them, its
+cell moving as in a small mesh. How idle cost grows with N is bench/scaling.py's to show,
+not a test's."""
+
+import os
+import signal
+
+import pytest
+import zmq
+
+from conftest import Subscriber, mesh_yaml, until_routed, wait_for
+from rawwire import RawCell
+
+N = 60
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def test_sixty_transmitters_route_far_apart_and_survive_a_kill_9(start_mesh, ctx):
+    m = start_mesh(mesh_yaml(name="big", replicas=N, services=[("s", [])]), cells={"s": 2})
+    near, moving = m.cells("s")
+    assert (near["transmitter"], moving["transmitter"]) == ("big-0", "big-1")
+    # A cell on the last transmitter, written from the protocol: as far as it gets.
+    last = m.transmitter(f"big-{N - 1}")
+    far = RawCell(ctx, last["command"], service="s")
+    far.hello()
+    far.subscribe(["to.far"], sync=1)  # answered once all 59 peers know it
+    near_client = m.redis(near)
+    assert near_client.publish("to.far", b"hello far") == 1
+    assert [d["payload"] for d in far.read_deliveries(1)] == [b"hello far"]
+    # The other way, to a stock Redis subscriber on the first transmitter.
+    at_near = Subscriber(m.redis(near), channels=["to.near"])
+    wait_for(lambda: far.publish(1, [("to.near", b"probe")]) == [1], what="to.near routed from the far cell")
+    at_near.wait_count(1)
+
+    # kill -9 of big-1: its cell moves to another transmitter and is reached again there.
+    victim = m.transmitter("big-1")
+    at_moving = Subscriber(m.redis(moving), channels=["to.moving"])
+    until_routed(near_client, "to.moving", 1)
+    m.allow_restarts = True  # killed on purpose: `up` restarts it
+    os.kill(victim["pid"], signal.SIGKILL)
+    seq = [2]
+
+    def reached():
+        seq[0] += 1
+        far.publish(seq[0], [("to.moving", b"after %d" % seq[0])])
+        at_moving.poll(timeout=0.05)
+        return bool(at_moving.data(b"after"))
+
+    # Within the bound the small-mesh test allows (test_failover: 20 s).
+    wait_for(reached, timeout=20, interval=0.1, what="the cell of the killed transmitter reached again")
+    # The rest of the mesh did not lose its way meanwhile: far to near still routes.
+    before = len(at_near.data())
+    assert far.publish(seq[0] + 1, [("to.near", b"still")]) == [1]
+    at_near.wait_count(before + 1)
