@@ -147,8 +147,8 @@ pub struct MembershipView {
     assembling: Option<(String, Vec<TransmitterInfo>)>,
 }
 
-/// Past this many entries an answer being assembled is dropped (the CRD allows 1,000
-/// transmitters; pages of older answers do not pile up).
+/// Past this many entries an answer being assembled is dropped (a rendezvous keeps 2,000
+/// at most; pages of older answers do not pile up).
 const MAX_ASSEMBLED: usize = 2_048;
 
 impl MembershipView {

@@ -34,7 +34,7 @@ pub struct Directory {
     digest: Option<(String, Instant)>,
 }
 
-/// Transmitters a rendezvous keeps at most (the CRD allows 1,000 per mesh): a flood of
+/// Transmitters a rendezvous keeps at most (the CRD allows 160 per mesh): a flood of
 /// announcements under made-up names cannot grow it further.
 pub const MAX_TRANSMITTERS: usize = 2_000;
 

@@ -25,15 +25,18 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
     }
 }
 
+/// Transmitters a mesh may have (`spec.replicas`, the CRD's maximum too).
+pub const MAX_TRANSMITTERS: u32 = 160;
+
 fn field(msg: String) -> ValidationError {
     ValidationError::Field(msg)
 }
 
 impl TransmitterMeshSpec {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        if !(1..=1000).contains(&self.replicas) {
+        if !(1..=MAX_TRANSMITTERS).contains(&self.replicas) {
             return Err(field(format!(
-                "spec.replicas must be between 1 and 1000, got {}",
+                "spec.replicas must be between 1 and {MAX_TRANSMITTERS}, got {}: every transmitter links to every other, and {MAX_TRANSMITTERS} is the largest mesh measured to serve well (docs/architecture.md, \"Scale\")",
                 self.replicas
             )));
         }

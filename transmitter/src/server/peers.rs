@@ -68,6 +68,12 @@ pub(super) struct Peer {
     pub(super) retired: Vec<Thid>,
     /// Forgotten since no rendezvous point lists it (until it is listed or heard again).
     pub(super) unlisted: bool,
+    /// When a rendezvous point last named it (a page, or a complete membership): it is
+    /// forgotten only once unnamed for an expiry (`forget_unlisted`).
+    pub(super) seen: Instant,
+    /// No point names it any more: its link is pinged, and it is forgotten if that gets
+    /// no answer (a point that lost its announcements is a hint, not a proof).
+    pub(super) suspect: bool,
 }
 
 /// Replaced instances remembered per peer.
@@ -88,6 +94,8 @@ impl Peer {
             left: None,
             retired: Vec::new(),
             unlisted: false,
+            seen: Instant::now(),
+            suspect: false,
         }
     }
 
@@ -110,8 +118,8 @@ impl Peer {
     }
 }
 
-/// Peers a transmitter knows at most: a mesh has at most 1,000 transmitters (the CRD's
-/// `replicas` maximum), so every other one fits.
+/// Peers a transmitter knows at most: far above the 160 transmitters a mesh may have (the
+/// CRD's `replicas` maximum), so every other one fits, and strangers' names are bounded.
 pub(super) const MAX_PEERS: usize = 1_024;
 
 impl Transmitter {
@@ -152,7 +160,7 @@ impl Transmitter {
         // started waiting has a dead or paused peer: its cells are unreachable.
         let mut unanswered = Vec::new();
         for (&id, p) in self.peers.iter_mut() {
-            let waiting = !p.outbox.idle() || self.interest_sync.waiting_on(id);
+            let waiting = p.suspect || !p.outbox.idle() || self.interest_sync.waiting_on(id);
             let Some(out) = p.out.as_mut() else { continue };
             if !waiting {
                 out.active = false;
@@ -212,15 +220,26 @@ impl Transmitter {
                 heard
                     .into_iter()
                     .chain(answered)
+                    .chain([p.seen])
                     .all(|at| now.duration_since(at) > expiry)
             })
             .map(|(id, _)| *id)
             .collect();
         for peer in gone {
-            tracing::info!(peer = %self.peers[&peer].name, "peer no longer listed by the rendezvous; forgetting its cells");
+            let p = self.peers.get_mut(&peer).expect("listed above");
+            if p.out.is_some() {
+                // Asked on its link first (`peer_housekeeping` pings a suspect).
+                if !p.suspect {
+                    tracing::debug!(peer = %p.name, "peer no longer listed by the rendezvous; asking it");
+                    p.suspect = true;
+                }
+                continue;
+            }
+            tracing::info!(peer = %p.name, "peer no longer listed by the rendezvous, and no link to it; forgetting its cells");
             self.forget_peer(peer, false);
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.unlisted = true;
+                p.suspect = false;
             }
         }
     }
@@ -252,6 +271,18 @@ impl Transmitter {
                 l.partial = partial;
             }
             (None, None) => return,
+        }
+        // Named by a point now: a point that lost a few of its announcements (and so
+        // lists it a moment later again) is no reason to forget it.
+        for name in &self.listings[&from].names {
+            if let Some(p) = self
+                .peer_ids
+                .get(name)
+                .and_then(|id| self.peers.get_mut(id))
+            {
+                p.seen = now;
+                p.suspect = false;
+            }
         }
         let unlinked: Vec<PeerId> = self
             .peers
@@ -299,8 +330,11 @@ impl Transmitter {
         // a peer that gave up on us forgot our link's identity (its messages are
         // answered UNKNOWN_CELL there), and one of us paused forgets every peer on
         // waking (`woke`).
-        if let Some((_, heard)) = self.peers.get_mut(&peer).and_then(|p| p.inbound.as_mut()) {
-            *heard = now;
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.suspect = false;
+            if let Some((_, heard)) = p.inbound.as_mut() {
+                *heard = now;
+            }
         }
         let at = Location::Peer(peer);
         match &frame.cmd {
@@ -551,6 +585,7 @@ impl Transmitter {
                 };
                 let Some(out) = p.out.as_mut() else { return };
                 out.last_heard = Instant::now();
+                p.suspect = false;
                 let Some(frame) = msg.get(0).and_then(|f| CommandFrame::parse(f).ok()) else {
                     self.metrics.malformed.inc();
                     return;
@@ -623,6 +658,7 @@ impl Transmitter {
             p.instance = Some(info.id);
             p.command = Some(info.command);
             p.unlisted = false;
+            p.seen = Instant::now();
             if p.out.is_none() && !p.connecting {
                 self.link(peer);
             }
