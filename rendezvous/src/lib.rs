@@ -683,6 +683,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_announcers_pages_add_up_to_the_digest_which_follows_the_membership_only() {
+        let mut dir = Directory::default();
+        let (t0, ttl) = (Instant::now(), Duration::from_secs(2));
+        let from: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mesh = large_mesh(400);
+        for t in &mesh {
+            dir.announce(t.clone(), from, t0, ttl);
+        }
+        let digest = dir.digest(t0);
+        let pages = membership_pages("mesh", &dir.live(t0), Some(digest.clone()), false);
+        assert!(pages.len() > 1);
+        let mut view = thynapse_protocol::discovery::MembershipView::default();
+        let mut complete = None;
+        for page in &pages {
+            let Ok(Datagram::Peers {
+                transmitters,
+                digest: Some(d),
+                ..
+            }) = Datagram::parse(page)
+            else {
+                panic!("a page with its digest")
+            };
+            complete = view.on_page(&d, &transmitters).map(|n| n.len());
+        }
+        assert_eq!(complete, Some(400), "the last page completes the view");
+        // A renewal, or a change of load, leaves it; a new instance, or an expiry, not.
+        let t1 = t0 + Duration::from_secs(1);
+        let mut busy = mesh[0].clone();
+        busy.cells += 10;
+        dir.announce(busy.clone(), from, t1, ttl);
+        assert_eq!(dir.digest(t1), digest);
+        busy.id = Thid::random();
+        dir.announce(busy, from, t1, ttl);
+        let restarted = dir.digest(t1);
+        assert_ne!(restarted, digest);
+        let t2 = t0 + Duration::from_millis(2500);
+        assert_ne!(dir.digest(t2), restarted, "all but one expired");
+        assert_eq!(dir.live(t2).len(), 1);
+    }
+
     #[tokio::test]
     async fn a_cell_asking_reads_only_the_first_page() {
         let point = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
