@@ -242,9 +242,9 @@ impl ClientAuth {
         }
     }
 
-    /// Asks that the connection be encrypted: `on_done` then gives its channel.
-    pub fn encrypted(mut self) -> ClientAuth {
-        self.ephemeral = Some(Ephemeral::new());
+    /// With `on`, asks that the connection be encrypted: `on_done` then gives its channel.
+    pub fn encrypted(mut self, on: bool) -> ClientAuth {
+        self.ephemeral = on.then(Ephemeral::new);
         self
     }
 

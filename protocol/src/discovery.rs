@@ -36,6 +36,24 @@ pub struct TransmitterInfo {
     pub rooms: u32,
 }
 
+impl TransmitterInfo {
+    /// A transmitter known by its name only: the instance id derived from the name, no
+    /// endpoints, no load (listings built by hand: tests, tools).
+    pub fn named(name: &str) -> TransmitterInfo {
+        TransmitterInfo {
+            name: name.into(),
+            id: Thid::of(name.as_bytes()),
+            command: String::new(),
+            event: String::new(),
+            metrics: String::new(),
+            cells: 0,
+            rate: 0.0,
+            draining: false,
+            rooms: 0,
+        }
+    }
+}
+
 /// One room and every transmitter that hosts it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Placement {
@@ -217,15 +235,9 @@ mod tests {
 
     fn info(name: &str, id: u8) -> TransmitterInfo {
         TransmitterInfo {
-            name: name.into(),
             id: Thid([id; 20]),
             command: format!("tcp://{name}:7000"),
-            event: String::new(),
-            metrics: String::new(),
-            cells: 0,
-            rate: 0.0,
-            draining: false,
-            rooms: 0,
+            ..TransmitterInfo::named(name)
         }
     }
 

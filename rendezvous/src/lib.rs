@@ -523,15 +523,10 @@ mod tests {
 
     fn info(name: &str) -> TransmitterInfo {
         TransmitterInfo {
-            name: name.into(),
             id: Thid::random(),
             command: "tcp://127.0.0.1:1".into(),
             event: "tcp://127.0.0.1:2".into(),
-            metrics: String::new(),
-            cells: 0,
-            rate: 0.0,
-            draining: false,
-            rooms: 0,
+            ..TransmitterInfo::named(name)
         }
     }
 

@@ -424,17 +424,7 @@ mod tests {
     use super::*;
 
     fn t(name: &str) -> TransmitterInfo {
-        TransmitterInfo {
-            name: name.into(),
-            id: Thid::of(name.as_bytes()),
-            command: String::new(),
-            event: String::new(),
-            metrics: String::new(),
-            cells: 0,
-            rate: 0.0,
-            draining: false,
-            rooms: 0,
-        }
+        TransmitterInfo::named(name)
     }
 
     fn confirm_all(rooms: &mut Rooms, live: &[TransmitterInfo]) {

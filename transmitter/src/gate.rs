@@ -359,12 +359,8 @@ mod tests {
         use thynapse_protocol::frame::CommandFrame;
         use thynapse_protocol::wire::{cmd, Authenticated, Challenge};
         let now = Instant::now();
-        let client = ClientAuth::cell(Key::service(b"token", "orders"), "orders", AT);
-        let mut client = if encrypted {
-            client.encrypted()
-        } else {
-            client
-        };
+        let key = Key::service(b"token", "orders");
+        let mut client = ClientAuth::cell(key, "orders", AT).encrypted(encrypted);
         let Outcome::Challenge(nonce) = g.on_auth(conn, &ask("cell", "orders"), now) else {
             panic!()
         };

@@ -272,21 +272,10 @@ pub(super) fn print_table(mesh: &str, specs: &[Spec], states: &[State], rooms: &
 mod tests {
     use super::*;
     use thynapse_protocol::discovery::TransmitterInfo;
-    use thynapse_protocol::Thid;
     use thynapse_rendezvous::placement::{RoomPolicy, Rooms};
 
     fn transmitter(name: &str) -> TransmitterInfo {
-        TransmitterInfo {
-            name: name.into(),
-            id: Thid::of(name.as_bytes()),
-            command: String::new(),
-            event: String::new(),
-            metrics: String::new(),
-            cells: 0,
-            rate: 0.0,
-            draining: false,
-            rooms: 0,
-        }
+        TransmitterInfo::named(name)
     }
 
     #[test]

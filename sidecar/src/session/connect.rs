@@ -99,8 +99,7 @@ pub async fn connect(plan: ConnectPlan, events: mpsc::Sender<LinkEvent>) {
         .map_err(anyhow::Error::from);
     if let (Ok(_), Some((key, identity))) = (&connected, &plan.auth) {
         let wait = plan.heartbeat * 4;
-        let auth = ClientAuth::cell(key.clone(), identity, &target.command);
-        let auth = if plan.encrypt { auth.encrypted() } else { auth };
+        let auth = ClientAuth::cell(key.clone(), identity, &target.command).encrypted(plan.encrypt);
         connected = thynapse_link::authenticate(&mut socket, auth, wait).await;
     }
     let channel = match connected {
@@ -267,17 +266,7 @@ mod tests {
     use super::*;
 
     fn host(name: &str) -> TransmitterInfo {
-        TransmitterInfo {
-            name: name.into(),
-            id: Thid::of(name.as_bytes()),
-            command: String::new(),
-            event: String::new(),
-            metrics: String::new(),
-            cells: 0,
-            rate: 0.0,
-            draining: false,
-            rooms: 0,
-        }
+        TransmitterInfo::named(name)
     }
 
     #[test]

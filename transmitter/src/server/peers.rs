@@ -679,13 +679,10 @@ impl Transmitter {
         let generation = p.generation;
         let events = self.reports_tx.clone();
         let options = super::socket_options(self.args.max_message_bytes);
-        let auth = self.gate.mesh_key().map(|k| {
-            let auth = ClientAuth::peer(k, &self.args.mesh, &command);
-            match self.args.encrypt {
-                true => auth.encrypted(),
-                false => auth,
-            }
-        });
+        let auth = self
+            .gate
+            .mesh_key()
+            .map(|k| ClientAuth::peer(k, &self.args.mesh, &command).encrypted(self.args.encrypt));
         tokio::spawn(connect_peer(
             peer, generation, command, options, auth, events,
         ));
