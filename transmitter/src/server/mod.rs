@@ -13,6 +13,7 @@ mod auth;
 mod cells;
 mod dispatch;
 mod interest;
+mod membership;
 mod peers;
 mod redeliver;
 mod rooms;
@@ -95,7 +96,7 @@ struct Transmitter {
     dispatch: Dispatch,
     scratch: Vec<Thid>,
     /// Each rendezvous point's last complete membership: whether an idle peer lives.
-    listings: HashMap<std::net::SocketAddr, peers::Listing>,
+    listings: HashMap<std::net::SocketAddr, membership::Listing>,
     /// When the event loop last turned: a longer pause than an expiry (SIGSTOP, a
     /// frozen VM) means peers waiting on us may have given up (`Transmitter::woke`).
     last_turn: Instant,
