@@ -31,6 +31,7 @@ import redis  # noqa: E402
 import zmq  # noqa: E402
 
 import rawwire  # noqa: E402
+from conftest import wait_for  # noqa: E402
 
 BINARY = ROOT / "target" / "release" / "thynapse"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -47,19 +48,6 @@ def rss_bytes(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def wait(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except (OSError, ValueError, redis.exceptions.RedisError):
-            result = None
-        if result:
-            return result
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def measure(n, window, settle, ctx):
@@ -79,7 +67,7 @@ spec: {{mesh: scale}}
     up = subprocess.Popen([str(BINARY), "up", "-f", str(tmp), "--cells", "s=2", "--endpoints", str(endpoints_path)],
                           stdout=subprocess.DEVNULL, stderr=open(tmp / "up.log", "w"), start_new_session=True)
     try:
-        endpoints = wait(lambda: json.loads(endpoints_path.read_text()), 120 + n, "endpoints")
+        endpoints = wait_for(lambda: json.loads(endpoints_path.read_text()), timeout=120 + n, what="endpoints")
         ready = time.monotonic() - started
         token = Path(endpoints["token_file"]).read_text().split()[0].encode()
         last = next(t for t in endpoints["transmitters"] if t["name"] == f"scale-{n - 1}")
@@ -90,7 +78,7 @@ spec: {{mesh: scale}}
         cell = next(c for c in endpoints["cells"] if c["transmitter"] == "scale-0")
         host, port = cell["resp"].rsplit(":", 1)
         publisher = redis.Redis(host=host, port=int(port), socket_timeout=10)
-        wait(lambda: publisher.publish("first", b"hello") >= 1, 60, "first message routed")
+        wait_for(lambda: publisher.publish("first", b"hello") >= 1, timeout=60, interval=0.05, what="first message routed")
         reader.read_deliveries(1)
         routed = time.monotonic() - started
         time.sleep(settle)

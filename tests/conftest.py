@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = Path(os.environ.get("THYNAPSE_BIN", ROOT / "target" / "release" / "thynapse"))
@@ -173,6 +174,14 @@ def start_mesh():
     for m in meshes:
         restarted = m.restarts()
         assert m.allow_restarts or not restarted, f"children restarted unexpectedly: {restarted} (see {m.dir / 'up.log'})"
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context for raw clients (tests/rawwire.py), closed after the test."""
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
 
 
 def metrics(url):

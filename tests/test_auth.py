@@ -22,13 +22,6 @@ from rawwire import (FakePeer, RawCell, command, dealer, interest, mesh_key, par
                      publish_records, recv_command, seal, service_key, unseal)
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def refused(t):
     return metrics(t["metrics"])['thynapse_transmitter_refused_total{limit="auth"}']
 

@@ -6,20 +6,12 @@ sends late, and what happens to messages a cell took without crediting when it l
 import os
 import signal
 
-import pytest
 import zmq
 
 from conftest import Subscriber, drops, mesh_yaml, metrics, until_an_expiry_passed, wait_for
 from rawwire import RawCell, publish_records
 
 EXPIRY_S = 0.25 * 4  # announce_ms × multiplier of mesh_yaml's defaults
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def test_wlcm_fields_and_the_bounds_of_helo_and_of_a_cells_interest(start_mesh, ctx):

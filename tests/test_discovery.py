@@ -9,17 +9,9 @@ import socket
 
 import pytest
 import redis
-import zmq
 
 from conftest import mesh_yaml, metrics, room_hosts, wait_for
 from rawwire import FakePeer, RawCell
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def udp(timeout=1.0):

@@ -6,20 +6,10 @@ not a test's."""
 import os
 import signal
 
-import pytest
-import zmq
-
 from conftest import Subscriber, mesh_yaml, until_routed, wait_for
 from rawwire import RawCell
 
 N = 60
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def test_sixty_transmitters_route_far_apart_and_survive_a_kill_9(start_mesh, ctx):
