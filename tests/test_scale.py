@@ -6,7 +6,7 @@ not a test's."""
 import os
 import signal
 
-from conftest import Subscriber, mesh_yaml, until_routed, wait_for
+from conftest import Subscriber, drops, mesh_yaml, until_routed, wait_for
 from rawwire import RawCell
 
 N = 60
@@ -45,6 +45,15 @@ def test_sixty_transmitters_route_far_apart_and_survive_a_kill_9(start_mesh, ctx
 
     # Within the bound the small-mesh test allows (test_failover: 20 s).
     wait_for(reached, timeout=20, interval=0.1, what="the cell of the killed transmitter reached again")
+    # Peers that had nothing waiting on big-1 noticed it too, from its closed links, not
+    # after the rendezvous stopped listing it (an expiry and more later).
+    idle = m.transmitter(f"big-{N // 2}")
+
+    def forgotten():
+        return drops(idle["metrics"], "thynapse_transmitter_peers_forgotten_total")
+
+    wait_for(lambda: forgotten()["closed"] >= 1, what=f"big-{N // 2} forgetting the killed big-1")
+    assert forgotten()["unlisted"] == 0 and forgotten()["silent"] == 0, forgotten()
     # The rest of the mesh did not lose its way meanwhile: far to near still routes.
     before = len(at_near.data())
     assert far.publish(seq[0] + 1, [("to.near", b"still")]) == [1]

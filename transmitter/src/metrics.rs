@@ -16,11 +16,48 @@ pub struct Metrics {
     pub cells: IntGauge,
     pub peers: IntGauge,
     pub peer_reconnects: IntCounter,
+    pub peers_forgotten: IntCounterVec,
     pub room_messages: IntCounterVec,
     pub rooms: IntGauge,
     pub held_bytes: IntGauge,
     pub sync_gave_up: IntCounterVec,
     pub refused: IntCounterVec,
+}
+
+/// Why a peer was forgotten: the `reason` label of
+/// `thynapse_transmitter_peers_forgotten_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forgotten {
+    /// It said LEAV.
+    Left,
+    /// Both its links closed (killed, restarted, or cut off by a reset).
+    Closed,
+    /// Something waited on it and it said nothing for an expiry.
+    Silent,
+    /// No rendezvous point listed it for an expiry, and it said nothing.
+    Unlisted,
+    /// This transmitter was paused past the expiry: every peer is forgotten.
+    Paused,
+}
+
+impl Forgotten {
+    pub const ALL: [Forgotten; 5] = [
+        Forgotten::Left,
+        Forgotten::Closed,
+        Forgotten::Silent,
+        Forgotten::Unlisted,
+        Forgotten::Paused,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Forgotten::Left => "left",
+            Forgotten::Closed => "closed",
+            Forgotten::Silent => "silent",
+            Forgotten::Unlisted => "unlisted",
+            Forgotten::Paused => "paused",
+        }
+    }
 }
 
 /// Where a message was dropped, and why: the `reason` label of
@@ -205,6 +242,12 @@ impl Metrics {
                 "thynapse_transmitter_peer_reconnects_total",
                 "Times a link to a peer transmitter was rebuilt.",
             ),
+            peers_forgotten: counter_vec(
+                &r,
+                "thynapse_transmitter_peers_forgotten_total",
+                "Peer transmitters forgotten (their cells with them), by why: it said LEAV (left), both its links closed (closed: killed or restarted), it did not answer while something waited on it (silent), no rendezvous point listed it (unlisted), or this transmitter was paused past the expiry (paused).",
+                "reason",
+            ),
             room_messages: counter_vec(
                 &r,
                 "thynapse_transmitter_room_messages_total",
@@ -243,6 +286,9 @@ impl Metrics {
         }
         for reason in ["timeout", "peer_lost"] {
             m.sync_gave_up.with_label_values(&[reason]);
+        }
+        for reason in Forgotten::ALL {
+            m.peers_forgotten.with_label_values(&[reason.label()]);
         }
         for reason in DropReason::ALL {
             m.drops.with_label_values(&[reason.label()]);

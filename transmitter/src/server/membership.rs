@@ -12,6 +12,7 @@ use thynapse_protocol::wire::{self, cmd};
 
 use super::peers::connect_peer;
 use super::{reply_json, Transmitter};
+use crate::metrics::Forgotten;
 use crate::routing::PeerId;
 
 /// A rendezvous point's last complete membership (`Report::Listed`).
@@ -67,7 +68,7 @@ impl Transmitter {
                 p.drop_link();
             } else {
                 tracing::info!(peer = %p.name, "peer not answering; forgetting its cells");
-                self.forget_peer(peer, false);
+                self.forget_peer(peer, Forgotten::Silent);
             }
         }
         self.forget_unlisted(now);
@@ -115,7 +116,7 @@ impl Transmitter {
                 continue;
             }
             tracing::info!(peer = %p.name, "peer no longer listed by the rendezvous, and no link to it; forgetting its cells");
-            self.forget_peer(peer, false);
+            self.forget_peer(peer, Forgotten::Unlisted);
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.unlisted = true;
                 p.suspect = false;
@@ -192,7 +193,7 @@ impl Transmitter {
         );
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for peer in peers {
-            self.forget_peer(peer, false);
+            self.forget_peer(peer, Forgotten::Paused);
         }
     }
 

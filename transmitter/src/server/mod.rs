@@ -25,7 +25,7 @@ use bytes::Bytes;
 // foldhash: a fast, seeded hasher (the per-message maps are keyed by ids and channel
 // names; SipHash was a visible share of the hot path).
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use thynapse_protocol::auth::Verifier;
 use thynapse_protocol::discovery::TransmitterInfo;
 use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
@@ -252,6 +252,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     ));
     let verifier = Verifier::new(tokens);
     let gate = Gate::new(verifier, &args.mesh, &command).requiring_encryption(args.encrypt);
+    // Connections closing: a peer killed closes both of its links at once.
+    let mut router_events = router.monitor();
     let (router_tx, mut router_rx) = router.split();
     let mut t = Transmitter::new(
         args,
@@ -298,6 +300,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 more_waiting = n == MAX_BURST || bytes >= MAX_BURST_BYTES;
                 while let Ok(report) = reports_rx.try_recv() {
                     t.on_report(report);
+                }
+            }
+            Some(event) = router_events.next() => {
+                if let zeromq::SocketEvent::Disconnected(identity) = event {
+                    t.on_disconnected(&Bytes::from(identity));
                 }
             }
             Some(report) = reports_rx.recv() => {

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use thynapse_link::LinkSender;
 use thynapse_protocol::auth::ClientAuth;
 use thynapse_protocol::batch::decode_envelopes;
@@ -14,13 +15,13 @@ use thynapse_protocol::frame::{CommandFrame, Encoding, FrameError};
 use thynapse_protocol::wire::{self, cmd};
 use thynapse_protocol::Thid;
 use tokio::sync::mpsc;
-use zeromq::{DealerSocket, Socket, SocketOptions, ZmqMessage};
+use zeromq::{DealerSocket, Socket, SocketEvent, SocketOptions, ZmqMessage};
 
 use super::dispatch::{Forwarded, HeldBatch};
 use super::redeliver::Gone;
 use super::{error_reply, reply_json, Report, Transmitter};
 use crate::backpressure::{Link, Progress};
-use crate::metrics::DropReason;
+use crate::metrics::{DropReason, Forgotten};
 use crate::outbox::Outbox;
 use crate::routing::{Location, PeerId};
 
@@ -194,7 +195,7 @@ impl Transmitter {
             }
             cmd::LEAV => {
                 tracing::info!(peer = %self.peers[&peer].name, "peer left");
-                self.forget_peer(peer, true);
+                self.forget_peer(peer, Forgotten::Left);
             }
             cmd::PEER => {
                 // A re-introduction on the same connection: handled like a new one.
@@ -282,7 +283,13 @@ impl Transmitter {
 
     /// Drops everything about a peer: its cells, our link to it. With `left`, the same
     /// instance is not reconnected even while the rendezvous still lists it.
-    pub(super) fn forget_peer(&mut self, peer: PeerId, left: bool) {
+    pub(super) fn forget_peer(&mut self, peer: PeerId, why: Forgotten) {
+        if self.peers.get(&peer).is_some_and(Peer::is_live) {
+            self.metrics
+                .peers_forgotten
+                .with_label_values(&[why.label()])
+                .inc();
+        }
         self.forget_held(Link::Peer(peer));
         let unconfirmed = match self.peers.get_mut(&peer) {
             Some(p) => p.outbox.take_unconfirmed(),
@@ -300,7 +307,7 @@ impl Transmitter {
         }
         p.fack = CreditOwed::default();
         self.interest_sync.forget(peer);
-        if left {
+        if why == Forgotten::Left {
             p.left = p.instance;
         }
         tracing::debug!(peer = %p.name, removed, "peer forgotten");
@@ -324,6 +331,27 @@ impl Transmitter {
         let redelivery = self.plan_redelivery(Gone::Peer(peer), unconfirmed);
         self.table.remove_location(Location::Peer(peer));
         self.redeliver(redelivery, DropReason::PeerLost);
+    }
+
+    /// A connection on our ROUTER closed. When it was a peer's link to us and ours to it
+    /// is closed too, the peer is gone; otherwise it links again by itself (and a cell's
+    /// sidecar, pinging, notices on its own).
+    pub(super) fn on_disconnected(&mut self, identity: &Bytes) {
+        let Some(peer) = self.peer_identities.remove(identity) else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if !p.inbound.as_ref().is_some_and(|(i, _)| i == identity) {
+            return;
+        }
+        if p.out.is_none() && !p.connecting {
+            tracing::info!(peer = %p.name, "both links to the peer closed; forgetting its cells");
+            self.forget_peer(peer, Forgotten::Closed);
+        } else {
+            p.inbound = None;
+        }
     }
 
     pub(super) fn update_peer_gauge(&self) {
@@ -383,8 +411,16 @@ impl Transmitter {
                     .get_mut(&peer)
                     .filter(|p| p.generation == generation)
                 {
-                    tracing::info!(peer = %p.name, "link to peer closed");
-                    p.drop_link();
+                    if p.inbound.is_none() {
+                        // Its link to us closed as well: the process is gone (a kill
+                        // closes both at once). Waiting for the rendezvous to stop
+                        // listing it would only delay its cells' messages.
+                        tracing::info!(peer = %p.name, "both links to the peer closed; forgetting its cells");
+                        self.forget_peer(peer, Forgotten::Closed);
+                    } else {
+                        tracing::info!(peer = %p.name, "link to peer closed");
+                        p.drop_link();
+                    }
                     self.update_peer_gauge();
                 }
             }
@@ -501,6 +537,9 @@ pub(super) async fn connect_peer(
             return;
         }
     };
+    // The crate's DEALER never ends a read when its peer goes (it waits for another):
+    // its monitor says so.
+    let mut events_of_socket = socket.monitor();
     let (sender, mut receiver) = thynapse_link::split(socket, channel);
     if events
         .send(Report::PeerConnected {
@@ -514,7 +553,14 @@ pub(super) async fn connect_peer(
         return;
     }
     loop {
-        match receiver.recv().await {
+        let received = tokio::select! {
+            received = receiver.recv() => received,
+            event = events_of_socket.next() => match event {
+                Some(SocketEvent::Disconnected(_)) | None => Err(anyhow::anyhow!("disconnected")),
+                Some(_) => continue,
+            },
+        };
+        match received {
             Ok(msg) => {
                 if events
                     .send(Report::PeerReply {
@@ -684,6 +730,51 @@ mod tests {
         remote_cell(&mut t, &conn(10), b"c");
         assert_eq!(known(&t), 1);
         assert!(!t.peers[&x].unlisted);
+    }
+
+    #[tokio::test]
+    async fn a_peer_whose_links_both_close_is_forgotten_at_once_and_one_closed_link_is_rebuilt() {
+        let mut t = transmitter(args());
+        let closed = |t: &Transmitter| {
+            t.metrics
+                .peers_forgotten
+                .with_label_values(&[Forgotten::Closed.label()])
+                .get()
+        };
+        peer_hello(&mut t, &conn(9), "x", Thid::random());
+        remote_cell(&mut t, &conn(9), b"c");
+        let x = t.peer_ids["x"];
+        let known = |t: &Transmitter| t.table.cell_count(Location::Peer(x));
+        link_up(&mut t, x);
+        // Our link closes while its link to us lives (it dropped ours, a reset): only
+        // ours is rebuilt.
+        let generation = t.peers[&x].generation;
+        t.on_report(Report::PeerClosed {
+            peer: x,
+            generation,
+        });
+        assert!(t.peers[&x].out.is_none());
+        assert_eq!((known(&t), closed(&t)), (1, 0));
+        // A connection closing that is not a peer's (a cell's) changes nothing.
+        t.on_disconnected(&conn(3));
+        assert_eq!(known(&t), 1);
+        // Its link to us closes too: the process is gone, with its cells; no
+        // rendezvous point had to stop listing it first.
+        t.on_disconnected(&conn(9));
+        assert_eq!((known(&t), closed(&t)), (0, 1));
+        // The other order: its link to us closes first, then ours.
+        let instance = t.peers[&x].instance.unwrap();
+        peer_hello(&mut t, &conn(10), "x", instance);
+        remote_cell(&mut t, &conn(10), b"c");
+        link_up(&mut t, x);
+        t.on_disconnected(&conn(10));
+        assert_eq!(known(&t), 1, "our link still up: not yet");
+        let generation = t.peers[&x].generation;
+        t.on_report(Report::PeerClosed {
+            peer: x,
+            generation,
+        });
+        assert_eq!((known(&t), closed(&t)), (0, 2));
     }
 
     #[tokio::test]
@@ -881,7 +972,7 @@ mod tests {
             "two cells each"
         );
         // The peer is lost before crediting: three messages, six deliveries lost.
-        t.forget_peer(p, false);
+        t.forget_peer(p, Forgotten::Silent);
         let lost = t
             .metrics
             .drops
