@@ -343,7 +343,7 @@ impl Transmitter {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
-        if !p.inbound.as_ref().is_some_and(|(i, _)| i == identity) {
+        if p.inbound.as_ref().is_none_or(|(i, _)| i != identity) {
             return;
         }
         if p.out.is_none() && !p.connecting {
