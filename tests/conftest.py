@@ -359,9 +359,10 @@ def until_sharded(publisher, channel, receivers, timeout=15):
     )
 
 
-def drops(url, prefix="thynapse_transmitter_drops_total"):
-    """{reason: count} of a process's drop counter."""
-    return {re.search(r'reason="([^"]+)"', k).group(1): v for k, v in metrics(url).items() if k.startswith(prefix + "{")}
+def drops(url, prefix="thynapse_transmitter_drops_total", label="reason"):
+    """{reason: count} of a process's drop counter (or another counter by one label)."""
+    pattern = re.compile(label + r'="([^"]+)"')
+    return {pattern.search(k).group(1): v for k, v in metrics(url).items() if k.startswith(prefix + "{")}
 
 
 class Part:

@@ -31,6 +31,8 @@ def test_sixty_transmitters_route_far_apart_and_survive_a_kill_9(start_mesh, ctx
 
     # kill -9 of big-1: its cell moves to another transmitter and is reached again there.
     victim = m.transmitter("big-1")
+    point = m.endpoints["rendezvous"][0]["metrics"]
+    answers_before = drops(point, "thynapse_rendezvous_membership_answers_total", label="kind")
     at_moving = Subscriber(m.redis(moving), channels=["to.moving"])
     until_routed(near_client, "to.moving", 1)
     m.allow_restarts = True  # killed on purpose: `up` restarts it
@@ -58,3 +60,9 @@ def test_sixty_transmitters_route_far_apart_and_survive_a_kill_9(start_mesh, ctx
     before = len(at_near.data())
     assert far.publish(seq[0] + 1, [("to.near", b"still")]) == [1]
     at_near.wait_count(before + 1)
+
+    # The rendezvous told the others what changed (big-1 gone, then back as a new
+    # instance), not the whole mesh of sixty again to each of them.
+    answers = drops(point, "thynapse_rendezvous_membership_answers_total", label="kind")
+    assert answers["changed"] - answers_before["changed"] >= N - 2, (answers_before, answers)
+    assert answers["full"] - answers_before["full"] <= 2, (answers_before, answers)

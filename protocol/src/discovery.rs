@@ -106,6 +106,21 @@ pub enum Datagram {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         partial: bool,
     },
+    /// Rendezvous → transmitter: what changed since the `view` its announcement gave
+    /// (`from`): transmitters that joined or changed instance or endpoint, with all they
+    /// announce, and the names of those gone. Applied to that view it makes `digest`;
+    /// when it does not, the asker drops its view and is answered in full next time.
+    Changed {
+        mesh: String,
+        from: String,
+        digest: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        partial: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        left: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        joined: Vec<TransmitterInfo>,
+    },
     /// Rendezvous → transmitter, after each announcement and whenever a placement changes:
     /// the rooms it must host, each with all of its hosts.
     Hosting { mesh: String, rooms: Vec<Placement> },
@@ -138,16 +153,36 @@ impl Datagram {
 /// endpoint, in name order, through SHA-256 (16 hex digits kept). Both ends compute it,
 /// so a transmitter can tell when the pages of an answer add up to the whole mesh.
 pub fn membership_digest<'a>(live: impl IntoIterator<Item = &'a TransmitterInfo>) -> String {
+    digest_of(live.into_iter().map(Member::of))
+}
+
+/// What the membership digest covers of one transmitter: a change in any of these is a
+/// change of membership (load is not).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member<'a> {
+    pub name: &'a str,
+    pub id: &'a Thid,
+    pub command: &'a str,
+}
+
+impl<'a> Member<'a> {
+    pub fn of(t: &'a TransmitterInfo) -> Member<'a> {
+        Member {
+            name: &t.name,
+            id: &t.id,
+            command: &t.command,
+        }
+    }
+}
+
+fn digest_of<'a>(members: impl IntoIterator<Item = Member<'a>>) -> String {
     use sha2::{Digest, Sha256};
-    let mut members: Vec<(&str, &Thid, &str)> = live
-        .into_iter()
-        .map(|t| (t.name.as_str(), &t.id, t.command.as_str()))
-        .collect();
+    let mut members: Vec<Member> = members.into_iter().collect();
     members.sort();
-    members.dedup_by(|a, b| a.0 == b.0);
+    members.dedup_by(|a, b| a.name == b.name);
     let mut h = Sha256::new();
-    for (name, id, command) in members {
-        for part in [name.as_bytes(), &id.0[..], command.as_bytes()] {
+    for m in members {
+        for part in [m.name.as_bytes(), &m.id.0[..], m.command.as_bytes()] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
@@ -156,12 +191,16 @@ pub fn membership_digest<'a>(live: impl IntoIterator<Item = &'a TransmitterInfo>
 }
 
 /// A transmitter's view of one rendezvous point's membership: the pages of its answers
-/// assembled until they add up to the digest they carry.
+/// assembled until they add up to the digest they carry, then kept up to date by the
+/// point's `changed` answers.
 #[derive(Debug, Default)]
 pub struct MembershipView {
     /// The last complete membership: its digest and names.
     pub digest: Option<String>,
     pub names: Vec<String>,
+    /// Each member's instance and command endpoint, by name: what a `changed` answer is
+    /// applied to.
+    members: std::collections::BTreeMap<String, (Thid, String)>,
     assembling: Option<(String, Vec<TransmitterInfo>)>,
 }
 
@@ -186,16 +225,57 @@ impl MembershipView {
             return None;
         }
         let (digest, members) = self.assembling.take().expect("set above");
-        self.names = members.into_iter().map(|t| t.name).collect();
-        self.names.sort();
-        self.names.dedup();
-        self.digest = Some(digest);
-        Some(&self.names)
+        self.members = members
+            .into_iter()
+            .map(|t| (t.name, (t.id, t.command)))
+            .collect();
+        Some(self.hold(digest))
     }
 
     /// `unchanged` with `digest`: the names, when it is the view we hold.
     pub fn on_unchanged(&self, digest: &str) -> Option<&[String]> {
         (self.digest.as_deref() == Some(digest)).then_some(&self.names[..])
+    }
+
+    /// `changed` from the view `from` to `digest`: the names then, when `from` is the view
+    /// we hold and the change makes `digest` of it. One that does not (a point that lost
+    /// its history, a change lost on the way) drops the view: the next announcement asks
+    /// for all of it. One from another view (late) is ignored.
+    pub fn on_changed(
+        &mut self,
+        from: &str,
+        digest: &str,
+        left: &[String],
+        joined: &[TransmitterInfo],
+    ) -> Option<&[String]> {
+        if self.digest.as_deref() != Some(from) {
+            return None;
+        }
+        let mut members = self.members.clone();
+        for name in left {
+            members.remove(name);
+        }
+        for t in joined {
+            members.insert(t.name.clone(), (t.id, t.command.clone()));
+        }
+        let made =
+            digest_of(
+                members
+                    .iter()
+                    .map(|(name, (id, command))| Member { name, id, command }),
+            );
+        if made != digest {
+            self.digest = None;
+            return None;
+        }
+        self.members = members;
+        Some(self.hold(digest.to_string()))
+    }
+
+    fn hold(&mut self, digest: String) -> &[String] {
+        self.names = self.members.keys().cloned().collect();
+        self.digest = Some(digest);
+        &self.names
     }
 }
 
@@ -271,6 +351,41 @@ mod tests {
         assert!(view.on_unchanged(&newer).is_none());
         assert_eq!(view.on_page(&newer, &mesh[..2]).unwrap(), ["a", "b"]);
         assert!(view.on_unchanged(&digest).is_none(), "the old view is gone");
+    }
+
+    #[test]
+    fn a_view_follows_changes_that_make_their_digest_and_drops_itself_on_one_that_does_not() {
+        let mesh = [info("a", 1), info("b", 2), info("c", 3)];
+        let first = membership_digest(&mesh);
+        let mut view = MembershipView::default();
+        view.on_page(&first, &mesh).unwrap();
+        // b gone, c restarted, d joined.
+        let now = [info("a", 1), info("c", 9), info("d", 4)];
+        let second = membership_digest(&now);
+        let left = ["b".to_string()];
+        let joined = [info("c", 9), info("d", 4)];
+        assert!(
+            view.on_changed("elsewhere", &second, &left, &joined)
+                .is_none(),
+            "a change from another view is not ours"
+        );
+        assert_eq!(
+            view.digest.as_deref(),
+            Some(first.as_str()),
+            "and keeps ours"
+        );
+        assert_eq!(
+            view.on_changed(&first, &second, &left, &joined).unwrap(),
+            ["a", "c", "d"]
+        );
+        assert_eq!(view.on_unchanged(&second).unwrap(), ["a", "c", "d"]);
+        // A change that does not make its digest (one lost on the way): the view is
+        // dropped, so that the next announcement asks for all of it.
+        let third = membership_digest(&now[..1]);
+        assert!(view
+            .on_changed(&second, &third, &["c".to_string()], &[])
+            .is_none());
+        assert_eq!(view.digest, None);
     }
 
     #[test]

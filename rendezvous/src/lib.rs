@@ -8,7 +8,7 @@
 pub mod metrics;
 pub mod placement;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use thynapse_protocol::discovery::{
     Datagram, TransmitterInfo, ANNOUNCE_INTERVAL_MS, EXPIRY_MULTIPLIER, MAX_BODY, MAX_DATAGRAM,
 };
 use thynapse_protocol::seal::{self, Opener, RequestError, Sealer};
+use thynapse_protocol::Thid;
 use tokio::net::UdpSocket;
 
 use crate::metrics::Metrics;
@@ -32,7 +33,20 @@ pub struct Directory {
     /// The membership digest, and until when it holds (the first expiry then): every
     /// announcement asks for it, and it changes rarely.
     digest: Option<(String, Instant)>,
+    /// The membership the last digest was computed over (name → instance, command
+    /// endpoint) and that digest, kept when `digest` is cleared: to tell what changed.
+    members: HashMap<String, (Thid, String)>,
+    members_digest: Option<String>,
+    /// The last changes of membership, oldest first: the digest before each and the
+    /// names it touched. A transmitter whose view is one of those digests is answered
+    /// with what changed since (`changed`) rather than every transmitter.
+    history: VecDeque<(String, Vec<String>)>,
 }
+
+/// Changes of membership a point remembers, and names they may touch in all: an asker
+/// further behind is answered in full.
+const HISTORY: usize = 64;
+const HISTORY_NAMES: usize = 4_096;
 
 /// Transmitters a rendezvous keeps at most (the CRD allows 160 per mesh): a flood of
 /// announcements under made-up names cannot grow it further.
@@ -75,10 +89,64 @@ impl Directory {
                 let live = self.live(now);
                 let until = self.entries.values().map(|(_, e, _)| *e).min();
                 let d = thynapse_protocol::discovery::membership_digest(&live);
+                self.remember_change(&d, &live);
                 self.digest = Some((d.clone(), until.unwrap_or(now + Duration::from_secs(3600))));
                 d
             }
         }
+    }
+
+    /// Notes what changed from the last membership to `live` (digest `d`).
+    fn remember_change(&mut self, d: &str, live: &[TransmitterInfo]) {
+        let members: HashMap<String, (Thid, String)> = live
+            .iter()
+            .map(|t| (t.name.clone(), (t.id, t.command.clone())))
+            .collect();
+        let before = self.members_digest.replace(d.to_string());
+        let touched: Vec<String> = members
+            .iter()
+            .filter(|(name, m)| self.members.get(*name) != Some(m))
+            .map(|(name, _)| name.clone())
+            .chain(
+                self.members
+                    .keys()
+                    .filter(|name| !members.contains_key(*name))
+                    .cloned(),
+            )
+            .collect();
+        self.members = members;
+        let Some(before) = before.filter(|b| b != d) else {
+            return;
+        };
+        self.history.push_back((before, touched));
+        let mut names: usize = self.history.iter().map(|(_, t)| t.len()).sum();
+        while self.history.len() > HISTORY || names > HISTORY_NAMES {
+            let (_, dropped) = self.history.pop_front().expect("not empty");
+            names -= dropped.len();
+        }
+    }
+
+    /// What changed since the membership of digest `view`, when it is one remembered:
+    /// the names gone, and the transmitters that joined or changed. Call after `digest`.
+    pub fn changed_since(&self, view: &str) -> Option<(Vec<String>, Vec<TransmitterInfo>)> {
+        let since = self.history.iter().rposition(|(d, _)| d == view)?;
+        let touched: std::collections::BTreeSet<&String> = self
+            .history
+            .range(since..)
+            .flat_map(|(_, names)| names)
+            .collect();
+        let (mut left, mut joined) = (Vec::new(), Vec::new());
+        for name in touched {
+            match self
+                .entries
+                .get(name)
+                .filter(|_| self.members.contains_key(name))
+            {
+                Some((info, _, _)) => joined.push(info.clone()),
+                None => left.push(name.clone()),
+            }
+        }
+        Some((left, joined))
     }
 
     /// Live transmitters by name, forgetting expired ones.
@@ -253,6 +321,54 @@ pub fn query_pages(mesh: &str, mut live: Vec<TransmitterInfo>) -> Vec<Vec<u8>> {
     peers_pages(mesh, &live)
 }
 
+impl Server {
+    /// The membership, answered to an announcement whose last complete view was `view`:
+    /// `unchanged` while it holds, what changed since when this point remembers that
+    /// view and the change fits one datagram, and every transmitter otherwise.
+    fn membership_answer(
+        &mut self,
+        mesh: &str,
+        view: Option<String>,
+        digest: String,
+        partial: bool,
+        now: Instant,
+    ) -> Vec<Vec<u8>> {
+        let (kind, answer) = match view {
+            Some(view) if view == digest => {
+                let d = Datagram::Unchanged {
+                    mesh: mesh.to_string(),
+                    digest,
+                    partial,
+                };
+                ("unchanged", vec![d.to_bytes()])
+            }
+            Some(view) => match self.dir.changed_since(&view).map(|(left, joined)| {
+                Datagram::Changed {
+                    mesh: mesh.to_string(),
+                    from: view,
+                    digest: digest.clone(),
+                    partial,
+                    left,
+                    joined,
+                }
+                .to_bytes()
+            }) {
+                Some(d) if d.len() <= MAX_BODY => ("changed", vec![d]),
+                _ => (
+                    "full",
+                    membership_pages(mesh, &self.dir.live(now), Some(digest), partial),
+                ),
+            },
+            None => (
+                "full",
+                membership_pages(mesh, &self.dir.live(now), Some(digest), partial),
+            ),
+        };
+        self.metrics.answer(kind, &answer);
+        answer
+    }
+}
+
 struct Server {
     mesh: String,
     socket: UdpSocket,
@@ -348,16 +464,7 @@ impl Server {
                 self.longest_ttl = self.longest_ttl.max(ttl);
                 let partial = now.duration_since(self.started) < self.longest_ttl;
                 let digest = self.dir.digest(now);
-                let mut replies = if view.as_deref() == Some(digest.as_str()) {
-                    let d = Datagram::Unchanged {
-                        mesh: mesh.clone(),
-                        digest,
-                        partial,
-                    };
-                    vec![d.to_bytes()]
-                } else {
-                    membership_pages(&mesh, &self.dir.live(now), Some(digest), partial)
-                };
+                let mut replies = self.membership_answer(&mesh, view, digest, partial, now);
                 if !hosting.is_empty() || !rooms.is_empty() {
                     let d = Datagram::Hosting {
                         mesh,
@@ -717,6 +824,51 @@ mod tests {
         let t2 = t0 + Duration::from_millis(2500);
         assert_ne!(dir.digest(t2), restarted, "all but one expired");
         assert_eq!(dir.live(t2).len(), 1);
+    }
+
+    #[test]
+    fn a_view_a_point_remembers_is_answered_with_what_changed_since_and_makes_the_digest() {
+        let mut dir = Directory::default();
+        let (t0, ttl) = (Instant::now(), Duration::from_secs(2));
+        let from: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mesh = large_mesh(300);
+        for t in &mesh {
+            dir.announce(t.clone(), from, t0, ttl);
+        }
+        let first = dir.digest(t0);
+        let mut view = thynapse_protocol::discovery::MembershipView::default();
+        view.on_page(&first, &dir.live(t0)).unwrap();
+        assert_eq!(dir.changed_since(&first), None, "nothing changed yet");
+        // One joins, one restarts; at the next announcements another expires.
+        let t1 = t0 + Duration::from_secs(1);
+        for (i, t) in mesh.iter().enumerate().skip(1) {
+            let mut t = t.clone();
+            if i == 7 {
+                t.id = Thid::random();
+            }
+            dir.announce(t, from, t1, ttl);
+        }
+        dir.announce(info("new"), from, t1, ttl);
+        let second = dir.digest(t1);
+        let t2 = t0 + Duration::from_millis(2500);
+        let third = dir.digest(t2);
+        assert_ne!(second, third, "the first one expired");
+        // Two changes behind: both in one answer, three names instead of 300.
+        let (left, joined) = dir.changed_since(&first).unwrap();
+        assert_eq!(left, [mesh[0].name.clone()]);
+        let mut names: Vec<&str> = joined.iter().map(|t| t.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, [mesh[7].name.as_str(), "new"]);
+        assert_eq!(
+            view.on_changed(&first, &third, &left, &joined)
+                .map(<[String]>::len),
+            Some(300)
+        );
+        assert_eq!(view.digest.as_deref(), Some(third.as_str()));
+        // One change behind, from the second view.
+        let (left, joined) = dir.changed_since(&second).unwrap();
+        assert_eq!((left.len(), joined.len()), (1, 0));
+        assert_eq!(dir.changed_since("never seen"), None, "answered in full");
     }
 
     #[tokio::test]

@@ -11,7 +11,13 @@ pub struct Metrics {
     pub rooms: IntGauge,
     pub refused: IntCounterVec,
     pub rooms_forgotten: IntCounter,
+    pub answers: IntCounterVec,
+    pub answer_bytes: IntCounterVec,
 }
+
+/// How an announcement's membership was answered: its view still holds (unchanged),
+/// what changed since it (changed), or every transmitter (full).
+pub const ANSWERS: [&str; 3] = ["unchanged", "changed", "full"];
 
 /// Why a datagram was refused (the sender got an `error` answer).
 pub const REFUSALS: [&str; 7] = [
@@ -45,8 +51,24 @@ impl Metrics {
                 "thynapse_rendezvous_rooms_forgotten_total",
                 "On-demand rooms forgotten as idle (spec.rooms.forgetIdleAfterSeconds).",
             ),
+            answers: counter_vec(
+                &r,
+                "thynapse_rendezvous_membership_answers_total",
+                "Announcements answered with the mesh's membership, by kind: the asker's view still holds (unchanged), what changed since that view (changed), or every live transmitter, in pages (full: a first announcement, or a view this point no longer remembers).",
+                "kind",
+            ),
+            answer_bytes: counter_vec(
+                &r,
+                "thynapse_rendezvous_membership_answer_bytes_total",
+                "Bytes of those answers (before sealing), by kind.",
+                "kind",
+            ),
             registry: r,
         };
+        for kind in ANSWERS {
+            m.answers.with_label_values(&[kind]);
+            m.answer_bytes.with_label_values(&[kind]);
+        }
         for limit in REFUSALS {
             m.refused.with_label_values(&[limit]);
         }
@@ -55,6 +77,14 @@ impl Metrics {
 
     pub fn refused(&self, limit: &str) {
         self.refused.with_label_values(&[limit]).inc();
+    }
+
+    pub fn answer(&self, kind: &str, datagrams: &[Vec<u8>]) {
+        self.answers.with_label_values(&[kind]).inc();
+        let bytes: usize = datagrams.iter().map(Vec::len).sum();
+        self.answer_bytes
+            .with_label_values(&[kind])
+            .inc_by(bytes as u64);
     }
 
     pub fn place_error(&self, e: &PlaceError) {

@@ -116,6 +116,20 @@ pub(super) async fn announce(
                             }
                         }
                     }
+                    Ok(Datagram::Changed { from: was, digest, partial, left, joined, .. }) => {
+                        // Only what changed since our view: the transmitters in it that
+                        // joined (linked like any listed), and the whole membership now.
+                        let view = views.entry(from).or_default();
+                        match view.on_changed(&was, &digest, &left, &joined) {
+                            Some(names) => {
+                                let names = Some(names.to_vec());
+                                listed = Some(Report::Listed { from, names, partial });
+                                Report::Discovered(joined)
+                            }
+                            // Late, or not adding up (the view is dropped: all of it next).
+                            None => continue,
+                        }
+                    }
                     Ok(Datagram::Hosting { rooms, .. }) => Report::Hosting { from, rooms },
                     Ok(Datagram::Error { error }) => {
                         // Said once a minute: it comes back with every announcement.
