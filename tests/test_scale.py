@@ -66,3 +66,10 @@ def test_sixty_transmitters_route_far_apart_and_survive_a_kill_9(start_mesh, ctx
     answers = drops(point, "thynapse_rendezvous_membership_answers_total", label="kind")
     assert answers["changed"] - answers_before["changed"] >= N - 2, (answers_before, answers)
     assert answers["full"] - answers_before["full"] <= 2, (answers_before, answers)
+
+    # Ctrl-C in a terminal signals the whole group at once: sixty transmitters drain at
+    # the same moment, each saying `LINKED` as its peers leave, and `up` still reaps
+    # every child and exits (it once stopped reading their reports, and hung).
+    os.killpg(m.proc.pid, signal.SIGTERM)
+    wait_for(lambda: m.proc.poll() is not None, timeout=30, what="thynapse up exiting on Ctrl-C")
+    assert m.proc.returncode == 0, (m.dir / "up.log").read_text()[-2000:]

@@ -345,6 +345,10 @@ async fn up(args: Args, cfg: MeshConfig) -> anyhow::Result<()> {
     }
     eprintln!("thynapse up: stopping");
     let _ = stop_tx.send(true);
+    // Children keep reporting while they stop (a draining transmitter prints `LINKED` as
+    // each peer leaves): read on, or a supervisor blocked on a full channel would never
+    // stop its child nor reap it (zombies, and `up` never exiting).
+    tokio::spawn(async move { while reports.recv().await.is_some() {} });
     for t in tasks {
         let _ = t.await;
     }

@@ -63,6 +63,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Every line this process logs names it (`thynapse up` interleaves all its children's
+    // logs); one thread runs every task, so the span entered here covers them all.
+    let span = tracing::info_span!("transmitter", name = %args.name);
+    let _named = span.enter();
     rt.block_on(serve(args))
 }
 
