@@ -198,6 +198,7 @@ impl Transmitter {
     }
 
     pub(super) fn on_discovered(&mut self, list: Vec<TransmitterInfo>) {
+        tracing::debug!(listed = list.len(), "discovered");
         for info in list {
             if info.name == self.args.name {
                 continue;
@@ -245,6 +246,7 @@ impl Transmitter {
         let Some(command) = p.command.clone() else {
             return;
         };
+        tracing::debug!(peer = %p.name, %command, "linking");
         p.connecting = true;
         p.unlisted = false;
         let generation = p.generation;

@@ -383,6 +383,7 @@ impl Transmitter {
                 if p.generation != generation {
                     return;
                 }
+                tracing::debug!(peer = %p.name, "linked");
                 p.connecting = false;
                 // The same instance (a restarted one was forgotten on the way): it
                 // gets again what it never credited, and its cells drop what they had.
