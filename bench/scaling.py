@@ -31,7 +31,7 @@ import redis  # noqa: E402
 import zmq  # noqa: E402
 
 import rawwire  # noqa: E402
-from conftest import wait_for  # noqa: E402
+from conftest import drops, wait_for  # noqa: E402
 
 BINARY = ROOT / "target" / "release" / "thynapse"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -50,7 +50,7 @@ def rss_bytes(pid):
     return 0
 
 
-def measure(n, window, settle, ctx):
+def measure(n, window, settle, change_window, ctx):
     tmp = Path(tempfile.mkdtemp(prefix="thynapse-scaling-"))
     (tmp / "mesh.yaml").write_text(f"""apiVersion: thynapse.io/v1alpha1
 kind: TransmitterMesh
@@ -70,12 +70,15 @@ spec: {{mesh: scale}}
         endpoints = wait_for(lambda: json.loads(endpoints_path.read_text()), timeout=120 + n, what="endpoints")
         ready = time.monotonic() - started
         token = Path(endpoints["token_file"]).read_text().split()[0].encode()
-        last = next(t for t in endpoints["transmitters"] if t["name"] == f"scale-{n - 1}")
+        # A cell (on scale-0, unless it moved at start) and a reader as far from it as
+        # the mesh goes.
+        cell = min(endpoints["cells"], key=lambda c: int(c["transmitter"].rsplit("-", 1)[1]))
+        far = f"scale-{n - 1}" if cell["transmitter"] != f"scale-{n - 1}" else "scale-0"
+        last = next(t for t in endpoints["transmitters"] if t["name"] == far)
         rawwire.TOKENS[last["command"]] = token
         reader = rawwire.RawCell(ctx, last["command"], service="s")
         reader.hello()
         reader.subscribe(["first"], sync=1)
-        cell = next(c for c in endpoints["cells"] if c["transmitter"] == "scale-0")
         host, port = cell["resp"].rsplit(":", 1)
         publisher = redis.Redis(host=host, port=int(port), socket_timeout=10)
         wait_for(lambda: publisher.publish("first", b"hello") >= 1, timeout=60, interval=0.05, what="first message routed")
@@ -100,6 +103,23 @@ spec: {{mesh: scale}}
             "rss_all_transmitters_mib": round(sum(rss_bytes(p) for p in pids) / 2**20, 1),
             "rss_per_transmitter_mib": round(sum(rss_bytes(p) for p in pids) / 2**20 / n, 2),
         }
+        # A membership change: one transmitter killed (`up` starts it again). What the
+        # rendezvous sends the others about it, against what one whole answer weighs.
+        point = endpoints["rendezvous"][0]["metrics"]
+
+        def answers(what):
+            return drops(point, f"thynapse_rendezvous_membership_answer{what}_total", label="kind")
+
+        count0, bytes0 = answers("s"), answers("_bytes")
+        victim = next(t for t in endpoints["transmitters"] if t["name"] == f"scale-{n // 2}")
+        os.kill(victim["pid"], signal.SIGKILL)
+        time.sleep(change_window)
+        count1, bytes1 = answers("s"), answers("_bytes")
+        fulls = count1["full"] - count0["full"]
+        changed = count1["changed"] - count0["changed"]
+        row["kill_changed_answers"] = int(changed)
+        row["kill_changed_answer_bytes"] = round((bytes1["changed"] - bytes0["changed"]) / changed) if changed else None
+        row["whole_membership_answer_bytes"] = round((bytes1["full"] - bytes0["full"]) / fulls) if fulls else None
         reader.close()
         publisher.close()
         return row
@@ -154,19 +174,23 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 20, 40, 80])
     parser.add_argument("--window", type=float, default=10, help="seconds of idle CPU measured")
     parser.add_argument("--settle", type=float, default=5, help="seconds waited after the first message")
+    parser.add_argument("--change-window", type=float, default=5,
+                        help="seconds of rendezvous answers counted after one transmitter is killed")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--svg", type=Path)
     args = parser.parse_args()
     ctx = zmq.Context()
     rows = []
-    print("| transmitters | up (s) | first message (s) | idle CPU, all transmitters | each | rendezvous | RSS, all | each |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| transmitters | up (s) | first message (s) | idle CPU, all transmitters | each | rendezvous "
+          "| RSS, all | each | a kill: `changed` answers | bytes each | a whole answer |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
-        r = measure(n, args.window, args.settle, ctx)
+        r = measure(n, args.window, args.settle, args.change_window, ctx)
         rows.append(r)
         print(f"| {n} | {r['up_s']} | {r['first_message_s']} | {100 * r['idle_cpu_all_transmitters']:.1f}% "
               f"| {100 * r['idle_cpu_per_transmitter']:.2f}% | {100 * r['idle_cpu_rendezvous']:.2f}% "
-              f"| {r['rss_all_transmitters_mib']} MiB | {r['rss_per_transmitter_mib']} MiB |", flush=True)
+              f"| {r['rss_all_transmitters_mib']} MiB | {r['rss_per_transmitter_mib']} MiB "
+              f"| {r['kill_changed_answers']} | {r['kill_changed_answer_bytes']} B | {r['whole_membership_answer_bytes']} B |", flush=True)
     ctx.destroy(linger=0)
     machine = f"{os.cpu_count()} cores"
     if args.json:

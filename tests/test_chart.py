@@ -185,6 +185,6 @@ def test_examples_validate_against_the_crd_schemas():
               "metadata": {"name": "x"}, "spec": {"replicas": 0}}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schemas["TransmitterMesh"])
-    too_many = dict(broken, spec={"replicas": 161})
+    too_many = dict(broken, spec={"replicas": 241})
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(too_many, schemas["TransmitterMesh"])

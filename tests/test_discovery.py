@@ -1,11 +1,13 @@
 """Discovery promises (docs/architecture.md "Rooms" and "Limits", docs/protocol.md
-"Rendezvous datagrams"), with components started alone and datagrams written here: whose
-datagrams a transmitter reads, `hosting` sent unasked and confirmed at once, the bounds on
+"Rendezvous datagrams"), with components started alone and datagrams written here: answers
+to a membership view (whole, unchanged, or what changed), whose datagrams a transmitter reads, `hosting` sent unasked and confirmed at once, the bounds on
 transmitters and rooms a rendezvous keeps, and a sidecar sent on by a full transmitter."""
 
+import hashlib
 import json
 import os
 import socket
+import struct
 
 import pytest
 import redis
@@ -61,6 +63,64 @@ def in_steps(rendezvous, total, step, datagram, gauge):
                 if attempt == 19:
                     raise
     sender.close()
+
+
+def membership_digest(members):
+    """The digest of docs/protocol.md: SHA-256 over each (name, instance id, command
+    endpoint) in name order, each part preceded by its length as a u64 LE; 16 hex digits."""
+    h = hashlib.sha256()
+    for info in sorted(members, key=lambda t: t["name"]):
+        for part in (info["name"].encode(), bytes.fromhex(info["id"]), info["command"].encode()):
+            h.update(struct.pack("<Q", len(part)) + part)
+    return h.hexdigest()[:16]
+
+
+def test_a_view_the_point_remembers_is_answered_with_what_changed_since(parts):
+    rendezvous = parts("rendezvous", "--mesh", "delta")
+    address = target(rendezvous.ready["address"])
+    sock = udp(timeout=0.3)
+
+    def announce(name, **fields):
+        sock.sendto(announcement("delta", name, **fields), address)
+        return [d for d in read_all(sock) if d["type"] in ("peers", "changed", "unchanged")]
+
+    # A first announcement: every transmitter, with the digest they add up to.
+    [whole] = announce("a")
+    assert whole["type"] == "peers" and [t["name"] for t in whole["transmitters"]] == ["a"]
+    view = whole["digest"]
+    assert view == membership_digest(whole["transmitters"])
+    members = {t["name"]: t for t in whole["transmitters"]}
+    assert announce("a", view=view)[0]["type"] == "unchanged"
+
+    # b and c join, x joins to expire soon: from the view a holds, one `changed` answer.
+    for name in ("b", "c"):
+        announce(name)
+    announce("x", interval_ms=500, multiplier=2)  # kept 1 s
+    [changed] = announce("a", view=view)
+    assert (changed["type"], changed["from"]) == ("changed", view)
+    assert sorted(t["name"] for t in changed["joined"]) == ["b", "c", "x"] and not changed.get("left")
+    members.update({t["name"]: t for t in changed["joined"]})
+    assert membership_digest(members.values()) == changed["digest"], "applied, it makes the new digest"
+    older, view = view, changed["digest"]
+
+    # x expires: gone, in a change from the view just taken; and from two views back,
+    # b and c joined (x came and went, and is named gone: the asker may have it).
+    def x_left():
+        answer = announce("a", view=view)
+        return answer[0]["type"] == "changed" and answer[0].get("left") == ["x"] and answer[0]
+    changed = wait_for(x_left, timeout=5, what="x gone, as a change")
+    assert not changed.get("joined")
+    del members["x"]
+    assert membership_digest(members.values()) == changed["digest"]
+    [from_older] = announce("a", view=older)
+    assert from_older["type"] == "changed" and from_older["digest"] == changed["digest"]
+    assert sorted(t["name"] for t in from_older["joined"]) == ["b", "c"] and from_older["left"] == ["x"]
+
+    # A view the point never answered: every transmitter again.
+    answer = announce("a", view="0123456789abcdef")
+    assert answer[0]["type"] == "peers" and len(answer[0]["transmitters"]) == 3
+    counted = metrics(rendezvous.ready["metrics"])
+    assert counted['thynapse_rendezvous_membership_answers_total{kind="changed"}'] >= 3
 
 
 def test_a_transmitter_reads_discovery_datagrams_only_from_its_rendezvous_points(parts, ctx):

@@ -281,7 +281,7 @@ def test_one_poisoned_announcement_does_not_stop_discovery(start_mesh):
 
 
 def test_a_rendezvous_answers_a_thousand_transmitters_in_pages():
-    """A rendezvous answers for far more transmitters than the CRD allows (160): a
+    """A rendezvous answers for far more transmitters than the CRD allows (240): a
     thousand of them (announced by anyone holding the key) all reach whoever asks, each
     datagram, seal included, within the 60,000 bytes receivers read."""
     tmp = Path(tempfile.mkdtemp(prefix="thynapse-pages-"))

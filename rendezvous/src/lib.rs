@@ -48,7 +48,7 @@ pub struct Directory {
 const HISTORY: usize = 64;
 const HISTORY_NAMES: usize = 4_096;
 
-/// Transmitters a rendezvous keeps at most (the CRD allows 160 per mesh): a flood of
+/// Transmitters a rendezvous keeps at most (the CRD allows 240 per mesh): a flood of
 /// announcements under made-up names cannot grow it further.
 pub const MAX_TRANSMITTERS: usize = 2_000;
 
@@ -876,8 +876,9 @@ mod tests {
 
     #[tokio::test]
     async fn sockets_bound_to_any_port_each_get_their_own() {
-        // With SO_REUSEADDR on each, Linux gave a few of 1,000 the same port.
-        let sockets: Vec<UdpSocket> = (0..1_000)
+        // With SO_REUSEADDR on each, Linux gave about 6 pairs of 600 the same port (600:
+        // within the 1,024 files a process may hold by default, beside other tests).
+        let sockets: Vec<UdpSocket> = (0..600)
             .map(|_| bind_udp("0.0.0.0:0".parse().unwrap()).unwrap())
             .collect();
         let ports: std::collections::HashSet<u16> = sockets

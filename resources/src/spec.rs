@@ -27,9 +27,9 @@ use thynapse_protocol::DeliveryRule;
 #[x_kube(validation = Rule::new("self.limits.clientOutputBufferBytes >= self.limits.maxMessageBytes").message("spec.limits.clientOutputBufferBytes must hold at least one message of maxMessageBytes"))]
 #[x_kube(validation = Rule::new("self.limits.linkBufferBytes >= self.limits.maxMessageBytes").message("spec.limits.linkBufferBytes must hold at least one message of maxMessageBytes"))]
 pub struct TransmitterMeshSpec {
-    /// How many transmitters run the mesh: at most 160, the largest mesh measured to
+    /// How many transmitters run the mesh: at most 240, the largest mesh measured to
     /// serve well (every transmitter links to every other; docs/architecture.md, "Scale").
-    #[schemars(range(min = 1, max = 160))]
+    #[schemars(range(min = 1, max = 240))]
     pub replicas: u32,
     #[serde(default)]
     pub rendezvous: RendezvousSpec,

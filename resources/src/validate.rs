@@ -26,7 +26,7 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
 }
 
 /// Transmitters a mesh may have (`spec.replicas`, the CRD's maximum too).
-pub const MAX_TRANSMITTERS: u32 = 160;
+pub const MAX_TRANSMITTERS: u32 = 240;
 
 fn field(msg: String) -> ValidationError {
     ValidationError::Field(msg)

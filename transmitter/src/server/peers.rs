@@ -65,6 +65,9 @@ pub(super) struct Peer {
     /// No point names it any more: its link is pinged, and it is forgotten if that gets
     /// no answer (a point that lost its announcements is a hint, not a proof).
     pub(super) suspect: bool,
+    /// Its link to us closed while ours stayed: when it links again it may have
+    /// forgotten our cells, and is sent them again.
+    pub(super) inbound_closed: bool,
 }
 
 /// Replaced instances remembered per peer.
@@ -87,6 +90,7 @@ impl Peer {
             unlisted: false,
             seen: Instant::now(),
             suspect: false,
+            inbound_closed: false,
         }
     }
 
@@ -109,7 +113,7 @@ impl Peer {
     }
 }
 
-/// Peers a transmitter knows at most: far above the 160 transmitters a mesh may have (the
+/// Peers a transmitter knows at most: far above the 240 transmitters a mesh may have (the
 /// CRD's `replicas` maximum), so every other one fits, and strangers' names are bounded.
 pub(super) const MAX_PEERS: usize = 1_024;
 
@@ -239,14 +243,18 @@ impl Transmitter {
         p.instance = Some(hello.id);
         p.left = None;
         p.unlisted = false;
-        if let Some((old, _)) = p.inbound.replace((identity.clone(), Instant::now())) {
-            self.peer_identities.remove(&old);
-            if old != identity {
-                // It linked again: it may have forgotten our cells (it thought us gone,
-                // or was paused): it hears them again, on our link to it.
-                if let Some(out) = p.out.as_mut() {
-                    out.synced = false;
-                }
+        let linked_again = match p.inbound.replace((identity.clone(), Instant::now())) {
+            Some((old, _)) => {
+                self.peer_identities.remove(&old);
+                old != identity
+            }
+            None => std::mem::take(&mut p.inbound_closed),
+        };
+        if linked_again {
+            // It may have forgotten our cells (it thought us gone, or was paused): it
+            // hears them again, on our link to it.
+            if let Some(out) = p.out.as_mut() {
+                out.synced = false;
             }
         }
         p.fack = CreditOwed::default();
@@ -284,7 +292,13 @@ impl Transmitter {
     /// Drops everything about a peer: its cells, our link to it. With `left`, the same
     /// instance is not reconnected even while the rendezvous still lists it.
     pub(super) fn forget_peer(&mut self, peer: PeerId, why: Forgotten) {
-        if self.peers.get(&peer).is_some_and(Peer::is_live) {
+        let known = self.table.cell_count(Location::Peer(peer)) > 0
+            || self
+                .peers
+                .get(&peer)
+                .is_some_and(|p| p.out.is_some() || p.inbound.is_some());
+        if known {
+            // Not one only being linked again (to a process that may be gone already).
             self.metrics
                 .peers_forgotten
                 .with_label_values(&[why.label()])
@@ -302,6 +316,7 @@ impl Transmitter {
             return;
         };
         p.drop_link();
+        p.inbound_closed = false;
         if let Some((identity, _)) = p.inbound.take() {
             self.peer_identities.remove(&identity);
         }
@@ -351,6 +366,7 @@ impl Transmitter {
             self.forget_peer(peer, Forgotten::Closed);
         } else {
             p.inbound = None;
+            p.inbound_closed = true;
         }
     }
 
@@ -404,6 +420,12 @@ impl Transmitter {
                     .filter(|p| p.generation == generation)
                 {
                     p.connecting = false;
+                    if p.inbound_closed && p.inbound.is_none() {
+                        // Both its links closed, ours while the other was still open,
+                        // and it cannot be reached again: gone.
+                        tracing::info!(peer = %p.name, "both links to the peer closed and it cannot be reached; forgetting its cells");
+                        self.forget_peer(peer, Forgotten::Closed);
+                    }
                 }
             }
             Report::PeerClosed { peer, generation } => {
@@ -776,6 +798,36 @@ mod tests {
             generation,
         });
         assert_eq!((known(&t), closed(&t)), (0, 2));
+
+        // Its link to us closes while ours lives (it rebuilds its link): linking again,
+        // it hears our cells again.
+        peer_hello(&mut t, &conn(11), "x", instance);
+        remote_cell(&mut t, &conn(11), b"c");
+        link_up(&mut t, x);
+        t.send_interest().await;
+        let synced = |t: &Transmitter| t.peers[&x].out.as_ref().is_some_and(|o| o.synced);
+        assert!(synced(&t));
+        t.on_disconnected(&conn(11));
+        assert_eq!(known(&t), 1);
+        peer_hello(&mut t, &conn(12), "x", instance);
+        assert!(!synced(&t), "our cells are sent to it again");
+
+        // Ours closes first and is being rebuilt when its link to us closes: once ours
+        // cannot be rebuilt, it is gone.
+        let generation = t.peers[&x].generation;
+        t.on_report(Report::PeerClosed {
+            peer: x,
+            generation,
+        });
+        t.peers.get_mut(&x).unwrap().connecting = true;
+        t.on_disconnected(&conn(12));
+        assert_eq!(known(&t), 1, "still being linked");
+        let generation = t.peers[&x].generation;
+        t.on_report(Report::PeerConnectFailed {
+            peer: x,
+            generation,
+        });
+        assert_eq!((known(&t), closed(&t)), (0, 3));
     }
 
     #[tokio::test]
