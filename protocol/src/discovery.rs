@@ -153,41 +153,69 @@ impl Datagram {
 /// endpoint, in name order, through SHA-256 (16 hex digits kept). Both ends compute it,
 /// so a transmitter can tell when the pages of an answer add up to the whole mesh.
 pub fn membership_digest<'a>(live: impl IntoIterator<Item = &'a TransmitterInfo>) -> String {
-    digest_of(live.into_iter().map(Member::of))
+    Membership::of(live).digest()
 }
 
-/// What the membership digest covers of one transmitter: a change in any of these is a
-/// change of membership (load is not).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Member<'a> {
-    pub name: &'a str,
-    pub id: &'a Thid,
-    pub command: &'a str,
-}
+/// A mesh's membership as its digest covers it: each transmitter's instance and command
+/// endpoint, by name (load is not membership). The rendezvous tells changes of it, and a
+/// transmitter applies them, with this one type.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Membership(std::collections::BTreeMap<String, (Thid, String)>);
 
-impl<'a> Member<'a> {
-    pub fn of(t: &'a TransmitterInfo) -> Member<'a> {
-        Member {
-            name: &t.name,
-            id: &t.id,
-            command: &t.command,
+impl Membership {
+    pub fn of<'a>(live: impl IntoIterator<Item = &'a TransmitterInfo>) -> Membership {
+        let mut members = std::collections::BTreeMap::new();
+        for t in live {
+            // The first of a name counts (a rendezvous lists each name once).
+            members
+                .entry(t.name.clone())
+                .or_insert_with(|| (t.id, t.command.clone()));
+        }
+        Membership(members)
+    }
+
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, (id, command)) in &self.0 {
+            for part in [name.as_bytes(), &id.0[..], command.as_bytes()] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        }
+        hex::encode(&h.finalize()[..8])
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    /// Names in name order.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+
+    /// The names whose entry differs between this membership and `other`: joined, gone,
+    /// or with another instance or endpoint.
+    pub fn touched(&self, other: &Membership) -> Vec<String> {
+        let names: std::collections::BTreeSet<&String> =
+            self.0.keys().chain(other.0.keys()).collect();
+        names
+            .into_iter()
+            .filter(|name| self.0.get(*name) != other.0.get(*name))
+            .cloned()
+            .collect()
+    }
+
+    /// A `changed` answer applied: `left` gone, `joined` as they announce now.
+    pub fn apply(&mut self, left: &[String], joined: &[TransmitterInfo]) {
+        for name in left {
+            self.0.remove(name);
+        }
+        for t in joined {
+            self.0.insert(t.name.clone(), (t.id, t.command.clone()));
         }
     }
-}
-
-fn digest_of<'a>(members: impl IntoIterator<Item = Member<'a>>) -> String {
-    use sha2::{Digest, Sha256};
-    let mut members: Vec<Member> = members.into_iter().collect();
-    members.sort();
-    members.dedup_by(|a, b| a.name == b.name);
-    let mut h = Sha256::new();
-    for m in members {
-        for part in [m.name.as_bytes(), &m.id.0[..], m.command.as_bytes()] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part);
-        }
-    }
-    hex::encode(&h.finalize()[..8])
 }
 
 /// A transmitter's view of one rendezvous point's membership: the pages of its answers
@@ -198,9 +226,8 @@ pub struct MembershipView {
     /// The last complete membership: its digest and names.
     pub digest: Option<String>,
     pub names: Vec<String>,
-    /// Each member's instance and command endpoint, by name: what a `changed` answer is
-    /// applied to.
-    members: std::collections::BTreeMap<String, (Thid, String)>,
+    /// What a `changed` answer is applied to.
+    members: Membership,
     assembling: Option<(String, Vec<TransmitterInfo>)>,
 }
 
@@ -221,15 +248,12 @@ impl MembershipView {
             self.assembling = None;
             return None;
         }
-        if membership_digest(members.iter()) != digest {
+        let members = Membership::of(members.iter());
+        if members.digest() != digest {
             return None;
         }
-        let (digest, members) = self.assembling.take().expect("set above");
-        self.members = members
-            .into_iter()
-            .map(|t| (t.name, (t.id, t.command)))
-            .collect();
-        Some(self.hold(digest))
+        self.assembling = None;
+        Some(self.hold(members, digest.to_string()))
     }
 
     /// `unchanged` with `digest`: the names, when it is the view we hold.
@@ -252,28 +276,17 @@ impl MembershipView {
             return None;
         }
         let mut members = self.members.clone();
-        for name in left {
-            members.remove(name);
-        }
-        for t in joined {
-            members.insert(t.name.clone(), (t.id, t.command.clone()));
-        }
-        let made =
-            digest_of(
-                members
-                    .iter()
-                    .map(|(name, (id, command))| Member { name, id, command }),
-            );
-        if made != digest {
+        members.apply(left, joined);
+        if members.digest() != digest {
             self.digest = None;
             return None;
         }
-        self.members = members;
-        Some(self.hold(digest.to_string()))
+        Some(self.hold(members, digest.to_string()))
     }
 
-    fn hold(&mut self, digest: String) -> &[String] {
-        self.names = self.members.keys().cloned().collect();
+    fn hold(&mut self, members: Membership, digest: String) -> &[String] {
+        self.names = members.names().cloned().collect();
+        self.members = members;
         self.digest = Some(digest);
         &self.names
     }

@@ -5,10 +5,10 @@
 //! It keeps nothing that announcements cannot rebuild: after a restart it knows every
 //! live transmitter again within one announce interval.
 
+pub mod directory;
 pub mod metrics;
 pub mod placement;
 
-use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -16,152 +16,14 @@ use thynapse_protocol::discovery::{
     Datagram, TransmitterInfo, ANNOUNCE_INTERVAL_MS, EXPIRY_MULTIPLIER, MAX_BODY, MAX_DATAGRAM,
 };
 use thynapse_protocol::seal::{self, Opener, RequestError, Sealer};
-use thynapse_protocol::Thid;
 use tokio::net::UdpSocket;
 
+pub use crate::directory::{Directory, MAX_TRANSMITTERS};
 use crate::metrics::Metrics;
 use crate::placement::{RoomPolicy, Rooms};
 /// The rendezvous point's flags (the contract every launcher fills: `thynapse_process`).
 pub use thynapse_process::RendezvousArgs as Args;
 use thynapse_process::{Ready, RendezvousReady, Status};
-
-/// The live transmitters of one mesh, and where each announces from. Pure: time is
-/// passed in.
-#[derive(Default)]
-pub struct Directory {
-    entries: HashMap<String, (TransmitterInfo, Instant, SocketAddr)>,
-    /// The membership digest, and until when it holds (the first expiry then): every
-    /// announcement asks for it, and it changes rarely.
-    digest: Option<(String, Instant)>,
-    /// The membership the last digest was computed over (name → instance, command
-    /// endpoint) and that digest, kept when `digest` is cleared: to tell what changed.
-    members: HashMap<String, (Thid, String)>,
-    members_digest: Option<String>,
-    /// The last changes of membership, oldest first: the digest before each and the
-    /// names it touched. A transmitter whose view is one of those digests is answered
-    /// with what changed since (`changed`) rather than every transmitter.
-    history: VecDeque<(String, Vec<String>)>,
-}
-
-/// Changes of membership a point remembers, and names they may touch in all: an asker
-/// further behind is answered in full.
-const HISTORY: usize = 64;
-const HISTORY_NAMES: usize = 4_096;
-
-/// Transmitters a rendezvous keeps at most (the CRD allows 240 per mesh): a flood of
-/// announcements under made-up names cannot grow it further.
-pub const MAX_TRANSMITTERS: usize = 2_000;
-
-impl Directory {
-    /// Keeps (or renews) an announcement; false when the directory is full of others.
-    pub fn announce(
-        &mut self,
-        info: TransmitterInfo,
-        from: SocketAddr,
-        now: Instant,
-        ttl: Duration,
-    ) -> bool {
-        if self.entries.len() >= MAX_TRANSMITTERS && !self.entries.contains_key(&info.name) {
-            self.entries.retain(|_, (_, expires, _)| *expires > now);
-            if self.entries.len() >= MAX_TRANSMITTERS {
-                return false;
-            }
-        }
-        let member = |i: &TransmitterInfo| (i.id, i.command.clone());
-        let changed = self
-            .entries
-            .get(&info.name)
-            .is_none_or(|(known, expires, _)| *expires <= now || member(known) != member(&info));
-        if changed {
-            self.digest = None;
-        }
-        self.entries
-            .insert(info.name.clone(), (info, now + ttl, from));
-        true
-    }
-
-    /// The digest of the live membership (`membership_digest`), computed again only
-    /// when a member came, changed or expired.
-    pub fn digest(&mut self, now: Instant) -> String {
-        match &self.digest {
-            Some((d, until)) if now < *until => d.clone(),
-            _ => {
-                let live = self.live(now);
-                let until = self.entries.values().map(|(_, e, _)| *e).min();
-                let d = thynapse_protocol::discovery::membership_digest(&live);
-                self.remember_change(&d, &live);
-                self.digest = Some((d.clone(), until.unwrap_or(now + Duration::from_secs(3600))));
-                d
-            }
-        }
-    }
-
-    /// Notes what changed from the last membership to `live` (digest `d`).
-    fn remember_change(&mut self, d: &str, live: &[TransmitterInfo]) {
-        let members: HashMap<String, (Thid, String)> = live
-            .iter()
-            .map(|t| (t.name.clone(), (t.id, t.command.clone())))
-            .collect();
-        let before = self.members_digest.replace(d.to_string());
-        let touched: Vec<String> = members
-            .iter()
-            .filter(|(name, m)| self.members.get(*name) != Some(m))
-            .map(|(name, _)| name.clone())
-            .chain(
-                self.members
-                    .keys()
-                    .filter(|name| !members.contains_key(*name))
-                    .cloned(),
-            )
-            .collect();
-        self.members = members;
-        let Some(before) = before.filter(|b| b != d) else {
-            return;
-        };
-        self.history.push_back((before, touched));
-        let mut names: usize = self.history.iter().map(|(_, t)| t.len()).sum();
-        while self.history.len() > HISTORY || names > HISTORY_NAMES {
-            let (_, dropped) = self.history.pop_front().expect("not empty");
-            names -= dropped.len();
-        }
-    }
-
-    /// What changed since the membership of digest `view`, when it is one remembered:
-    /// the names gone, and the transmitters that joined or changed. Call after `digest`.
-    pub fn changed_since(&self, view: &str) -> Option<(Vec<String>, Vec<TransmitterInfo>)> {
-        let since = self.history.iter().rposition(|(d, _)| d == view)?;
-        let touched: std::collections::BTreeSet<&String> = self
-            .history
-            .range(since..)
-            .flat_map(|(_, names)| names)
-            .collect();
-        let (mut left, mut joined) = (Vec::new(), Vec::new());
-        for name in touched {
-            match self
-                .entries
-                .get(name)
-                .filter(|_| self.members.contains_key(name))
-            {
-                Some((info, _, _)) => joined.push(info.clone()),
-                None => left.push(name.clone()),
-            }
-        }
-        Some((left, joined))
-    }
-
-    /// Live transmitters by name, forgetting expired ones.
-    pub fn live(&mut self, now: Instant) -> Vec<TransmitterInfo> {
-        self.entries.retain(|_, (_, expires, _)| *expires > now);
-        let mut out: Vec<_> = self.entries.values().map(|(i, _, _)| i.clone()).collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-
-    /// The address a transmitter announces from: where its `hosting` datagrams go.
-    pub fn address(&self, name: &str) -> Option<SocketAddr> {
-        self.entries.get(name).map(|(_, _, a)| *a)
-    }
-}
 
 /// A UDP socket through socket2, so a restarted rendezvous can take its port back at once.
 /// Only a given port is bound so: on Linux, sockets that all set `SO_REUSEADDR` and ask for
@@ -788,15 +650,26 @@ mod tests {
         }
     }
 
+    /// A directory that heard `mesh` announce from `from` at `at`.
+    fn directory_of(
+        mesh: &[TransmitterInfo],
+        from: SocketAddr,
+        at: Instant,
+        ttl: Duration,
+    ) -> Directory {
+        let mut dir = Directory::default();
+        for t in mesh {
+            dir.announce(t.clone(), from, at, ttl);
+        }
+        dir
+    }
+
     #[test]
     fn an_announcers_pages_add_up_to_the_digest_which_follows_the_membership_only() {
-        let mut dir = Directory::default();
         let (t0, ttl) = (Instant::now(), Duration::from_secs(2));
         let from: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mesh = large_mesh(400);
-        for t in &mesh {
-            dir.announce(t.clone(), from, t0, ttl);
-        }
+        let mut dir = directory_of(&mesh, from, t0, ttl);
         let digest = dir.digest(t0);
         let pages = membership_pages("mesh", &dir.live(t0), Some(digest.clone()), false);
         assert!(pages.len() > 1);
@@ -831,13 +704,10 @@ mod tests {
 
     #[test]
     fn a_view_a_point_remembers_is_answered_with_what_changed_since_and_makes_the_digest() {
-        let mut dir = Directory::default();
         let (t0, ttl) = (Instant::now(), Duration::from_secs(2));
         let from: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mesh = large_mesh(300);
-        for t in &mesh {
-            dir.announce(t.clone(), from, t0, ttl);
-        }
+        let mut dir = directory_of(&mesh, from, t0, ttl);
         let first = dir.digest(t0);
         let mut view = thynapse_protocol::discovery::MembershipView::default();
         view.on_page(&first, &dir.live(t0)).unwrap();

@@ -663,6 +663,12 @@ mod tests {
         });
     }
 
+    /// Our link to `peer` closes (its connection task says so).
+    fn our_link_closed(t: &mut Transmitter, peer: PeerId) {
+        let generation = t.peers[&peer].generation;
+        t.on_report(Report::PeerClosed { peer, generation });
+    }
+
     fn synd(t: &mut Transmitter, peer: PeerId, round: u64) {
         let generation = t.peers[&peer].generation;
         let msg =
@@ -771,11 +777,7 @@ mod tests {
         link_up(&mut t, x);
         // Our link closes while its link to us lives (it dropped ours, a reset): only
         // ours is rebuilt.
-        let generation = t.peers[&x].generation;
-        t.on_report(Report::PeerClosed {
-            peer: x,
-            generation,
-        });
+        our_link_closed(&mut t, x);
         assert!(t.peers[&x].out.is_none());
         assert_eq!((known(&t), closed(&t)), (1, 0));
         // A connection closing that is not a peer's (a cell's) changes nothing.
@@ -792,11 +794,7 @@ mod tests {
         link_up(&mut t, x);
         t.on_disconnected(&conn(10));
         assert_eq!(known(&t), 1, "our link still up: not yet");
-        let generation = t.peers[&x].generation;
-        t.on_report(Report::PeerClosed {
-            peer: x,
-            generation,
-        });
+        our_link_closed(&mut t, x);
         assert_eq!((known(&t), closed(&t)), (0, 2));
 
         // Its link to us closes while ours lives (it rebuilds its link): linking again,
@@ -814,11 +812,7 @@ mod tests {
 
         // Ours closes first and is being rebuilt when its link to us closes: once ours
         // cannot be rebuilt, it is gone.
-        let generation = t.peers[&x].generation;
-        t.on_report(Report::PeerClosed {
-            peer: x,
-            generation,
-        });
+        our_link_closed(&mut t, x);
         t.peers.get_mut(&x).unwrap().connecting = true;
         t.on_disconnected(&conn(12));
         assert_eq!(known(&t), 1, "still being linked");
